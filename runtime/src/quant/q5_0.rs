@@ -1,0 +1,9 @@
+//! Q5_0: placeholder so the crate compiles; see the quant helper's work.
+use super::{FormatOps, GgmlType};
+pub static OPS: FormatOps = FormatOps {
+    ty: GgmlType::Q5_0,
+    dequantize: |_, _| unimplemented!(),
+    quantize: |_, _| unimplemented!(),
+    vec_dot_type: GgmlType::Q5_0,
+    vec_dot: |_, _| unimplemented!(),
+};
