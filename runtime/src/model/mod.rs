@@ -1,1 +1,120 @@
-//! (being written)
+//! Models: configuration from metadata, the backend trait, the CPU backend, the llama-family
+//! forward pass, and sessions (a KV cache and a position).
+
+pub mod backend;
+pub mod config;
+pub mod cpu;
+pub mod llama;
+
+pub use backend::Backend;
+pub use config::{Config, RopeKind};
+pub use cpu::CpuBackend;
+pub use llama::Logits;
+
+use crate::gguf::GgufFile;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// Options for opening a model.
+#[derive(Clone, Debug, Default)]
+pub struct ModelOptions {
+    /// Worker threads (0: one per core).
+    pub threads: usize,
+}
+
+/// A memory-mapped model ready to run on a backend.
+pub struct Model<B: Backend = CpuBackend> {
+    file: GgufFile,
+    config: Config,
+    backend: B,
+    weights: llama::Weights<B::Weight>,
+}
+
+impl Model<CpuBackend> {
+    /// Maps `path` and prepares it for the CPU. Reads no weights beyond what the mapping
+    /// pages in on use.
+    pub fn open(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        Model::with_backend(file, CpuBackend::new(opts.threads)?)
+    }
+}
+
+impl<B: Backend> Model<B> {
+    pub fn with_backend(file: GgufFile, mut backend: B) -> Result<Self> {
+        let config = Config::from_metadata(file.metadata())?;
+        let weights = llama::Weights::load(&mut backend, &file, &config)?;
+        Ok(Model { file, config, backend, weights })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A new session with room for `n_ctx` tokens (0: the training context, capped at 4096).
+    pub fn new_session(&mut self, n_ctx: usize) -> Result<Session<B>> {
+        let n_ctx = if n_ctx == 0 { self.config.n_ctx_train.min(4096) } else { n_ctx };
+        Ok(Session { kv: self.backend.kv_cache(&self.config, n_ctx)?, n_ctx, pos: 0, act: None })
+    }
+
+    /// Evaluates `tokens` after what `s` has seen, as one batch, and returns the logits asked
+    /// for ([rows, n_vocab] row-major).
+    pub fn eval(&mut self, s: &mut Session<B>, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        if s.pos + tokens.len() > s.n_ctx {
+            return Err(Error::InvalidArgument(format!(
+                "context full: {} + {} tokens exceed the context size {}",
+                s.pos,
+                tokens.len(),
+                s.n_ctx
+            )));
+        }
+        let logits = llama::forward(
+            &mut self.backend,
+            self.file.bytes(),
+            &self.config,
+            &self.weights,
+            &mut s.kv,
+            &mut s.act,
+            tokens,
+            s.pos,
+            which,
+        )?;
+        s.pos += tokens.len();
+        Ok(logits)
+    }
+}
+
+/// The state of one conversation with a model: its KV cache and how far it has got.
+pub struct Session<B: Backend = CpuBackend> {
+    kv: B::Kv,
+    n_ctx: usize,
+    pos: usize,
+    act: Option<llama::Activations<B>>,
+}
+
+impl<B: Backend> Session<B> {
+    /// Tokens evaluated so far.
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Forgets everything after the first `pos` tokens (the cache beyond is overwritten).
+    pub fn truncate(&mut self, pos: usize) {
+        self.pos = self.pos.min(pos);
+    }
+
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+}

@@ -1,0 +1,84 @@
+//! The matrix product driver: `out[t, r] = dot(W[r, :], x[t, :])` for weights in any
+//! encoding that has a table entry. Activations are quantized once per row into the entry's
+//! activation type, as ggml does, then each task takes a range of weight rows and runs it
+//! against every token (the weight row stays in cache while the tokens reuse it).
+
+use super::pool::{DisjointOut, ThreadPool};
+use super::KernelTable;
+use crate::quant::GgmlType;
+use crate::{Error, Result};
+
+/// Reused buffers, so that decode allocates nothing per step.
+#[derive(Default)]
+pub struct MatmulScratch {
+    act: Vec<u8>,
+}
+
+/// Rows of weights per task: enough work to amortise scheduling, enough tasks to balance.
+fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
+    let tasks = (threads * 4).max(1);
+    let per = rows.div_ceil(tasks);
+    let min = (64 / n_tokens.max(1)).max(4);
+    per.max(min).min(rows.max(1))
+}
+
+/// `out` ([n, rows], row-major) = `x` ([n, cols]) times the transpose of `w` ([rows, cols] of
+/// type `ty`, raw bytes).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    pool: &ThreadPool,
+    scratch: &mut MatmulScratch,
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let k = KernelTable::get()
+        .dot(ty)
+        .ok_or_else(|| Error::Unsupported(format!("matrix product with {ty} weights")))?;
+    let w_row = ty
+        .row_bytes(cols as u64)
+        .ok_or_else(|| Error::InvalidArgument(format!("{cols} columns are not whole {ty} blocks")))?
+        as usize;
+    let a_row = k.act_type.row_bytes(cols as u64).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "{cols} columns are not whole {} blocks (activations for {ty})",
+            k.act_type
+        ))
+    })? as usize;
+    if w.len() != rows * w_row || x.len() < n * cols || out.len() < n * rows {
+        return Err(Error::InvalidArgument(format!(
+            "matmul shapes: weights {} bytes for [{rows}, {cols}] {ty}, x {} for [{n}, {cols}], out {} for [{n}, {rows}]",
+            w.len(),
+            x.len(),
+            out.len()
+        )));
+    }
+
+    scratch.act.resize(n * a_row, 0);
+    for (xr, ar) in x.chunks_exact(cols).zip(scratch.act.chunks_exact_mut(a_row)).take(n) {
+        (k.quantize_act)(xr, ar);
+    }
+    let act = &scratch.act;
+
+    let per = rows_per_task(rows, n, pool.threads());
+    let n_tasks = rows.div_ceil(per);
+    let dst = DisjointOut::new(out);
+    let vec_dot = k.vec_dot;
+    pool.run(n_tasks, |task| {
+        let r0 = task * per;
+        let r1 = (r0 + per).min(rows);
+        for r in r0..r1 {
+            let wr = &w[r * w_row..(r + 1) * w_row];
+            for t in 0..n {
+                let v = vec_dot(wr, &act[t * a_row..(t + 1) * a_row]);
+                // SAFETY: tasks own disjoint row ranges, so no two write the same element.
+                unsafe { dst.set(t * rows + r, v) };
+            }
+        }
+    });
+    Ok(())
+}

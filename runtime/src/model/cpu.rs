@@ -1,0 +1,257 @@
+//! The CPU backend: weights are views into the mapping, products go through the kernel table.
+//!
+//! Numerics follow llama.cpp's CPU path with flash attention off, so that greedy decoding
+//! matches it token for token: an F16 key/value cache, queries rounded to F16 for Q.K, the
+//! softmax rounded to F16 before it weighs V, RMSNorm summed in f64, RoPE angles built by
+//! repeated multiplication as ggml builds them.
+
+use super::backend::Backend;
+use super::config::{Config, RopeKind};
+use crate::gguf::TensorInfo;
+use crate::kernels::{self, MatmulScratch, ThreadPool};
+use crate::quant::{self, GgmlType};
+use crate::{Error, Result};
+use half::f16;
+
+/// A weight as a view: its type, shape and byte range in the mapping.
+#[derive(Clone, Debug)]
+pub struct CpuWeight {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub range: std::ops::Range<usize>,
+}
+
+impl CpuWeight {
+    fn bytes<'a>(&self, host: &'a [u8]) -> Result<&'a [u8]> {
+        host.get(self.range.clone())
+            .ok_or_else(|| Error::tensor(&self.name, "outside the mapping"))
+    }
+
+    /// The whole tensor as f32 (norm weights and biases are small).
+    fn to_f32(&self, host: &[u8], out: &mut Vec<f32>) -> Result<()> {
+        out.resize(self.rows * self.cols, 0.0);
+        quant::dequantize(self.ty, self.bytes(host)?, out)
+            .map_err(|e| Error::tensor(&self.name, e.to_string()))
+    }
+}
+
+pub struct CpuKv {
+    /// Per layer: [n_ctx, kv_dim] as f16 bits.
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+    n_ctx: usize,
+}
+
+pub struct CpuBackend {
+    pool: ThreadPool,
+    scratch: MatmulScratch,
+    tmp: Vec<f32>,
+}
+
+impl CpuBackend {
+    pub fn new(threads: usize) -> Result<Self> {
+        Ok(CpuBackend { pool: ThreadPool::new(threads)?, scratch: MatmulScratch::default(), tmp: Vec::new() })
+    }
+}
+
+impl Backend for CpuBackend {
+    type Weight = CpuWeight;
+    type Buf = Vec<f32>;
+    type Kv = CpuKv;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    fn load_weight(&mut self, info: &TensorInfo, offset: usize) -> Result<CpuWeight> {
+        let cols = info.row_len() as usize;
+        let rows = info.n_rows() as usize;
+        Ok(CpuWeight {
+            name: info.name.clone(),
+            ty: info.ty,
+            rows,
+            cols,
+            range: offset..offset + info.n_bytes as usize,
+        })
+    }
+
+    fn alloc(&mut self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+
+    fn kv_cache(&mut self, cfg: &Config, n_ctx: usize) -> Result<CpuKv> {
+        let len = n_ctx
+            .checked_mul(cfg.kv_dim())
+            .ok_or_else(|| Error::InvalidArgument(format!("context {n_ctx} too large")))?;
+        Ok(CpuKv {
+            k: (0..cfg.n_layer).map(|_| vec![f16::ZERO; len]).collect(),
+            v: (0..cfg.n_layer).map(|_| vec![f16::ZERO; len]).collect(),
+            n_ctx,
+        })
+    }
+
+    fn embed(&mut self, host: &[u8], table: &CpuWeight, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        let row_bytes = table.ty.row_bytes(table.cols as u64).unwrap_or(0) as usize;
+        let data = table.bytes(host)?;
+        for (t, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            if id >= table.rows {
+                return Err(Error::InvalidArgument(format!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    table.rows
+                )));
+            }
+            let src = &data[id * row_bytes..(id + 1) * row_bytes];
+            quant::dequantize(table.ty, src, &mut out[t * table.cols..(t + 1) * table.cols])?;
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, host: &[u8], x: &Vec<f32>, w: &CpuWeight, eps: f32, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        w.to_f32(host, &mut self.tmp)?;
+        let d = self.tmp.len();
+        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).take(n) {
+            // ggml_compute_forward_rms_norm_f32: f64 sum of f32 squares, f32 mean.
+            let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+            let mean = (sum / d as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(&self.tmp) {
+                *o = (v * scale) * g;
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul(&mut self, host: &[u8], w: &CpuWeight, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
+        kernels::matmul(&self.pool, &mut self.scratch, w.ty, w.bytes(host)?, w.rows, w.cols, x, n, out)
+            .map_err(|e| Error::tensor(&w.name, e.to_string()))
+    }
+
+    fn add_bias(&mut self, host: &[u8], b: &CpuWeight, x: &mut Vec<f32>, n: usize) -> Result<()> {
+        b.to_f32(host, &mut self.tmp)?;
+        for xr in x.chunks_exact_mut(self.tmp.len()).take(n) {
+            xr.iter_mut().zip(&self.tmp).for_each(|(a, b)| *a += b);
+        }
+        Ok(())
+    }
+
+    fn rope(&mut self, cfg: &Config, x: &mut Vec<f32>, n: usize, n_heads: usize, pos0: usize) {
+        let hd = cfg.head_dim;
+        let nd = cfg.rope_dim;
+        // ggml_rope: theta_scale = base^(-2/n_dims), theta for pair i = p * theta_scale^i,
+        // built by repeated multiplication in f32.
+        let theta_scale = cfg.rope_base.powf(-2.0 / nd as f32);
+        let mut cs = vec![(0.0f32, 0.0f32); nd / 2];
+        for t in 0..n {
+            let mut theta = (pos0 + t) as f32;
+            for c in cs.iter_mut() {
+                let th = cfg.rope_scale * theta;
+                *c = (th.cos(), th.sin());
+                theta *= theta_scale;
+            }
+            let row = &mut x[t * n_heads * hd..(t + 1) * n_heads * hd];
+            for head in row.chunks_exact_mut(hd) {
+                for (i, &(c, s)) in cs.iter().enumerate() {
+                    let (a, b) = match cfg.rope_kind {
+                        RopeKind::Normal => (2 * i, 2 * i + 1),
+                        RopeKind::Neox => (i, i + nd / 2),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
+                }
+            }
+        }
+    }
+
+    fn attention(
+        &mut self,
+        cfg: &Config,
+        kv: &mut CpuKv,
+        layer: usize,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        pos0: usize,
+        n: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let kvd = cfg.kv_dim();
+        if pos0 + n > kv.n_ctx {
+            return Err(Error::InvalidArgument(format!(
+                "context full: {} tokens do not fit in a context of {}",
+                pos0 + n,
+                kv.n_ctx
+            )));
+        }
+        let (kc, vc) = (&mut kv.k[layer], &mut kv.v[layer]);
+        for (dst, src) in kc[pos0 * kvd..(pos0 + n) * kvd].iter_mut().zip(&k[..n * kvd]) {
+            *dst = f16::from_f32(*src);
+        }
+        for (dst, src) in vc[pos0 * kvd..(pos0 + n) * kvd].iter_mut().zip(&v[..n * kvd]) {
+            *dst = f16::from_f32(*src);
+        }
+        let (kc, vc) = (&*kc, &*vc);
+        let hd = cfg.head_dim;
+        let nh = cfg.n_head;
+        let group = cfg.n_head / cfg.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qd = cfg.q_dim();
+        let dst = crate::kernels::DisjointOut::new(out);
+        self.pool.run(n * nh, |task| {
+            let (t, h) = (task / nh, task % nh);
+            let kvh = h / group;
+            let n_kv = pos0 + t + 1;
+            let qh: Vec<f16> = q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&x| f16::from_f32(x)).collect();
+            let mut s = vec![0.0f32; n_kv];
+            for (j, sj) in s.iter_mut().enumerate() {
+                let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                let dot: f32 = kr.iter().zip(&qh).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+                *sj = dot * scale;
+            }
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            let mut o = vec![0.0f32; hd];
+            for (j, &p) in s.iter().enumerate() {
+                let p = f16::from_f32(p * inv).to_f32();
+                let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                for (oi, vi) in o.iter_mut().zip(vr) {
+                    *oi += p * vi.to_f32();
+                }
+            }
+            // SAFETY: each task writes only its own (token, head) slice of `out`.
+            unsafe { dst.write(t * qd + h * hd, &o) };
+        });
+        Ok(())
+    }
+
+    fn swiglu(&mut self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
+        for (g, &u) in gate[..len].iter_mut().zip(&up[..len]) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+    }
+
+    fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
+        x[..len].iter_mut().zip(&y[..len]).for_each(|(a, b)| *a += b);
+    }
+
+    fn copy(&mut self, src: &Vec<f32>, offset: usize, len: usize, dst: &mut Vec<f32>) {
+        dst[..len].copy_from_slice(&src[offset..offset + len]);
+    }
+
+    fn read(&mut self, buf: &Vec<f32>, out: &mut [f32]) {
+        let n = out.len();
+        out.copy_from_slice(&buf[..n]);
+    }
+}
