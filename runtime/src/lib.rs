@@ -5,7 +5,9 @@
 //! routines, [`kernels`] is the CPU dispatch table for matrix products, [`model`] the forward
 //! pass, [`tokenizer`] and [`sample`] turn text into tokens and logits into text.
 
+pub mod convert;
 pub mod error;
+// pub mod generate; (enabled when the tokenizer lands)
 pub mod gguf;
 pub mod kernels;
 pub mod model;

@@ -78,7 +78,7 @@ impl<'a> Cursor<'a> {
         let fits = (self.remaining() / min_size.max(1)) as u64;
         if n > fits {
             return Err(Error::gguf(format!(
-                "{what} is {n}, but the {} bytes that remain can hold at most {fits}",
+                "truncated or corrupt: {what} is {n}, but the {} bytes that remain can hold at most {fits}",
                 self.remaining()
             )));
         }
