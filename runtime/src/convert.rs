@@ -178,8 +178,8 @@ impl TypePlan {
                 let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M) && use_more_bits(self.i_ffn_down, self.n_ffn_down);
                 if more {
                     ty = GgmlType::Q6_K;
-                } else if ft == FileType::Q5_K_S && self.i_ffn_down < self.n_ffn_down / 8 {
-                    ty = GgmlType::Q6_K;
+                } else if ft == FileType::Q4_K_S && self.i_ffn_down < self.n_ffn_down / 8 {
+                    ty = GgmlType::Q5_K;
                 }
                 self.i_ffn_down += 1;
             }
