@@ -127,6 +127,13 @@ fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize) % 3 == 2
 }
 
+/// The layer number of a `blk.N.*` tensor. llama.cpp visits tensors in layer order, so its
+/// per-layer counters equal the layer number; files list tensors in other orders
+/// (`blk.1`, `blk.10`, ...), so the number is read from the name.
+fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
 /// Picks the type of each tensor as llama.cpp's `llama_tensor_get_type` does for the file
 /// types above. Returns `None` for tensors that stay as they are (not a weight matrix).
 pub struct TypePlan {
@@ -167,18 +174,20 @@ impl TypePlan {
                     ty = GgmlType::Q6_K;
                 }
             } else if t.name.contains("attn_v.weight") {
-                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M) && use_more_bits(self.i_attn_v, self.n_attn_v);
+                let i = layer_index(&t.name).unwrap_or(self.i_attn_v);
+                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M) && use_more_bits(i, self.n_attn_v);
                 if more {
                     ty = GgmlType::Q6_K;
-                } else if ft == FileType::Q4_K_S && self.i_attn_v < 4 {
+                } else if ft == FileType::Q4_K_S && i < 4 {
                     ty = GgmlType::Q5_K;
                 }
                 self.i_attn_v += 1;
             } else if t.name.contains("ffn_down") {
-                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M) && use_more_bits(self.i_ffn_down, self.n_ffn_down);
+                let i = layer_index(&t.name).unwrap_or(self.i_ffn_down);
+                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M) && use_more_bits(i, self.n_ffn_down);
                 if more {
                     ty = GgmlType::Q6_K;
-                } else if ft == FileType::Q4_K_S && self.i_ffn_down < self.n_ffn_down / 8 {
+                } else if ft == FileType::Q4_K_S && i < self.n_ffn_down / 8 {
                     ty = GgmlType::Q5_K;
                 }
                 self.i_ffn_down += 1;
