@@ -8,6 +8,7 @@
 pub mod bf16;
 pub mod f16;
 pub mod f32;
+pub mod kquant;
 pub mod q4_0;
 pub mod q4_1;
 pub mod q4_k;

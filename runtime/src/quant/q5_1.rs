@@ -1,9 +1,100 @@
-//! Q5_1: placeholder so the crate compiles; see the quant helper's work.
+//! Q5_1: blocks of 32 weights with an f16 scale and an f16 min; x = d * q + m, q in 0..32.
+//!
+//! ```text
+//! byte 0..2    d   (f16)
+//! byte 2..4    m   (f16)
+//! byte 4..8    qh  u32 little-endian: bit i is bit 4 of weight i
+//! byte 8..24   qs  16 bytes: low nibble = weight i, high nibble = weight i + 16 (bits 0-3)
+//! ```
+//!
+//! Layout, quantizer (`quantize_row_q5_1_ref`) and dot (`ggml_vec_dot_q5_1_q8_1_generic`)
+//! follow llama.cpp's `ggml-quants.c` / `ggml-cpu/quants.c`.
+
+use super::q4_1::min_max;
+use super::q5_0::{levels5, pack5};
+use super::q8_1::BlockQ8_1;
+use super::util::{blocks, blocks_mut, f16_to_f32, f32_to_f16};
 use super::{FormatOps, GgmlType};
+use bytemuck::{Pod, Zeroable};
+
+pub const QK: usize = 32;
+
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct BlockQ5_1 {
+    pub d: [u8; 2],
+    pub m: [u8; 2],
+    pub qh: [u8; 4],
+    pub qs: [u8; QK / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ5_1>() == 24);
+
 pub static OPS: FormatOps = FormatOps {
     ty: GgmlType::Q5_1,
-    dequantize: |_, _| unimplemented!(),
-    quantize: |_, _| unimplemented!(),
-    vec_dot_type: GgmlType::Q5_1,
-    vec_dot: |_, _| unimplemented!(),
+    dequantize: |s, d| dequantize(blocks(s), d),
+    quantize: |s, d| quantize(s, blocks_mut(d)),
+    vec_dot_type: GgmlType::Q8_1,
+    vec_dot: |w, a| dot(blocks(w), blocks(a)),
 };
+
+/// ggml `dequantize_row_q5_1`.
+pub fn dequantize(src: &[BlockQ5_1], dst: &mut [f32]) {
+    for (b, out) in src.iter().zip(dst.chunks_exact_mut(QK)) {
+        let d = f16_to_f32(b.d);
+        let m = f16_to_f32(b.m);
+        let qh = u32::from_le_bytes(b.qh);
+        let (lo, hi) = out.split_at_mut(QK / 2);
+        for (j, ((&q, lo), hi)) in b.qs.iter().zip(lo).zip(hi).enumerate() {
+            let (l0, l1) = levels5(q, qh, j);
+            *lo = l0 as f32 * d + m;
+            *hi = l1 as f32 * d + m;
+        }
+    }
+}
+
+/// ggml `quantize_row_q5_1_ref`: d = (max - min) / 31, levels `trunc((x - min) / d + 0.5)`
+/// (ggml does not clamp here; the levels cannot exceed 31).
+pub fn quantize(src: &[f32], dst: &mut [BlockQ5_1]) {
+    for (x, b) in src.chunks_exact(QK).zip(dst.iter_mut()) {
+        let (min, max) = min_max(x);
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        b.d = f32_to_f16(d);
+        b.m = f32_to_f16(min);
+        b.qh = pack5(|i| ((x[i] - min) * id + 0.5) as u8, &mut b.qs);
+    }
+}
+
+/// ggml `ggml_vec_dot_q5_1_q8_1_generic`: the min enters through the Q8_1 block sum `s`.
+pub fn dot(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let qh = u32::from_le_bytes(x.qh);
+        let (y0, y1) = y.qs.split_at(QK / 2);
+        let mut sumi = 0i32;
+        for (j, ((&q, &a0), &a1)) in x.qs.iter().zip(y0).zip(y1).enumerate() {
+            let (l0, l1) = levels5(q, qh, j);
+            sumi += l0 as i32 * a0 as i32 + l1 as i32 * a1 as i32;
+        }
+        sumf += (f16_to_f32(x.d) * f16_to_f32(y.d)) * sumi as f32 + f16_to_f32(x.m) * f16_to_f32(y.s);
+    }
+    sumf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::util::test_util::{assert_dot_consistent, assert_round_trip};
+    use super::super::GgmlType;
+
+    #[test]
+    fn round_trip_error_ceiling() {
+        // Relative RMS ceiling, about 1.25x what the reference quantizer measures here.
+        // Half the step of Q4_1; measured 0.037 on noise.
+        assert_round_trip(GgmlType::Q5_1, 0.046);
+    }
+
+    #[test]
+    fn dot_matches_dequantized_dot() {
+        assert_dot_consistent(GgmlType::Q5_1);
+    }
+}

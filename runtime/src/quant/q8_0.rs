@@ -5,7 +5,7 @@
 //! byte 2..34  qs  (i8 x 32)
 //! ```
 
-use super::util::{f16_to_f32, f32_to_f16, roundf};
+use super::util::{blocks, blocks_mut, f16_to_f32, f32_to_f16, roundf};
 use super::{FormatOps, GgmlType};
 use bytemuck::{Pod, Zeroable};
 
@@ -21,10 +21,10 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 
 pub static OPS: FormatOps = FormatOps {
     ty: GgmlType::Q8_0,
-    dequantize: |s, d| dequantize(bytemuck::cast_slice(s), d),
-    quantize: |s, d| quantize(s, bytemuck::cast_slice_mut(d)),
+    dequantize: |s, d| dequantize(blocks(s), d),
+    quantize: |s, d| quantize(s, blocks_mut(d)),
     vec_dot_type: GgmlType::Q8_0,
-    vec_dot: |w, a| dot(bytemuck::cast_slice(w), bytemuck::cast_slice(a)),
+    vec_dot: |w, a| dot(blocks(w), blocks(a)),
 };
 
 pub fn dequantize(src: &[BlockQ8_0], dst: &mut [f32]) {
