@@ -37,22 +37,76 @@ impl CpuWeight {
     }
 }
 
+/// Element type of the key/value cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    /// llama.cpp's default: half the memory; queries and attention weights are rounded to
+    /// f16 where they meet the cache, as in ggml's f16 matrix products.
+    #[default]
+    F16,
+    /// Exact f32 (reference comparisons).
+    F32,
+}
+
+enum KvBuf {
+    F16(Vec<f16>),
+    F32(Vec<f32>),
+}
+
+impl KvBuf {
+    fn new(ty: KvType, len: usize) -> Self {
+        match ty {
+            KvType::F16 => KvBuf::F16(vec![f16::ZERO; len]),
+            KvType::F32 => KvBuf::F32(vec![0.0; len]),
+        }
+    }
+
+    fn store(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvBuf::F16(b) => b[at..at + src.len()].iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(*s)),
+            KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
+        }
+    }
+
+    fn load(&self, at: usize, out: &mut [f32]) {
+        let n = out.len();
+        match self {
+            KvBuf::F16(b) => out.iter_mut().zip(&b[at..at + n]).for_each(|(o, x)| *o = x.to_f32()),
+            KvBuf::F32(b) => out.copy_from_slice(&b[at..at + n]),
+        }
+    }
+}
+
 pub struct CpuKv {
-    /// Per layer: [n_ctx, kv_dim] as f16 bits.
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    /// Per layer: [n_ctx, kv_dim].
+    k: Vec<KvBuf>,
+    v: Vec<KvBuf>,
     n_ctx: usize,
+    ty: KvType,
 }
 
 pub struct CpuBackend {
     pool: ThreadPool,
     scratch: MatmulScratch,
     tmp: Vec<f32>,
+    kv_type: KvType,
 }
 
 impl CpuBackend {
     pub fn new(threads: usize) -> Result<Self> {
-        Ok(CpuBackend { pool: ThreadPool::new(threads)?, scratch: MatmulScratch::default(), tmp: Vec::new() })
+        Self::with_kv_type(threads, KvType::F16)
+    }
+
+    pub fn with_kv_type(threads: usize, kv_type: KvType) -> Result<Self> {
+        Ok(CpuBackend { pool: ThreadPool::new(threads)?, scratch: MatmulScratch::default(), tmp: Vec::new(), kv_type })
+    }
+}
+
+/// Rounds through f16 when the cache is f16 (where ggml converts an f32 operand to f16).
+fn round_for(ty: KvType, x: f32) -> f32 {
+    match ty {
+        KvType::F16 => f16::from_f32(x).to_f32(),
+        KvType::F32 => x,
     }
 }
 
@@ -89,10 +143,12 @@ impl Backend for CpuBackend {
         let len = n_ctx
             .checked_mul(cfg.kv_dim())
             .ok_or_else(|| Error::InvalidArgument(format!("context {n_ctx} too large")))?;
+        let ty = self.kv_type;
         Ok(CpuKv {
-            k: (0..cfg.n_layer).map(|_| vec![f16::ZERO; len]).collect(),
-            v: (0..cfg.n_layer).map(|_| vec![f16::ZERO; len]).collect(),
+            k: (0..cfg.n_layer).map(|_| KvBuf::new(ty, len)).collect(),
+            v: (0..cfg.n_layer).map(|_| KvBuf::new(ty, len)).collect(),
             n_ctx,
+            ty,
         })
     }
 
@@ -190,14 +246,9 @@ impl Backend for CpuBackend {
                 kv.n_ctx
             )));
         }
-        let (kc, vc) = (&mut kv.k[layer], &mut kv.v[layer]);
-        for (dst, src) in kc[pos0 * kvd..(pos0 + n) * kvd].iter_mut().zip(&k[..n * kvd]) {
-            *dst = f16::from_f32(*src);
-        }
-        for (dst, src) in vc[pos0 * kvd..(pos0 + n) * kvd].iter_mut().zip(&v[..n * kvd]) {
-            *dst = f16::from_f32(*src);
-        }
-        let (kc, vc) = (&*kc, &*vc);
+        kv.k[layer].store(pos0 * kvd, &k[..n * kvd]);
+        kv.v[layer].store(pos0 * kvd, &v[..n * kvd]);
+        let (kc, vc, ty) = (&kv.k[layer], &kv.v[layer], kv.ty);
         let hd = cfg.head_dim;
         let nh = cfg.n_head;
         let group = cfg.n_head / cfg.n_head_kv;
@@ -208,13 +259,15 @@ impl Backend for CpuBackend {
             let (t, h) = (task / nh, task % nh);
             let kvh = h / group;
             let n_kv = pos0 + t + 1;
-            let qh: Vec<f16> = q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&x| f16::from_f32(x)).collect();
+            let qh: Vec<f32> = q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&x| round_for(ty, x)).collect();
+            let mut row = vec![0.0f32; hd];
             let mut s = vec![0.0f32; n_kv];
             for (j, sj) in s.iter_mut().enumerate() {
-                let kr = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                let dot: f32 = kr.iter().zip(&qh).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+                kc.load(j * kvd + kvh * hd, &mut row);
+                let dot: f32 = row.iter().zip(&qh).map(|(a, b)| a * b).sum();
                 *sj = dot * scale;
             }
+            // ggml_soft_max: f32 exponentials, their sum in f64, then one scale.
             let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f64;
             for x in s.iter_mut() {
@@ -224,10 +277,10 @@ impl Backend for CpuBackend {
             let inv = (1.0 / sum) as f32;
             let mut o = vec![0.0f32; hd];
             for (j, &p) in s.iter().enumerate() {
-                let p = f16::from_f32(p * inv).to_f32();
-                let vr = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                for (oi, vi) in o.iter_mut().zip(vr) {
-                    *oi += p * vi.to_f32();
+                let p = round_for(ty, p * inv);
+                vc.load(j * kvd + kvh * hd, &mut row);
+                for (oi, vi) in o.iter_mut().zip(&row) {
+                    *oi += p * vi;
                 }
             }
             // SAFETY: each task writes only its own (token, head) slice of `out`.

@@ -8,7 +8,7 @@ pub mod llama;
 
 pub use backend::Backend;
 pub use config::{Config, RopeKind};
-pub use cpu::CpuBackend;
+pub use cpu::{CpuBackend, KvType};
 pub use llama::Logits;
 
 use crate::gguf::GgufFile;
@@ -20,6 +20,8 @@ use std::path::Path;
 pub struct ModelOptions {
     /// Worker threads (0: one per core).
     pub threads: usize,
+    /// Element type of the key/value cache.
+    pub kv_type: KvType,
 }
 
 /// A memory-mapped model ready to run on a backend.
@@ -35,7 +37,7 @@ impl Model<CpuBackend> {
     /// pages in on use.
     pub fn open(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        Model::with_backend(file, CpuBackend::new(opts.threads)?)
+        Model::with_backend(file, CpuBackend::with_kv_type(opts.threads, opts.kv_type)?)
     }
 }
 
