@@ -232,7 +232,11 @@ mod tests {
         let lm = [63, 0, 31, 2, 16, 47, 1, 60];
         let packed = pack_scale_min_k4(&ls, &lm);
         for j in 0..8 {
-            assert_eq!(get_scale_min_k4(j, &packed), (ls[j], lm[j]), "sub-block {j}");
+            assert_eq!(
+                get_scale_min_k4(j, &packed),
+                (ls[j], lm[j]),
+                "sub-block {j}"
+            );
         }
     }
 }

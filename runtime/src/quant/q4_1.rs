@@ -86,7 +86,8 @@ pub fn dot(w: &[BlockQ4_1], a: &[BlockQ8_1]) -> f32 {
         for ((&q, &a0), &a1) in x.qs.iter().zip(y0).zip(y1) {
             sumi += (q & 0xF) as i32 * a0 as i32 + (q >> 4) as i32 * a1 as i32;
         }
-        sumf += (f16_to_f32(x.d) * f16_to_f32(y.d)) * sumi as f32 + f16_to_f32(x.m) * f16_to_f32(y.s);
+        sumf +=
+            (f16_to_f32(x.d) * f16_to_f32(y.d)) * sumi as f32 + f16_to_f32(x.m) * f16_to_f32(y.s);
     }
     sumf
 }

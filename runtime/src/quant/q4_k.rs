@@ -43,7 +43,11 @@ pub fn dequantize(src: &[BlockQ4K], dst: &mut [f32]) {
         let d = f16_to_f32(b.d);
         let min = f16_to_f32(b.dmin);
         // Each 32 bytes of qs hold 64 weights: sub-blocks 2k (low nibbles) and 2k + 1 (high).
-        for (k, (q, out)) in b.qs.chunks_exact(32).zip(out.chunks_exact_mut(64)).enumerate() {
+        for (k, (q, out)) in
+            b.qs.chunks_exact(32)
+                .zip(out.chunks_exact_mut(64))
+                .enumerate()
+        {
             let (sc1, m1) = get_scale_min_k4(2 * k, &b.scales);
             let (sc2, m2) = get_scale_min_k4(2 * k + 1, &b.scales);
             let (d1, m1) = (d * sc1 as f32, min * m1 as f32);
@@ -98,7 +102,11 @@ pub(crate) fn quantize_scales(
     max_scale: f32,
     max_min: f32,
 ) -> ([u8; 8], [u8; 8]) {
-    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];

@@ -76,7 +76,8 @@ pub fn dot(w: &[BlockQ5_1], a: &[BlockQ8_1]) -> f32 {
             let (l0, l1) = levels5(q, qh, j);
             sumi += l0 as i32 * a0 as i32 + l1 as i32 * a1 as i32;
         }
-        sumf += (f16_to_f32(x.d) * f16_to_f32(y.d)) * sumi as f32 + f16_to_f32(x.m) * f16_to_f32(y.s);
+        sumf +=
+            (f16_to_f32(x.d) * f16_to_f32(y.d)) * sumi as f32 + f16_to_f32(x.m) * f16_to_f32(y.s);
     }
     sumf
 }

@@ -65,7 +65,11 @@ pub fn quantize(src: &[f32], dst: &mut [BlockQ6K]) {
         let mut scales = [0f32; 16];
         let mut max_scale = 0.0f32;
         let mut max_abs_scale = 0.0f32;
-        for ((xs, l), s) in x.chunks_exact(16).zip(levels.iter_mut()).zip(scales.iter_mut()) {
+        for ((xs, l), s) in x
+            .chunks_exact(16)
+            .zip(levels.iter_mut())
+            .zip(scales.iter_mut())
+        {
             let xs: &[f32; 16] = xs.try_into().unwrap_or(&[0.0; 16]);
             *s = make_qx_quants(xs, 32, l);
             if s.abs() > max_abs_scale {
@@ -89,18 +93,23 @@ pub fn quantize(src: &[f32], dst: &mut [BlockQ6K]) {
                 continue;
             }
             for (l, &v) in l.iter_mut().zip(xs) {
-                *l = (nearest_int(v / d).min(31).max(-32) + 32) as i8;
+                *l = (nearest_int(v / d).clamp(-32, 31) + 32) as i8;
             }
         }
         let level = |e: usize| levels[e / 16][e % 16] as u8;
         for half in 0..2 {
             let j = 128 * half;
             for l in 0..32 {
-                let (q1, q2, q3, q4) =
-                    (level(j + l), level(j + l + 32), level(j + l + 64), level(j + l + 96));
+                let (q1, q2, q3, q4) = (
+                    level(j + l),
+                    level(j + l + 32),
+                    level(j + l + 64),
+                    level(j + l + 96),
+                );
                 b.ql[64 * half + l] = (q1 & 0xF) | ((q3 & 0xF) << 4);
                 b.ql[64 * half + l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
-                b.qh[32 * half + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+                b.qh[32 * half + l] =
+                    (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
             }
         }
     }

@@ -65,7 +65,11 @@ pub fn quantize(src: &[f32], dst: &mut [BlockQ8_1]) {
 pub fn dot(w: &[BlockQ8_1], a: &[BlockQ8_1]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
-        let sumi: i32 = x.qs.iter().zip(&y.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        let sumi: i32 =
+            x.qs.iter()
+                .zip(&y.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         sum += sumi as f32 * (f16_to_f32(x.d) * f16_to_f32(y.d));
     }
     sum

@@ -78,7 +78,11 @@ pub fn quantize(src: &[f32], dst: &mut [BlockQ8K]) {
 pub fn dot(w: &[BlockQ8K], a: &[BlockQ8K]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
-        let sumi: i32 = x.qs.iter().zip(&y.qs).map(|(&p, &q)| p as i32 * q as i32).sum();
+        let sumi: i32 =
+            x.qs.iter()
+                .zip(&y.qs)
+                .map(|(&p, &q)| p as i32 * q as i32)
+                .sum();
         sum += sumi as f32 * (f32::from_le_bytes(x.d) * f32::from_le_bytes(y.d));
     }
     sum

@@ -76,23 +76,35 @@ pub(crate) mod test_util {
 
     /// ggml's test data: `0.1 + 2 * cos(i + offset)`.
     pub fn synthetic(n: usize, offset: f32) -> Vec<f32> {
-        (0..n).map(|i| 0.1 + 2.0 * (i as f32 + offset).cos()).collect()
+        (0..n)
+            .map(|i| 0.1 + 2.0 * (i as f32 + offset).cos())
+            .collect()
     }
 
     /// A deterministic pseudo-gaussian row (sum of 4 uniforms from an LCG, centred).
     pub fn noise(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut uniform = move || {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32) / (1u64 << 24) as f32
         };
-        (0..n).map(|_| (0..4).map(|_| uniform()).sum::<f32>() - 2.0).collect()
+        (0..n)
+            .map(|_| (0..4).map(|_| uniform()).sum::<f32>() - 2.0)
+            .collect()
     }
 
     /// RMS of (dequantize(quantize(x)) - x), divided by the RMS of x.
     pub fn relative_rms_error(ty: GgmlType, x: &[f32]) -> f32 {
         let y = round_trip(ty, x);
-        let err: f64 = x.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let err: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let norm: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
         (err / norm).sqrt() as f32
     }
@@ -101,15 +113,28 @@ pub(crate) mod test_util {
     /// data and on noise, and ggml's own `test-quantize-fns` bound (`sqrt(sum diff^2) / n`
     /// at most `MAX_QUANTIZATION_TOTAL_ERROR` = 0.002 for every format of 4 bits and up).
     pub fn assert_round_trip(ty: GgmlType, ceiling: f32) {
-        for (name, x) in [("synthetic", synthetic(4096, 0.0)), ("noise", noise(4096, 7))] {
+        for (name, x) in [
+            ("synthetic", synthetic(4096, 0.0)),
+            ("noise", noise(4096, 7)),
+        ] {
             let e = relative_rms_error(ty, &x);
-            assert!(e <= ceiling, "{ty} {name}: relative RMS error {e} above ceiling {ceiling}");
+            assert!(
+                e <= ceiling,
+                "{ty} {name}: relative RMS error {e} above ceiling {ceiling}"
+            );
         }
         let x = synthetic(4096, 0.0);
         let y = round_trip(ty, &x);
-        let sum: f64 = x.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let sum: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum();
         let total = sum.sqrt() as f32 / x.len() as f32;
-        assert!(total <= 0.002, "{ty}: ggml total quantization error {total} above 0.002");
+        assert!(
+            total <= 0.002,
+            "{ty}: ggml total quantization error {total} above 0.002"
+        );
     }
 
     fn round_trip(ty: GgmlType, x: &[f32]) -> Vec<f32> {
@@ -142,9 +167,16 @@ pub(crate) mod test_util {
         let (aq, ad) = quant(o.vec_dot_type, &a);
         let got = (o.vec_dot)(&wq, &aq) as f64;
         let want: f64 = wd.iter().zip(&ad).map(|(x, y)| *x as f64 * *y as f64).sum();
-        let abs: f64 = wd.iter().zip(&ad).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+        let abs: f64 = wd
+            .iter()
+            .zip(&ad)
+            .map(|(x, y)| (*x as f64 * *y as f64).abs())
+            .sum();
         let tol = n as f64 * f32::EPSILON as f64 * abs;
-        assert!((got - want).abs() <= tol, "{ty}: dot {got} vs {want} (tolerance {tol})");
+        assert!(
+            (got - want).abs() <= tol,
+            "{ty}: dot {got} vs {want} (tolerance {tol})"
+        );
 
         // ggml test-quantize-fns: |vec_dot(q(x), q_act(y)) - x.y| / n <= MAX_DOT_PRODUCT_ERROR.
         let (x, y) = (synthetic(4096, 0.0), synthetic(4096, 1.0));
@@ -180,7 +212,10 @@ mod tests {
         assert_eq!(f32_to_bf16(1.0 + 3.0 / 256.0), 0x3f82u16.to_le_bytes());
         assert_eq!(f32_to_bf16(f32::INFINITY), 0x7f80u16.to_le_bytes());
         // A signalling NaN is made quiet.
-        assert_eq!(f32_to_bf16(f32::from_bits(0x7f80_0001)), 0x7fc0u16.to_le_bytes());
+        assert_eq!(
+            f32_to_bf16(f32::from_bits(0x7f80_0001)),
+            0x7fc0u16.to_le_bytes()
+        );
         assert_eq!(f32_to_bf16(f32::MAX), 0x7f80u16.to_le_bytes());
     }
 
@@ -192,4 +227,3 @@ mod tests {
         assert_eq!(blocks_mut::<[u8; 4]>(&mut bytes).len(), 0);
     }
 }
-
