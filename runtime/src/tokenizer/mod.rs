@@ -386,19 +386,11 @@ impl Tokenizer {
     ) -> Result<Vec<u8>> {
         let mut ids = ids;
         let mut remove_space = self.add_space_prefix;
-        if remove_special
-            && self.add_bos
-            && ids.first().is_some()
-            && ids.first().copied() == self.bos()
-        {
+        if remove_special && self.add_bos && ids.first().is_some_and(|&f| Some(f) == self.bos()) {
             remove_space = false;
             ids = &ids[1..];
         }
-        if remove_special
-            && self.add_eos
-            && ids.last().is_some()
-            && ids.last().copied() == self.eos()
-        {
+        if remove_special && self.add_eos && ids.last().is_some_and(|&l| Some(l) == self.eos()) {
             ids = &ids[..ids.len() - 1];
         }
         let mut out = Vec::with_capacity(ids.len() * 4);

@@ -336,8 +336,8 @@ fn json_value(v: &Value, style: &JsonStyle, level: usize, out: &mut String) -> R
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
         ValueKind::Number => {
-            if let Ok(i) = i64::try_from(v.clone()) {
-                out.push_str(&i.to_string());
+            if v.is_integer() {
+                out.push_str(&v.to_string());
             } else if let Ok(f) = f64::try_from(v.clone()) {
                 if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 {
                     out.push_str(&format!("{f:.1}"));

@@ -472,7 +472,7 @@ impl Vocab {
             has(&eog, "<|end|>"),
         );
         if let Some(end) = self.texts.id("<|end|>").filter(|_| has_end) {
-            if (has_return && has_call) || (has_call && has_flush) {
+            if has_call && (has_return || has_flush) {
                 eog.retain(|&x| x != end);
                 self.attrs[end as usize] = TokenAttr::USER_DEFINED;
             }
