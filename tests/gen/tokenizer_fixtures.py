@@ -15,6 +15,11 @@ tokenizes a few hundred varied strings with llama.cpp and records
     every token's piece (llama_token_to_piece, special false and true) as a sha256 plus a
     sample.
 
+For the other byte-level pre-tokenizers sparrow supports (llama3 = llama-bpe, qwen2, default,
+gpt-2), there is no small model at hand, so SmolLM2's vocabulary stands in: its metadata
+(no tensors) is written to a temporary GGUF with `tokenizer.ggml.pre` replaced, and llama.cpp
+tokenizes every string with it (smollm2_pre.json); the test swaps the same key.
+
 It also renders chat templates with jinja2 the way Hugging Face transformers does
 (llama_cpp.llama_chat_format.Jinja2ChatFormatter: trim_blocks, lstrip_blocks, loopcontrols,
 raise_exception, HF's tojson) and, where transformers is installed, checks that
@@ -22,7 +27,7 @@ transformers' own renderer gives the same text: SmolLM2's template read from its
 Gemma 3's published template (the Gemma 3 GGUF used here carries none), for a few
 conversations.
 
-Output: tests/fixtures/tokenizer/{smollm2,gemma3,chat_templates}.json. The model files are
+Output: tests/fixtures/tokenizer/{smollm2,gemma3,smollm2_pre,chat_templates}.json. The model files are
 not committed; fetch them with `eval "$(bash tests/fetch_models.sh)"`.
 
 How to run (needs llama-cpp-python, jinja2; transformers optional for the cross-check):
@@ -328,6 +333,46 @@ def vocab_fixture(name, env, path, strings):
     }
 
 
+OTHER_PRE = ["llama-bpe", "qwen2", "default", "gpt-2"]
+
+
+def pre_fixture(smollm_path, strings):
+    """llama.cpp's ids for every string with SmolLM2's vocabulary under other pre-tokenizers."""
+    import tempfile
+
+    import gguf
+
+    r = gguf.GGUFReader(str(smollm_path))
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for pre in OTHER_PRE:
+            path = Path(d) / f"smollm2-{pre}.gguf"
+            w = gguf.GGUFWriter(str(path), arch=r.fields["general.architecture"].contents())
+            for name, f in r.fields.items():
+                if name.startswith("GGUF.") or name == "general.architecture":
+                    continue
+                value = pre if name == "tokenizer.ggml.pre" else f.contents()
+                vtype = f.types[0]
+                sub = f.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+                w.add_key_value(name, value, vtype, sub_type=sub)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+            out[pre] = [tokenize(llm, t, False, False) for t in strings]
+            del llm
+    return {
+        "generator": "tests/gen/tokenizer_fixtures.py",
+        "reference": f"llama-cpp-python {llama_cpp.__version__} (vendored llama.cpp)",
+        "model_env": "SPARROW_SMOLLM2_Q4_1",
+        "model_sha256": sha256_file(smollm_path),
+        "note": "SmolLM2's vocabulary with tokenizer.ggml.pre replaced; ids with add_special and parse_special false",
+        "strings": strings,
+        "ids": out,
+    }
+
+
 GEMMA3_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}
@@ -499,6 +544,8 @@ def main():
         fx = vocab_fixture(name, env, model_path(env), strings)
         dump(OUT / f"{name}.json", fx)
         print(f"wrote {OUT / (name + '.json')}", file=sys.stderr)
+    dump(OUT / "smollm2_pre.json", pre_fixture(model_path("SPARROW_SMOLLM2_Q4_1"), strings))
+    print(f"wrote {OUT / 'smollm2_pre.json'}", file=sys.stderr)
     dump(OUT / "chat_templates.json", chat_fixture(model_path("SPARROW_SMOLLM2_Q4_1")))
     print(f"wrote {OUT / 'chat_templates.json'}", file=sys.stderr)
 

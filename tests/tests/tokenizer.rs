@@ -361,3 +361,39 @@ fn gemma3_has_no_chat_template_in_its_gguf() {
     let e = ChatTemplate::from_metadata(f.metadata()).unwrap_err();
     assert!(e.to_string().contains("tokenizer.chat_template"), "{e}");
 }
+
+/// The other byte-level pre-tokenizers (llama3, qwen2, default, gpt-2) over SmolLM2's
+/// vocabulary: the fixture's ids are llama.cpp's with `tokenizer.ggml.pre` replaced in the
+/// file; here the same key is replaced in the metadata.
+#[test]
+fn other_bpe_pre_tokenizers_match_llama_cpp() {
+    let fx = load("smollm2_pre.json");
+    let (_, f) = open(&fx);
+    let strings: Vec<&str> =
+        fx["strings"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let mut fails = Vec::new();
+    for (pre, cases) in fx["ids"].as_object().unwrap() {
+        let mut md = f.metadata().clone();
+        md.insert("tokenizer.ggml.pre".into(), sparrow::gguf::Value::String(pre.clone()));
+        let tok = Tokenizer::from_metadata(&md).unwrap_or_else(|e| panic!("pre {pre}: {e}"));
+        let mut same = 0;
+        for (text, want) in strings.iter().zip(cases.as_array().unwrap()) {
+            let want = ids(want);
+            let got = tok.encode(text, false, false).unwrap();
+            if got == want {
+                same += 1;
+            } else {
+                fails.push(format!(
+                    "pre {pre}: {text:?}\n    sparrow   {got:?}\n    llama.cpp {want:?}"
+                ));
+            }
+        }
+        eprintln!("pre {pre}: {same} of {} strings give llama.cpp's ids", strings.len());
+    }
+    assert!(
+        fails.is_empty(),
+        "{} differences:\n{}",
+        fails.len(),
+        fails.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
