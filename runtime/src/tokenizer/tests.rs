@@ -334,3 +334,32 @@ fn strftime_fields() {
     assert_eq!(pycompat::strftime("%d %b %Y", 0), "01 Jan 1970");
     assert_eq!(pycompat::strftime("%j", 951_782_400), "060"); // 2000-02-29
 }
+
+/// Digit grouping and ignore_merges, which SmolLM2's vocabulary (single-digit tokens, all
+/// words reachable by merges) cannot tell apart between llama3, qwen2 and gpt-2.
+#[test]
+fn pre_tokenizers_differ_where_llama_cpp_says() {
+    let tokens = ["<eos>", "1", "2", "3", "4", "5", "6", "7", "12", "123", "45", "a", "b", "ba", "Ġ"];
+    let base = md(vec![
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens", strings(&tokens)),
+        ("tokenizer.ggml.merges", strings(&["1 2", "12 3", "4 5"])),
+        ("tokenizer.ggml.eos_token_id", Value::U32(0)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(0)),
+    ]);
+    let enc = |pre: &str, text: &str| {
+        let m = with(base.clone(), "tokenizer.ggml.pre", Value::String(pre.into()));
+        Tokenizer::from_metadata(&m).unwrap().encode(text, false, false).unwrap()
+    };
+    // llama3: \p{N}{1,3}; qwen2: \p{N}; gpt-2: ?\p{N}+
+    // "3123": llama3 words "312" "3"; qwen2 one word per digit; gpt-2 one word
+    assert_eq!(enc("llama-bpe", "3123"), vec![3, 8, 3]);
+    assert_eq!(enc("qwen2", "3123"), vec![3, 1, 2, 3]);
+    assert_eq!(enc("gpt-2", "3123"), vec![3, 9]);
+    // llama3 takes a word that is a token as it is, without merges
+    assert_eq!(enc("llama-bpe", "ba"), vec![13]);
+    assert_eq!(enc("qwen2", "ba"), vec![12, 11]);
+    // llama3 adds bos by default (unless the metadata says otherwise)
+    let m = with(base.clone(), "tokenizer.ggml.pre", Value::String("llama-bpe".into()));
+    assert!(Tokenizer::from_metadata(&m).unwrap().add_bos());
+}
