@@ -337,7 +337,7 @@ impl Tokenizer {
                     match &self.model {
                         Model::Bpe(hf) => {
                             let enc = hf
-                                .encode(raw, false)
+                                .encode_fast(raw, false)
                                 .map_err(|e| Error::Tokenizer(e.to_string()))?;
                             out.extend_from_slice(enc.get_ids());
                         }

@@ -5,6 +5,7 @@
 
 use super::attr::TokenAttr;
 use super::vocab::Vocab;
+use std::collections::HashSet;
 
 /// A piece of the input: plain text (a byte range) or a token found in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,36 +19,37 @@ fn is_c_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r')
 }
 
-/// Which byte pairs occur in `text`, so that tokens that cannot occur are skipped without a
-/// search (the result is the same; Gemma's vocabulary has ~6000 special tokens).
-struct PairFilter {
-    bits: Vec<u64>,
-    bytes: [bool; 256],
-}
-
-impl PairFilter {
-    fn new(text: &[u8]) -> Self {
-        let mut f = PairFilter { bits: vec![0; 1024], bytes: [false; 256] };
-        for &b in text {
-            f.bytes[b as usize] = true;
+/// The special tokens that occur somewhere in `text`, in `vocab.special_cache` order: the
+/// candidates are bucketed by their first two bytes (one byte for one-byte tokens), so one
+/// pass over the text finds them without a search per token (Gemma has ~6000 special
+/// tokens). Occurring in the whole text is necessary for occurring in a fragment of it, so
+/// the partition below gives the same result as trying every token.
+fn present(vocab: &Vocab, text: &[u8], parse_special: bool) -> Vec<u32> {
+    let wanted = |id: u32| {
+        parse_special || !vocab.attrs[id as usize].has(TokenAttr::CONTROL | TokenAttr::UNKNOWN)
+    };
+    let mut found: HashSet<u32> = HashSet::new();
+    for i in 0..text.len() {
+        if let Some(ids) = vocab.special_by_byte.get(&text[i]) {
+            found.extend(ids.iter().copied().filter(|&id| wanted(id)));
         }
-        for w in text.windows(2) {
-            let k = (w[0] as usize) << 8 | w[1] as usize;
-            f.bits[k / 64] |= 1 << (k % 64);
-        }
-        f
-    }
-
-    fn may_contain(&self, tok: &[u8]) -> bool {
-        match tok {
-            [] => false,
-            [b] => self.bytes[*b as usize],
-            [a, b, ..] => {
-                let k = (*a as usize) << 8 | *b as usize;
-                self.bits[k / 64] & (1 << (k % 64)) != 0
+        if i + 1 < text.len() {
+            if let Some(ids) = vocab.special_by_pair.get(&[text[i], text[i + 1]]) {
+                for &id in ids {
+                    if wanted(id)
+                        && !found.contains(&id)
+                        && text[i..].starts_with(vocab.texts.text(id).as_bytes())
+                    {
+                        found.insert(id);
+                    }
+                }
             }
         }
     }
+    // special_cache's order: longest first, then by id
+    let mut ids: Vec<u32> = found.into_iter().collect();
+    ids.sort_by_key(|&id| (std::cmp::Reverse(vocab.texts.text(id).len()), id));
+    ids
 }
 
 pub(crate) fn partition(vocab: &Vocab, text: &str, parse_special: bool) -> Vec<Fragment> {
@@ -55,17 +57,10 @@ pub(crate) fn partition(vocab: &Vocab, text: &str, parse_special: bool) -> Vec<F
         return Vec::new();
     }
     let bytes = text.as_bytes();
-    let filter = PairFilter::new(bytes);
     let mut frags = vec![Fragment::Text(0, text.len())];
-    for &id in &vocab.special_cache {
+    for id in present(vocab, bytes, parse_special) {
         let attr = vocab.attrs[id as usize];
-        if !parse_special && attr.has(TokenAttr::CONTROL | TokenAttr::UNKNOWN) {
-            continue;
-        }
         let tok = vocab.texts.text(id);
-        if tok.len() > text.len() || !filter.may_contain(tok.as_bytes()) {
-            continue;
-        }
         let mut out = Vec::with_capacity(frags.len() + 2);
         for f in frags.drain(..) {
             let Fragment::Text(mut start, end) = f else {

@@ -339,7 +339,8 @@ fn strftime_fields() {
 /// words reachable by merges) cannot tell apart between llama3, qwen2 and gpt-2.
 #[test]
 fn pre_tokenizers_differ_where_llama_cpp_says() {
-    let tokens = ["<eos>", "1", "2", "3", "4", "5", "6", "7", "12", "123", "45", "a", "b", "ba", "Ġ"];
+    let tokens =
+        ["<eos>", "1", "2", "3", "4", "5", "6", "7", "12", "123", "45", "a", "b", "ba", "Ġ"];
     let base = md(vec![
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens", strings(&tokens)),

@@ -9,6 +9,7 @@
 use super::attr::TokenAttr;
 use crate::gguf::{Metadata, Value, ValueType};
 use crate::{Error, Result};
+use std::collections::HashMap;
 
 pub(crate) const KEY_MODEL: &str = "tokenizer.ggml.model";
 pub(crate) const KEY_PRE: &str = "tokenizer.ggml.pre";
@@ -139,6 +140,10 @@ pub(crate) struct Vocab {
     /// Control, user-defined and unknown tokens, longest text first: the order in which
     /// llama.cpp looks for them in the text (`cache_special_tokens`).
     pub special_cache: Vec<u32>,
+    /// The special tokens by their first two bytes, and the one-byte ones by their byte, to
+    /// find the ones that occur in a text in one pass.
+    pub special_by_pair: HashMap<[u8; 2], Vec<u32>>,
+    pub special_by_byte: HashMap<u8, Vec<u32>>,
 }
 
 /// The strings in a required array of strings.
@@ -388,8 +393,16 @@ impl Vocab {
         let add_bos = opt_bool(md, KEY_ADD_BOS)?.unwrap_or(defaults.add_bos);
         let add_eos = opt_bool(md, KEY_ADD_EOS)?.unwrap_or(defaults.add_eos);
 
-        let mut v =
-            Vocab { texts, scores, attrs, special: sp, eog: Vec::new(), special_cache: Vec::new() };
+        let mut v = Vocab {
+            texts,
+            scores,
+            attrs,
+            special: sp,
+            eog: Vec::new(),
+            special_cache: Vec::new(),
+            special_by_pair: HashMap::new(),
+            special_by_byte: HashMap::new(),
+        };
         v.detect_roles();
         v.build_eog();
         v.build_special_cache();
@@ -492,7 +505,14 @@ impl Vocab {
         let mut ids: Vec<u32> =
             (0..self.len() as u32).filter(|&id| self.attrs[id as usize].has(mask)).collect();
         // Longest first; llama.cpp's std::sort leaves ties unordered, we keep id order.
-        ids.sort_by_key(|&id| std::cmp::Reverse(self.texts.text(id).len()));
+        ids.sort_by_key(|&id| (std::cmp::Reverse(self.texts.text(id).len()), id));
+        for &id in &ids {
+            match self.texts.text(id).as_bytes() {
+                [] => {}
+                [b] => self.special_by_byte.entry(*b).or_default().push(id),
+                [a, b, ..] => self.special_by_pair.entry([*a, *b]).or_default().push(id),
+            }
+        }
         self.special_cache = ids;
     }
 }
