@@ -1,12 +1,12 @@
 //! The tokenizer built from GGUF metadata, giving llama.cpp's token ids, and chat templates.
 //!
 //! Two model types, as `tokenizer.ggml.model` names them:
-//! - `gpt2`: byte-level BPE ([`bpe`]), on the `tokenizers` crate, with the pre-tokenizer
+//! - `gpt2`: byte-level BPE (`bpe.rs`), on the `tokenizers` crate, with the pre-tokenizer
 //!   regexes llama.cpp uses for the file's `tokenizer.ggml.pre`;
-//! - `llama`: SentencePiece ([`spm`]), llama.cpp's score-ordered merge, hand-written.
+//! - `llama`: SentencePiece (`spm.rs`), llama.cpp's score-ordered merge, hand-written.
 //!
 //! Around either, llama.cpp's behaviour is reproduced: special tokens written in the text are
-//! found first ([`special`]: user-defined tokens always, control tokens when asked), bos/eos
+//! found first (`special.rs`: user-defined tokens always, control tokens when asked), bos/eos
 //! are added per `tokenizer.ggml.add_bos_token` / `add_eos_token` with llama.cpp's defaults,
 //! the end-of-generation set is derived as `llama_vocab::is_eog` derives it, and
 //! detokenization follows `llama_detokenize` (leading-space removal, clean-up of spaces).
@@ -153,18 +153,6 @@ impl Tokenizer {
             pieces: Vec::new(),
             piece_offsets: Vec::new(),
         };
-        if add_bos && tok.vocab.special.bos.is_none() {
-            return Err(Error::metadata(
-                vocab::KEY_ADD_BOS,
-                "bos is to be added but the vocabulary has no bos token",
-            ));
-        }
-        if add_eos && tok.vocab.special.eos.is_none() {
-            return Err(Error::metadata(
-                vocab::KEY_ADD_EOS,
-                "eos is to be added but the vocabulary has no eos token",
-            ));
-        }
         tok.build_pieces();
         Ok(tok)
     }
@@ -322,7 +310,10 @@ impl Tokenizer {
         let frags = special::partition(&self.vocab, text, parse_special);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
-            out.extend(self.vocab.special.bos);
+            let bos = self.vocab.special.bos.ok_or_else(|| {
+                Error::Tokenizer("bos is to be added but the vocabulary has no bos token".into())
+            })?;
+            out.push(bos);
         }
         // SentencePiece: a space goes before text that starts the input or follows a token.
         let mut prev_special = true;
@@ -358,7 +349,10 @@ impl Tokenizer {
             }
         }
         if add_special && self.add_eos {
-            out.extend(self.vocab.special.eos);
+            let eos = self.vocab.special.eos.ok_or_else(|| {
+                Error::Tokenizer("eos is to be added but the vocabulary has no eos token".into())
+            })?;
+            out.push(eos);
         }
         Ok(out)
     }

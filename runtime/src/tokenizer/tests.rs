@@ -160,13 +160,19 @@ fn flags_and_ids_of_the_wrong_type() {
 
 #[test]
 fn add_bos_without_a_bos_token() {
-    // llama's default bos is id 1, outside a one-token vocabulary; add_bos defaults to true
+    // llama's default bos is id 1, outside a one-token vocabulary; add_bos defaults to true.
+    // As in llama.cpp, that fails only when bos is to be added.
     let m = md(vec![
         ("tokenizer.ggml.model", Value::String("llama".into())),
         ("tokenizer.ggml.tokens", strings(&["a"])),
     ]);
-    let e = err_of(&m);
-    assert!(e.contains("add_bos_token") && e.contains("no bos"), "{e}");
+    let t = Tokenizer::from_metadata(&m).unwrap();
+    assert_eq!(t.bos(), None);
+    let e = t.encode("a", true, false).unwrap_err().to_string();
+    assert!(e.contains("no bos"), "{e}");
+    // (without bos, "▁a" then fails on "▁", which has neither a piece nor byte tokens)
+    let e = t.encode("a", false, false).unwrap_err().to_string();
+    assert!(e.contains("<0xE2>"), "{e}");
     // an out-of-range id from the metadata keeps the default
     let t =
         Tokenizer::from_metadata(&with(spm_md(), "tokenizer.ggml.bos_token_id", Value::U32(999)))
