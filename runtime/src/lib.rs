@@ -7,7 +7,7 @@
 
 pub mod convert;
 pub mod error;
-// pub mod generate; (enabled when the tokenizer lands)
+pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod model;

@@ -5,6 +5,9 @@
 //! overwrite entries for the CPUs that support them, so the model code never changes when a
 //! kernel is added.
 
+pub mod act;
+pub mod dot;
+pub mod math;
 mod matmul;
 mod pool;
 
@@ -49,12 +52,29 @@ impl KernelTable {
         for ty in quant::WEIGHT_TYPES {
             let Some(w) = quant::ops(ty) else { continue };
             let Some(a) = quant::ops(w.vec_dot_type) else { continue };
+            // Q8_0 / Q8_1 activations as ggml's CPU backend makes them; the rest (F32, F16,
+            // BF16, Q8_K) with the format's own quantizer, as ggml does.
+            let quantize_act: QuantizeRowFn = match w.vec_dot_type {
+                GgmlType::Q8_0 => act::quantize_row_q8_0,
+                GgmlType::Q8_1 => act::quantize_row_q8_1,
+                _ => a.quantize,
+            };
+            // The 32-element formats sum in ggml's x86 lane order (dot.rs); the rest use the
+            // format's reference dot.
+            let vec_dot: VecDotFn = match ty {
+                GgmlType::Q8_0 => dot::q8_0_q8_0,
+                GgmlType::Q4_0 => dot::q4_0_q8_0,
+                GgmlType::Q4_1 => dot::q4_1_q8_1,
+                GgmlType::Q5_0 => dot::q5_0_q8_0,
+                GgmlType::Q5_1 => dot::q5_1_q8_1,
+                _ => w.vec_dot,
+            };
             dot[ty.id() as usize] = Some(DotKernel {
                 name: generic_name(ty),
                 weight_type: ty,
                 act_type: w.vec_dot_type,
-                quantize_act: a.quantize,
-                vec_dot: w.vec_dot,
+                quantize_act,
+                vec_dot,
             });
         }
         KernelTable { dot }

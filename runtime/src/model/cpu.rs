@@ -8,7 +8,7 @@
 use super::backend::Backend;
 use super::config::{Config, RopeKind};
 use crate::gguf::TensorInfo;
-use crate::kernels::{self, MatmulScratch, ThreadPool};
+use crate::kernels::{self, math, MatmulScratch, ThreadPool};
 use crate::quant::{self, GgmlType};
 use crate::{Error, Result};
 use half::f16;
@@ -100,6 +100,78 @@ impl CpuBackend {
     pub fn with_kv_type(threads: usize, kv_type: KvType) -> Result<Self> {
         Ok(CpuBackend { pool: ThreadPool::new(threads)?, scratch: MatmulScratch::default(), tmp: Vec::new(), kv_type })
     }
+}
+
+/// The summation orders of llama.cpp's attention products (f16 x f16 on AVX-512), which
+/// sparrow follows so that its attention output is the same to the last bit.
+#[derive(Clone, Copy)]
+enum SumOrder {
+    /// tinyBLAS (batches of 2+ queries): 16 lanes, element i into lane i % 16 in order, then
+    /// `_mm512_reduce_add_ps`.
+    TinyBlas,
+    /// ggml_vec_dot_f16 (one query): 4 accumulators of 16 lanes over steps of 64 elements
+    /// (element i into accumulator (i % 64) / 16, lane i % 16), folded 0+2, 1+3, 0+1, then
+    /// reduced. Lengths here are whole steps once padded with zeros, which add nothing.
+    GgmlVecDot,
+}
+
+impl SumOrder {
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = DotAcc::default();
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            acc.add(self, i, *x, *y);
+        }
+        acc.finish(self)
+    }
+}
+
+/// Partial sums of one dot product in 4 x 16 lanes (TinyBlas uses the first 16).
+#[derive(Clone)]
+struct DotAcc([[f32; 16]; 4]);
+
+impl Default for DotAcc {
+    fn default() -> Self {
+        DotAcc([[0.0; 16]; 4])
+    }
+}
+
+impl DotAcc {
+    #[inline]
+    fn add(&mut self, order: SumOrder, i: usize, x: f32, y: f32) {
+        let lane = match order {
+            SumOrder::TinyBlas => &mut self.0[0][i % 16],
+            SumOrder::GgmlVecDot => &mut self.0[(i % 64) / 16][i % 16],
+        };
+        *lane = math::fma32(x, y, *lane);
+    }
+
+    fn finish(&self, order: SumOrder) -> f32 {
+        match order {
+            SumOrder::TinyBlas => math::reduce_add16(&self.0[0]),
+            SumOrder::GgmlVecDot => {
+                let s: [[f32; 16]; 2] = std::array::from_fn(|k| std::array::from_fn(|l| self.0[k][l] + self.0[k + 2][l]));
+                let t: [f32; 16] = std::array::from_fn(|l| s[0][l] + s[1][l]);
+                math::reduce_add16(&t)
+            }
+        }
+    }
+}
+
+/// ggml_vec_soft_max_f32: `s[i] = exp(s[i] - max)` with ggml's exp, summed per 16 lanes
+/// (in `_mm512_reduce_add_ps` order) into an f64; returns 1/sum as f32, the scale ggml
+/// applies afterwards.
+fn softmax_unnormalized(s: &mut [f32]) -> f32 {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for chunk in s.chunks_mut(16) {
+        let mut v = [0.0f32; 16];
+        for (x, l) in chunk.iter_mut().zip(v.iter_mut()) {
+            *x = math::expf(*x - max);
+            *l = *x;
+        }
+        sum += math::reduce_add16(&v) as f64;
+    }
+    (1.0 / sum) as f32
 }
 
 /// Rounds through f16 when the cache is f16 (where ggml converts an f32 operand to f16).
@@ -218,9 +290,11 @@ impl Backend for CpuBackend {
                         RopeKind::Normal => (2 * i, 2 * i + 1),
                         RopeKind::Neox => (i, i + nd / 2),
                     };
+                    // ggml's rotation as GCC contracts it: fma(x0, cos, -(x1 sin)),
+                    // fma(x0, sin, x1 cos).
                     let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * c - x1 * s;
-                    head[b] = x0 * s + x1 * c;
+                    head[a] = math::fma32(x0, c, -(x1 * s));
+                    head[b] = math::fma32(x0, s, x1 * c);
                 }
             }
         }
@@ -254,6 +328,9 @@ impl Backend for CpuBackend {
         let group = cfg.n_head / cfg.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
         let qd = cfg.q_dim();
+        // llama.cpp multiplies a batch of queries with tinyBLAS and a single query with
+        // ggml's vec_dot; they sum in different orders.
+        let order = if n == 1 { SumOrder::GgmlVecDot } else { SumOrder::TinyBlas };
         let dst = crate::kernels::DisjointOut::new(out);
         self.pool.run(n * nh, |task| {
             let (t, h) = (task / nh, task % nh);
@@ -264,25 +341,19 @@ impl Backend for CpuBackend {
             let mut s = vec![0.0f32; n_kv];
             for (j, sj) in s.iter_mut().enumerate() {
                 kc.load(j * kvd + kvh * hd, &mut row);
-                let dot: f32 = row.iter().zip(&qh).map(|(a, b)| a * b).sum();
-                *sj = dot * scale;
+                *sj = order.dot(&row, &qh) * scale;
             }
-            // ggml_soft_max: f32 exponentials, their sum in f64, then one scale.
-            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0f64;
-            for x in s.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            let mut o = vec![0.0f32; hd];
+            let inv = softmax_unnormalized(&mut s);
+            // out[d] = sum_j p_j v_j[d], summed in the order llama.cpp sums V^T p.
+            let mut acc = vec![DotAcc::default(); hd];
             for (j, &p) in s.iter().enumerate() {
                 let p = round_for(ty, p * inv);
                 vc.load(j * kvd + kvh * hd, &mut row);
-                for (oi, vi) in o.iter_mut().zip(&row) {
-                    *oi += p * vi;
+                for (a, vi) in acc.iter_mut().zip(&row) {
+                    a.add(order, j, p, *vi);
                 }
             }
+            let o: Vec<f32> = acc.iter().map(|a| a.finish(order)).collect();
             // SAFETY: each task writes only its own (token, head) slice of `out`.
             unsafe { dst.write(t * qd + h * hd, &o) };
         });
@@ -291,7 +362,7 @@ impl Backend for CpuBackend {
 
     fn swiglu(&mut self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
         for (g, &u) in gate[..len].iter_mut().zip(&up[..len]) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
+            *g = math::silu(*g) * u;
         }
     }
 
