@@ -9,6 +9,8 @@
 //!             + the min terms m_x * s_y summed block by block (Q4_1, Q5_1)
 //! ```
 //!
+//! Q4_0 is the exception: see [`q4_0_q8_0`].
+//!
 //! The integers are those of the reference dots in `quant/`; only the float summation order
 //! differs. Following ggml's order makes sparrow's activations equal llama.cpp's bit for bit
 //! in most places, which is what keeps greedy decoding on the same tokens; SIMD kernels that
@@ -71,12 +73,17 @@ pub fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     hsum8(&acc)
 }
 
+/// Q4_0 weights are repacked by llama.cpp on x86 (`ggml_gemv_q4_0_8x8_q8_0` and
+/// `ggml_gemm_...` in ggml-cpu/repack.cpp), which sum each block's products as one integer
+/// and accumulate blocks in order: `acc = fma(isum_b, d_w * d_a, acc)`.
 pub fn q4_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = [0.0f32; 8];
+    let mut acc = 0.0f32;
     for (x, y) in blocks::<BlockQ4_0>(w).iter().zip(blocks::<BlockQ8_0>(a)) {
-        accumulate(&mut acc, f16_to_f32(x.d) * f16_to_f32(y.d), lanes(&nibbles(&x.qs, 8), &y.qs));
+        let l = lanes(&nibbles(&x.qs, 8), &y.qs);
+        let isum: f32 = l.iter().sum();
+        acc = fma32(isum, f16_to_f32(x.d) * f16_to_f32(y.d), acc);
     }
-    hsum8(&acc)
+    acc
 }
 
 pub fn q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
