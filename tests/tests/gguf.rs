@@ -461,6 +461,24 @@ fn open_names_the_file_in_errors() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Found by cargo fuzz: a zero-size tensor in a file that ends before its data section.
+#[test]
+fn bug_fuzz_zero_size_tensor_past_the_end() {
+    let mut b = Vec::new();
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // one tensor
+    b.extend(0u64.to_le_bytes()); // no metadata
+    b.extend(0u64.to_le_bytes()); // name ""
+    b.extend(1u32.to_le_bytes()); // 1 dimension
+    b.extend(0u64.to_le_bytes()); // of size 0
+    b.extend(0u32.to_le_bytes()); // F32
+    b.extend(0u64.to_le_bytes()); // offset 0
+    b.extend([54, 51, 194, 233, 190, 0]); // 62 bytes; the data section would start at 64
+    assert_eq!(b.len(), 62);
+    fails_with(&b, "past the end of the file");
+}
+
 proptest::proptest! {
     /// Random corruption of a valid file: an error or a valid parse, never a panic.
     #[test]

@@ -224,6 +224,12 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
     }
 
     let data_offset = (c.pos as u64).next_multiple_of(alignment);
+    if !tensors.is_empty() && data_offset > buf.len() as u64 {
+        return Err(Error::gguf(format!(
+            "truncated: the tensor data section starts at offset {data_offset}, past the end of the file ({} bytes)",
+            buf.len()
+        )));
+    }
     let data_len = (buf.len() as u64).saturating_sub(data_offset);
     for t in &tensors {
         let end = t.offset.checked_add(t.n_bytes);
