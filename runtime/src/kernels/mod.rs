@@ -59,14 +59,18 @@ impl KernelTable {
                 GgmlType::Q8_1 => act::quantize_row_q8_1,
                 _ => a.quantize,
             };
-            // The 32-element formats sum in ggml's x86 lane order (dot.rs); the rest use the
-            // format's reference dot.
+            // The 32-element formats sum in ggml's x86 lane order, the K-quants in the order
+            // llama.cpp uses for one token (dot.rs; a batch takes other kernels there, see
+            // dot::batch_vec_dot); the rest use the format's reference dot.
             let vec_dot: VecDotFn = match ty {
                 GgmlType::Q8_0 => dot::q8_0_q8_0,
                 GgmlType::Q4_0 => dot::q4_0_q8_0,
                 GgmlType::Q4_1 => dot::q4_1_q8_1,
                 GgmlType::Q5_0 => dot::q5_0_q8_0,
                 GgmlType::Q5_1 => dot::q5_1_q8_1,
+                GgmlType::Q4_K => dot::q4_k_q8_k,
+                GgmlType::Q5_K => dot::q5_k_q8_k,
+                GgmlType::Q6_K => dot::q6_k_q8_k,
                 _ => w.vec_dot,
             };
             dot[ty.id() as usize] = Some(DotKernel {
