@@ -67,14 +67,17 @@ pub fn matmul(
     let per = rows_per_task(rows, n, pool.threads());
     let n_tasks = rows.div_ceil(per);
     let dst = DisjointOut::new(out);
-    let vec_dot = k.vec_dot;
+    // llama.cpp runs some formats through other kernels depending on the batch size and the
+    // token's place in it (dot::batch_vec_dot); pick each token's kernel once.
+    let dots: Vec<super::VecDotFn> =
+        (0..n).map(|t| super::dot::batch_vec_dot(ty, rows, n, t).unwrap_or(k.vec_dot)).collect();
     pool.run(n_tasks, |task| {
         let r0 = task * per;
         let r1 = (r0 + per).min(rows);
         for r in r0..r1 {
             let wr = &w[r * w_row..(r + 1) * w_row];
             for t in 0..n {
-                let v = vec_dot(wr, &act[t * a_row..(t + 1) * a_row]);
+                let v = dots[t](wr, &act[t * a_row..(t + 1) * a_row]);
                 // SAFETY: tasks own disjoint row ranges, so no two write the same element.
                 unsafe { dst.set(t * rows + r, v) };
             }
