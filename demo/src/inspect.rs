@@ -8,7 +8,10 @@ pub fn inspect(path: &Path, all: bool) -> Result<(), Box<dyn std::error::Error>>
     let f = GgufFile::open(path)?;
     let h = f.header();
     println!("file: {}", path.display());
-    println!("GGUF version {}, alignment {}, data at offset {}", h.version, h.alignment, h.data_offset);
+    println!(
+        "GGUF version {}, alignment {}, data at offset {}",
+        h.version, h.alignment, h.data_offset
+    );
     println!("\nmetadata ({} keys):", f.metadata().len());
     for (k, v) in f.metadata().iter() {
         let shown = match v {
@@ -27,10 +30,19 @@ pub fn inspect(path: &Path, all: bool) -> Result<(), Box<dyn std::error::Error>>
     println!("\ntensors ({}):", f.tensors().len());
     let limit = if all { usize::MAX } else { 40 };
     for t in f.tensors().iter().take(limit) {
-        println!("  {:<32} {:<6} {:>22} {:>12} bytes", t.name, t.ty.name(), format!("{:?}", t.shape), t.n_bytes);
+        println!(
+            "  {:<32} {:<6} {:>22} {:>12} bytes",
+            t.name,
+            t.ty.name(),
+            format!("{:?}", t.shape),
+            t.n_bytes
+        );
     }
     if f.tensors().len() > limit {
-        println!("  ... {} more (--all shows them)", f.tensors().len() - limit);
+        println!(
+            "  ... {} more (--all shows them)",
+            f.tensors().len() - limit
+        );
     }
     let total: u64 = f.tensors().iter().map(|t| t.n_bytes).sum();
     let params: u64 = f.tensors().iter().map(|t| t.n_elements()).sum();
@@ -42,6 +54,9 @@ pub fn inspect(path: &Path, all: bool) -> Result<(), Box<dyn std::error::Error>>
             8.0 * *bytes as f64 / (*elems).max(1) as f64
         );
     }
-    println!("  total  {:>5} tensors {params:>12} elements {total:>12} bytes", f.tensors().len());
+    println!(
+        "  total  {:>5} tensors {params:>12} elements {total:>12} bytes",
+        f.tensors().len()
+    );
     Ok(())
 }

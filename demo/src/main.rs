@@ -17,7 +17,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "sparrow", version, about = "On-device inference runtime: run, inspect and convert GGUF models")]
+#[command(
+    name = "sparrow",
+    version,
+    about = "On-device inference runtime: run, inspect and convert GGUF models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -182,25 +186,46 @@ fn dispatch(cmd: Cmd) -> AnyResult {
     match cmd {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat(a),
-        Cmd::Tokenize { model, special, no_add_special, text } => {
+        Cmd::Tokenize {
+            model,
+            special,
+            no_add_special,
+            text,
+        } => {
             let f = GgufFile::open(&model)?;
             let tok = Tokenizer::from_metadata(f.metadata())?;
             let ids = tok.encode(&text, !no_add_special, special)?;
             println!("{}", serde_json::to_string(&ids)?);
             Ok(())
         }
-        Cmd::Logits { model, tokens, output, threads, kv_f32 } => {
+        Cmd::Logits {
+            model,
+            tokens,
+            output,
+            threads,
+            kv_f32,
+        } => {
             let kv_type = if kv_f32 { KvType::F32 } else { KvType::F16 };
             let mut m = Model::open(&model, &ModelOptions { threads, kv_type })?;
             let mut s = m.new_session(tokens.len().max(1))?;
             let logits = m.eval(&mut s, &tokens, Logits::All)?;
             let bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
             std::fs::write(&output, bytes).map_err(|e| format!("{}: {e}", output.display()))?;
-            eprintln!("wrote {} x {} logits to {}", tokens.len(), m.config().n_vocab, output.display());
+            eprintln!(
+                "wrote {} x {} logits to {}",
+                tokens.len(),
+                m.config().n_vocab,
+                output.display()
+            );
             Ok(())
         }
         Cmd::Inspect { model, all } => inspect::inspect(&model, all),
-        Cmd::Quantize { model, output, ty, pure } => {
+        Cmd::Quantize {
+            model,
+            output,
+            ty,
+            pure,
+        } => {
             let ftype = FileType::parse(&ty)?;
             let src = GgufFile::open(&model)?;
             let bar = indicatif::ProgressBar::new(src.tensors().len() as u64);
@@ -224,7 +249,13 @@ fn open_model(a: &ModelArgs) -> AnyResult<(Model, Tokenizer)> {
         Some(p) => p.clone(),
         None => fetch::default_model()?,
     };
-    let m = Model::open(&path, &ModelOptions { threads: a.threads, ..Default::default() })?;
+    let m = Model::open(
+        &path,
+        &ModelOptions {
+            threads: a.threads,
+            ..Default::default()
+        },
+    )?;
     let tok = Tokenizer::from_metadata(m.file().metadata())?;
     Ok((m, tok))
 }
@@ -232,7 +263,11 @@ fn open_model(a: &ModelArgs) -> AnyResult<(Model, Tokenizer)> {
 fn run(a: RunArgs) -> AnyResult {
     let (mut m, tok) = open_model(&a.model)?;
     let prompt = tok.encode(&a.prompt, true, true)?;
-    let n_ctx = if a.model.ctx > 0 { a.model.ctx } else { (prompt.len() + a.n_predict).max(1) };
+    let n_ctx = if a.model.ctx > 0 {
+        a.model.ctx
+    } else {
+        (prompt.len() + a.n_predict).max(1)
+    };
     let mut s = m.new_session(n_ctx)?;
     let opts = a.sampling.options(a.n_predict, a.ignore_eos);
     let stdout = std::io::stdout();
@@ -276,7 +311,11 @@ fn run(a: RunArgs) -> AnyResult {
 fn chat(a: ChatArgs) -> AnyResult {
     let (mut m, tok) = open_model(&a.model)?;
     let template = ChatTemplate::from_metadata(m.file().metadata())?;
-    let n_ctx = if a.model.ctx > 0 { a.model.ctx } else { m.config().n_ctx_train.min(4096) };
+    let n_ctx = if a.model.ctx > 0 {
+        a.model.ctx
+    } else {
+        m.config().n_ctx_train.min(4096)
+    };
     let mut s = m.new_session(n_ctx)?;
     let mut messages: Vec<Message> = Vec::new();
     if let Some(sys) = &a.system {

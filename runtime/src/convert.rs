@@ -71,12 +71,16 @@ impl FileType {
             "Q5_K" => "Q5_K_S",
             x => x,
         };
-        FileType::ALL.iter().copied().find(|t| t.name() == u).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "unknown type `{s}` (known: {})",
-                FileType::ALL.map(|t| t.name()).join(", ")
-            ))
-        })
+        FileType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name() == u)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown type `{s}` (known: {})",
+                    FileType::ALL.map(|t| t.name()).join(", ")
+                ))
+            })
     }
 
     /// The type most weight matrices get.
@@ -152,8 +156,14 @@ impl TypePlan {
             ftype,
             pure,
             has_output: tensors.iter().any(|t| t.name == "output.weight"),
-            n_attn_v: tensors.iter().filter(|t| t.name.contains("attn_v.weight")).count(),
-            n_ffn_down: tensors.iter().filter(|t| t.name.contains("ffn_down")).count(),
+            n_attn_v: tensors
+                .iter()
+                .filter(|t| t.name.contains("attn_v.weight"))
+                .count(),
+            n_ffn_down: tensors
+                .iter()
+                .filter(|t| t.name.contains("ffn_down"))
+                .count(),
             i_attn_v: 0,
             i_ffn_down: 0,
         }
@@ -168,14 +178,16 @@ impl TypePlan {
         let ft = self.ftype;
         let mut ty = ft.default_type();
         if !self.pure && !ft.is_float() {
-            let is_output = t.name == "output.weight" || (!self.has_output && t.name == "token_embd.weight");
+            let is_output =
+                t.name == "output.weight" || (!self.has_output && t.name == "token_embd.weight");
             if is_output {
                 if ty != GgmlType::Q8_0 {
                     ty = GgmlType::Q6_K;
                 }
             } else if t.name.contains("attn_v.weight") {
                 let i = layer_index(&t.name).unwrap_or(self.i_attn_v);
-                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M) && use_more_bits(i, self.n_attn_v);
+                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M)
+                    && use_more_bits(i, self.n_attn_v);
                 if more {
                     ty = GgmlType::Q6_K;
                 } else if ft == FileType::Q4_K_S && i < 4 {
@@ -184,7 +196,8 @@ impl TypePlan {
                 self.i_attn_v += 1;
             } else if t.name.contains("ffn_down") {
                 let i = layer_index(&t.name).unwrap_or(self.i_ffn_down);
-                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M) && use_more_bits(i, self.n_ffn_down);
+                let more = matches!(ft, FileType::Q4_K_M | FileType::Q5_K_M)
+                    && use_more_bits(i, self.n_ffn_down);
                 if more {
                     ty = GgmlType::Q6_K;
                 } else if ft == FileType::Q4_K_S && i < self.n_ffn_down / 8 {
@@ -229,7 +242,10 @@ pub fn quantize_file(
     for t in src.tensors() {
         let ty = plan.choose(t);
         if ty != t.ty && quant::ops(t.ty).is_none() {
-            return Err(Error::tensor(&t.name, format!("cannot convert from {}", t.ty)));
+            return Err(Error::tensor(
+                &t.name,
+                format!("cannot convert from {}", t.ty),
+            ));
         }
         w.add_tensor(&t.name, &t.shape, ty)?;
         types.push(ty);
@@ -251,10 +267,9 @@ pub fn convert_tensor(t: &TensorInfo, data: &[u8], to: GgmlType) -> Result<Vec<u
     let cols = t.row_len() as usize;
     let rows = t.n_rows() as usize;
     let src_row = t.ty.row_bytes(cols as u64).unwrap_or(0) as usize;
-    let dst_row = to
-        .row_bytes(cols as u64)
-        .ok_or_else(|| Error::tensor(&t.name, format!("rows of {cols} are not whole {to} blocks")))?
-        as usize;
+    let dst_row = to.row_bytes(cols as u64).ok_or_else(|| {
+        Error::tensor(&t.name, format!("rows of {cols} are not whole {to} blocks"))
+    })? as usize;
     let mut out = vec![0u8; rows * dst_row];
     out.par_chunks_mut(dst_row.max(1))
         .zip(data.par_chunks(src_row.max(1)))

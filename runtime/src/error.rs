@@ -35,15 +35,27 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn gguf(msg: impl Into<String>) -> Self {
-        Error::Gguf { path: None, msg: msg.into() }
+        Error::Gguf {
+            path: None,
+            msg: msg.into(),
+        }
     }
     pub(crate) fn tensor(name: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Tensor { name: name.into(), msg: msg.into() }
+        Error::Tensor {
+            name: name.into(),
+            msg: msg.into(),
+        }
     }
     pub(crate) fn metadata(key: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Metadata { key: key.into(), msg: msg.into() }
+        Error::Metadata {
+            key: key.into(),
+            msg: msg.into(),
+        }
     }
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

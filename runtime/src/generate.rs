@@ -22,7 +22,12 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampler: SamplerConfig::default(), stop: Vec::new(), stop_at_eog: true }
+        GenerateOptions {
+            max_tokens: 128,
+            sampler: SamplerConfig::default(),
+            stop: Vec::new(),
+            stop_at_eog: true,
+        }
     }
 }
 

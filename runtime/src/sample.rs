@@ -36,7 +36,10 @@ impl Default for SamplerConfig {
 
 impl SamplerConfig {
     pub fn greedy() -> Self {
-        SamplerConfig { temperature: 0.0, ..Self::default() }
+        SamplerConfig {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 }
 
@@ -68,7 +71,11 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Self {
         let rng = Rng(cfg.seed);
-        Sampler { cfg, rng, cand: Vec::new() }
+        Sampler {
+            cfg,
+            rng,
+            cand: Vec::new(),
+        }
     }
 
     pub fn config(&self) -> &SamplerConfig {
@@ -80,7 +87,8 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let c = &self.cfg;
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
         if c.repeat_penalty != 1.0 && c.repeat_last_n > 0 {
             let start = history.len().saturating_sub(c.repeat_last_n);
             let mut seen: Vec<u32> = history[start..].to_vec();
@@ -89,7 +97,11 @@ impl Sampler {
             for id in seen {
                 if let Some(e) = self.cand.get_mut(id as usize) {
                     // llama.cpp: divide positive logits, multiply negative ones.
-                    e.1 = if e.1 > 0.0 { e.1 / c.repeat_penalty } else { e.1 * c.repeat_penalty };
+                    e.1 = if e.1 > 0.0 {
+                        e.1 / c.repeat_penalty
+                    } else {
+                        e.1 * c.repeat_penalty
+                    };
                 }
             }
         }
@@ -97,7 +109,8 @@ impl Sampler {
             return argmax(&self.cand);
         }
         // Sort descending; NaN logits sink to the end.
-        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.cand
+            .sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         self.cand.retain(|e| !e.1.is_nan());
         if self.cand.is_empty() {
             return 0;
@@ -172,14 +185,21 @@ mod tests {
 
     #[test]
     fn repetition_penalty_demotes_seen_tokens() {
-        let mut s = Sampler::new(SamplerConfig { repeat_penalty: 1.5, ..SamplerConfig::greedy() });
+        let mut s = Sampler::new(SamplerConfig {
+            repeat_penalty: 1.5,
+            ..SamplerConfig::greedy()
+        });
         // 3.0 / 1.5 = 2.0 < 2.9
         assert_eq!(s.sample(&logits(), &[1]), 3);
     }
 
     #[test]
     fn top_k_one_is_greedy_at_any_temperature() {
-        let mut s = Sampler::new(SamplerConfig { temperature: 5.0, top_k: 1, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 5.0,
+            top_k: 1,
+            ..Default::default()
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&logits(), &[]), 1);
         }
@@ -188,13 +208,25 @@ mod tests {
     #[test]
     fn min_p_and_top_p_cut_the_tail() {
         // exp(-4) < 0.05: min_p 0.05 leaves only tokens within ln(20) ~ 3.0 of the top.
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.05, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.05,
+            ..Default::default()
+        });
         for _ in 0..200 {
             let t = s.sample(&logits(), &[]);
             assert!(t != 4, "token 4 is below min_p");
         }
         // top_p 0.5: token 1 alone holds ~0.44, with token 3 ~0.84; so only 1 and 3 remain.
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.5, min_p: 0.0, ..Default::default() });
+        let mut s = Sampler::new(SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.5,
+            min_p: 0.0,
+            ..Default::default()
+        });
         for _ in 0..200 {
             let t = s.sample(&logits(), &[]);
             assert!(t == 1 || t == 3, "token {t} is outside top_p");
@@ -203,7 +235,14 @@ mod tests {
 
     #[test]
     fn same_seed_same_draws_and_frequencies_follow_softmax() {
-        let cfg = SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 7, ..Default::default() };
+        let cfg = SamplerConfig {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            seed: 7,
+            ..Default::default()
+        };
         let (mut a, mut b) = (Sampler::new(cfg.clone()), Sampler::new(cfg));
         let l = [0.0f32, (3.0f32).ln()]; // probabilities 0.25, 0.75
         let mut ones = 0;

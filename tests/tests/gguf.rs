@@ -12,8 +12,11 @@ use std::process::Command;
 
 fn fixture() -> (Vec<u8>, Json) {
     let dir = fixtures().join("gguf");
-    let bytes = std::fs::read(dir.join("all_types.gguf")).expect("fixture all_types.gguf (run tests/gen/gguf_fixtures.py)");
-    let json: Json = serde_json::from_slice(&std::fs::read(dir.join("all_types.json")).expect("all_types.json")).unwrap();
+    let bytes = std::fs::read(dir.join("all_types.gguf"))
+        .expect("fixture all_types.gguf (run tests/gen/gguf_fixtures.py)");
+    let json: Json =
+        serde_json::from_slice(&std::fs::read(dir.join("all_types.json")).expect("all_types.json"))
+            .unwrap();
     (bytes, json)
 }
 
@@ -38,9 +41,9 @@ fn type_name(t: ValueType) -> &'static str {
 /// Compares a parsed value with the JSON the Python writer was given.
 fn same(v: &Value, j: &Json) -> bool {
     match v {
-        Value::Array(_, items) => {
-            j.as_array().is_some_and(|a| a.len() == items.len() && items.iter().zip(a).all(|(x, y)| same(x, y)))
-        }
+        Value::Array(_, items) => j.as_array().is_some_and(|a| {
+            a.len() == items.len() && items.iter().zip(a).all(|(x, y)| same(x, y))
+        }),
         Value::String(s) => j.as_str() == Some(s),
         Value::Bool(b) => j.as_bool() == Some(*b),
         Value::F32(x) => j.as_f64().is_some_and(|y| *x == y as f32),
@@ -52,7 +55,10 @@ fn same(v: &Value, j: &Json) -> bool {
 
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn check_against_json(bytes: &[u8], json: &Json) {
@@ -60,21 +66,52 @@ fn check_against_json(bytes: &[u8], json: &Json) {
     let meta = json["metadata"].as_object().unwrap();
     assert_eq!(h.metadata.len(), meta.len(), "number of metadata keys");
     for (k, want) in meta {
-        let v = h.metadata.get(k).unwrap_or_else(|| panic!("key {k} missing"));
-        assert_eq!(type_name(v.value_type()), want["type"].as_str().unwrap(), "type of {k}");
-        assert!(same(v, &want["value"]), "value of {k}: {v:?} vs {}", want["value"]);
+        let v = h
+            .metadata
+            .get(k)
+            .unwrap_or_else(|| panic!("key {k} missing"));
+        assert_eq!(
+            type_name(v.value_type()),
+            want["type"].as_str().unwrap(),
+            "type of {k}"
+        );
+        assert!(
+            same(v, &want["value"]),
+            "value of {k}: {v:?} vs {}",
+            want["value"]
+        );
     }
     let tensors = json["tensors"].as_array().unwrap();
     assert_eq!(h.tensors.len(), tensors.len());
     for (t, want) in h.tensors.iter().zip(tensors) {
         assert_eq!(t.name, want["name"].as_str().unwrap());
-        let shape: Vec<u64> = want["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
+        let shape: Vec<u64> = want["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .collect();
         assert_eq!(t.shape, shape, "shape of {}", t.name);
-        assert_eq!(t.ty.name(), want["type"].as_str().unwrap(), "type of {}", t.name);
-        assert_eq!(t.n_bytes, want["n_bytes"].as_u64().unwrap(), "size of {}", t.name);
+        assert_eq!(
+            t.ty.name(),
+            want["type"].as_str().unwrap(),
+            "type of {}",
+            t.name
+        );
+        assert_eq!(
+            t.n_bytes,
+            want["n_bytes"].as_u64().unwrap(),
+            "size of {}",
+            t.name
+        );
         let start = (h.data_offset + t.offset) as usize;
         let data = &bytes[start..start + t.n_bytes as usize];
-        assert_eq!(sha256_hex(data), want["sha256"].as_str().unwrap(), "data of {}", t.name);
+        assert_eq!(
+            sha256_hex(data),
+            want["sha256"].as_str().unwrap(),
+            "data of {}",
+            t.name
+        );
     }
 }
 
@@ -100,7 +137,11 @@ fn open_maps_the_file_and_views_tensors_without_copying() {
     let view = f.tensor_data(&t).unwrap();
     let base = f.bytes().as_ptr() as usize;
     let at = view.as_ptr() as usize;
-    assert_eq!(at - base, (f.header().data_offset + t.offset) as usize, "the view points into the mapping");
+    assert_eq!(
+        at - base,
+        (f.header().data_offset + t.offset) as usize,
+        "the view points into the mapping"
+    );
 }
 
 /// Rewriting the reference file with sparrow's writer reproduces it byte for byte.
@@ -123,7 +164,10 @@ fn writer_reproduces_the_reference_file_byte_for_byte() {
     })
     .unwrap();
     assert_eq!(out.len(), bytes.len());
-    assert!(out == bytes, "rewritten file differs from the gguf package's");
+    assert!(
+        out == bytes,
+        "rewritten file differs from the gguf package's"
+    );
 }
 
 /// The reference reader reads what sparrow writes, including what the Python writer cannot
@@ -136,15 +180,24 @@ fn gguf_package_reads_what_sparrow_writes() {
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String("llama".into()));
     w.set("a.empty", Value::Array(ValueType::I32, vec![]));
-    w.set("a.nested", Value::Array(ValueType::Array, vec![
-        Value::Array(ValueType::U8, vec![Value::U8(7)]),
-        Value::Array(ValueType::U8, vec![]),
-    ]));
+    w.set(
+        "a.nested",
+        Value::Array(
+            ValueType::Array,
+            vec![
+                Value::Array(ValueType::U8, vec![Value::U8(7)]),
+                Value::Array(ValueType::U8, vec![]),
+            ],
+        ),
+    );
     w.set("a.f64", Value::F64(1.5));
     w.set("a.s", Value::String("ß".into()));
     w.add_tensor("x", &[32, 2], GgmlType::Q8_0).unwrap();
     w.add_tensor("y", &[3], GgmlType::F32).unwrap();
-    w.write_file(&path, |i, t| Ok(Cow::Owned(vec![i as u8 + 1; t.n_bytes as usize]))).unwrap();
+    w.write_file(&path, |i, t| {
+        Ok(Cow::Owned(vec![i as u8 + 1; t.n_bytes as usize]))
+    })
+    .unwrap();
 
     let script = r#"
 import sys, json, gguf
@@ -162,15 +215,25 @@ print(json.dumps(out))
         .arg(&path)
         .output()
         .expect("python3 is required for this test (pip install gguf)");
-    assert!(o.status.success(), "the gguf package failed to read sparrow's file: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "the gguf package failed to read sparrow's file: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let j: Json = serde_json::from_slice(&o.stdout).unwrap();
     // The package reports an empty array's element type only when it has elements.
     assert_eq!(j["fields"]["a.empty"][0], "ARRAY");
     assert_eq!(j["fields"]["a.nested"][0], "ARRAY");
     assert_eq!(j["fields"]["a.f64"], serde_json::json!(["FLOAT64"]));
-    assert_eq!(j["tensors"], serde_json::json!([["x", [32, 2], "Q8_0", 68, 1], ["y", [3], "F32", 12, 2]]));
+    assert_eq!(
+        j["tensors"],
+        serde_json::json!([["x", [32, 2], "Q8_0", 68, 1], ["y", [3], "F32", 12, 2]])
+    );
     let back = GgufFile::open(&path).unwrap();
-    assert_eq!(back.metadata().get("a.empty"), Some(&Value::Array(ValueType::I32, vec![])));
+    assert_eq!(
+        back.metadata().get("a.empty"),
+        Some(&Value::Array(ValueType::I32, vec![]))
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -232,7 +295,18 @@ fn build() -> Built {
         b.push(0);
     }
     b.extend(std::iter::repeat_n(0u8, 64));
-    Built { bytes: b, n_tensors_at, n_kv_at, key_len_at, value_type_at, arr_len_at, n_dims_at, dim0_at, ttype_at, offset_at }
+    Built {
+        bytes: b,
+        n_tensors_at,
+        n_kv_at,
+        key_len_at,
+        value_type_at,
+        arr_len_at,
+        n_dims_at,
+        dim0_at,
+        ttype_at,
+        offset_at,
+    }
 }
 
 fn put_u64(b: &mut [u8], at: usize, v: u64) {
@@ -249,7 +323,10 @@ fn fails_with(bytes: &[u8], needle: &str) {
         Ok(_) => panic!("parsed a malformed file (expected an error with `{needle}`)"),
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains(needle), "error `{msg}` does not mention `{needle}`");
+            assert!(
+                msg.contains(needle),
+                "error `{msg}` does not mention `{needle}`"
+            );
         }
     }
 }
@@ -273,7 +350,10 @@ fn every_truncation_is_an_error() {
     // And the reference file, cut anywhere, never parses or panics.
     let (full, _) = fixture();
     for n in (0..full.len()).step_by(7) {
-        assert!(parse_header(&full[..n]).is_err(), "prefix of {n} bytes parsed");
+        assert!(
+            parse_header(&full[..n]).is_err(),
+            "prefix of {n} bytes parsed"
+        );
     }
 }
 
@@ -368,10 +448,18 @@ fn writer_rejects_what_the_reader_would() {
     assert!(w.add_tensor("a", &[33], GgmlType::Q8_0).is_err());
     assert!(w.add_tensor("a", &[1, 1, 1, 1, 1], GgmlType::F32).is_err());
     w.add_tensor("a", &[4], GgmlType::F32).unwrap();
-    assert!(w.add_tensor("a", &[4], GgmlType::F32).is_err(), "duplicate name");
+    assert!(
+        w.add_tensor("a", &[4], GgmlType::F32).is_err(),
+        "duplicate name"
+    );
     let mut out = Vec::new();
-    let e = w.write(&mut out, |_, _| Ok(Cow::Owned(vec![0; 3]))).unwrap_err();
-    assert!(e.to_string().contains("3 bytes of data given, 16 expected"), "{e}");
+    let e = w
+        .write(&mut out, |_, _| Ok(Cow::Owned(vec![0; 3])))
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("3 bytes of data given, 16 expected"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -381,7 +469,8 @@ fn duplicates_bad_alignment_overlap_and_bad_bools() {
         let mut w = GgufWriter::new();
         f(&mut w);
         let mut out = Vec::new();
-        w.write(&mut out, |_, t| Ok(Cow::Owned(vec![0; t.n_bytes as usize]))).unwrap();
+        w.write(&mut out, |_, t| Ok(Cow::Owned(vec![0; t.n_bytes as usize])))
+            .unwrap();
         out
     };
     let mut b = mk(&|w| {
@@ -401,12 +490,19 @@ fn duplicates_bad_alignment_overlap_and_bad_bools() {
     fails_with(&b, "duplicate tensor name `t1`");
 
     // The writer refuses a bad alignment, so write a good one and patch it.
-    assert!(GgufWriter::new().write(&mut Vec::new(), |_, _| unreachable!()).is_ok());
+    assert!(GgufWriter::new()
+        .write(&mut Vec::new(), |_, _| unreachable!())
+        .is_ok());
     let mut w = GgufWriter::new();
     w.set("general.alignment", Value::U32(24));
     assert!(w.write(&mut Vec::new(), |_, _| unreachable!()).is_err());
     let mut b = mk(&|w| w.set("general.alignment", Value::U32(32)));
-    let at = b.windows(17).position(|x| x == b"general.alignment").unwrap() + 17 + 4;
+    let at = b
+        .windows(17)
+        .position(|x| x == b"general.alignment")
+        .unwrap()
+        + 17
+        + 4;
     put_u32(&mut b, at, 24);
     fails_with(&b, "power of two");
     put_u32(&mut b, at, 0);
@@ -454,9 +550,15 @@ fn open_names_the_file_in_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("tiny.gguf");
     std::fs::write(&p, b"GGUF").unwrap();
-    let e = GgufFile::open(&p).err().expect("a 4-byte file must not open").to_string();
+    let e = GgufFile::open(&p)
+        .err()
+        .expect("a 4-byte file must not open")
+        .to_string();
     assert!(e.contains("tiny.gguf") && e.contains("truncated"), "{e}");
-    let missing = GgufFile::open(dir.join("missing.gguf")).err().expect("missing file").to_string();
+    let missing = GgufFile::open(dir.join("missing.gguf"))
+        .err()
+        .expect("missing file")
+        .to_string();
     assert!(missing.contains("missing.gguf"), "{missing}");
     std::fs::remove_dir_all(&dir).ok();
 }

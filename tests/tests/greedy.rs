@@ -46,7 +46,10 @@ struct Prompt {
 fn sha256_file(p: &Path) -> String {
     use sha2::Digest;
     let b = std::fs::read(p).unwrap();
-    sha2::Sha256::digest(&b).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(&b)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn check(model: &Path, fixture_name: &str) {
@@ -55,35 +58,72 @@ fn check(model: &Path, fixture_name: &str) {
         &std::fs::read(dir.join(format!("{fixture_name}.json"))).expect("greedy fixture"),
     )
     .unwrap();
-    assert_eq!(sha256_file(model), fx.model_sha256, "{} is not the file the fixture was made from", model.display());
-    let mut m = Model::open(model, &ModelOptions { threads: 2, ..Default::default() }).unwrap();
+    assert_eq!(
+        sha256_file(model),
+        fx.model_sha256,
+        "{} is not the file the fixture was made from",
+        model.display()
+    );
+    let mut m = Model::open(
+        model,
+        &ModelOptions {
+            threads: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut compared = 0;
     let mut worst = 0.0f32;
     let mut failures = Vec::new();
     for p in &fx.prompts {
-        let mut s = m.new_session(p.prompt_tokens.len() + p.tokens.len() + 1).unwrap();
+        let mut s = m
+            .new_session(p.prompt_tokens.len() + p.tokens.len() + 1)
+            .unwrap();
         let mut logits = m.eval(&mut s, &p.prompt_tokens, Logits::Last).unwrap();
 
         let want = read_f32(&dir.join(&p.last_logits_file));
         assert_eq!(want.len(), logits.len());
-        let diff = logits.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let diff = logits
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         worst = worst.max(diff);
         eprintln!("{}: last logits diff {diff}", p.name);
-        assert!(diff <= LOGIT_TOLERANCE, "{}: last-position logits differ by {diff} (> {LOGIT_TOLERANCE})", p.name);
+        assert!(
+            diff <= LOGIT_TOLERANCE,
+            "{}: last-position logits differ by {diff} (> {LOGIT_TOLERANCE})",
+            p.name
+        );
 
-        let n = p.first_close_step.unwrap_or(p.tokens.len()).min(p.tokens.len());
+        let n = p
+            .first_close_step
+            .unwrap_or(p.tokens.len())
+            .min(p.tokens.len());
         for (step, &want_tok) in p.tokens.iter().enumerate().take(n) {
-            let cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+            let cand: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l))
+                .collect();
             let tok = argmax(&cand);
             if tok != want_tok {
-                failures.push(format!("{}: step {step} of {n}: sparrow chose {tok}, llama.cpp {want_tok}", p.name));
+                failures.push(format!(
+                    "{}: step {step} of {n}: sparrow chose {tok}, llama.cpp {want_tok}",
+                    p.name
+                ));
                 break;
             }
             compared += 1;
             logits = m.eval(&mut s, &[tok], Logits::Last).unwrap();
         }
     }
-    assert!(failures.is_empty(), "{fixture_name}: {} of {} prompts diverge: {failures:#?}", failures.len(), fx.prompts.len());
+    assert!(
+        failures.is_empty(),
+        "{fixture_name}: {} of {} prompts diverge: {failures:#?}",
+        failures.len(),
+        fx.prompts.len()
+    );
     eprintln!("{fixture_name}: {compared} tokens identical over {} prompts; worst last-logit diff {worst}", fx.prompts.len());
     assert!(compared > 0);
 }

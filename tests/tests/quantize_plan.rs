@@ -9,9 +9,12 @@ use std::collections::BTreeMap;
 
 #[test]
 fn per_tensor_types_match_llama_cpp() {
-    let j: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fixtures().join("quantize/llama_cpp_types.json")).unwrap()).unwrap();
-    let want: BTreeMap<String, BTreeMap<String, String>> = serde_json::from_value(j["types"].clone()).unwrap();
+    let j: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("quantize/llama_cpp_types.json")).unwrap(),
+    )
+    .unwrap();
+    let want: BTreeMap<String, BTreeMap<String, String>> =
+        serde_json::from_value(j["types"].clone()).unwrap();
     let f = GgufFile::open(model_from_env("SPARROW_SMOLLM2_Q4_1")).unwrap();
     for (ft_name, types) in &want {
         let ft = FileType::parse(ft_name).unwrap();
@@ -20,9 +23,17 @@ fn per_tensor_types_match_llama_cpp() {
         for t in f.tensors() {
             let got = plan.choose(t);
             if got.name() != types[&t.name] {
-                wrong.push(format!("{}: {} (llama.cpp {})", t.name, got, types[&t.name]));
+                wrong.push(format!(
+                    "{}: {} (llama.cpp {})",
+                    t.name, got, types[&t.name]
+                ));
             }
         }
-        assert!(wrong.is_empty(), "{ft_name}: {} tensors differ: {:?}", wrong.len(), &wrong[..wrong.len().min(5)]);
+        assert!(
+            wrong.is_empty(),
+            "{ft_name}: {} tensors differ: {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
     }
 }

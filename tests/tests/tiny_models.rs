@@ -61,23 +61,46 @@ const VS_LLAMA_CPP_KV_F16: f32 = 0.01;
 const VS_LLAMA_CPP_Q8_0: f32 = 0.2;
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn check(case_name: &str, kv_type: KvType, tol: f32, tol_llama_cpp: f32) {
     let dir = fixtures().join("tiny");
-    let idx: Index = serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
-    let case = idx.cases.iter().find(|c| c.name == case_name).unwrap_or_else(|| panic!("no case {case_name}"));
-    let mut m = Model::open(dir.join(&case.gguf), &ModelOptions { threads: 2, kv_type }).unwrap();
+    let idx: Index =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let case = idx
+        .cases
+        .iter()
+        .find(|c| c.name == case_name)
+        .unwrap_or_else(|| panic!("no case {case_name}"));
+    let mut m = Model::open(
+        dir.join(&case.gguf),
+        &ModelOptions {
+            threads: 2,
+            kv_type,
+        },
+    )
+    .unwrap();
     let mut worst = 0.0f32;
     for seq in &case.sequences {
         let want = read_f32(&dir.join(&seq.transformers_logits));
-        let seq_i = case.sequences.iter().position(|x| std::ptr::eq(x, seq)).unwrap();
+        let seq_i = case
+            .sequences
+            .iter()
+            .position(|x| std::ptr::eq(x, seq))
+            .unwrap();
         let kv_name = match kv_type {
             KvType::F16 => "f16",
             KvType::F32 => "f32",
         };
-        let lcpp = case.llama_cpp.iter().find(|r| r.kv_cache_type == kv_name).map(|r| read_f32(&dir.join(&r.logits_files[seq_i])));
+        let lcpp = case
+            .llama_cpp
+            .iter()
+            .find(|r| r.kv_cache_type == kv_name)
+            .map(|r| read_f32(&dir.join(&r.logits_files[seq_i])));
         // All positions in one batch, and the same positions token by token (the decode
         // path): both must match.
         let mut s = m.new_session(seq.tokens.len()).unwrap();
@@ -86,7 +109,10 @@ fn check(case_name: &str, kv_type: KvType, tol: f32, tol_llama_cpp: f32) {
         if let Some(l) = &lcpp {
             let d = max_diff(&got, l);
             eprintln!("{case_name} seq {seq_i} {kv_type:?} KV: |sparrow - llama.cpp| = {d}");
-            assert!(d <= tol_llama_cpp, "{case_name} seq {seq_i}: differs from llama.cpp by {d} > {tol_llama_cpp}");
+            assert!(
+                d <= tol_llama_cpp,
+                "{case_name} seq {seq_i}: differs from llama.cpp by {d} > {tol_llama_cpp}"
+            );
         }
         let mut s = m.new_session(seq.tokens.len()).unwrap();
         let mut stepwise = Vec::new();
@@ -94,10 +120,21 @@ fn check(case_name: &str, kv_type: KvType, tol: f32, tol_llama_cpp: f32) {
             stepwise.extend(m.eval(&mut s, &[t], Logits::Last).unwrap());
         }
         for (what, got) in [("batch", &got), ("token by token", &stepwise)] {
-            for (pos, (g, w)) in got.chunks(case.vocab_size).zip(want.chunks(case.vocab_size)).enumerate() {
-                let d = g.iter().zip(w).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            for (pos, (g, w)) in got
+                .chunks(case.vocab_size)
+                .zip(want.chunks(case.vocab_size))
+                .enumerate()
+            {
+                let d = g
+                    .iter()
+                    .zip(w)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
                 worst = worst.max(d);
-                assert!(d <= tol, "{case_name} ({what}, {kv_type:?} KV): position {pos} differs by {d} > {tol}");
+                assert!(
+                    d <= tol,
+                    "{case_name} ({what}, {kv_type:?} KV): position {pos} differs by {d} > {tol}"
+                );
             }
         }
     }
@@ -116,12 +153,22 @@ fn tiny_llama_f32_f16_cache() {
 
 #[test]
 fn tiny_llama_f16() {
-    check("tiny-llama.f16", KvType::F16, F16_WEIGHTS, VS_LLAMA_CPP_KV_F16);
+    check(
+        "tiny-llama.f16",
+        KvType::F16,
+        F16_WEIGHTS,
+        VS_LLAMA_CPP_KV_F16,
+    );
 }
 
 #[test]
 fn tiny_llama_q8_0() {
-    check("tiny-llama.q8_0", KvType::F16, Q8_0_WEIGHTS, VS_LLAMA_CPP_Q8_0);
+    check(
+        "tiny-llama.q8_0",
+        KvType::F16,
+        Q8_0_WEIGHTS,
+        VS_LLAMA_CPP_Q8_0,
+    );
 }
 
 #[test]

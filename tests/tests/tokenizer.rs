@@ -22,7 +22,11 @@ fn load(name: &str) -> Value {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id list").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("id list")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn opt_id(v: &Value) -> Option<u32> {
@@ -35,7 +39,10 @@ fn bytes(v: &Value) -> Vec<u8> {
         Value::String(s) => s.as_bytes().to_vec(),
         Value::Object(o) => {
             let h = o["hex"].as_str().expect("hex");
-            (0..h.len()).step_by(2).map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap()).collect()
+            (0..h.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                .collect()
         }
         v => panic!("not bytes: {v}"),
     }
@@ -82,13 +89,21 @@ fn check_vocab(tok: &Tokenizer, v: &Value, fails: &mut Vec<String>) {
         }
     };
     let n = v["n_tokens"].as_u64().unwrap() as usize;
-    expect("n_tokens", tok.vocab_size() == n, format!("{} != {n}", tok.vocab_size()));
+    expect(
+        "n_tokens",
+        tok.vocab_size() == n,
+        format!("{} != {n}", tok.vocab_size()),
+    );
     for (what, got, want) in [
         ("bos", tok.bos(), opt_id(&v["bos"])),
         ("eos", tok.eos(), opt_id(&v["eos"])),
         ("eot", tok.eot(), opt_id(&v["eot"])),
     ] {
-        expect(what, got == want, format!("{got:?} != llama.cpp's {want:?}"));
+        expect(
+            what,
+            got == want,
+            format!("{got:?} != llama.cpp's {want:?}"),
+        );
     }
     expect(
         "add_bos",
@@ -122,8 +137,11 @@ fn check_vocab(tok: &Tokenizer, v: &Value, fails: &mut Vec<String>) {
     if got != v["attrs_sha256"].as_str().unwrap() {
         let mut first = String::new();
         for run in v["not_normal_attrs"].as_array().unwrap() {
-            let (a, b, attr) =
-                (run[0].as_u64().unwrap(), run[1].as_u64().unwrap(), run[2].as_u64().unwrap());
+            let (a, b, attr) = (
+                run[0].as_u64().unwrap(),
+                run[1].as_u64().unwrap(),
+                run[2].as_u64().unwrap(),
+            );
             for id in a..b {
                 let mine = tok.token_attr(id as u32).unwrap().0 as u64;
                 if mine != attr && first.is_empty() {
@@ -134,7 +152,11 @@ fn check_vocab(tok: &Tokenizer, v: &Value, fails: &mut Vec<String>) {
                 }
             }
         }
-        expect("attributes", false, format!("digest differs; first listed difference: {first}"));
+        expect(
+            "attributes",
+            false,
+            format!("digest differs; first listed difference: {first}"),
+        );
     }
 
     // pieces of every id, special false and true, through digests; then the samples
@@ -146,7 +168,11 @@ fn check_vocab(tok: &Tokenizer, v: &Value, fails: &mut Vec<String>) {
             h.update(p);
         }
         let got = format!("{:x}", h.finalize());
-        expect(key, got == v[key].as_str().unwrap(), "digest differs (see piece samples)".into());
+        expect(
+            key,
+            got == v[key].as_str().unwrap(),
+            "digest differs (see piece samples)".into(),
+        );
     }
     for s in v["piece_samples"].as_array().unwrap() {
         let id = s[0].as_u64().unwrap() as u32;
@@ -193,8 +219,9 @@ fn check_cases(tok: &Tokenizer, cases: &[Value]) -> Report {
                 Ok(got) if got == want => {}
                 Ok(got) => {
                     ok = false;
-                    r.fails
-                        .push(format!("{text:?} {key}: sparrow {got:?}\n    llama.cpp {want:?}"));
+                    r.fails.push(format!(
+                        "{text:?} {key}: sparrow {got:?}\n    llama.cpp {want:?}"
+                    ));
                 }
                 Err(e) => {
                     ok = false;
@@ -223,7 +250,9 @@ fn check_cases(tok: &Tokenizer, cases: &[Value]) -> Report {
         }
 
         // decode(encode(s)) == s, wherever llama.cpp round-trips too
-        let back = tok.decode(&tok.encode(text, false, false).unwrap()).unwrap();
+        let back = tok
+            .decode(&tok.encode(text, false, false).unwrap())
+            .unwrap();
         if w1 == text.as_bytes() {
             if back == text {
                 r.roundtrip += 1;
@@ -243,7 +272,9 @@ fn check_cases(tok: &Tokenizer, cases: &[Value]) -> Report {
         streamed.push_str(&st.finish());
         let decoded = tok.decode(&plain).unwrap();
         if streamed != decoded {
-            r.fails.push(format!("{text:?} stream {streamed:?} != decode {decoded:?}"));
+            r.fails.push(format!(
+                "{text:?} stream {streamed:?} != decode {decoded:?}"
+            ));
         }
     }
     r
@@ -305,7 +336,10 @@ fn chat_templates_render_as_jinja2() {
             let msgs = messages(&r["messages"]);
             let agp = r["add_generation_prompt"].as_bool().unwrap();
             n += 1;
-            match (tpl.render(&msgs, agp), r.get("text").and_then(Value::as_str)) {
+            match (
+                tpl.render(&msgs, agp),
+                r.get("text").and_then(Value::as_str),
+            ) {
                 (Ok(got), Some(want)) if got == want => {}
                 (got, want) => fails.push(format!(
                     "{name} agp={agp} {msgs:?}:\n  sparrow {got:?}\n  jinja2  {want:?}"
@@ -323,9 +357,10 @@ fn chat_templates_render_as_jinja2() {
         let tpl = ChatTemplate::new(t["template"].as_str().unwrap(), "<bos>", "<eos>").unwrap();
         match tpl.render(&messages(&e["messages"]), true) {
             Err(sparrow::Error::Template(msg)) if msg.contains(e["message"].as_str().unwrap()) => {}
-            other => {
-                fails.push(format!("raise_exception: expected {:?}, got {other:?}", e["message"]))
-            }
+            other => fails.push(format!(
+                "raise_exception: expected {:?}, got {other:?}",
+                e["message"]
+            )),
         }
     }
     assert!(
@@ -339,14 +374,22 @@ fn chat_templates_render_as_jinja2() {
 #[test]
 fn smollm2_chat_template_from_gguf() {
     let fx = load("chat_templates.json");
-    let want = fx["templates"].as_array().unwrap().iter().find(|t| t["name"] == "smollm2").unwrap();
+    let want = fx["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "smollm2")
+        .unwrap();
     let f = GgufFile::open(model_from_env("SPARROW_SMOLLM2_Q4_1")).unwrap();
     let tpl = ChatTemplate::from_metadata(f.metadata()).unwrap();
     assert_eq!(tpl.source(), want["template"].as_str().unwrap());
     assert_eq!(tpl.bos_token(), "<|im_start|>");
     assert_eq!(tpl.eos_token(), "<|im_end|>");
     let r = &want["renders"][1];
-    assert_eq!(tpl.render(&messages(&r["messages"]), true).unwrap(), r["text"].as_str().unwrap());
+    assert_eq!(
+        tpl.render(&messages(&r["messages"]), true).unwrap(),
+        r["text"].as_str().unwrap()
+    );
 
     // the rendered prompt tokenizes with its control tokens parsed
     let tok = Tokenizer::from_metadata(f.metadata()).unwrap();
@@ -369,12 +412,19 @@ fn gemma3_has_no_chat_template_in_its_gguf() {
 fn other_bpe_pre_tokenizers_match_llama_cpp() {
     let fx = load("smollm2_pre.json");
     let (_, f) = open(&fx);
-    let strings: Vec<&str> =
-        fx["strings"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let strings: Vec<&str> = fx["strings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
     let mut fails = Vec::new();
     for (pre, cases) in fx["ids"].as_object().unwrap() {
         let mut md = f.metadata().clone();
-        md.insert("tokenizer.ggml.pre".into(), sparrow::gguf::Value::String(pre.clone()));
+        md.insert(
+            "tokenizer.ggml.pre".into(),
+            sparrow::gguf::Value::String(pre.clone()),
+        );
         let tok = Tokenizer::from_metadata(&md).unwrap_or_else(|e| panic!("pre {pre}: {e}"));
         let mut same = 0;
         for (text, want) in strings.iter().zip(cases.as_array().unwrap()) {
@@ -388,12 +438,20 @@ fn other_bpe_pre_tokenizers_match_llama_cpp() {
                 ));
             }
         }
-        eprintln!("pre {pre}: {same} of {} strings give llama.cpp's ids", strings.len());
+        eprintln!(
+            "pre {pre}: {same} of {} strings give llama.cpp's ids",
+            strings.len()
+        );
     }
     assert!(
         fails.is_empty(),
         "{} differences:\n{}",
         fails.len(),
-        fails.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+        fails
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

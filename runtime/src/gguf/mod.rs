@@ -71,7 +71,9 @@ impl Metadata {
 
     /// A required string.
     pub fn str(&self, key: &str) -> Result<&str> {
-        self.required(key)?.as_str().ok_or_else(|| Error::metadata(key, "expected a string"))
+        self.required(key)?
+            .as_str()
+            .ok_or_else(|| Error::metadata(key, "expected a string"))
     }
 
     /// A required non-negative integer.
@@ -83,7 +85,9 @@ impl Metadata {
 
     /// A required number.
     pub fn f64(&self, key: &str) -> Result<f64> {
-        self.required(key)?.as_f64().ok_or_else(|| Error::metadata(key, "expected a number"))
+        self.required(key)?
+            .as_f64()
+            .ok_or_else(|| Error::metadata(key, "expected a number"))
     }
 
     /// An optional value, converted with `f`; present with the wrong type is an error.
@@ -98,7 +102,9 @@ impl Metadata {
 
     /// A required array.
     pub fn array(&self, key: &str) -> Result<&[Value]> {
-        self.required(key)?.as_array().ok_or_else(|| Error::metadata(key, "expected an array"))
+        self.required(key)?
+            .as_array()
+            .ok_or_else(|| Error::metadata(key, "expected an array"))
     }
 
     fn required(&self, key: &str) -> Result<&Value> {
@@ -146,7 +152,10 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let with_path = |e: Error| match e {
-            Error::Gguf { msg, .. } => Error::Gguf { path: Some(path.clone()), msg },
+            Error::Gguf { msg, .. } => Error::Gguf {
+                path: Some(path.clone()),
+                msg,
+            },
             e => e,
         };
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;

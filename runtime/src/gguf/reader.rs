@@ -220,7 +220,13 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
         if !names.insert(name.clone()) {
             return Err(Error::gguf(format!("duplicate tensor name `{name}`")));
         }
-        tensors.push(TensorInfo { name, shape, ty, offset, n_bytes });
+        tensors.push(TensorInfo {
+            name,
+            shape,
+            ty,
+            offset,
+            n_bytes,
+        });
     }
 
     let data_offset = (c.pos as u64).next_multiple_of(alignment);
@@ -241,16 +247,27 @@ pub fn parse_header(buf: &[u8]) -> Result<Header> {
         }
     }
     // Tensors must not overlap: patching one must never change another.
-    let mut spans: Vec<(u64, u64, &str)> =
-        tensors.iter().map(|t| (t.offset, t.offset + t.n_bytes, t.name.as_str())).collect();
+    let mut spans: Vec<(u64, u64, &str)> = tensors
+        .iter()
+        .map(|t| (t.offset, t.offset + t.n_bytes, t.name.as_str()))
+        .collect();
     spans.sort_unstable();
     for w in spans.windows(2) {
         if w[1].0 < w[0].1 {
-            return Err(Error::gguf(format!("tensors `{}` and `{}` overlap", w[0].2, w[1].2)));
+            return Err(Error::gguf(format!(
+                "tensors `{}` and `{}` overlap",
+                w[0].2, w[1].2
+            )));
         }
     }
 
-    Ok(Header { version, metadata, tensors, alignment, data_offset })
+    Ok(Header {
+        version,
+        metadata,
+        tensors,
+        alignment,
+        data_offset,
+    })
 }
 
 /// Bytes of a tensor of `shape` and `ty`, with every step checked.
@@ -268,7 +285,9 @@ pub(crate) fn tensor_bytes(name: &str, shape: &[u64], ty: GgmlType) -> Result<u6
         if d > i64::MAX as u64 {
             return Err(bad(format!("has an absurd dimension {d}")));
         }
-        n = n.checked_mul(d).ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        n = n
+            .checked_mul(d)
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
     }
     if n > i64::MAX as u64 {
         return Err(bad(format!("shape {shape:?} has too many elements")));

@@ -36,10 +36,18 @@ impl GgufWriter {
     }
 
     /// Declares a tensor; its data is supplied to [`write`](Self::write) in the same order.
-    pub fn add_tensor(&mut self, name: impl Into<String>, shape: &[u64], ty: GgmlType) -> Result<()> {
+    pub fn add_tensor(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[u64],
+        ty: GgmlType,
+    ) -> Result<()> {
         let name = name.into();
         if shape.len() > MAX_DIMS {
-            return Err(Error::tensor(&name, format!("{} dimensions (at most {MAX_DIMS})", shape.len())));
+            return Err(Error::tensor(
+                &name,
+                format!("{} dimensions (at most {MAX_DIMS})", shape.len()),
+            ));
         }
         if self.tensors.iter().any(|t| t.name == name) {
             return Err(Error::tensor(&name, "declared twice"));
@@ -50,7 +58,13 @@ impl GgufWriter {
             Some(t) => (t.offset + t.n_bytes).next_multiple_of(align),
             None => 0,
         };
-        self.tensors.push(TensorInfo { name, shape: shape.to_vec(), ty, offset, n_bytes });
+        self.tensors.push(TensorInfo {
+            name,
+            shape: shape.to_vec(),
+            ty,
+            offset,
+            n_bytes,
+        });
         Ok(())
     }
 
@@ -116,7 +130,13 @@ impl GgufWriter {
             if bytes.len() as u64 != t.n_bytes {
                 return Err(Error::tensor(
                     &t.name,
-                    format!("{} bytes of data given, {} expected for {:?} {}", bytes.len(), t.n_bytes, t.shape, t.ty),
+                    format!(
+                        "{} bytes of data given, {} expected for {:?} {}",
+                        bytes.len(),
+                        t.n_bytes,
+                        t.shape,
+                        t.ty
+                    ),
                 ));
             }
             out.put(&bytes)?;

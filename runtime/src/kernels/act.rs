@@ -55,8 +55,13 @@ mod tests {
     /// rounding ties.
     #[test]
     fn agrees_with_the_reference_up_to_ties() {
-        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173).collect();
-        for (ty, f) in [(GgmlType::Q8_0, quantize_row_q8_0 as fn(&[f32], &mut [u8])), (GgmlType::Q8_1, quantize_row_q8_1)] {
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.173)
+            .collect();
+        for (ty, f) in [
+            (GgmlType::Q8_0, quantize_row_q8_0 as fn(&[f32], &mut [u8])),
+            (GgmlType::Q8_1, quantize_row_q8_1),
+        ] {
             let n = ty.row_bytes(256).unwrap() as usize;
             let (mut a, mut b) = (vec![0u8; n], vec![0u8; n]);
             f(&x, &mut a);
@@ -65,7 +70,10 @@ mod tests {
             quant::dequantize(ty, &a, &mut da).unwrap();
             quant::dequantize(ty, &b, &mut db).unwrap();
             for (i, (p, q)) in da.iter().zip(&db).enumerate() {
-                let step = x[i / 32 * 32..i / 32 * 32 + 32].iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+                let step = x[i / 32 * 32..i / 32 * 32 + 32]
+                    .iter()
+                    .fold(0.0f32, |m, v| m.max(v.abs()))
+                    / 127.0;
                 assert!((p - q).abs() <= step * 1.01, "{ty} element {i}: {p} vs {q}");
             }
         }

@@ -20,18 +20,18 @@
 //! in most places, which is what keeps greedy decoding on the same tokens; SIMD kernels that
 //! keep this order give the same results as these.
 
+use super::math::fma32;
 use crate::quant::kquant::{get_scale_min_k4, QK_K};
-use crate::quant::q4_k::BlockQ4K;
-use crate::quant::q5_k::BlockQ5K;
-use crate::quant::q6_k::BlockQ6K;
-use crate::quant::q8_k::BlockQ8K;
 use crate::quant::q4_0::BlockQ4_0;
 use crate::quant::q4_1::BlockQ4_1;
+use crate::quant::q4_k::BlockQ4K;
 use crate::quant::q5_0::BlockQ5_0;
 use crate::quant::q5_1::BlockQ5_1;
+use crate::quant::q5_k::BlockQ5K;
+use crate::quant::q6_k::BlockQ6K;
 use crate::quant::q8_0::BlockQ8_0;
 use crate::quant::q8_1::BlockQ8_1;
-use super::math::fma32;
+use crate::quant::q8_k::BlockQ8K;
 use crate::quant::util::{blocks, f16_to_f32};
 
 const QK: usize = 32;
@@ -40,7 +40,9 @@ const QK: usize = 32;
 #[inline]
 fn lanes(x: &[i8; QK], y: &[i8; QK]) -> [f32; 8] {
     std::array::from_fn(|l| {
-        (0..4).map(|k| x[4 * l + k] as i32 * y[4 * l + k] as i32).sum::<i32>() as f32
+        (0..4)
+            .map(|k| x[4 * l + k] as i32 * y[4 * l + k] as i32)
+            .sum::<i32>() as f32
     })
 }
 
@@ -61,7 +63,13 @@ fn accumulate(acc: &mut [f32; 8], d: f32, l: [f32; 8]) {
 /// Unpacks 32 nibbles: element j < 16 is the low nibble of byte j, element 16 + j its high one.
 #[inline]
 fn nibbles(qs: &[u8; 16], offset: i8) -> [i8; QK] {
-    std::array::from_fn(|j| if j < 16 { (qs[j] & 0x0F) as i8 - offset } else { (qs[j - 16] >> 4) as i8 - offset })
+    std::array::from_fn(|j| {
+        if j < 16 {
+            (qs[j] & 0x0F) as i8 - offset
+        } else {
+            (qs[j - 16] >> 4) as i8 - offset
+        }
+    })
 }
 
 /// Adds the fifth bits (bit j of `qh` belongs to element j).
@@ -77,7 +85,11 @@ fn with_high_bits(mut q: [i8; QK], qh: [u8; 4], offset: i8) -> [i8; QK] {
 pub fn q8_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = [0.0f32; 8];
     for (x, y) in blocks::<BlockQ8_0>(w).iter().zip(blocks::<BlockQ8_0>(a)) {
-        accumulate(&mut acc, f16_to_f32(x.d) * f16_to_f32(y.d), lanes(&x.qs, &y.qs));
+        accumulate(
+            &mut acc,
+            f16_to_f32(x.d) * f16_to_f32(y.d),
+            lanes(&x.qs, &y.qs),
+        );
     }
     hsum8(&acc)
 }
@@ -100,7 +112,11 @@ pub fn q4_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
     let mut summs = 0.0f32;
     for (x, y) in blocks::<BlockQ4_1>(w).iter().zip(blocks::<BlockQ8_1>(a)) {
         summs += f16_to_f32(x.m) * f16_to_f32(y.s);
-        accumulate(&mut acc, f16_to_f32(x.d) * f16_to_f32(y.d), lanes(&nibbles(&x.qs, 0), &y.qs));
+        accumulate(
+            &mut acc,
+            f16_to_f32(x.d) * f16_to_f32(y.d),
+            lanes(&nibbles(&x.qs, 0), &y.qs),
+        );
     }
     hsum8(&acc) + summs
 }
@@ -109,7 +125,11 @@ pub fn q5_0_q8_0(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = [0.0f32; 8];
     for (x, y) in blocks::<BlockQ5_0>(w).iter().zip(blocks::<BlockQ8_0>(a)) {
         let q = with_high_bits(nibbles(&x.qs, 0), x.qh, 16);
-        accumulate(&mut acc, f16_to_f32(x.d) * f16_to_f32(y.d), lanes(&q, &y.qs));
+        accumulate(
+            &mut acc,
+            f16_to_f32(x.d) * f16_to_f32(y.d),
+            lanes(&q, &y.qs),
+        );
     }
     hsum8(&acc)
 }
@@ -120,7 +140,11 @@ pub fn q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
     for (x, y) in blocks::<BlockQ5_1>(w).iter().zip(blocks::<BlockQ8_1>(a)) {
         summs += f16_to_f32(x.m) * f16_to_f32(y.s);
         let q = with_high_bits(nibbles(&x.qs, 0), x.qh, 0);
-        accumulate(&mut acc, f16_to_f32(x.d) * f16_to_f32(y.d), lanes(&q, &y.qs));
+        accumulate(
+            &mut acc,
+            f16_to_f32(x.d) * f16_to_f32(y.d),
+            lanes(&q, &y.qs),
+        );
     }
     hsum8(&acc) + summs
 }
@@ -140,7 +164,6 @@ pub fn q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
 // ranges), so only the grouping of the integers before conversion to f32 and the order of the
 // float operations below matter.
 // ---------------------------------------------------------------------------------------------
-
 
 #[inline]
 fn q8k_d(y: &BlockQ8K) -> f32 {
@@ -171,7 +194,9 @@ fn q4k_level(x: &BlockQ4K, j: usize, i: usize) -> i32 {
 #[inline]
 fn q4k_sub(x: &BlockQ4K, y: &BlockQ8K, j: usize) -> (i32, i32) {
     let (sc, m) = get_scale_min_k4(j, &x.scales);
-    let dot: i32 = (0..32).map(|i| q4k_level(x, j, i) * y.qs[32 * j + i] as i32).sum();
+    let dot: i32 = (0..32)
+        .map(|i| q4k_level(x, j, i) * y.qs[32 * j + i] as i32)
+        .sum();
     (sc as i32 * dot, m as i32 * q8k_bsum32(y, j))
 }
 
@@ -263,7 +288,9 @@ pub fn q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
             let (sc, m) = get_scale_min_k4(j, &x.scales);
             mins += m as i32 * q8k_bsum32(y, j);
             for (l, v) in lane.iter_mut().enumerate() {
-                let s: i32 = (4 * l..4 * l + 4).map(|i| q5k_level(x, j, i) * y.qs[32 * j + i] as i32).sum();
+                let s: i32 = (4 * l..4 * l + 4)
+                    .map(|i| q5k_level(x, j, i) * y.qs[32 * j + i] as i32)
+                    .sum();
                 *v += sc as i32 * s;
             }
         }
@@ -333,7 +360,9 @@ pub fn q6_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
     for (x, y) in blocks::<BlockQ6K>(w).iter().zip(blocks::<BlockQ8K>(a)) {
         let mut isum = 0i32;
         for s in 0..QK_K / 16 {
-            let raw: i32 = (16 * s..16 * s + 16).map(|e| q6k_level(x, e) * y.qs[e] as i32).sum();
+            let raw: i32 = (16 * s..16 * s + 16)
+                .map(|e| q6k_level(x, e) * y.qs[e] as i32)
+                .sum();
             isum += x.scales[s] as i32 * (raw - 32 * q8k_bsum(y, s));
         }
         acc = fma32(isum as f32 * f16_to_f32(x.d), q8k_d(y), acc);
@@ -351,14 +380,21 @@ pub fn q6_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
 /// end:              acc
 /// ```
 #[inline]
-fn tiled_with_mins<B>(x: &[B], y: &[BlockQ8K], parts: impl Fn(&B) -> (f32, f32, [u8; 12]), level: impl Fn(&B, usize, usize) -> i32) -> f32 {
+fn tiled_with_mins<B>(
+    x: &[B],
+    y: &[BlockQ8K],
+    parts: impl Fn(&B) -> (f32, f32, [u8; 12]),
+    level: impl Fn(&B, usize, usize) -> i32,
+) -> f32 {
     let mut acc = 0.0f32;
     for (x, y) in x.iter().zip(y) {
         let (d, dmin, scales) = parts(x);
         let (mut isum, mut imin) = (0i32, 0i32);
         for j in 0..QK_K / 32 {
             let (sc, m) = get_scale_min_k4(j, &scales);
-            let raw: i32 = (0..32).map(|i| level(x, j, i) * y.qs[32 * j + i] as i32).sum();
+            let raw: i32 = (0..32)
+                .map(|i| level(x, j, i) * y.qs[32 * j + i] as i32)
+                .sum();
             isum += sc as i32 * raw;
             imin += m as i32 * q8k_bsum32(y, j);
         }
@@ -401,10 +437,17 @@ pub fn q4_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
 ///
 /// `None`: the table's kernel. (Not reproduced: unrepacked Q4_K with n < 8, which llama.cpp
 /// sends through `ggml_vec_dot_q4_K_q8_K`; the table's Q4_K kernel follows the repacked gemv.)
-pub fn batch_vec_dot(ty: crate::quant::GgmlType, rows: usize, n: usize, t: usize) -> Option<super::VecDotFn> {
+pub fn batch_vec_dot(
+    ty: crate::quant::GgmlType,
+    rows: usize,
+    n: usize,
+    t: usize,
+) -> Option<super::VecDotFn> {
     use crate::quant::GgmlType::*;
     match ty {
-        Q4_K if rows % 8 == 0 => (n >= 4 && t < n - n % 4).then_some(q4_k_q8_k_gemm as super::VecDotFn),
+        Q4_K if rows % 8 == 0 => {
+            (n >= 4 && t < n - n % 4).then_some(q4_k_q8_k_gemm as super::VecDotFn)
+        }
         Q4_K => (n >= 8).then_some(q4_k_q8_k_tiled as super::VecDotFn),
         Q5_K => (n >= 8).then_some(q5_k_q8_k_tiled as super::VecDotFn),
         Q6_K => (n >= 8).then_some(q6_k_q8_k_tiled as super::VecDotFn),
@@ -422,12 +465,19 @@ mod tests {
     #[test]
     fn k_quant_orders_agree_with_the_reference() {
         let cols = 512;
-        let w: Vec<f32> = (0..cols).map(|i| ((i * 7919 % 263) as f32 - 131.0) * 0.0113).collect();
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 104729 % 251) as f32 - 125.0) * 0.0271).collect();
+        let w: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919 % 263) as f32 - 131.0) * 0.0113)
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 104729 % 251) as f32 - 125.0) * 0.0271)
+            .collect();
         let mut act = vec![0u8; GgmlType::Q8_K.row_bytes(cols as u64).unwrap() as usize];
         quant::quantize(GgmlType::Q8_K, &x, &mut act).unwrap();
         let cases: [(GgmlType, &[VecDotFn]); 3] = [
-            (GgmlType::Q4_K, &[q4_k_q8_k, q4_k_q8_k_gemm, q4_k_q8_k_tiled]),
+            (
+                GgmlType::Q4_K,
+                &[q4_k_q8_k, q4_k_q8_k_gemm, q4_k_q8_k_tiled],
+            ),
             (GgmlType::Q5_K, &[q5_k_q8_k, q5_k_q8_k_tiled]),
             (GgmlType::Q6_K, &[q6_k_q8_k, q6_k_q8_k_tiled]),
         ];
@@ -437,7 +487,10 @@ mod tests {
             let want = (quant::ops(ty).unwrap().vec_dot)(&wq, &act);
             for (i, f) in fs.iter().enumerate() {
                 let got = f(&wq, &act);
-                assert!((got - want).abs() <= 1e-4 * want.abs().max(1.0), "{ty} order {i}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "{ty} order {i}: {got} vs {want}"
+                );
             }
         }
     }

@@ -32,7 +32,10 @@ pub fn expf(x: f32) -> f32 {
     let z = x.mul_add(f32::from_bits(0x3FB8_AA3B), r); // 0x1.715476p+0 = log2(e)
     let n = z - r;
     // b = x - n*ln2_hi - n*ln2_lo
-    let b = (-n).mul_add(f32::from_bits(0x35BF_BE8E), (-n).mul_add(f32::from_bits(0x3F31_7200), x));
+    let b = (-n).mul_add(
+        f32::from_bits(0x35BF_BE8E),
+        (-n).mul_add(f32::from_bits(0x3F31_7200), x),
+    );
     let u = b * b;
     let p_hi = f32::from_bits(0x3C07_2010).mul_add(b, f32::from_bits(0x3D2B_9F17)); // 0x1.0e4020p-7, 0x1.573e2ep-5
     let p_lo = f32::from_bits(0x3E2A_AF33).mul_add(b, f32::from_bits(0x3EFF_FEDB)); // 0x1.555e66p-3, 0x1.fffdb6p-2
@@ -76,7 +79,10 @@ mod tests {
         while x < 88.0 {
             let (a, b) = (expf(x), x.exp());
             let ulp = (a.to_bits() as i64 - b.to_bits() as i64).abs();
-            assert!(ulp <= 2 || (b < 1e-37 && (a - b).abs() < 1e-38), "expf({x}) = {a}, libm {b} ({ulp} ulp)");
+            assert!(
+                ulp <= 2 || (b < 1e-37 && (a - b).abs() < 1e-38),
+                "expf({x}) = {a}, libm {b} ({ulp} ulp)"
+            );
             x += 0.0137;
         }
         assert_eq!(expf(-200.0), 0.0);

@@ -39,10 +39,9 @@ pub fn matmul(
     let k = KernelTable::get()
         .dot(ty)
         .ok_or_else(|| Error::Unsupported(format!("matrix product with {ty} weights")))?;
-    let w_row = ty
-        .row_bytes(cols as u64)
-        .ok_or_else(|| Error::InvalidArgument(format!("{cols} columns are not whole {ty} blocks")))?
-        as usize;
+    let w_row = ty.row_bytes(cols as u64).ok_or_else(|| {
+        Error::InvalidArgument(format!("{cols} columns are not whole {ty} blocks"))
+    })? as usize;
     let a_row = k.act_type.row_bytes(cols as u64).ok_or_else(|| {
         Error::InvalidArgument(format!(
             "{cols} columns are not whole {} blocks (activations for {ty})",
@@ -59,7 +58,11 @@ pub fn matmul(
     }
 
     scratch.act.resize(n * a_row, 0);
-    for (xr, ar) in x.chunks_exact(cols).zip(scratch.act.chunks_exact_mut(a_row)).take(n) {
+    for (xr, ar) in x
+        .chunks_exact(cols)
+        .zip(scratch.act.chunks_exact_mut(a_row))
+        .take(n)
+    {
         (k.quantize_act)(xr, ar);
     }
     let act = &scratch.act;
@@ -69,8 +72,9 @@ pub fn matmul(
     let dst = DisjointOut::new(out);
     // llama.cpp runs some formats through other kernels depending on the batch size and the
     // token's place in it (dot::batch_vec_dot); pick each token's kernel once.
-    let dots: Vec<super::VecDotFn> =
-        (0..n).map(|t| super::dot::batch_vec_dot(ty, rows, n, t).unwrap_or(k.vec_dot)).collect();
+    let dots: Vec<super::VecDotFn> = (0..n)
+        .map(|t| super::dot::batch_vec_dot(ty, rows, n, t).unwrap_or(k.vec_dot))
+        .collect();
     pool.run(n_tasks, |task| {
         let r0 = task * per;
         let r1 = (r0 + per).min(rows);

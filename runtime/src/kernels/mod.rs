@@ -51,7 +51,9 @@ impl KernelTable {
         let mut dot = vec![None; 64];
         for ty in quant::WEIGHT_TYPES {
             let Some(w) = quant::ops(ty) else { continue };
-            let Some(a) = quant::ops(w.vec_dot_type) else { continue };
+            let Some(a) = quant::ops(w.vec_dot_type) else {
+                continue;
+            };
             // Q8_0 / Q8_1 activations as ggml's CPU backend makes them; the rest (F32, F16,
             // BF16, Q8_K) with the format's own quantizer, as ggml does.
             let quantize_act: QuantizeRowFn = match w.vec_dot_type {

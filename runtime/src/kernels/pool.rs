@@ -12,7 +12,11 @@ pub struct ThreadPool {
 impl ThreadPool {
     /// A pool of `threads` workers (0: one per available core).
     pub fn new(threads: usize) -> Result<Self> {
-        let threads = if threads == 0 { default_threads() } else { threads };
+        let threads = if threads == 0 {
+            default_threads()
+        } else {
+            threads
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("sparrow-{i}"))
@@ -40,7 +44,9 @@ impl ThreadPool {
 
 /// The number of cores available to this process.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// An output slice that parallel tasks write to at disjoint indices.
@@ -59,7 +65,11 @@ unsafe impl Sync for DisjointOut<'_> {}
 
 impl<'a> DisjointOut<'a> {
     pub fn new(out: &'a mut [f32]) -> Self {
-        DisjointOut { ptr: out.as_mut_ptr(), len: out.len(), _borrow: std::marker::PhantomData }
+        DisjointOut {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            _borrow: std::marker::PhantomData,
+        }
     }
 
     /// Copies `src` to `at..at + src.len()`.
@@ -67,7 +77,10 @@ impl<'a> DisjointOut<'a> {
     /// # Safety
     /// No other task may write or read these indices while the pool runs.
     pub unsafe fn write(&self, at: usize, src: &[f32]) {
-        assert!(at <= self.len && src.len() <= self.len - at, "write out of bounds");
+        assert!(
+            at <= self.len && src.len() <= self.len - at,
+            "write out of bounds"
+        );
         std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len());
     }
 

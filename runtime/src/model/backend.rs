@@ -27,13 +27,40 @@ pub trait Backend {
     fn kv_cache(&mut self, cfg: &Config, n_ctx: usize) -> Result<Self::Kv>;
 
     /// `out[t]` = row `ids[t]` of the embedding table, dequantized.
-    fn embed(&mut self, host: &[u8], table: &Self::Weight, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
+    fn embed(
+        &mut self,
+        host: &[u8],
+        table: &Self::Weight,
+        ids: &[u32],
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `out[t]` = rms_norm(`x[t]`) * `w`, for `n` rows of `w`'s length.
-    fn rms_norm(&mut self, host: &[u8], x: &Self::Buf, w: &Self::Weight, eps: f32, n: usize, out: &mut Self::Buf) -> Result<()>;
+    fn rms_norm(
+        &mut self,
+        host: &[u8],
+        x: &Self::Buf,
+        w: &Self::Weight,
+        eps: f32,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `out[t]` = W `x[t]`, for `n` rows.
-    fn matmul(&mut self, host: &[u8], w: &Self::Weight, x: &Self::Buf, n: usize, out: &mut Self::Buf) -> Result<()>;
+    fn matmul(
+        &mut self,
+        host: &[u8],
+        w: &Self::Weight,
+        x: &Self::Buf,
+        n: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
     /// `x[t]` += `b`, for `n` rows of `b`'s length.
-    fn add_bias(&mut self, host: &[u8], b: &Self::Weight, x: &mut Self::Buf, n: usize) -> Result<()>;
+    fn add_bias(
+        &mut self,
+        host: &[u8],
+        b: &Self::Weight,
+        x: &mut Self::Buf,
+        n: usize,
+    ) -> Result<()>;
     /// Rotary embedding of `n` rows of `n_heads` heads, row t at position `pos0 + t`.
     fn rope(&mut self, cfg: &Config, x: &mut Self::Buf, n: usize, n_heads: usize, pos0: usize);
     /// Stores `k`, `v` of `n` tokens at `pos0..` in layer `layer`'s cache, then causal

@@ -66,7 +66,9 @@ impl Config {
         if n_embd % n_head != 0 || n_head % n_head_kv != 0 {
             return Err(Error::metadata(
                 key("attention.head_count"),
-                format!("{n_head} heads / {n_head_kv} KV heads do not divide embedding length {n_embd}"),
+                format!(
+                    "{n_head} heads / {n_head_kv} KV heads do not divide embedding length {n_embd}"
+                ),
             ));
         }
         let head_dim = match md.get(&key("attention.key_length")) {
@@ -78,18 +80,30 @@ impl Config {
             None => head_dim,
         };
         if rope_dim > head_dim || rope_dim % 2 != 0 {
-            return Err(Error::metadata(key("rope.dimension_count"), format!("{rope_dim} for head size {head_dim}")));
+            return Err(Error::metadata(
+                key("rope.dimension_count"),
+                format!("{rope_dim} for head size {head_dim}"),
+            ));
         }
-        let rope_base = md.opt(&key("rope.freq_base"), |v| v.as_f64())?.unwrap_or(10000.0) as f32;
-        let rope_scale = match md.opt(&key("rope.scaling.type"), |v| v.as_str().map(str::to_owned))? {
-            None => 1.0,
-            Some(t) if t == "none" => 1.0,
-            Some(t) if t == "linear" => {
-                let f = md.opt(&key("rope.scaling.factor"), |v| v.as_f64())?.unwrap_or(1.0) as f32;
-                if f > 0.0 { 1.0 / f } else { 1.0 }
-            }
-            Some(t) => return Err(Error::Unsupported(format!("rope scaling `{t}`"))),
-        };
+        let rope_base = md
+            .opt(&key("rope.freq_base"), |v| v.as_f64())?
+            .unwrap_or(10000.0) as f32;
+        let rope_scale =
+            match md.opt(&key("rope.scaling.type"), |v| v.as_str().map(str::to_owned))? {
+                None => 1.0,
+                Some(t) if t == "none" => 1.0,
+                Some(t) if t == "linear" => {
+                    let f = md
+                        .opt(&key("rope.scaling.factor"), |v| v.as_f64())?
+                        .unwrap_or(1.0) as f32;
+                    if f > 0.0 {
+                        1.0 / f
+                    } else {
+                        1.0
+                    }
+                }
+                Some(t) => return Err(Error::Unsupported(format!("rope scaling `{t}`"))),
+            };
         let rms_eps = md.f64(&key("attention.layer_norm_rms_epsilon"))? as f32;
         let n_vocab = match md.get(&key("vocab_size")) {
             Some(_) => usize_of("vocab_size")?,

@@ -63,7 +63,10 @@ impl KvBuf {
 
     fn store(&mut self, at: usize, src: &[f32]) {
         match self {
-            KvBuf::F16(b) => b[at..at + src.len()].iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(*s)),
+            KvBuf::F16(b) => b[at..at + src.len()]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = f16::from_f32(*s)),
             KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
         }
     }
@@ -71,7 +74,10 @@ impl KvBuf {
     fn load(&self, at: usize, out: &mut [f32]) {
         let n = out.len();
         match self {
-            KvBuf::F16(b) => out.iter_mut().zip(&b[at..at + n]).for_each(|(o, x)| *o = x.to_f32()),
+            KvBuf::F16(b) => out
+                .iter_mut()
+                .zip(&b[at..at + n])
+                .for_each(|(o, x)| *o = x.to_f32()),
             KvBuf::F32(b) => out.copy_from_slice(&b[at..at + n]),
         }
     }
@@ -98,7 +104,12 @@ impl CpuBackend {
     }
 
     pub fn with_kv_type(threads: usize, kv_type: KvType) -> Result<Self> {
-        Ok(CpuBackend { pool: ThreadPool::new(threads)?, scratch: MatmulScratch::default(), tmp: Vec::new(), kv_type })
+        Ok(CpuBackend {
+            pool: ThreadPool::new(threads)?,
+            scratch: MatmulScratch::default(),
+            tmp: Vec::new(),
+            kv_type,
+        })
     }
 }
 
@@ -149,7 +160,9 @@ impl DotAcc {
         match order {
             SumOrder::TinyBlas => math::reduce_add16(&self.0[0]),
             SumOrder::GgmlVecDot => {
-                let s: [[f32; 16]; 2] = std::array::from_fn(|k| std::array::from_fn(|l| self.0[k][l] + self.0[k + 2][l]));
+                let s: [[f32; 16]; 2] = std::array::from_fn(|k| {
+                    std::array::from_fn(|l| self.0[k][l] + self.0[k + 2][l])
+                });
                 let t: [f32; 16] = std::array::from_fn(|l| s[0][l] + s[1][l]);
                 math::reduce_add16(&t)
             }
@@ -224,7 +237,13 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embed(&mut self, host: &[u8], table: &CpuWeight, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+    fn embed(
+        &mut self,
+        host: &[u8],
+        table: &CpuWeight,
+        ids: &[u32],
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let row_bytes = table.ty.row_bytes(table.cols as u64).unwrap_or(0) as usize;
         let data = table.bytes(host)?;
         for (t, &id) in ids.iter().enumerate() {
@@ -236,12 +255,24 @@ impl Backend for CpuBackend {
                 )));
             }
             let src = &data[id * row_bytes..(id + 1) * row_bytes];
-            quant::dequantize(table.ty, src, &mut out[t * table.cols..(t + 1) * table.cols])?;
+            quant::dequantize(
+                table.ty,
+                src,
+                &mut out[t * table.cols..(t + 1) * table.cols],
+            )?;
         }
         Ok(())
     }
 
-    fn rms_norm(&mut self, host: &[u8], x: &Vec<f32>, w: &CpuWeight, eps: f32, n: usize, out: &mut Vec<f32>) -> Result<()> {
+    fn rms_norm(
+        &mut self,
+        host: &[u8],
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        eps: f32,
+        n: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         w.to_f32(host, &mut self.tmp)?;
         let d = self.tmp.len();
         for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).take(n) {
@@ -256,9 +287,26 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn matmul(&mut self, host: &[u8], w: &CpuWeight, x: &Vec<f32>, n: usize, out: &mut Vec<f32>) -> Result<()> {
-        kernels::matmul(&self.pool, &mut self.scratch, w.ty, w.bytes(host)?, w.rows, w.cols, x, n, out)
-            .map_err(|e| Error::tensor(&w.name, e.to_string()))
+    fn matmul(
+        &mut self,
+        host: &[u8],
+        w: &CpuWeight,
+        x: &Vec<f32>,
+        n: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        kernels::matmul(
+            &self.pool,
+            &mut self.scratch,
+            w.ty,
+            w.bytes(host)?,
+            w.rows,
+            w.cols,
+            x,
+            n,
+            out,
+        )
+        .map_err(|e| Error::tensor(&w.name, e.to_string()))
     }
 
     fn add_bias(&mut self, host: &[u8], b: &CpuWeight, x: &mut Vec<f32>, n: usize) -> Result<()> {
@@ -330,13 +378,20 @@ impl Backend for CpuBackend {
         let qd = cfg.q_dim();
         // llama.cpp multiplies a batch of queries with tinyBLAS and a single query with
         // ggml's vec_dot; they sum in different orders.
-        let order = if n == 1 { SumOrder::GgmlVecDot } else { SumOrder::TinyBlas };
+        let order = if n == 1 {
+            SumOrder::GgmlVecDot
+        } else {
+            SumOrder::TinyBlas
+        };
         let dst = crate::kernels::DisjointOut::new(out);
         self.pool.run(n * nh, |task| {
             let (t, h) = (task / nh, task % nh);
             let kvh = h / group;
             let n_kv = pos0 + t + 1;
-            let qh: Vec<f32> = q[t * qd + h * hd..t * qd + (h + 1) * hd].iter().map(|&x| round_for(ty, x)).collect();
+            let qh: Vec<f32> = q[t * qd + h * hd..t * qd + (h + 1) * hd]
+                .iter()
+                .map(|&x| round_for(ty, x))
+                .collect();
             let mut row = vec![0.0f32; hd];
             let mut s = vec![0.0f32; n_kv];
             for (j, sj) in s.iter_mut().enumerate() {
@@ -367,7 +422,10 @@ impl Backend for CpuBackend {
     }
 
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
-        x[..len].iter_mut().zip(&y[..len]).for_each(|(a, b)| *a += b);
+        x[..len]
+            .iter_mut()
+            .zip(&y[..len])
+            .for_each(|(a, b)| *a += b);
     }
 
     fn copy(&mut self, src: &Vec<f32>, offset: usize, len: usize, dst: &mut Vec<f32>) {

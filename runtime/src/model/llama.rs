@@ -42,16 +42,27 @@ fn load<B: Backend>(b: &mut B, f: &GgufFile, name: &str, shape: &[usize]) -> Res
         got.pop();
     }
     if got != want {
-        return Err(Error::tensor(name, format!("shape {:?}, expected {:?}", t.shape, want)));
+        return Err(Error::tensor(
+            name,
+            format!("shape {:?}, expected {:?}", t.shape, want),
+        ));
     }
     if crate::kernels::KernelTable::get().dot(t.ty).is_none() {
-        return Err(Error::tensor(name, format!("type {} is not supported", t.ty)));
+        return Err(Error::tensor(
+            name,
+            format!("type {} is not supported", t.ty),
+        ));
     }
     let range = f.range(t)?;
     b.load_weight(t, range.start)
 }
 
-fn load_opt<B: Backend>(b: &mut B, f: &GgufFile, name: &str, shape: &[usize]) -> Result<Option<B::Weight>> {
+fn load_opt<B: Backend>(
+    b: &mut B,
+    f: &GgufFile,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<B::Weight>> {
     match f.tensor(name) {
         None => Ok(None),
         Some(_) => load(b, f, name, shape).map(Some),
@@ -85,7 +96,12 @@ impl<W> Weights<W> {
             Some(_) => load(b, f, "output.weight", &[d, c.n_vocab])?,
             None => load(b, f, "token_embd.weight", &[d, c.n_vocab])?,
         };
-        Ok(Weights { tok_embd, layers, out_norm, output })
+        Ok(Weights {
+            tok_embd,
+            layers,
+            out_norm,
+            output,
+        })
     }
 }
 
@@ -153,7 +169,9 @@ pub fn forward<B: Backend>(
     if act.as_ref().is_none_or(|a| a.cap < n) {
         *act = Some(Activations::new(b, c, n));
     }
-    let Some(a) = act.as_mut() else { unreachable!() };
+    let Some(a) = act.as_mut() else {
+        unreachable!()
+    };
     let d = c.n_embd;
 
     b.embed(host, &w.tok_embd, tokens, &mut a.x)?;

@@ -45,7 +45,12 @@ impl<B: Backend> Model<B> {
     pub fn with_backend(file: GgufFile, mut backend: B) -> Result<Self> {
         let config = Config::from_metadata(file.metadata())?;
         let weights = llama::Weights::load(&mut backend, &file, &config)?;
-        Ok(Model { file, config, backend, weights })
+        Ok(Model {
+            file,
+            config,
+            backend,
+            weights,
+        })
     }
 
     pub fn config(&self) -> &Config {
@@ -62,8 +67,17 @@ impl<B: Backend> Model<B> {
 
     /// A new session with room for `n_ctx` tokens (0: the training context, capped at 4096).
     pub fn new_session(&mut self, n_ctx: usize) -> Result<Session<B>> {
-        let n_ctx = if n_ctx == 0 { self.config.n_ctx_train.min(4096) } else { n_ctx };
-        Ok(Session { kv: self.backend.kv_cache(&self.config, n_ctx)?, n_ctx, pos: 0, act: None })
+        let n_ctx = if n_ctx == 0 {
+            self.config.n_ctx_train.min(4096)
+        } else {
+            n_ctx
+        };
+        Ok(Session {
+            kv: self.backend.kv_cache(&self.config, n_ctx)?,
+            n_ctx,
+            pos: 0,
+            act: None,
+        })
     }
 
     /// Evaluates `tokens` after what `s` has seen, as one batch, and returns the logits asked

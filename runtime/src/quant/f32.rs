@@ -27,7 +27,8 @@ pub fn dot(w: &[u8], a: &[u8]) -> f32 {
     w.chunks_exact(4)
         .zip(a.chunks_exact(4))
         .map(|(x, y)| {
-            f32::from_le_bytes([x[0], x[1], x[2], x[3]]) * f32::from_le_bytes([y[0], y[1], y[2], y[3]])
+            f32::from_le_bytes([x[0], x[1], x[2], x[3]])
+                * f32::from_le_bytes([y[0], y[1], y[2], y[3]])
         })
         .sum()
 }

@@ -107,7 +107,10 @@ impl GgmlType {
 
     /// Parses a name as `sparrow quantize --type` and ggml spell it (`q4_0`, `Q4_K`, `f16`).
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|t| t.name().eq_ignore_ascii_case(name))
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name().eq_ignore_ascii_case(name))
     }
 
     pub fn id(self) -> u32 {

@@ -88,8 +88,9 @@ pub(crate) fn build(
     pre: &PreTokenizer,
 ) -> Result<tokenizers::Tokenizer> {
     let merges_raw = string_array(md, KEY_MERGES)?;
-    let vocab: tokenizers::models::bpe::Vocab =
-        (0..texts.len() as u32).map(|id| (texts.text(id).to_string(), id)).collect();
+    let vocab: tokenizers::models::bpe::Vocab = (0..texts.len() as u32)
+        .map(|id| (texts.text(id).to_string(), id))
+        .collect();
     // llama.cpp splits each merge at the first space after the first byte and keeps the
     // first rank of a pair that occurs twice. `tokenizers` wants every part and result in
     // the vocabulary; a merge that breaks that could never produce a token in llama.cpp

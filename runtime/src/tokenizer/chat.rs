@@ -22,7 +22,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -65,12 +68,14 @@ impl ChatTemplate {
                     "the model has no chat template ({KEY_CHAT_TEMPLATE} is missing)"
                 )))
             }
-            Some(v) => {
-                v.as_str().ok_or_else(|| Error::metadata(KEY_CHAT_TEMPLATE, "expected a string"))?
-            }
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| Error::metadata(KEY_CHAT_TEMPLATE, "expected a string"))?,
         };
         let token_text = |key: &str| -> Result<String> {
-            let Some(id) = md.opt(key, |v| v.as_u64())? else { return Ok(String::new()) };
+            let Some(id) = md.opt(key, |v| v.as_u64())? else {
+                return Ok(String::new());
+            };
             let tokens = string_array(md, KEY_TOKENS)?;
             Ok(usize::try_from(id)
                 .ok()
@@ -102,8 +107,14 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", pycompat::strftime_now);
-        env.add_template_owned(NAME, source.clone()).map_err(template_error)?;
-        Ok(ChatTemplate { env, source, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        env.add_template_owned(NAME, source.clone())
+            .map_err(template_error)?;
+        Ok(ChatTemplate {
+            env,
+            source,
+            bos_token: bos_token.into(),
+            eos_token: eos_token.into(),
+        })
     }
 
     pub fn source(&self) -> &str {

@@ -223,7 +223,8 @@ impl Tokenizer {
     /// Whether `id` is a control or unknown token: one that text shows only when special
     /// tokens are rendered (bos, eos, `<|im_start|>`, ...). False out of range.
     pub fn is_special(&self, id: u32) -> bool {
-        self.token_attr(id).is_some_and(|a| a.has(TokenAttr::CONTROL | TokenAttr::UNKNOWN))
+        self.token_attr(id)
+            .is_some_and(|a| a.has(TokenAttr::CONTROL | TokenAttr::UNKNOWN))
     }
 
     /// The token's text as the vocabulary stores it (`Ġ` for a space in byte-level BPE, `▁`
@@ -256,7 +257,10 @@ impl Tokenizer {
         if !special && self.is_special(id) {
             return Ok(&[]);
         }
-        let (a, b) = (self.piece_offsets[id as usize], self.piece_offsets[id as usize + 1]);
+        let (a, b) = (
+            self.piece_offsets[id as usize],
+            self.piece_offsets[id as usize + 1],
+        );
         Ok(&self.pieces[a as usize..b as usize])
     }
 
@@ -406,7 +410,12 @@ impl Tokenizer {
 /// The byte of a byte token `<0xNN>` (llama.cpp parses the two characters after `<0x` with
 /// strtol, which gives 0 for anything else).
 fn byte_of_token(text: &str) -> u8 {
-    let hex: String = text.chars().skip(3).take(2).take_while(|c| c.is_ascii_hexdigit()).collect();
+    let hex: String = text
+        .chars()
+        .skip(3)
+        .take(2)
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
     u8::from_str_radix(&hex, 16).unwrap_or(0)
 }
 

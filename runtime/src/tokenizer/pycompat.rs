@@ -35,8 +35,11 @@ fn arg(pos: &[Value], kw: &Option<Kwargs>, i: usize, name: &str) -> R<Option<Val
 }
 
 fn opt_str(v: Option<Value>) -> Option<String> {
-    v.filter(|v| !v.is_none() && !v.is_undefined())
-        .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+    v.filter(|v| !v.is_none() && !v.is_undefined()).map(|v| {
+        v.as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| v.to_string())
+    })
 }
 
 fn opt_int(v: Option<Value>, default: i64) -> R<i64> {
@@ -67,17 +70,25 @@ fn strip<'a>(s: &'a str, chars: Option<&str>, left: bool, right: bool) -> &'a st
 
 /// Python `str.split` / `str.rsplit`.
 fn split(s: &str, sep: Option<&str>, maxsplit: i64, from_right: bool) -> R<Vec<String>> {
-    let max = if maxsplit < 0 { usize::MAX } else { maxsplit as usize };
+    let max = if maxsplit < 0 {
+        usize::MAX
+    } else {
+        maxsplit as usize
+    };
     Ok(match sep {
         Some("") => return Err(bad("empty separator")),
         Some(sep) => {
             if from_right {
-                let mut v: Vec<String> =
-                    s.rsplitn(max.saturating_add(1), sep).map(str::to_string).collect();
+                let mut v: Vec<String> = s
+                    .rsplitn(max.saturating_add(1), sep)
+                    .map(str::to_string)
+                    .collect();
                 v.reverse();
                 v
             } else {
-                s.splitn(max.saturating_add(1), sep).map(str::to_string).collect()
+                s.splitn(max.saturating_add(1), sep)
+                    .map(str::to_string)
+                    .collect()
             }
         }
         None => {
@@ -147,7 +158,10 @@ fn capitalize(s: &str) -> String {
     let mut cs = s.chars();
     match cs.next() {
         None => String::new(),
-        Some(f) => f.to_uppercase().chain(cs.flat_map(char::to_lowercase)).collect(),
+        Some(f) => f
+            .to_uppercase()
+            .chain(cs.flat_map(char::to_lowercase))
+            .collect(),
     }
 }
 
@@ -159,10 +173,13 @@ fn char_index(s: &str, i: usize) -> i64 {
 fn prefixes(v: &Value) -> R<Vec<String>> {
     match v.kind() {
         ValueKind::String => Ok(vec![v.as_str().unwrap_or_default().to_string()]),
-        ValueKind::Seq => {
-            v.try_iter()?.map(|x| Ok(x.as_str().unwrap_or_default().to_string())).collect()
-        }
-        _ => Err(bad("startswith/endswith take a string or a tuple of strings")),
+        ValueKind::Seq => v
+            .try_iter()?
+            .map(|x| Ok(x.as_str().unwrap_or_default().to_string()))
+            .collect(),
+        _ => Err(bad(
+            "startswith/endswith take a string or a tuple of strings",
+        )),
     }
 }
 
@@ -218,8 +235,11 @@ fn string_method(s: &str, name: &str, args: &[Value]) -> R<Option<Value>> {
         "find" | "rfind" | "index" | "rindex" => {
             let sub =
                 opt_str(a(0, "sub")?).ok_or_else(|| bad(format!("{name} needs an argument")))?;
-            let at =
-                if name.starts_with('r') { s.rfind(sub.as_str()) } else { s.find(sub.as_str()) };
+            let at = if name.starts_with('r') {
+                s.rfind(sub.as_str())
+            } else {
+                s.find(sub.as_str())
+            };
             match at {
                 Some(i) => Value::from(char_index(s, i)),
                 None if name.ends_with("find") => Value::from(-1),
@@ -238,7 +258,11 @@ fn string_method(s: &str, name: &str, args: &[Value]) -> R<Option<Value>> {
             let items = a(0, "iterable")?.ok_or_else(|| bad("join needs an argument"))?;
             let parts: Vec<String> = items
                 .try_iter()?
-                .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
                 .collect();
             Value::from(parts.join(s))
         }
@@ -295,7 +319,10 @@ pub(crate) fn call_method(_: &State, v: &Value, name: &str, args: &[Value]) -> R
         _ => None,
     };
     found.ok_or_else(|| {
-        Error::new(ErrorKind::UnknownMethod, format!("{} has no method named {name}", v.kind()))
+        Error::new(
+            ErrorKind::UnknownMethod,
+            format!("{} has no method named {name}", v.kind()),
+        )
     })
 }
 
@@ -385,7 +412,12 @@ fn json_value(v: &Value, style: &JsonStyle, level: usize, out: &mut String) -> R
                     out.push_str(&style.item_sep);
                 }
                 newline(out, style, level + 1);
-                json_string(&k.as_str().map(str::to_string).unwrap_or_else(|| k.to_string()), out);
+                json_string(
+                    &k.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| k.to_string()),
+                    out,
+                );
                 out.push_str(&style.key_sep);
                 json_value(&v.get_item(k)?, style, level + 1, out)?;
             }
@@ -412,12 +444,20 @@ pub(crate) fn tojson(v: &Value, indent: Option<Value>, kwargs: Kwargs) -> R<Valu
     let (item_sep, key_sep) = match kwargs.get::<Option<Vec<String>>>("separators")? {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
         Some(_) => return Err(bad("tojson: separators must be a pair")),
-        None => ((if indent.is_some() { "," } else { ", " }).to_string(), ": ".to_string()),
+        None => (
+            (if indent.is_some() { "," } else { ", " }).to_string(),
+            ": ".to_string(),
+        ),
     };
     let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
     let _ = kwargs.get::<Option<bool>>("ensure_ascii")?;
     kwargs.assert_all_used()?;
-    let style = JsonStyle { indent, item_sep, key_sep, sort_keys };
+    let style = JsonStyle {
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+    };
     let mut out = String::new();
     json_value(v, &style, 0, &mut out)?;
     Ok(Value::from_safe_string(out))
@@ -474,8 +514,15 @@ pub(crate) fn strftime(format: &str, secs: i64) -> String {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] =
-        ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);

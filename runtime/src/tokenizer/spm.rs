@@ -47,7 +47,9 @@ impl Ord for Bigram {
     /// The heap's top is the highest score, then the leftmost pair (llama.cpp's
     /// `llm_bigram_spm::comparator`).
     fn cmp(&self, o: &Self) -> Ordering {
-        self.score.total_cmp(&o.score).then_with(|| o.left.cmp(&self.left))
+        self.score
+            .total_cmp(&o.score)
+            .then_with(|| o.left.cmp(&self.left))
     }
 }
 
@@ -56,8 +58,17 @@ pub(crate) fn tokenize(vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<
     let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
     for (i, (start, c)) in text.char_indices().enumerate() {
         let len = c.len_utf8();
-        let next = if start + len == text.len() { -1 } else { i as i32 + 1 };
-        symbols.push(Symbol { prev: i as i32 - 1, next, start, len });
+        let next = if start + len == text.len() {
+            -1
+        } else {
+            i as i32 + 1
+        };
+        symbols.push(Symbol {
+            prev: i as i32 - 1,
+            next,
+            start,
+            len,
+        });
     }
     let mut queue = BinaryHeap::new();
     let try_add = |symbols: &[Symbol], queue: &mut BinaryHeap<Bigram>, left: i32, right: i32| {
@@ -67,7 +78,12 @@ pub(crate) fn tokenize(vocab: &Vocab, text: &str, out: &mut Vec<u32>) -> Result<
         let (l, r) = (symbols[left as usize], symbols[right as usize]);
         let piece = &text[l.start..l.start + l.len + r.len];
         if let Some(id) = vocab.texts.id(piece) {
-            queue.push(Bigram { left, right, score: vocab.scores[id as usize], size: piece.len() });
+            queue.push(Bigram {
+                left,
+                right,
+                score: vocab.scores[id as usize],
+                size: piece.len(),
+            });
         }
     };
     for i in 1..symbols.len() as i32 {
@@ -115,7 +131,12 @@ pub(crate) fn byte_to_token(vocab: &Vocab, b: u8) -> Result<u32> {
         return Ok(id);
     }
     let single = [b];
-    std::str::from_utf8(&single).ok().and_then(|s| vocab.texts.id(s)).ok_or_else(|| {
-        Error::Tokenizer(format!("the vocabulary has no byte token {hex} for byte fallback"))
-    })
+    std::str::from_utf8(&single)
+        .ok()
+        .and_then(|s| vocab.texts.id(s))
+        .ok_or_else(|| {
+            Error::Tokenizer(format!(
+                "the vocabulary has no byte token {hex} for byte fallback"
+            ))
+        })
 }

@@ -19,7 +19,12 @@ pub struct StreamDecoder<'a> {
 
 impl<'a> StreamDecoder<'a> {
     pub(crate) fn new(tok: &'a Tokenizer) -> Self {
-        StreamDecoder { tok, pending: Vec::new(), first: true, special: false }
+        StreamDecoder {
+            tok,
+            pending: Vec::new(),
+            first: true,
+            special: false,
+        }
     }
 
     /// Render control tokens (`<|im_end|>`, ...) as their text.

@@ -6,7 +6,10 @@ use super::*;
 use crate::gguf::{Metadata, Value, ValueType};
 
 fn strings(v: &[&str]) -> Value {
-    Value::Array(ValueType::String, v.iter().map(|s| Value::String(s.to_string())).collect())
+    Value::Array(
+        ValueType::String,
+        v.iter().map(|s| Value::String(s.to_string())).collect(),
+    )
 }
 
 fn floats(v: &[f32]) -> Value {
@@ -31,8 +34,9 @@ fn spm_md() -> Metadata {
         "<unk>", "<s>", "</s>", "▁", "a", "b", "▁a", "ab", "▁ab", "<0x63>", "<0xE4>", "<0xB8>",
         "<0xAD>", "<ctl>", "<ud>", "bb",
     ];
-    let scores =
-        [0.0, 0.0, 0.0, -1.0, -2.0, -2.0, -3.0, -1.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.5];
+    let scores = [
+        0.0, 0.0, 0.0, -1.0, -2.0, -2.0, -3.0, -1.5, -0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.5,
+    ];
     let types = [2, 3, 3, 1, 1, 1, 1, 1, 1, 6, 6, 6, 6, 3, 4, 1];
     md(vec![
         ("tokenizer.ggml.model", Value::String("llama".into())),
@@ -44,7 +48,18 @@ fn spm_md() -> Metadata {
 
 /// A byte-level BPE vocabulary with the gpt-2 pre-tokenizer.
 fn bpe_md() -> Metadata {
-    let tokens = ["<|endoftext|>", "a", "b", "Ġ", "ab", "Ġa", "Ġab", "<|im_end|>", "c", "Ċ"];
+    let tokens = [
+        "<|endoftext|>",
+        "a",
+        "b",
+        "Ġ",
+        "ab",
+        "Ġa",
+        "Ġab",
+        "<|im_end|>",
+        "c",
+        "Ċ",
+    ];
     let types = [3, 1, 1, 1, 1, 1, 1, 3, 1, 1];
     md(vec![
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
@@ -77,35 +92,63 @@ fn without(mut m: Metadata, key: &str) -> Metadata {
 #[test]
 fn missing_model_type() {
     let e = err_of(&without(spm_md(), "tokenizer.ggml.model"));
-    assert!(e.contains("tokenizer.ggml.model") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
 fn model_type_of_the_wrong_type() {
     let e = err_of(&with(spm_md(), "tokenizer.ggml.model", Value::U32(1)));
-    assert!(e.contains("tokenizer.ggml.model") && e.contains("string"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("string"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_and_unsupported_model_names() {
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.model", Value::String("wordpiece9".into())));
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.model",
+        Value::String("wordpiece9".into()),
+    ));
     assert!(e.contains("unknown tokenizer model `wordpiece9`"), "{e}");
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.model", Value::String("t5".into())));
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.model",
+        Value::String("t5".into()),
+    ));
     assert!(e.contains("`t5` is not supported"), "{e}");
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.model", Value::String("no_vocab".into())));
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.model",
+        Value::String("no_vocab".into()),
+    ));
     assert!(e.contains("no vocabulary"), "{e}");
 }
 
 #[test]
 fn missing_tokens_array() {
     let e = err_of(&without(spm_md(), "tokenizer.ggml.tokens"));
-    assert!(e.contains("tokenizer.ggml.tokens") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.tokens") && e.contains("missing"),
+        "{e}"
+    );
 }
 
 #[test]
 fn tokens_of_the_wrong_type() {
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.tokens", Value::String("a".into())));
-    assert!(e.contains("tokenizer.ggml.tokens") && e.contains("array of strings"), "{e}");
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.tokens",
+        Value::String("a".into()),
+    ));
+    assert!(
+        e.contains("tokenizer.ggml.tokens") && e.contains("array of strings"),
+        "{e}"
+    );
     let e = err_of(&with(spm_md(), "tokenizer.ggml.tokens", ints(&[1, 2])));
     assert!(e.contains("array of strings") && e.contains("I32"), "{e}");
     let e = err_of(&with(spm_md(), "tokenizer.ggml.tokens", strings(&[])));
@@ -114,47 +157,99 @@ fn tokens_of_the_wrong_type() {
 
 #[test]
 fn duplicate_token_text() {
-    let e = err_of(&with(bpe_md(), "tokenizer.ggml.tokens", strings(&["a", "b", "a"])));
-    assert!(e.contains("occurs twice") && e.contains("ids 0 and 2"), "{e}");
+    let e = err_of(&with(
+        bpe_md(),
+        "tokenizer.ggml.tokens",
+        strings(&["a", "b", "a"]),
+    ));
+    assert!(
+        e.contains("occurs twice") && e.contains("ids 0 and 2"),
+        "{e}"
+    );
 }
 
 #[test]
 fn scores_and_types_checked() {
     let e = err_of(&with(spm_md(), "tokenizer.ggml.scores", floats(&[0.0])));
-    assert!(e.contains("tokenizer.ggml.scores") && e.contains("1 scores for 16 tokens"), "{e}");
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.scores", strings(&["x"; 16])));
+    assert!(
+        e.contains("tokenizer.ggml.scores") && e.contains("1 scores for 16 tokens"),
+        "{e}"
+    );
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.scores",
+        strings(&["x"; 16]),
+    ));
     assert!(e.contains("tokenizer.ggml.scores"), "{e}");
     let e = err_of(&with(spm_md(), "tokenizer.ggml.token_type", ints(&[1])));
-    assert!(e.contains("tokenizer.ggml.token_type") && e.contains("1 token types"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.token_type") && e.contains("1 token types"),
+        "{e}"
+    );
     let e = err_of(&with(spm_md(), "tokenizer.ggml.token_type", Value::I32(1)));
-    assert!(e.contains("tokenizer.ggml.token_type") && e.contains("array"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.token_type") && e.contains("array"),
+        "{e}"
+    );
 }
 
 #[test]
 fn merges_missing_malformed_or_ill_typed() {
     let e = err_of(&without(bpe_md(), "tokenizer.ggml.merges"));
-    assert!(e.contains("tokenizer.ggml.merges") && e.contains("missing"), "{e}");
-    let e = err_of(&with(bpe_md(), "tokenizer.ggml.merges", strings(&["a b", "ab"])));
-    assert!(e.contains("tokenizer.ggml.merges") && e.contains("merge 1"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.merges") && e.contains("missing"),
+        "{e}"
+    );
+    let e = err_of(&with(
+        bpe_md(),
+        "tokenizer.ggml.merges",
+        strings(&["a b", "ab"]),
+    ));
+    assert!(
+        e.contains("tokenizer.ggml.merges") && e.contains("merge 1"),
+        "{e}"
+    );
     let e = err_of(&with(bpe_md(), "tokenizer.ggml.merges", ints(&[1])));
-    assert!(e.contains("tokenizer.ggml.merges") && e.contains("array of strings"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.merges") && e.contains("array of strings"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_pre_tokenizer() {
-    let e = err_of(&with(bpe_md(), "tokenizer.ggml.pre", Value::String("mystery".into())));
-    assert!(e.contains("tokenizer.ggml.pre") && e.contains("`mystery` is not supported"), "{e}");
+    let e = err_of(&with(
+        bpe_md(),
+        "tokenizer.ggml.pre",
+        Value::String("mystery".into()),
+    ));
+    assert!(
+        e.contains("tokenizer.ggml.pre") && e.contains("`mystery` is not supported"),
+        "{e}"
+    );
     let e = err_of(&with(bpe_md(), "tokenizer.ggml.pre", Value::U8(3)));
     assert!(e.contains("tokenizer.ggml.pre"), "{e}");
 }
 
 #[test]
 fn flags_and_ids_of_the_wrong_type() {
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.add_bos_token", Value::String("yes".into())));
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.add_bos_token",
+        Value::String("yes".into()),
+    ));
     assert!(e.contains("tokenizer.ggml.add_bos_token"), "{e}");
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.bos_token_id", Value::String("1".into())));
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.bos_token_id",
+        Value::String("1".into()),
+    ));
     assert!(e.contains("tokenizer.ggml.bos_token_id"), "{e}");
-    let e = err_of(&with(spm_md(), "tokenizer.ggml.add_space_prefix", Value::U32(1)));
+    let e = err_of(&with(
+        spm_md(),
+        "tokenizer.ggml.add_space_prefix",
+        Value::U32(1),
+    ));
     assert!(e.contains("tokenizer.ggml.add_space_prefix"), "{e}");
 }
 
@@ -174,9 +269,12 @@ fn add_bos_without_a_bos_token() {
     let e = t.encode("a", false, false).unwrap_err().to_string();
     assert!(e.contains("<0xE2>"), "{e}");
     // an out-of-range id from the metadata keeps the default
-    let t =
-        Tokenizer::from_metadata(&with(spm_md(), "tokenizer.ggml.bos_token_id", Value::U32(999)))
-            .unwrap();
+    let t = Tokenizer::from_metadata(&with(
+        spm_md(),
+        "tokenizer.ggml.bos_token_id",
+        Value::U32(999),
+    ))
+    .unwrap();
     assert_eq!(t.bos(), Some(1));
 }
 
@@ -184,7 +282,10 @@ fn add_bos_without_a_bos_token() {
 fn spm_merges_by_score_with_byte_fallback() {
     let t = Tokenizer::from_metadata(&spm_md()).unwrap();
     assert_eq!(t.kind(), TokenizerKind::SentencePiece);
-    assert_eq!((t.bos(), t.eos(), t.add_bos(), t.add_eos()), (Some(1), Some(2), true, false));
+    assert_eq!(
+        (t.bos(), t.eos(), t.add_bos(), t.add_eos()),
+        (Some(1), Some(2), true, false)
+    );
     // " ab" -> "▁ab": "▁a" (-3) and "ab" (-1.5) compete; "ab" wins, then "▁ab" (-0.5)
     assert_eq!(t.encode("ab", false, false).unwrap(), vec![8]);
     assert_eq!(t.encode("ab", true, false).unwrap(), vec![1, 8]);
@@ -233,7 +334,10 @@ fn detokenize_remove_special_as_llama_cpp() {
 fn out_of_range_ids() {
     let t = Tokenizer::from_metadata(&spm_md()).unwrap();
     let e = t.decode(&[8, 1000]).unwrap_err().to_string();
-    assert!(e.contains("token id 1000") && e.contains("16 tokens"), "{e}");
+    assert!(
+        e.contains("token id 1000") && e.contains("16 tokens"),
+        "{e}"
+    );
     assert!(t.token_to_piece(16, true).is_err());
     assert!(!t.is_eog(u32::MAX) && !t.is_special(u32::MAX));
     assert_eq!(t.token_text(16), None);
@@ -263,7 +367,10 @@ fn clean_spaces_as_llama_cpp() {
     };
     assert_eq!(run("Hello , world !"), "Hello, world!");
     assert_eq!(run("a ' b"), "a'b");
-    assert_eq!(run("it 's he 'll we 're I 'm don 't"), "it's he 'll we're I'm don 't");
+    assert_eq!(
+        run("it 's he 'll we 're I 'm don 't"),
+        "it's he 'll we're I'm don 't"
+    );
     // the blanked space of the second pass is not a space for the next check
     assert_eq!(run("a ' ' b"), "a'' b");
     assert_eq!(run(""), "");
@@ -290,13 +397,22 @@ fn chat_template_errors() {
     assert!(matches!(e, Error::Template(_)) && e.to_string().contains("tokenizer.chat_template"));
     let m = with(spm_md(), "tokenizer.chat_template", Value::U32(0));
     let e = ChatTemplate::from_metadata(&m).unwrap_err().to_string();
-    assert!(e.contains("tokenizer.chat_template") && e.contains("string"), "{e}");
+    assert!(
+        e.contains("tokenizer.chat_template") && e.contains("string"),
+        "{e}"
+    );
     let e = ChatTemplate::new("{% for m in messages %}", "", "").unwrap_err();
     assert!(matches!(e, Error::Template(_)), "{e}");
-    let t =
-        ChatTemplate::new("{{ raise_exception('no system role, ' + messages[0].role) }}", "", "")
-            .unwrap();
-    let e = t.render(&[Message::new("system", "x")], true).unwrap_err().to_string();
+    let t = ChatTemplate::new(
+        "{{ raise_exception('no system role, ' + messages[0].role) }}",
+        "",
+        "",
+    )
+    .unwrap();
+    let e = t
+        .render(&[Message::new("system", "x")], true)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no system role, system"), "{e}");
 }
 
@@ -309,7 +425,10 @@ fn chat_template_from_metadata_uses_bos_eos_texts() {
     );
     let m = with(m, "tokenizer.ggml.eos_token_id", Value::U32(2));
     let t = ChatTemplate::from_metadata(&m).unwrap();
-    assert_eq!(t.render(&[Message::new("user", "  hi ")], false).unwrap(), "<s>hi</s>");
+    assert_eq!(
+        t.render(&[Message::new("user", "  hi ")], false).unwrap(),
+        "<s>hi</s>"
+    );
 }
 
 #[test]
@@ -334,7 +453,10 @@ fn python_methods_and_tojson() {
 fn strftime_fields() {
     // 2023-11-14 22:13:20 UTC, a Tuesday, day 318
     assert_eq!(
-        pycompat::strftime("%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %I%p %e %%", 1_700_000_000),
+        pycompat::strftime(
+            "%Y-%m-%d %H:%M:%S %a %A %b %B %j %y %I%p %e %%",
+            1_700_000_000
+        ),
         "2023-11-14 22:13:20 Tue Tuesday Nov November 318 23 10PM 14 %"
     );
     assert_eq!(pycompat::strftime("%d %b %Y", 0), "01 Jan 1970");
@@ -345,8 +467,9 @@ fn strftime_fields() {
 /// words reachable by merges) cannot tell apart between llama3, qwen2 and gpt-2.
 #[test]
 fn pre_tokenizers_differ_where_llama_cpp_says() {
-    let tokens =
-        ["<eos>", "1", "2", "3", "4", "5", "6", "7", "12", "123", "45", "a", "b", "ba", "Ġ"];
+    let tokens = [
+        "<eos>", "1", "2", "3", "4", "5", "6", "7", "12", "123", "45", "a", "b", "ba", "Ġ",
+    ];
     let base = md(vec![
         ("tokenizer.ggml.model", Value::String("gpt2".into())),
         ("tokenizer.ggml.tokens", strings(&tokens)),
@@ -355,8 +478,15 @@ fn pre_tokenizers_differ_where_llama_cpp_says() {
         ("tokenizer.ggml.bos_token_id", Value::U32(0)),
     ]);
     let enc = |pre: &str, text: &str| {
-        let m = with(base.clone(), "tokenizer.ggml.pre", Value::String(pre.into()));
-        Tokenizer::from_metadata(&m).unwrap().encode(text, false, false).unwrap()
+        let m = with(
+            base.clone(),
+            "tokenizer.ggml.pre",
+            Value::String(pre.into()),
+        );
+        Tokenizer::from_metadata(&m)
+            .unwrap()
+            .encode(text, false, false)
+            .unwrap()
     };
     // llama3: \p{N}{1,3}; qwen2: \p{N}; gpt-2: ?\p{N}+
     // "3123": llama3 words "312" "3"; qwen2 one word per digit; gpt-2 one word
@@ -367,6 +497,10 @@ fn pre_tokenizers_differ_where_llama_cpp_says() {
     assert_eq!(enc("llama-bpe", "ba"), vec![13]);
     assert_eq!(enc("qwen2", "ba"), vec![12, 11]);
     // llama3 adds bos by default (unless the metadata says otherwise)
-    let m = with(base.clone(), "tokenizer.ggml.pre", Value::String("llama-bpe".into()));
+    let m = with(
+        base.clone(),
+        "tokenizer.ggml.pre",
+        Value::String("llama-bpe".into()),
+    );
     assert!(Tokenizer::from_metadata(&m).unwrap().add_bos());
 }

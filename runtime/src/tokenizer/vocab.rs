@@ -77,7 +77,11 @@ impl Texts {
             offsets.push(arena.len() as u32);
         }
         let n_slots = (texts.len() * 2).next_power_of_two().max(16);
-        let mut me = Texts { arena, offsets, slots: vec![0; n_slots] };
+        let mut me = Texts {
+            arena,
+            offsets,
+            slots: vec![0; n_slots],
+        };
         let mask = n_slots - 1;
         for id in 0..texts.len() {
             let text = me.text(id as u32).as_bytes();
@@ -152,7 +156,10 @@ pub(crate) fn string_array<'a>(md: &'a Metadata, key: &str) -> Result<Vec<&'a st
     match v {
         Value::Array(ValueType::String, items) => items
             .iter()
-            .map(|x| x.as_str().ok_or_else(|| Error::metadata(key, "expected an array of strings")))
+            .map(|x| {
+                x.as_str()
+                    .ok_or_else(|| Error::metadata(key, "expected an array of strings"))
+            })
             .collect(),
         Value::Array(t, _) => Err(Error::metadata(
             key,
@@ -172,9 +179,14 @@ fn opt_array<T>(
     what: &str,
     f: impl Fn(&Value) -> Option<T>,
 ) -> Result<Option<Vec<T>>> {
-    let Some(v) = md.get(key) else { return Ok(None) };
+    let Some(v) = md.get(key) else {
+        return Ok(None);
+    };
     let items = v.as_array().ok_or_else(|| {
-        Error::metadata(key, format!("expected an array of {what}, found {:?}", v.value_type()))
+        Error::metadata(
+            key,
+            format!("expected an array of {what}, found {:?}", v.value_type()),
+        )
     })?;
     items
         .iter()
@@ -252,8 +264,13 @@ const FIM_MID_TEXTS: &[&str] = &[
     "<|middle|>",
 ];
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
-const FIM_REP_TEXTS: &[&str] =
-    &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
+const FIM_REP_TEXTS: &[&str] = &[
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
 const EOG_TEXTS: &[&str] = &[
     "<|eot_id|>",
@@ -308,7 +325,13 @@ impl Vocab {
         let texts: Vec<String> = raw
             .iter()
             .enumerate()
-            .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { (*t).to_string() })
+            .map(|(i, t)| {
+                if t.is_empty() {
+                    format!("[EMPTY_{i}]")
+                } else {
+                    (*t).to_string()
+                }
+            })
             .collect();
         let texts = Texts::new(texts)?;
 
@@ -468,14 +491,18 @@ impl Vocab {
     /// The end-of-generation set, as llama.cpp's `special_eog_ids`.
     fn build_eog(&mut self) {
         let sp = &self.special;
-        let mut eog: Vec<u32> =
-            [sp.fim_pad, sp.fim_rep, sp.fim_sep].into_iter().flatten().collect();
+        let mut eog: Vec<u32> = [sp.fim_pad, sp.fim_rep, sp.fim_sep]
+            .into_iter()
+            .flatten()
+            .collect();
         eog.extend(EOG_TEXTS.iter().filter_map(|t| self.texts.id(t)));
         eog.extend([sp.eos, sp.eot, sp.eom].into_iter().flatten());
         eog.sort_unstable();
         eog.dedup();
         let has = |eog: &[u32], t: &str| {
-            self.texts.id(t).is_some_and(|id| eog.binary_search(&id).is_ok())
+            self.texts
+                .id(t)
+                .is_some_and(|id| eog.binary_search(&id).is_ok())
         };
         // o200k_harmony and solar-open: "<|end|>" ends a message, not the generation.
         let (has_return, has_call, has_flush, has_end) = (
@@ -502,8 +529,9 @@ impl Vocab {
 
     fn build_special_cache(&mut self) {
         let mask = TokenAttr::CONTROL | TokenAttr::USER_DEFINED | TokenAttr::UNKNOWN;
-        let mut ids: Vec<u32> =
-            (0..self.len() as u32).filter(|&id| self.attrs[id as usize].has(mask)).collect();
+        let mut ids: Vec<u32> = (0..self.len() as u32)
+            .filter(|&id| self.attrs[id as usize].has(mask))
+            .collect();
         // Longest first; llama.cpp's std::sort leaves ties unordered, we keep id order.
         ids.sort_by_key(|&id| (std::cmp::Reverse(self.texts.text(id).len()), id));
         for &id in &ids {
