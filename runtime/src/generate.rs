@@ -111,10 +111,9 @@ pub fn generate<B: Backend>(
     let mut logits = model.eval(session, prompt, Logits::Last)?;
     out.prompt_secs = t0.elapsed().as_secs_f64();
 
-    // Text is decoded from all generated tokens so far and emitted from where the last
-    // emission ended, holding back an incomplete UTF-8 tail and a possible stop string
-    // prefix.
-    let mut text_tokens: Vec<u32> = Vec::new();
+    // Text grows by what the stream decoder completes (whole UTF-8 characters) and is
+    // emitted from where the last emission ended, holding back a possible stop-string prefix.
+    let mut stream = tokenizer.stream();
     let mut emitted = 0usize;
     let hold = opts.stop.iter().map(|s| s.len()).max().unwrap_or(0);
     loop {
@@ -129,34 +128,35 @@ pub fn generate<B: Backend>(
             out.stop_reason = StopReason::EndOfGeneration;
             break;
         }
-        text_tokens.push(tok);
-        let text = tokenizer.decode(&text_tokens)?;
-        if let Some(at) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            out.text = text[..at].to_string();
+        out.text.push_str(&stream.push(tok)?);
+        // A stop string not found before ends in the new text; since at most hold - 1
+        // bytes were held back, it starts at or after `emitted`.
+        let found = opts
+            .stop
+            .iter()
+            .filter_map(|s| out.text[emitted..].find(s.as_str()))
+            .min();
+        if let Some(at) = found {
+            out.text.truncate(emitted + at);
             out.stop_reason = StopReason::StopString;
-            if at > emitted && !on_text(&out.text[emitted..]) {
-                out.stop_reason = StopReason::Cancelled;
-            }
-            emitted = out.text.len();
             break;
         }
-        // Emit what is complete: no trailing replacement character (a partial UTF-8
-        // sequence) and nothing that could still become a stop string.
-        let complete = text.trim_end_matches('\u{FFFD}').len();
-        let mut upto = complete.saturating_sub(hold.saturating_sub(1)).max(emitted);
-        while !text.is_char_boundary(upto) {
+        let mut upto = out
+            .text
+            .len()
+            .saturating_sub(hold.saturating_sub(1))
+            .max(emitted);
+        while !out.text.is_char_boundary(upto) {
             upto -= 1;
         }
         if upto > emitted {
-            let go = on_text(&text[emitted..upto]);
+            let go = on_text(&out.text[emitted..upto]);
             emitted = upto;
             if !go {
-                out.text = text;
                 out.stop_reason = StopReason::Cancelled;
                 break;
             }
         }
-        out.text = text;
         if out.tokens.len() >= opts.max_tokens {
             out.stop_reason = StopReason::MaxTokens;
             break;
@@ -169,6 +169,13 @@ pub fn generate<B: Backend>(
         logits = model.eval(session, &[tok], Logits::Last)?;
         out.decode_secs += t.elapsed().as_secs_f64();
         out.decode_steps += 1;
+    }
+    if !matches!(
+        out.stop_reason,
+        StopReason::StopString | StopReason::Cancelled
+    ) {
+        // An unfinished character at the very end, as `decode` would show it.
+        out.text.push_str(&stream.finish());
     }
     if out.stop_reason != StopReason::Cancelled && out.text.len() > emitted {
         on_text(&out.text[emitted..]);
