@@ -1,6 +1,7 @@
 //! `sparrow`: the desktop demo. Runs models, tokenizes, dumps logits, inspects and converts
 //! GGUF files. Errors print one line naming what was wrong and exit with status 1.
 
+mod bench;
 mod fetch;
 mod inspect;
 
@@ -33,6 +34,8 @@ enum Cmd {
     Run(RunArgs),
     /// Chat with a model through its chat template (multi-turn; an empty line or EOF ends).
     Chat(ChatArgs),
+    /// Measure prompt and decode tokens/s, and decode against the memory-bandwidth roofline.
+    Bench(bench::BenchArgs),
     /// Print the token ids of TEXT as a JSON array.
     Tokenize {
         #[arg(short, long)]
@@ -186,6 +189,7 @@ fn dispatch(cmd: Cmd) -> AnyResult {
     match cmd {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat(a),
+        Cmd::Bench(a) => bench::bench(a),
         Cmd::Tokenize {
             model,
             special,

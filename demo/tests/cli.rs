@@ -378,3 +378,91 @@ fn chat_answers_each_turn_through_the_template() {
         "special tokens are not printed: {out}"
     );
 }
+
+fn bench_json(extra: &[&str]) -> Value {
+    let m = model();
+    let mut args = vec!["bench", "-m", m.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let out = ok(&args);
+    assert_eq!(out.lines().count(), 1, "one line: {out}");
+    serde_json::from_str(out.trim()).expect("one JSON object")
+}
+
+#[test]
+fn bench_json_reports_rates_and_roofline() {
+    let j = bench_json(&[
+        "--threads",
+        "1",
+        "--prompt-tokens",
+        "6",
+        "--gen-tokens",
+        "3",
+        "--reps",
+        "2",
+    ]);
+    for k in [
+        "prompt_tokens_per_s",
+        "decode_tokens_per_s",
+        "roofline_fraction",
+        "bandwidth_bytes_per_s",
+        "decode_weight_bytes",
+    ] {
+        let x = j[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {j}"));
+        assert!(x.is_finite() && x > 0.0, "{k} = {x}");
+    }
+    assert_eq!(j["threads"], 1);
+    assert_eq!(j["prompt_tokens"], 6);
+    assert_eq!(j["gen_tokens"], 3);
+    assert_eq!(j["reps"], 2);
+    assert!(j["model"].as_str().unwrap().ends_with(".gguf"), "{j}");
+    assert!(!j["kernels"].as_str().unwrap().is_empty(), "{j}");
+    // A decode step reads nearly every byte of the file's tensors (the tied embedding table
+    // once, as the output matrix): about the file's size.
+    let file_bytes = std::fs::metadata(model()).unwrap().len() as f64;
+    let w = j["decode_weight_bytes"].as_f64().unwrap();
+    assert!(
+        w > 0.5 * file_bytes && w < 1.5 * file_bytes,
+        "{w} vs {file_bytes}"
+    );
+    let runs = j["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "one entry per rep");
+    for r in runs {
+        for k in ["prompt_tokens_per_s", "decode_tokens_per_s"] {
+            assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+        }
+    }
+}
+
+#[test]
+fn bench_bad_arguments_fail_with_one_line() {
+    let m = model();
+    let m = m.to_str().unwrap();
+    let missing = std::env::temp_dir().join("sparrow-bench-missing.gguf");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-m", m, "--prompt-tokens", "0"], "--prompt-tokens"),
+        (vec!["-m", m, "--gen-tokens", "0"], "--gen-tokens"),
+        (vec!["-m", m, "--reps", "0"], "--reps"),
+        (
+            vec!["-m", m, "--prompt-tokens", "9000", "--gen-tokens", "9000"],
+            "exceed the model's context",
+        ),
+        (
+            vec!["-m", missing.to_str().unwrap()],
+            "sparrow-bench-missing.gguf",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let mut args = vec!["bench", "--json"];
+        args.extend(extra);
+        let o = sparrow(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert!(o.stdout.is_empty(), "{args:?}: nothing on stdout");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("error: ")
+                && err.contains(needle)
+                && err.trim_end().lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -13,7 +13,7 @@
 //!
 //! The K-quants (Q4_K, Q5_K, Q6_K against Q8_K) follow further down the kernels llama.cpp
 //! picks for them on x86: the repacked Q4_K gemv / gemm, the AVX2 `ggml_vec_dot_q{5,6}_K_q8_K`
-//! for one token, and the tiled K-quant matmul for batches of 8 or more ([`batch_vec_dot`]).
+//! for one token, and the tiled K-quant matmul for batches of 8 or more (`DotKernel::dot_for` in kernels/mod.rs).
 //!
 //! The integers are those of the reference dots in `quant/`; only the float summation order
 //! differs. Following ggml's order makes sparrow's activations equal llama.cpp's bit for bit
@@ -424,35 +424,6 @@ pub fn q4_k_q8_k_tiled(w: &[u8], a: &[u8]) -> f32 {
         |x| (f16_to_f32(x.d), f16_to_f32(x.dmin), x.scales),
         q4k_level,
     )
-}
-
-/// The kernel llama.cpp runs for token `t` of a batch of `n` tokens against a weight matrix of
-/// `rows` rows of type `ty`, where it differs from the per-token kernel in the table
-/// (`KernelTable` holds what one token, i.e. every decode step, takes):
-/// - Q4_K, repacked (rows % 8 == 0): `forward_mul_mat` in repack.cpp runs
-///   `ggml_gemm_q4_K_8x8_q8_K` on the first `n - n % 4` tokens when n >= 4 and
-///   `ggml_gemv_q4_K_8x8_q8_K` on the rest ([`q4_k_q8_k_gemm`]);
-/// - Q5_K, Q6_K, and Q4_K that is not repacked: the tiled matmul (ggml-cpu/tiled) takes the
-///   whole batch when n >= 8 ([`q5_k_q8_k_tiled`], [`q6_k_q8_k_tiled`], [`q4_k_q8_k_tiled`]).
-///
-/// `None`: the table's kernel. (Not reproduced: unrepacked Q4_K with n < 8, which llama.cpp
-/// sends through `ggml_vec_dot_q4_K_q8_K`; the table's Q4_K kernel follows the repacked gemv.)
-pub fn batch_vec_dot(
-    ty: crate::quant::GgmlType,
-    rows: usize,
-    n: usize,
-    t: usize,
-) -> Option<super::VecDotFn> {
-    use crate::quant::GgmlType::*;
-    match ty {
-        Q4_K if rows % 8 == 0 => {
-            (n >= 4 && t < n - n % 4).then_some(q4_k_q8_k_gemm as super::VecDotFn)
-        }
-        Q4_K => (n >= 8).then_some(q4_k_q8_k_tiled as super::VecDotFn),
-        Q5_K => (n >= 8).then_some(q5_k_q8_k_tiled as super::VecDotFn),
-        Q6_K => (n >= 8).then_some(q6_k_q8_k_tiled as super::VecDotFn),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

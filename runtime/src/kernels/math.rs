@@ -7,14 +7,30 @@
 //! from Arm's optimized-routines: max error 1.45 + 0.5 ulp), written for one lane with fused
 //! multiply-adds; ggml uses it in SiLU / SwiGLU and in softmax.
 
-/// `fma(a, b, c)` for f32 without needing an FMA unit: the product of two f32 is exact in
-/// f64, so the only difference from a fused multiply-add is a double rounding (f64, then f32)
-/// when the f64 sum lands exactly halfway between two f32 values: about one case in 2^29.
-/// (`f32::mul_add` is exact but becomes a libm call on CPUs built without FMA, far too slow
-/// for an inner loop.)
+/// `fma(a, b, c)` for f32 without needing an FMA unit, correctly rounded like the hardware
+/// instruction. The product of two f32 is exact in f64; the f64 sum can round, and rounding
+/// that again to f32 goes wrong only when the f64 sum lands exactly halfway between two f32
+/// values: then the exact error of the f64 addition (two-sum) says which way to go.
+/// (`f32::mul_add` is exact too but becomes a libm call on CPUs built without FMA, far too
+/// slow for an inner loop.)
 #[inline(always)]
 pub fn fma32(a: f32, b: f32, c: f32) -> f32 {
-    (a as f64 * b as f64 + c as f64) as f32
+    let p = a as f64 * b as f64;
+    let c = c as f64;
+    let s = p + c;
+    let bits = s.to_bits();
+    // Halfway between two f32 (normal range): the 29 mantissa bits below f32 precision are
+    // exactly 1000...0.
+    if bits & 0x1FFF_FFFF == 0x1000_0000 {
+        let v = s - p;
+        let e = (p - (s - v)) + (c - v);
+        if e != 0.0 {
+            // Move s one f64 step towards the exact value, off the halfway point.
+            let up = (e > 0.0) == (s > 0.0);
+            return f64::from_bits(if up { bits + 1 } else { bits - 1 }) as f32;
+        }
+    }
+    s as f32
 }
 
 /// `_mm512_reduce_add_ps` as GCC expands it: halves, quarters, then pairs.
@@ -89,6 +105,44 @@ mod tests {
         assert_eq!(expf(200.0), f32::INFINITY);
         assert_eq!(expf(f32::NEG_INFINITY), 0.0);
         assert_eq!(expf(0.0), 1.0);
+    }
+
+    /// Against the hardware-exact `mul_add`, including sums that land halfway between two f32
+    /// in f64 (where a plain f64 evaluation double-rounds).
+    #[test]
+    fn fma32_is_correctly_rounded() {
+        // a*b = 1 + 2^-24 + 2^-48 exactly; c = 2^-70 makes the f64 sum land on the f32
+        // halfway point 1 + 2^-24 after rounding, with the true value just above it.
+        let a = 1.0 + f32::EPSILON / 2.0; // 1 + 2^-24
+        let cases = [
+            (a, a, 2f32.powi(-70)),
+            (a, a, -(2f32.powi(-70))),
+            (-a, a, 2f32.powi(-70)),
+            (3.0, 1.0 / 3.0, -1.0),
+            (1.5, 2.5, 0.125),
+        ];
+        for (x, y, z) in cases {
+            assert_eq!(
+                fma32(x, y, z).to_bits(),
+                x.mul_add(y, z).to_bits(),
+                "{x} {y} {z}"
+            );
+        }
+        let mut s = 0x1234_5678u32;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            f32::from_bits((s & 0x807F_FFFF) | ((s % 40 + 107) << 23))
+        };
+        for _ in 0..200_000 {
+            let (x, y, z) = (next(), next(), next());
+            assert_eq!(
+                fma32(x, y, z).to_bits(),
+                x.mul_add(y, z).to_bits(),
+                "{x} {y} {z}"
+            );
+        }
     }
 
     #[test]

@@ -42,12 +42,12 @@ pub fn matmul(
     let w_row = ty.row_bytes(cols as u64).ok_or_else(|| {
         Error::InvalidArgument(format!("{cols} columns are not whole {ty} blocks"))
     })? as usize;
-    let a_row = k.act_type.row_bytes(cols as u64).ok_or_else(|| {
+    let a_row = k.act_row_bytes(cols).ok_or_else(|| {
         Error::InvalidArgument(format!(
             "{cols} columns are not whole {} blocks (activations for {ty})",
             k.act_type
         ))
-    })? as usize;
+    })?;
     if w.len() != rows * w_row || x.len() < n * cols || out.len() < n * rows {
         return Err(Error::InvalidArgument(format!(
             "matmul shapes: weights {} bytes for [{rows}, {cols}] {ty}, x {} for [{n}, {cols}], out {} for [{n}, {rows}]",
@@ -71,10 +71,8 @@ pub fn matmul(
     let n_tasks = rows.div_ceil(per);
     let dst = DisjointOut::new(out);
     // llama.cpp runs some formats through other kernels depending on the batch size and the
-    // token's place in it (dot::batch_vec_dot); pick each token's kernel once.
-    let dots: Vec<super::VecDotFn> = (0..n)
-        .map(|t| super::dot::batch_vec_dot(ty, rows, n, t).unwrap_or(k.vec_dot))
-        .collect();
+    // token's place in it (DotKernel::dot_for); pick each token's kernel once.
+    let dots: Vec<super::VecDotFn> = (0..n).map(|t| k.dot_for(rows, n, t)).collect();
     pool.run(n_tasks, |task| {
         let r0 = task * per;
         let r1 = (r0 + per).min(rows);

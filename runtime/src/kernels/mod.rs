@@ -1,15 +1,30 @@
 //! CPU kernels: the one dispatch point for matrix products, keyed on the weight's encoding.
 //!
-//! [`KernelTable::get`] returns the table built once at start-up. Today it holds the portable
-//! entries, built from the reference routines in [`crate::quant`]; arch plugs (AVX2, NEON)
-//! overwrite entries for the CPUs that support them, so the model code never changes when a
-//! kernel is added.
+//! [`KernelTable::get`] returns the table built once at start-up: the portable entries first
+//! ([`KernelTable::generic`], built from the routines in [`dot`] and [`act`]), then the arch
+//! plug of the running CPU ([`x86`] or [`aarch64`]) overwrites the entries it has faster
+//! kernels for, up to the highest [`Level`] that the CPU reports at run time. The model code
+//! never changes when a kernel is added.
+//!
+//! Every entry computes the same numbers as the portable one, bit for bit: the portable dots
+//! sum in the lane orders of ggml's x86 kernels (see [`dot`]), and the SIMD kernels keep those
+//! orders. The shared test suite (`tests/kernels.rs` of the runtime crate) checks every entry
+//! of every level the CPU has against the portable table.
+//!
+//! `SPARROW_KERNELS` limits the level for A/B runs: `generic` (or `off`) turns every plug
+//! off; `avx2`, `avx512`, `neon`, `dotprod`, `i8mm` cap the plug at that level.
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
 pub mod act;
+pub mod attn;
+pub mod bandwidth;
 pub mod dot;
 pub mod math;
 mod matmul;
 mod pool;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
 
 pub use matmul::{matmul, MatmulScratch};
 pub use pool::{default_threads, DisjointOut, ThreadPool};
@@ -22,28 +37,179 @@ pub type QuantizeRowFn = fn(&[f32], &mut [u8]);
 /// Dot product of one weight row and one quantized activation row of the same length.
 pub type VecDotFn = fn(&[u8], &[u8]) -> f32;
 
+/// CPU feature levels a plug can target, lowest first within each architecture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Portable Rust, no arch plug.
+    Generic,
+    /// x86_64 with AVX2, FMA and F16C.
+    Avx2,
+    /// x86_64 with AVX-512 F, BW, VL and VNNI on top of `Avx2`.
+    Avx512,
+    /// aarch64 Advanced SIMD (every aarch64 CPU).
+    Neon,
+    /// aarch64 with the dot product extension (`sdot`).
+    Dotprod,
+    /// aarch64 with the int8 matrix multiply extension (`smmla`) on top of `Dotprod`.
+    I8mm,
+}
+
+impl Level {
+    /// The name used by `SPARROW_KERNELS` and in kernel names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Generic => "generic",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+            Level::Neon => "neon",
+            Level::Dotprod => "dotprod",
+            Level::I8mm => "i8mm",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Level> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "generic" | "off" | "none" | "portable" => Level::Generic,
+            "avx2" => Level::Avx2,
+            "avx512" => Level::Avx512,
+            "neon" => Level::Neon,
+            "dotprod" => Level::Dotprod,
+            "i8mm" => Level::I8mm,
+            _ => return None,
+        })
+    }
+
+    /// Every level the running CPU supports, lowest first (always starts with `Generic`).
+    pub fn detected() -> Vec<Level> {
+        let mut v = vec![Level::Generic];
+        #[cfg(target_arch = "x86_64")]
+        v.extend(x86::detected());
+        #[cfg(target_arch = "aarch64")]
+        v.extend(aarch64::detected());
+        v
+    }
+
+    /// The level `KernelTable::get` uses: the highest detected one, capped by
+    /// `SPARROW_KERNELS` when it is set.
+    pub fn selected() -> Level {
+        let detected = Level::detected();
+        let best = *detected.last().unwrap_or(&Level::Generic);
+        let Ok(want) = std::env::var("SPARROW_KERNELS") else {
+            return best;
+        };
+        match Level::parse(&want) {
+            Some(l) if l == Level::Generic || detected.contains(&l) => l,
+            Some(l) => {
+                log::warn!(
+                    "SPARROW_KERNELS={want}: this CPU has no {} support; using {}",
+                    l.name(),
+                    best.name()
+                );
+                best
+            }
+            None => {
+                log::warn!(
+                    "SPARROW_KERNELS={want} is not one of generic, avx2, avx512, neon, dotprod, i8mm; using {}",
+                    best.name()
+                );
+                best
+            }
+        }
+    }
+}
+
 /// How to multiply weights of one encoding by activations.
 #[derive(Clone, Copy)]
 pub struct DotKernel {
-    /// A name that says arch, op and types (`generic_dot_q4_1_q8_1`).
+    /// A name that says arch, op and types (`generic_dot_q4_1_q8_1`, `avx2_dot_q4_1_q8_1`).
     pub name: &'static str,
+    /// The level of the plug that registered it.
+    pub level: Level,
     pub weight_type: GgmlType,
     /// The format activations are quantized to once per row before the dot products.
     pub act_type: GgmlType,
+    /// Extra bytes per activation block that `quantize_act` appends after the row of
+    /// `act_type` blocks, for what a kernel wants precomputed once per row instead of once
+    /// per weight row (e.g. the block scales as f32). 0 for the portable entries.
+    pub act_extra: usize,
+    /// Writes one row of activations: `act_type` blocks, then `act_extra` bytes per block.
     pub quantize_act: QuantizeRowFn,
+    /// The dot for one token (every decode step), in llama.cpp's order for one token.
     pub vec_dot: VecDotFn,
+    /// Q4_K only: the order of llama.cpp's repacked gemm, for tokens taken four at a time.
+    pub gemm: Option<VecDotFn>,
+    /// K-quants only: the order of llama.cpp's tiled matmul, for batches of 8 or more.
+    pub tiled: Option<VecDotFn>,
+}
+
+impl DotKernel {
+    /// Bytes of one quantized activation row of `cols` values (a whole number of blocks).
+    pub fn act_row_bytes(&self, cols: usize) -> Option<usize> {
+        let base = self.act_type.row_bytes(cols as u64)? as usize;
+        Some(base + cols / self.act_type.block_size() * self.act_extra)
+    }
+
+    /// The dot llama.cpp runs for token `t` of a batch of `n` tokens against a weight matrix
+    /// of `rows` rows, where it differs from the per-token kernel:
+    /// - Q4_K, repacked (rows % 8 == 0): `forward_mul_mat` in repack.cpp runs
+    ///   `ggml_gemm_q4_K_8x8_q8_K` on the first `n - n % 4` tokens when n >= 4 and
+    ///   `ggml_gemv_q4_K_8x8_q8_K` on the rest ([`dot::q4_k_q8_k_gemm`]);
+    /// - Q5_K, Q6_K, and Q4_K that is not repacked: the tiled matmul (ggml-cpu/tiled) takes
+    ///   the whole batch when n >= 8 ([`dot::q5_k_q8_k_tiled`] and friends).
+    ///
+    /// (Not reproduced: unrepacked Q4_K with n < 8, which llama.cpp sends through
+    /// `ggml_vec_dot_q4_K_q8_K`; the table's Q4_K kernel follows the repacked gemv.)
+    pub fn dot_for(&self, rows: usize, n: usize, t: usize) -> VecDotFn {
+        let pick = match self.weight_type {
+            GgmlType::Q4_K if rows % 8 == 0 => {
+                if n >= 4 && t < n - n % 4 {
+                    self.gemm
+                } else {
+                    None
+                }
+            }
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K if n >= 8 => self.tiled,
+            _ => None,
+        };
+        pick.unwrap_or(self.vec_dot)
+    }
 }
 
 /// The table of kernels, indexed by ggml type id.
 pub struct KernelTable {
+    level: Level,
     dot: Vec<Option<DotKernel>>,
 }
 
 impl KernelTable {
-    /// The process-wide table, built on first use.
+    /// The process-wide table, built on first use at [`Level::selected`].
     pub fn get() -> &'static KernelTable {
         static TABLE: OnceLock<KernelTable> = OnceLock::new();
-        TABLE.get_or_init(KernelTable::generic)
+        TABLE.get_or_init(|| {
+            let t = KernelTable::for_level(Level::selected());
+            log::debug!("CPU kernels: {}", t.level.name());
+            t
+        })
+    }
+
+    /// The portable entries plus the plugs up to `level` (which must be one of
+    /// [`Level::detected`]; a level the CPU lacks gives the portable table).
+    pub fn for_level(level: Level) -> KernelTable {
+        let mut t = KernelTable::generic();
+        if level == Level::Generic || !Level::detected().contains(&level) {
+            return t;
+        }
+        #[cfg(target_arch = "x86_64")]
+        x86::plug(&mut t, level);
+        #[cfg(target_arch = "aarch64")]
+        aarch64::plug(&mut t, level);
+        t.level = level;
+        t
+    }
+
+    /// The level this table was built for.
+    pub fn level(&self) -> Level {
+        self.level
     }
 
     /// Portable entries for every weight type sparrow computes with.
@@ -62,8 +228,8 @@ impl KernelTable {
                 _ => a.quantize,
             };
             // The 32-element formats sum in ggml's x86 lane order, the K-quants in the order
-            // llama.cpp uses for one token (dot.rs; a batch takes other kernels there, see
-            // dot::batch_vec_dot); the rest use the format's reference dot.
+            // llama.cpp uses for one token (dot.rs; a batch takes other orders, see
+            // DotKernel::dot_for); the rest use the format's reference dot.
             let vec_dot: VecDotFn = match ty {
                 GgmlType::Q8_0 => dot::q8_0_q8_0,
                 GgmlType::Q4_0 => dot::q4_0_q8_0,
@@ -75,15 +241,28 @@ impl KernelTable {
                 GgmlType::Q6_K => dot::q6_k_q8_k,
                 _ => w.vec_dot,
             };
+            let (gemm, tiled): (Option<VecDotFn>, Option<VecDotFn>) = match ty {
+                GgmlType::Q4_K => (Some(dot::q4_k_q8_k_gemm), Some(dot::q4_k_q8_k_tiled)),
+                GgmlType::Q5_K => (None, Some(dot::q5_k_q8_k_tiled)),
+                GgmlType::Q6_K => (None, Some(dot::q6_k_q8_k_tiled)),
+                _ => (None, None),
+            };
             dot[ty.id() as usize] = Some(DotKernel {
                 name: generic_name(ty),
+                level: Level::Generic,
                 weight_type: ty,
                 act_type: w.vec_dot_type,
+                act_extra: 0,
                 quantize_act,
                 vec_dot,
+                gemm,
+                tiled,
             });
         }
-        KernelTable { dot }
+        KernelTable {
+            level: Level::Generic,
+            dot,
+        }
     }
 
     /// The dot kernel for weights of type `ty`, if any.
@@ -94,6 +273,22 @@ impl KernelTable {
     /// Every registered entry (for the shared kernel test suite).
     pub fn entries(&self) -> impl Iterator<Item = &DotKernel> {
         self.dot.iter().flatten()
+    }
+
+    /// For plugs: replaces parts of the entry for `ty` (which must exist) and renames it.
+    #[allow(dead_code)]
+    pub(crate) fn plug(
+        &mut self,
+        ty: GgmlType,
+        level: Level,
+        name: &'static str,
+        f: impl FnOnce(&mut DotKernel),
+    ) {
+        if let Some(Some(e)) = self.dot.get_mut(ty.id() as usize) {
+            f(e);
+            e.name = name;
+            e.level = level;
+        }
     }
 }
 

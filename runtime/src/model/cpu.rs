@@ -8,6 +8,7 @@
 use super::backend::Backend;
 use super::config::{Config, RopeKind};
 use crate::gguf::TensorInfo;
+use crate::kernels::attn::{self, KvRows, SumOrder};
 use crate::kernels::{self, math, MatmulScratch, ThreadPool};
 use crate::quant::{self, GgmlType};
 use crate::{Error, Result};
@@ -71,16 +72,25 @@ impl KvBuf {
         }
     }
 
-    fn load(&self, at: usize, out: &mut [f32]) {
-        let n = out.len();
+    fn rows(&self) -> KvRows<'_> {
         match self {
-            KvBuf::F16(b) => out
-                .iter_mut()
-                .zip(&b[at..at + n])
-                .for_each(|(o, x)| *o = x.to_f32()),
-            KvBuf::F32(b) => out.copy_from_slice(&b[at..at + n]),
+            KvBuf::F16(b) => KvRows::F16(b),
+            KvBuf::F32(b) => KvRows::F32(b),
         }
     }
+}
+
+/// Per-thread buffers of one attention task (a query head of one token).
+#[derive(Default)]
+struct AttnScratch {
+    q: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static ATTN_SCRATCH: std::cell::RefCell<AttnScratch> = Default::default();
 }
 
 pub struct CpuKv {
@@ -110,63 +120,6 @@ impl CpuBackend {
             tmp: Vec::new(),
             kv_type,
         })
-    }
-}
-
-/// The summation orders of llama.cpp's attention products (f16 x f16 on AVX-512), which
-/// sparrow follows so that its attention output is the same to the last bit.
-#[derive(Clone, Copy)]
-enum SumOrder {
-    /// tinyBLAS (batches of 2+ queries): 16 lanes, element i into lane i % 16 in order, then
-    /// `_mm512_reduce_add_ps`.
-    TinyBlas,
-    /// ggml_vec_dot_f16 (one query): 4 accumulators of 16 lanes over steps of 64 elements
-    /// (element i into accumulator (i % 64) / 16, lane i % 16), folded 0+2, 1+3, 0+1, then
-    /// reduced. Lengths here are whole steps once padded with zeros, which add nothing.
-    GgmlVecDot,
-}
-
-impl SumOrder {
-    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = DotAcc::default();
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            acc.add(self, i, *x, *y);
-        }
-        acc.finish(self)
-    }
-}
-
-/// Partial sums of one dot product in 4 x 16 lanes (TinyBlas uses the first 16).
-#[derive(Clone)]
-struct DotAcc([[f32; 16]; 4]);
-
-impl Default for DotAcc {
-    fn default() -> Self {
-        DotAcc([[0.0; 16]; 4])
-    }
-}
-
-impl DotAcc {
-    #[inline]
-    fn add(&mut self, order: SumOrder, i: usize, x: f32, y: f32) {
-        let lane = match order {
-            SumOrder::TinyBlas => &mut self.0[0][i % 16],
-            SumOrder::GgmlVecDot => &mut self.0[(i % 64) / 16][i % 16],
-        };
-        *lane = math::fma32(x, y, *lane);
-    }
-
-    fn finish(&self, order: SumOrder) -> f32 {
-        match order {
-            SumOrder::TinyBlas => math::reduce_add16(&self.0[0]),
-            SumOrder::GgmlVecDot => {
-                let s: [[f32; 16]; 2] = std::array::from_fn(|k| {
-                    std::array::from_fn(|l| self.0[k][l] + self.0[k + 2][l])
-                });
-                let t: [f32; 16] = std::array::from_fn(|l| s[0][l] + s[1][l]);
-                math::reduce_add16(&t)
-            }
-        }
     }
 }
 
@@ -383,34 +336,32 @@ impl Backend for CpuBackend {
         } else {
             SumOrder::TinyBlas
         };
+        let (krows, vrows) = (kc.rows(), vc.rows());
         let dst = crate::kernels::DisjointOut::new(out);
         self.pool.run(n * nh, |task| {
             let (t, h) = (task / nh, task % nh);
             let kvh = h / group;
             let n_kv = pos0 + t + 1;
-            let qh: Vec<f32> = q[t * qd + h * hd..t * qd + (h + 1) * hd]
-                .iter()
-                .map(|&x| round_for(ty, x))
-                .collect();
-            let mut row = vec![0.0f32; hd];
-            let mut s = vec![0.0f32; n_kv];
-            for (j, sj) in s.iter_mut().enumerate() {
-                kc.load(j * kvd + kvh * hd, &mut row);
-                *sj = order.dot(&row, &qh) * scale;
-            }
-            let inv = softmax_unnormalized(&mut s);
-            // out[d] = sum_j p_j v_j[d], summed in the order llama.cpp sums V^T p.
-            let mut acc = vec![DotAcc::default(); hd];
-            for (j, &p) in s.iter().enumerate() {
-                let p = round_for(ty, p * inv);
-                vc.load(j * kvd + kvh * hd, &mut row);
-                for (a, vi) in acc.iter_mut().zip(&row) {
-                    a.add(order, j, p, *vi);
+            ATTN_SCRATCH.with(|cell| {
+                let sc = &mut *cell.borrow_mut();
+                sc.q.clear();
+                sc.q.extend(
+                    q[t * qd + h * hd..t * qd + (h + 1) * hd]
+                        .iter()
+                        .map(|&x| round_for(ty, x)),
+                );
+                sc.s.resize(n_kv, 0.0);
+                attn::scores(order, krows, kvh * hd, kvd, &sc.q, scale, &mut sc.s);
+                let inv = softmax_unnormalized(&mut sc.s);
+                for p in sc.s.iter_mut() {
+                    *p = round_for(ty, *p * inv);
                 }
-            }
-            let o: Vec<f32> = acc.iter().map(|a| a.finish(order)).collect();
-            // SAFETY: each task writes only its own (token, head) slice of `out`.
-            unsafe { dst.write(t * qd + h * hd, &o) };
+                // out = sum_j p_j v_j, summed in the order llama.cpp sums V^T p.
+                sc.o.resize(hd, 0.0);
+                attn::weighted_sum(order, vrows, kvh * hd, kvd, &sc.s, &mut sc.acc, &mut sc.o);
+                // SAFETY: each task writes only its own (token, head) slice of `out`.
+                unsafe { dst.write(t * qd + h * hd, &sc.o) };
+            });
         });
         Ok(())
     }

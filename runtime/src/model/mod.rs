@@ -65,6 +65,44 @@ impl<B: Backend> Model<B> {
         &self.backend
     }
 
+    /// Bytes of weights one decode step (one token) reads, from the tensor table: every
+    /// per-layer matrix, bias and norm, the final norm, the output matrix (the embedding table
+    /// when the model ties them), and one row of the embedding table for the lookup. Decode
+    /// streams these from memory once per token, so this over the memory bandwidth is the
+    /// fastest a decode step can be.
+    pub fn decode_weight_bytes(&self) -> u64 {
+        let f = &self.file;
+        let bytes = |name: &str| f.tensor(name).map_or(0, |t| t.n_bytes);
+        let mut total = 0u64;
+        for i in 0..self.config.n_layer {
+            for s in [
+                "attn_norm.weight",
+                "attn_q.weight",
+                "attn_k.weight",
+                "attn_v.weight",
+                "attn_output.weight",
+                "attn_q.bias",
+                "attn_k.bias",
+                "attn_v.bias",
+                "ffn_norm.weight",
+                "ffn_gate.weight",
+                "ffn_up.weight",
+                "ffn_down.weight",
+            ] {
+                total += bytes(&format!("blk.{i}.{s}"));
+            }
+        }
+        total += bytes("output_norm.weight");
+        total += match f.tensor("output.weight") {
+            Some(t) => t.n_bytes,
+            None => bytes("token_embd.weight"),
+        };
+        if let Some(t) = f.tensor("token_embd.weight") {
+            total += t.n_bytes / t.n_rows().max(1);
+        }
+        total
+    }
+
     /// A new session with room for `n_ctx` tokens (0: the training context, capped at 4096).
     pub fn new_session(&mut self, n_ctx: usize) -> Result<Session<B>> {
         let n_ctx = if n_ctx == 0 {

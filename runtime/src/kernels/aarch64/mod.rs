@@ -1,0 +1,148 @@
+//! The aarch64 plug: NEON kernels for every aarch64 CPU, and `sdot` (dotprod) kernels where
+//! the CPU has the dot product extension, each summing in the order of its portable twin in
+//! [`super::dot`], so the results are bit-identical; they differ only in how the exact integer
+//! parts are computed (see [`neon`]).
+//!
+//! `Level::I8mm` registers nothing of its own: `smmla` multiplies a 2x8 by an 8x2 block of
+//! bytes, i.e. two weight rows by two activation rows, each output a sum of 8 products. The
+//! table's dots take one weight row and one activation row (`VecDotFn`), so at most the two
+//! diagonal outputs of each `smmla` would be used: 16 useful products per instruction, the
+//! same as one `sdot`, plus the shuffles to build the operands. An i8mm kernel pays off only
+//! with a 2x2 row/token interface (as llama.cpp's `nrc == 2` dots), which the table does not
+//! have; an I8mm table therefore holds the dotprod kernels under their own names (the suite
+//! only asks that an entry's level be at most the table's).
+//!
+//! Safety model: see [`neon`]. [`plug`] runs only for a level in [`detected`], and registers
+//! the dotprod entry points only at `Level::Dotprod` and above.
+
+mod kquant;
+mod neon;
+
+use super::{KernelTable, Level, QuantizeRowFn, VecDotFn};
+use crate::quant::GgmlType;
+
+/// The aarch64 levels this CPU supports, lowest first.
+pub fn detected() -> Vec<Level> {
+    let mut v = vec![Level::Neon];
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        v.push(Level::Dotprod);
+        if std::arch::is_aarch64_feature_detected!("i8mm") {
+            v.push(Level::I8mm);
+        }
+    }
+    v
+}
+
+/// One level's kernels and their names.
+struct Set {
+    level: Level,
+    /// Names for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, in that order.
+    names: [&'static str; 8],
+    q8_0: VecDotFn,
+    q4_0: VecDotFn,
+    q4_1: VecDotFn,
+    q5_0: VecDotFn,
+    q5_1: VecDotFn,
+    /// vec_dot, gemm, tiled.
+    q4_k: [VecDotFn; 3],
+    /// vec_dot, tiled.
+    q5_k: [VecDotFn; 2],
+    /// vec_dot, tiled.
+    q6_k: [VecDotFn; 2],
+}
+
+macro_rules! names {
+    ($p:literal) => {
+        [
+            concat!($p, "_dot_q8_0_q8_0"),
+            concat!($p, "_dot_q4_0_q8_0"),
+            concat!($p, "_dot_q4_1_q8_1"),
+            concat!($p, "_dot_q5_0_q8_0"),
+            concat!($p, "_dot_q5_1_q8_1"),
+            concat!($p, "_dot_q4_k_q8_k"),
+            concat!($p, "_dot_q5_k_q8_k"),
+            concat!($p, "_dot_q6_k_q8_k"),
+        ]
+    };
+}
+
+const NEON: Set = Set {
+    level: Level::Neon,
+    names: names!("neon"),
+    q8_0: neon::q8_0_q8_0,
+    q4_0: neon::q4_0_q8_0,
+    q4_1: neon::q4_1_q8_1,
+    q5_0: neon::q5_0_q8_0,
+    q5_1: neon::q5_1_q8_1,
+    q4_k: [
+        kquant::q4_k_q8_k,
+        kquant::q4_k_q8_k_gemm,
+        kquant::q4_k_q8_k_tiled,
+    ],
+    q5_k: [kquant::q5_k_q8_k, kquant::q5_k_q8_k_tiled],
+    q6_k: [kquant::q6_k_q8_k, kquant::q6_k_q8_k_tiled],
+};
+
+/// Only ever registered after `detected()` reported `Level::Dotprod` (the entry points are
+/// `unsafe` inside: see [`neon`]).
+const DOTPROD: Set = Set {
+    level: Level::Dotprod,
+    names: names!("dotprod"),
+    q8_0: neon::q8_0_q8_0_sdot,
+    q4_0: neon::q4_0_q8_0_sdot,
+    q4_1: neon::q4_1_q8_1_sdot,
+    q5_0: neon::q5_0_q8_0_sdot,
+    q5_1: neon::q5_1_q8_1_sdot,
+    q4_k: [
+        kquant::q4_k_q8_k_sdot,
+        kquant::q4_k_q8_k_gemm_sdot,
+        kquant::q4_k_q8_k_tiled_sdot,
+    ],
+    q5_k: [kquant::q5_k_q8_k_sdot, kquant::q5_k_q8_k_tiled_sdot],
+    q6_k: [kquant::q6_k_q8_k_sdot, kquant::q6_k_q8_k_tiled_sdot],
+};
+
+fn register(t: &mut KernelTable, s: &Set) {
+    use GgmlType::*;
+    let (l, n) = (s.level, &s.names);
+    // The activation quantizers use no dotprod instruction: the NEON ones at every level.
+    let q8_0 = neon::quantize_row_q8_0 as QuantizeRowFn;
+    let q8_1 = neon::quantize_row_q8_1 as QuantizeRowFn;
+    for (ty, name, dot, act) in [
+        (Q8_0, n[0], s.q8_0, q8_0),
+        (Q4_0, n[1], s.q4_0, q8_0),
+        (Q4_1, n[2], s.q4_1, q8_1),
+        (Q5_0, n[3], s.q5_0, q8_0),
+        (Q5_1, n[4], s.q5_1, q8_1),
+    ] {
+        t.plug(ty, l, name, |e| {
+            e.vec_dot = dot;
+            e.quantize_act = act;
+        });
+    }
+    // Q8_K activations: the format's own quantizer, which is the x86 one (see dot.rs).
+    t.plug(Q4_K, l, n[5], |e| {
+        e.vec_dot = s.q4_k[0];
+        e.gemm = Some(s.q4_k[1]);
+        e.tiled = Some(s.q4_k[2]);
+    });
+    t.plug(Q5_K, l, n[6], |e| {
+        e.vec_dot = s.q5_k[0];
+        e.tiled = Some(s.q5_k[1]);
+    });
+    t.plug(Q6_K, l, n[7], |e| {
+        e.vec_dot = s.q6_k[0];
+        e.tiled = Some(s.q6_k[1]);
+    });
+}
+
+/// Overwrites the entries of `t` that have aarch64 kernels at or below `level`. The caller
+/// has checked that the CPU supports `level`.
+pub(super) fn plug(t: &mut KernelTable, level: Level) {
+    if level >= Level::Neon {
+        register(t, &NEON);
+    }
+    if level >= Level::Dotprod {
+        register(t, &DOTPROD);
+    }
+}

@@ -1,0 +1,158 @@
+//! AVX2 forms of the attention loops in `kernels/attn.rs`: the same slots and folds, eight
+//! lanes at a time, with F16C converting the f16 cache. Each returns false (and does
+//! nothing) when the table is below AVX2 or the head size is not a multiple of 16, and the
+//! portable loop runs instead.
+
+use crate::kernels::attn::{KvRows, SumOrder};
+use crate::kernels::{KernelTable, Level};
+use std::arch::x86_64::*;
+
+fn enabled(hd: usize) -> bool {
+    hd % 16 == 0 && KernelTable::get().level() >= Level::Avx2
+}
+
+/// Eight values of the cache at `i` as f32.
+#[inline(always)]
+unsafe fn load8(k: &KvRows, i: usize) -> __m256 {
+    match k {
+        KvRows::F16(b) => {
+            let s = &b[i..i + 8];
+            _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr() as *const __m128i))
+        }
+        KvRows::F32(b) => _mm256_loadu_ps(b[i..i + 8].as_ptr()),
+    }
+}
+
+/// `_mm512_reduce_add_ps` of the 16 lanes (lo, hi): halves, quarters, pairs.
+#[inline(always)]
+unsafe fn reduce16(lo: __m256, hi: __m256) -> f32 {
+    let t3 = _mm256_add_ps(hi, lo);
+    let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
+    let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+    _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+}
+
+pub fn scores(
+    order: SumOrder,
+    k: KvRows,
+    at: usize,
+    stride: usize,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    if !enabled(q.len()) {
+        return false;
+    }
+    // SAFETY: AVX2, FMA and F16C were detected (the table's level); indices are checked by
+    // the slice accesses in load8.
+    unsafe { scores_imp(order, k, at, stride, q, scale, out) };
+    true
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scores_imp(
+    order: SumOrder,
+    k: KvRows,
+    at: usize,
+    stride: usize,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    for (j, o) in out.iter_mut().enumerate() {
+        let base = at + j * stride;
+        let s = match order {
+            SumOrder::TinyBlas => {
+                let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                for c in (0..hd).step_by(16) {
+                    lo = _mm256_fmadd_ps(load8(&k, base + c), _mm256_loadu_ps(&q[c]), lo);
+                    hi = _mm256_fmadd_ps(load8(&k, base + c + 8), _mm256_loadu_ps(&q[c + 8]), hi);
+                }
+                reduce16(lo, hi)
+            }
+            SumOrder::GgmlVecDot => {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in (0..hd).step_by(8) {
+                    let a = (c % 64) / 8;
+                    acc[a] = _mm256_fmadd_ps(load8(&k, base + c), _mm256_loadu_ps(&q[c]), acc[a]);
+                }
+                // (acc0 + acc2) + (acc1 + acc3), per 16-lane accumulator = two registers.
+                let lo =
+                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+                let hi =
+                    _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+                reduce16(lo, hi)
+            }
+        };
+        *o = s * scale;
+    }
+}
+
+/// `acc` holds min(slots, p.len()) zeroed slots of out.len() values (see the portable
+/// `weighted_sum`).
+pub fn weighted_sum(
+    order: SumOrder,
+    v: KvRows,
+    at: usize,
+    stride: usize,
+    p: &[f32],
+    acc: &mut [f32],
+    out: &mut [f32],
+) -> bool {
+    if !enabled(out.len()) {
+        return false;
+    }
+    // SAFETY: as in `scores`.
+    unsafe { weighted_sum_imp(order, v, at, stride, p, acc, out) };
+    true
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weighted_sum_imp(
+    order: SumOrder,
+    v: KvRows,
+    at: usize,
+    stride: usize,
+    p: &[f32],
+    acc: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = out.len();
+    let slots = order.slots();
+    let used = acc.len() / hd;
+    for (j, &pj) in p.iter().enumerate() {
+        let base = at + j * stride;
+        let s = &mut acc[(j % slots) * hd..(j % slots + 1) * hd];
+        let pv = _mm256_set1_ps(pj);
+        for d in (0..hd).step_by(8) {
+            let a = _mm256_loadu_ps(&s[d]);
+            _mm256_storeu_ps(&mut s[d], _mm256_fmadd_ps(pv, load8(&v, base + d), a));
+        }
+    }
+    let zero = _mm256_setzero_ps();
+    let slot = |i: usize, d: usize| {
+        if i < used {
+            _mm256_loadu_ps(&acc[i * hd + d])
+        } else {
+            zero
+        }
+    };
+    for d in (0..hd).step_by(8) {
+        // Reduce over the slots, eight dimensions at a time, in the order's fold.
+        let t: [__m256; 16] = match order {
+            SumOrder::TinyBlas => std::array::from_fn(|l| slot(l, d)),
+            SumOrder::GgmlVecDot => std::array::from_fn(|l| {
+                _mm256_add_ps(
+                    _mm256_add_ps(slot(l, d), slot(32 + l, d)),
+                    _mm256_add_ps(slot(16 + l, d), slot(48 + l, d)),
+                )
+            }),
+        };
+        let t3: [__m256; 8] = std::array::from_fn(|i| _mm256_add_ps(t[8 + i], t[i]));
+        let t6: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(t3[4 + i], t3[i]));
+        let r = _mm256_add_ps(_mm256_add_ps(t6[0], t6[2]), _mm256_add_ps(t6[1], t6[3]));
+        _mm256_storeu_ps(&mut out[d], r);
+    }
+}

@@ -1,0 +1,342 @@
+//! AVX2 kernels for the 32-element block formats and their activation quantizers.
+//!
+//! The same shapes as ggml's AVX2 kernels (arch/x86/quants.c): one block per iteration, its
+//! 32 products summed into 8 i32 lanes of 4 neighbours (`maddubs` then `madd` with ones), the
+//! lanes converted to f32 and fused-multiply-added with the block's scale into 8 f32
+//! accumulators, which `hsum_float_8` folds at the end. The portable twins in
+//! `kernels/dot.rs` document each order; both give the same bits.
+
+use crate::quant::q4_0::BlockQ4_0;
+use crate::quant::q4_1::BlockQ4_1;
+use crate::quant::q5_0::BlockQ5_0;
+use crate::quant::q5_1::BlockQ5_1;
+use crate::quant::q8_0::BlockQ8_0;
+use crate::quant::q8_1::BlockQ8_1;
+use crate::quant::util::{blocks, blocks_mut};
+use std::arch::x86_64::*;
+
+/// f16 bits to f32 with F16C.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn fp16(b: [u8; 2]) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(
+        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
+    ))
+}
+
+/// f32 to f16 bits, round to nearest even (as `_mm_cvtps_ph(x, 0)` in ggml).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn to_fp16(x: f32) -> [u8; 2] {
+    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x));
+    (_mm_extract_epi16::<0>(h) as u16).to_le_bytes()
+}
+
+/// 32 nibbles from 16 bytes: element j < 16 is the low nibble of byte j, 16 + j its high one.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
+    let tmp = _mm_loadu_si128(p as *const __m128i);
+    let bytes = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(tmp), _mm_srli_epi16::<4>(tmp));
+    _mm256_and_si256(_mm256_set1_epi8(0x0F), bytes)
+}
+
+/// 0xFF in byte j where bit j of the little-endian `qh` is set, 0 elsewhere.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bytes_from_bits_32(qh: [u8; 4]) -> __m256i {
+    let shuf = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(i32::from_le_bytes(qh)), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// `hsum_float_8`: (x[i] + x[4+i]), then (0+2) and (1+3), then the two.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum_float_8(x: __m256) -> f32 {
+    let mut r = _mm256_extractf128_ps::<1>(x);
+    r = _mm_add_ps(r, _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    _mm_cvtss_f32(r)
+}
+
+/// Sum of 8 i32 lanes (exact).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum_i32_8(a: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256::<1>(a));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+// ---- dots ----------------------------------------------------------------------------------
+//
+// Each kernel is one `#[inline(always)]` body generic over `VNNI`, compiled twice: for AVX2
+// (`maddubs` + `madd`) and for AVX-512 VNNI (`vpdpbusd` on 256-bit vectors), which computes
+// the same exact i32 lanes in one instruction.
+//
+// The activations carry their block scales as f32 after the row (`act_extra`, see
+// `quantize_row_q8_0_ext`): d for Q8_0, the pair (d, s) for Q8_1, so the weight row's loop
+// converts only its own f16 scales. A Q4_1/Q5_1 block starts with (d, m), which one 32-bit
+// load and one conversion turn into [d_x, m_x]; one multiply by [d_y, s_y] gives both the
+// block scale and the min term, and the min terms are summed in lane 1 of a vector, the same
+// sequence of f32 additions as the portable scalar `summs`.
+
+/// Unsigned x signed bytes into 8 exact i32 lanes of 4 neighbours.
+#[inline(always)]
+unsafe fn dot_us8<const VNNI: bool>(ax: __m256i, sy: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+    } else {
+        _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
+    }
+}
+
+/// Signed x signed bytes, lanes as [`dot_us8`].
+#[inline(always)]
+unsafe fn dot_i8<const VNNI: bool>(x: __m256i, y: __m256i) -> __m256i {
+    dot_us8::<VNNI>(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+/// Two f16 at `p` (little-endian) as [f32(p[0..2]), f32(p[2..4]), 0, 0].
+#[inline(always)]
+unsafe fn fp16x2(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()))
+}
+
+/// Two f32 at `p` as [p[0], p[1], 0, 0].
+#[inline(always)]
+unsafe fn f32x2(p: *const u8) -> __m128 {
+    _mm_castsi128_ps(_mm_loadl_epi64(p as *const __m128i))
+}
+
+/// The f32 scales that `quantize_row_q8_*_ext` appended after `nb` blocks of `block` bytes.
+#[inline(always)]
+fn act_scales(a: &[u8], nb: usize, block: usize, per_block: usize) -> &[u8] {
+    &a[nb * block..nb * block + nb * per_block]
+}
+
+#[inline(always)]
+unsafe fn q8_0_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
+    let x = blocks::<BlockQ8_0>(w);
+    let y = &blocks::<BlockQ8_0>(a)[..x.len()];
+    let dy = act_scales(a, x.len(), 34, 4);
+    let mut acc = _mm256_setzero_ps();
+    for (b, (x, y)) in x.iter().zip(y).enumerate() {
+        // The 32-bit load takes d and the first two quants; only lane 0 is used.
+        let d = _mm_mul_ss(
+            fp16x2(x.d.as_ptr()),
+            _mm_load_ss(dy.as_ptr().add(4 * b) as *const f32),
+        );
+        let qx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+        let p = _mm256_cvtepi32_ps(dot_i8::<VNNI>(qx, qy));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc);
+    }
+    hsum_float_8(acc)
+}
+
+/// Q4_0 in the repacked order (see `dot::q4_0_q8_0`): one integer per block, fma'd into a
+/// scalar accumulator.
+#[inline(always)]
+unsafe fn q4_0_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
+    let x = blocks::<BlockQ4_0>(w);
+    let y = &blocks::<BlockQ8_0>(a)[..x.len()];
+    let dy = act_scales(a, x.len(), 34, 4);
+    let mut acc = _mm_setzero_ps();
+    let off = _mm256_set1_epi8(8);
+    for (b, (x, y)) in x.iter().zip(y).enumerate() {
+        let d = _mm_mul_ss(
+            fp16x2(x.d.as_ptr()),
+            _mm_load_ss(dy.as_ptr().add(4 * b) as *const f32),
+        );
+        let qx = _mm256_sub_epi8(bytes_from_nibbles_32(x.qs.as_ptr()), off);
+        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+        let isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(hsum_i32_8(dot_i8::<VNNI>(qx, qy))));
+        acc = _mm_fmadd_ss(isum, d, acc);
+    }
+    _mm_cvtss_f32(acc)
+}
+
+/// Q4_1 / Q5_1: the weight block's (d, m) pair times the activation's (d, s) pair.
+#[inline(always)]
+unsafe fn scale_and_min(dm: *const u8, ds: *const u8, summs: &mut __m128) -> __m256 {
+    let p = _mm_mul_ps(fp16x2(dm), f32x2(ds));
+    *summs = _mm_add_ps(*summs, p);
+    _mm256_broadcastss_ps(p)
+}
+
+#[inline(always)]
+unsafe fn q4_1_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
+    let x = blocks::<BlockQ4_1>(w);
+    let y = &blocks::<BlockQ8_1>(a)[..x.len()];
+    let ds = act_scales(a, x.len(), 36, 8);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = _mm_setzero_ps();
+    for (b, (x, y)) in x.iter().zip(y).enumerate() {
+        let d = scale_and_min(x.d.as_ptr(), ds.as_ptr().add(8 * b), &mut summs);
+        let qx = bytes_from_nibbles_32(x.qs.as_ptr());
+        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, qy)), acc);
+    }
+    hsum_float_8(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
+}
+
+#[inline(always)]
+unsafe fn q5_0_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
+    let x = blocks::<BlockQ5_0>(w);
+    let y = &blocks::<BlockQ8_0>(a)[..x.len()];
+    let dy = act_scales(a, x.len(), 34, 4);
+    let mut acc = _mm256_setzero_ps();
+    for (b, (x, y)) in x.iter().zip(y).enumerate() {
+        let d = _mm_mul_ss(
+            fp16x2(x.d.as_ptr()),
+            _mm_load_ss(dy.as_ptr().add(4 * b) as *const f32),
+        );
+        // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
+        let hi = _mm256_andnot_si256(bytes_from_bits_32(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(bytes_from_nibbles_32(x.qs.as_ptr()), hi);
+        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+        let p = _mm256_cvtepi32_ps(dot_i8::<VNNI>(qx, qy));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc);
+    }
+    hsum_float_8(acc)
+}
+
+#[inline(always)]
+unsafe fn q5_1_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
+    let x = blocks::<BlockQ5_1>(w);
+    let y = &blocks::<BlockQ8_1>(a)[..x.len()];
+    let ds = act_scales(a, x.len(), 36, 8);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = _mm_setzero_ps();
+    for (b, (x, y)) in x.iter().zip(y).enumerate() {
+        let d = scale_and_min(x.d.as_ptr(), ds.as_ptr().add(8 * b), &mut summs);
+        let hi = _mm256_and_si256(bytes_from_bits_32(x.qh), _mm256_set1_epi8(0x10));
+        let qx = _mm256_or_si256(bytes_from_nibbles_32(x.qs.as_ptr()), hi);
+        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, qy)), acc);
+    }
+    hsum_float_8(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
+}
+
+// ---- activation quantizers (ggml's AVX2 quantize_row_q8_0 / _q8_1) ------------------------
+
+/// One block of 32: returns d and writes the quants; `sum` gets the exact sum of the quants.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+    let p = x.as_ptr();
+    let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(p.add(8 * k)));
+    let sign = _mm256_set1_ps(-0.0);
+    let mut m = _mm256_andnot_ps(sign, v[0]);
+    for vk in &v[1..] {
+        m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vk));
+    }
+    let mut m4 = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    let amax = _mm_cvtss_f32(m4);
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mul = _mm256_set1_ps(id);
+    let i: [__m256i; 4] = std::array::from_fn(|k| {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(v[k], mul),
+        );
+        _mm256_cvtps_epi32(r)
+    });
+    let sum = hsum_i32_8(_mm256_add_epi32(
+        _mm256_add_epi32(i[0], i[1]),
+        _mm256_add_epi32(i[2], i[3]),
+    ));
+    // Pack to bytes; packs interleave 128-bit halves, the permute puts them back in order.
+    let i01 = _mm256_packs_epi32(i[0], i[1]);
+    let i23 = _mm256_packs_epi32(i[2], i[3]);
+    let b = _mm256_packs_epi16(i01, i23);
+    let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, b);
+    (d, sum)
+}
+
+/// Q8_0 blocks, then each block's d as f32 (`act_extra` = 4).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_q8_0_imp(x: &[f32], dst: &mut [u8]) {
+    let nb = x.len() / 32;
+    let (row, ext) = dst.split_at_mut(nb * 34);
+    let out: &mut [BlockQ8_0] = blocks_mut(row);
+    for ((xb, b), e) in x
+        .chunks_exact(32)
+        .zip(out.iter_mut())
+        .zip(ext.chunks_exact_mut(4))
+    {
+        let (d, _) = quantize_block(xb, &mut b.qs);
+        b.d = to_fp16(d);
+        e.copy_from_slice(&fp16(b.d).to_le_bytes());
+    }
+}
+
+/// Q8_1 blocks, then each block's (d, s) as two f32 (`act_extra` = 8).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_q8_1_imp(x: &[f32], dst: &mut [u8]) {
+    let nb = x.len() / 32;
+    let (row, ext) = dst.split_at_mut(nb * 36);
+    let out: &mut [BlockQ8_1] = blocks_mut(row);
+    for ((xb, b), e) in x
+        .chunks_exact(32)
+        .zip(out.iter_mut())
+        .zip(ext.chunks_exact_mut(8))
+    {
+        let (d, sum) = quantize_block(xb, &mut b.qs);
+        b.d = to_fp16(d);
+        b.s = to_fp16(d * sum as f32);
+        e[..4].copy_from_slice(&fp16(b.d).to_le_bytes());
+        e[4..].copy_from_slice(&fp16(b.s).to_le_bytes());
+    }
+}
+
+/// The AVX2 and the AVX-512 VNNI instance of a dot body.
+macro_rules! dots {
+    ($avx2:ident, $vnni:ident, $body:ident) => {
+        pub(super) fn $avx2(w: &[u8], a: &[u8]) -> f32 {
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn imp(w: &[u8], a: &[u8]) -> f32 {
+                $body::<false>(w, a)
+            }
+            // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+            unsafe { imp(w, a) }
+        }
+        pub(super) fn $vnni(w: &[u8], a: &[u8]) -> f32 {
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn imp(w: &[u8], a: &[u8]) -> f32 {
+                $body::<true>(w, a)
+            }
+            // SAFETY: as above, at the AVX-512 level.
+            unsafe { imp(w, a) }
+        }
+    };
+}
+
+dots!(q8_0_q8_0, q8_0_q8_0_vnni, q8_0_body);
+dots!(q4_0_q8_0, q4_0_q8_0_vnni, q4_0_body);
+dots!(q4_1_q8_1, q4_1_q8_1_vnni, q4_1_body);
+dots!(q5_0_q8_0, q5_0_q8_0_vnni, q5_0_body);
+dots!(q5_1_q8_1, q5_1_q8_1_vnni, q5_1_body);
+
+pub(super) fn quantize_row_q8_0(x: &[f32], dst: &mut [u8]) {
+    // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+    unsafe { quantize_row_q8_0_imp(x, dst) }
+}
+
+pub(super) fn quantize_row_q8_1(x: &[f32], dst: &mut [u8]) {
+    // SAFETY: as above.
+    unsafe { quantize_row_q8_1_imp(x, dst) }
+}

@@ -1,0 +1,137 @@
+//! The x86_64 plug: AVX2 (+FMA, F16C) kernels, and AVX-512 (F, BW, VL, VNNI) where the CPU
+//! has it. Each kernel sums in the same order as its portable twin in [`super::dot`], so the
+//! results are bit-identical; they differ only in how the exact integer parts are computed.
+//!
+//! Safety model: the kernels are `unsafe fn`s compiled with `#[target_feature]`; the safe
+//! wrappers registered in the table are only reachable through [`plug`], which runs after
+//! [`detected`] confirmed the features on the running CPU.
+
+pub(crate) mod attn;
+mod avx2;
+mod kquant;
+
+use super::{KernelTable, Level};
+use crate::quant::GgmlType;
+
+/// The x86 levels this CPU supports, lowest first.
+pub fn detected() -> Vec<Level> {
+    let mut v = Vec::new();
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        v.push(Level::Avx2);
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+        {
+            v.push(Level::Avx512);
+        }
+    }
+    v
+}
+
+/// Overwrites the entries of `t` that have x86 kernels at or below `level`. The caller has
+/// checked that the CPU supports `level`.
+pub(super) fn plug(t: &mut KernelTable, level: Level) {
+    if level < Level::Avx2 {
+        return;
+    }
+    use GgmlType::*;
+    let l = Level::Avx2;
+    // The 32-element formats: activations with their scales appended as f32.
+    let q8_0 = |e: &mut super::DotKernel| {
+        e.quantize_act = avx2::quantize_row_q8_0;
+        e.act_extra = 4;
+    };
+    let q8_1 = |e: &mut super::DotKernel| {
+        e.quantize_act = avx2::quantize_row_q8_1;
+        e.act_extra = 8;
+    };
+    let vnni = level >= Level::Avx512;
+    let (lv, lname) = if vnni {
+        (Level::Avx512, true)
+    } else {
+        (l, false)
+    };
+    let pick = |a: super::VecDotFn, v: super::VecDotFn| if lname { v } else { a };
+    t.plug(
+        Q8_0,
+        lv,
+        if vnni {
+            "avx512_dot_q8_0_q8_0_vnni"
+        } else {
+            "avx2_dot_q8_0_q8_0"
+        },
+        |e| {
+            q8_0(e);
+            e.vec_dot = pick(avx2::q8_0_q8_0, avx2::q8_0_q8_0_vnni);
+        },
+    );
+    t.plug(
+        Q4_0,
+        lv,
+        if vnni {
+            "avx512_dot_q4_0_q8_0_vnni"
+        } else {
+            "avx2_dot_q4_0_q8_0"
+        },
+        |e| {
+            q8_0(e);
+            e.vec_dot = pick(avx2::q4_0_q8_0, avx2::q4_0_q8_0_vnni);
+        },
+    );
+    t.plug(
+        Q4_1,
+        lv,
+        if vnni {
+            "avx512_dot_q4_1_q8_1_vnni"
+        } else {
+            "avx2_dot_q4_1_q8_1"
+        },
+        |e| {
+            q8_1(e);
+            e.vec_dot = pick(avx2::q4_1_q8_1, avx2::q4_1_q8_1_vnni);
+        },
+    );
+    t.plug(
+        Q5_0,
+        lv,
+        if vnni {
+            "avx512_dot_q5_0_q8_0_vnni"
+        } else {
+            "avx2_dot_q5_0_q8_0"
+        },
+        |e| {
+            q8_0(e);
+            e.vec_dot = pick(avx2::q5_0_q8_0, avx2::q5_0_q8_0_vnni);
+        },
+    );
+    t.plug(
+        Q5_1,
+        lv,
+        if vnni {
+            "avx512_dot_q5_1_q8_1_vnni"
+        } else {
+            "avx2_dot_q5_1_q8_1"
+        },
+        |e| {
+            q8_1(e);
+            e.vec_dot = pick(avx2::q5_1_q8_1, avx2::q5_1_q8_1_vnni);
+        },
+    );
+    t.plug(Q4_K, l, "avx2_dot_q4_k_q8_k", |e| {
+        e.vec_dot = kquant::q4_k_q8_k;
+        e.gemm = Some(kquant::q4_k_q8_k_gemm);
+        e.tiled = Some(kquant::q4_k_q8_k_tiled);
+    });
+    t.plug(Q5_K, l, "avx2_dot_q5_k_q8_k", |e| {
+        e.vec_dot = kquant::q5_k_q8_k;
+        e.tiled = Some(kquant::q5_k_q8_k_tiled);
+    });
+    t.plug(Q6_K, l, "avx2_dot_q6_k_q8_k", |e| {
+        e.vec_dot = kquant::q6_k_q8_k;
+        e.tiled = Some(kquant::q6_k_q8_k_tiled);
+    });
+}
