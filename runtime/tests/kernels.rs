@@ -300,6 +300,41 @@ fn quantize_act_edge_rows() {
     }
 }
 
+/// `vec_dot4` gives each token the bits of `vec_dot`.
+#[test]
+fn vec_dot4_matches_vec_dot() {
+    for level in Level::detected() {
+        let t = KernelTable::for_level(level);
+        for k in t.entries() {
+            let Some(dot4) = k.vec_dot4 else { continue };
+            for (i, cols) in [576usize, 1536, 32, 256].into_iter().enumerate() {
+                if cols % row_unit(k) != 0 {
+                    continue;
+                }
+                let mut rng = Rng(77 + i as u64);
+                let w = quantized(k.weight_type, &rng.row(cols));
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|_| {
+                        let mut a = vec![0u8; k.act_row_bytes(cols).unwrap()];
+                        (k.quantize_act)(&rng.row(cols), &mut a);
+                        a
+                    })
+                    .collect();
+                let got = dot4(&w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                for (j, a) in acts.iter().enumerate() {
+                    check(
+                        &format!("{} vec_dot4 token {j}, cols {cols}", k.name),
+                        got[j],
+                        (k.vec_dot)(&w, a),
+                        Approx::Exact,
+                        0.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

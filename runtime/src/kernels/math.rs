@@ -85,6 +85,38 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(0.0 - x))
 }
 
+/// SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`.
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::math::swiglu(gate, up) {
+        return;
+    }
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+}
+
+/// ggml_vec_soft_max_f32: `s[i] = exp(s[i] - max)` with ggml's exp, summed per 16 lanes
+/// (in `_mm512_reduce_add_ps` order) into an f64; returns 1/sum as f32, the scale ggml
+/// applies afterwards.
+pub fn softmax_unnormalized(s: &mut [f32]) -> f32 {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(sum) = super::x86::math::softmax_exp(s, max) {
+        return (1.0 / sum) as f32;
+    }
+    let mut sum = 0.0f64;
+    for chunk in s.chunks_mut(16) {
+        let mut v = [0.0f32; 16];
+        for (x, l) in chunk.iter_mut().zip(v.iter_mut()) {
+            *x = expf(*x - max);
+            *l = *x;
+        }
+        sum += reduce_add16(&v) as f64;
+    }
+    (1.0 / sum) as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +174,48 @@ mod tests {
                 x.mul_add(y, z).to_bits(),
                 "{x} {y} {z}"
             );
+        }
+    }
+
+    /// The dispatching forms (SIMD where the table has a plug) give the scalar bits,
+    /// including lanes that leave the fast exponent range.
+    #[test]
+    fn swiglu_and_softmax_match_the_scalar_forms() {
+        let mut g: Vec<f32> = (0..1003)
+            .map(|i| ((i * 7919 % 2001) as f32 - 1000.0) * 0.013)
+            .collect();
+        g.extend([0.0, -0.0, 150.0, -150.0, 95.0, -95.0, 88.5, -87.9, 1e-30]);
+        let u: Vec<f32> = (0..g.len()).map(|i| (i % 13) as f32 * 0.37 - 2.0).collect();
+        let mut a = g.clone();
+        swiglu(&mut a, &u);
+        for i in 0..g.len() {
+            let want = silu(g[i]) * u[i];
+            assert_eq!(a[i].to_bits(), want.to_bits(), "swiglu({}, {})", g[i], u[i]);
+        }
+
+        for scale in [1.0f32, 40.0, 400.0] {
+            let x: Vec<f32> = g.iter().map(|v| v * scale).collect();
+            let mut a = x.clone();
+            let inv = softmax_unnormalized(&mut a);
+            let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64;
+            let mut b = x.clone();
+            for chunk in b.chunks_mut(16) {
+                let mut v = [0.0f32; 16];
+                for (e, l) in chunk.iter_mut().zip(v.iter_mut()) {
+                    *e = expf(*e - max);
+                    *l = *e;
+                }
+                sum += reduce_add16(&v) as f64;
+            }
+            assert_eq!(
+                inv.to_bits(),
+                ((1.0 / sum) as f32).to_bits(),
+                "scale {scale}"
+            );
+            for (p, q) in a.iter().zip(&b) {
+                assert_eq!(p.to_bits(), q.to_bits(), "scale {scale}");
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 //! against every token (the weight row stays in cache while the tokens reuse it).
 
 use super::pool::{DisjointOut, ThreadPool};
-use super::KernelTable;
+use super::{KernelTable, Variant};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
 
@@ -72,15 +72,45 @@ pub fn matmul(
     let dst = DisjointOut::new(out);
     // llama.cpp runs some formats through other kernels depending on the batch size and the
     // token's place in it (DotKernel::dot_for); pick each token's kernel once.
-    let dots: Vec<super::VecDotFn> = (0..n).map(|t| k.dot_for(rows, n, t)).collect();
+    let variants: Vec<Variant> = (0..n).map(|t| k.variant_for(rows, n, t)).collect();
+    // Groups of four tokens that take the per-token kernel go through vec_dot4, which
+    // unpacks each weight block once for the four.
+    let quads = match k.vec_dot4 {
+        Some(_) => (0..n / 4)
+            .take_while(|g| {
+                variants[4 * g..4 * g + 4]
+                    .iter()
+                    .all(|v| *v == Variant::Token)
+            })
+            .count(),
+        None => 0,
+    };
+    let act_row = |t: usize| &act[t * a_row..(t + 1) * a_row];
+    let w_row_at = |r: usize| &w[r * w_row..(r + 1) * w_row];
     pool.run(n_tasks, |task| {
         let r0 = task * per;
         let r1 = (r0 + per).min(rows);
+        // Token groups outside, rows inside: the four activation rows stay in L1 while the
+        // task's weight rows (a slice of one matrix, in L2) go past them.
+        if let Some(dot4) = k.vec_dot4 {
+            for g in 0..quads {
+                let t = 4 * g;
+                let a4 = [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)];
+                for r in r0..r1 {
+                    let v = dot4(w_row_at(r), a4);
+                    for (i, v) in v.into_iter().enumerate() {
+                        // SAFETY: tasks own disjoint row ranges, so no two write the same
+                        // element.
+                        unsafe { dst.set((t + i) * rows + r, v) };
+                    }
+                }
+            }
+        }
         for r in r0..r1 {
-            let wr = &w[r * w_row..(r + 1) * w_row];
-            for t in 0..n {
-                let v = dots[t](wr, &act[t * a_row..(t + 1) * a_row]);
-                // SAFETY: tasks own disjoint row ranges, so no two write the same element.
+            let wr = w_row_at(r);
+            for (t, v) in variants.iter().enumerate().skip(4 * quads) {
+                let v = k.dot(*v)(wr, act_row(t));
+                // SAFETY: as above.
                 unsafe { dst.set(t * rows + r, v) };
             }
         }

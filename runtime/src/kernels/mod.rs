@@ -36,6 +36,9 @@ use std::sync::OnceLock;
 pub type QuantizeRowFn = fn(&[f32], &mut [u8]);
 /// Dot product of one weight row and one quantized activation row of the same length.
 pub type VecDotFn = fn(&[u8], &[u8]) -> f32;
+/// The dot products of one weight row with four activation rows: four `VecDotFn` results,
+/// bit for bit, with the weight row's blocks unpacked once.
+pub type VecDot4Fn = fn(&[u8], [&[u8]; 4]) -> [f32; 4];
 
 /// CPU feature levels a plug can target, lowest first within each architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -136,6 +139,8 @@ pub struct DotKernel {
     pub quantize_act: QuantizeRowFn,
     /// The dot for one token (every decode step), in llama.cpp's order for one token.
     pub vec_dot: VecDotFn,
+    /// `vec_dot` for four tokens at once, where the plug has it (batches).
+    pub vec_dot4: Option<VecDot4Fn>,
     /// Q4_K only: the order of llama.cpp's repacked gemm, for tokens taken four at a time.
     pub gemm: Option<VecDotFn>,
     /// K-quants only: the order of llama.cpp's tiled matmul, for batches of 8 or more.
@@ -149,8 +154,8 @@ impl DotKernel {
         Some(base + cols / self.act_type.block_size() * self.act_extra)
     }
 
-    /// The dot llama.cpp runs for token `t` of a batch of `n` tokens against a weight matrix
-    /// of `rows` rows, where it differs from the per-token kernel:
+    /// The order llama.cpp uses for token `t` of a batch of `n` tokens against a weight
+    /// matrix of `rows` rows, where it differs from the per-token kernel:
     /// - Q4_K, repacked (rows % 8 == 0): `forward_mul_mat` in repack.cpp runs
     ///   `ggml_gemm_q4_K_8x8_q8_K` on the first `n - n % 4` tokens when n >= 4 and
     ///   `ggml_gemv_q4_K_8x8_q8_K` on the rest ([`dot::q4_k_q8_k_gemm`]);
@@ -159,20 +164,39 @@ impl DotKernel {
     ///
     /// (Not reproduced: unrepacked Q4_K with n < 8, which llama.cpp sends through
     /// `ggml_vec_dot_q4_K_q8_K`; the table's Q4_K kernel follows the repacked gemv.)
-    pub fn dot_for(&self, rows: usize, n: usize, t: usize) -> VecDotFn {
-        let pick = match self.weight_type {
+    pub fn variant_for(&self, rows: usize, n: usize, t: usize) -> Variant {
+        match self.weight_type {
             GgmlType::Q4_K if rows % 8 == 0 => {
                 if n >= 4 && t < n - n % 4 {
-                    self.gemm
+                    Variant::Gemm
                 } else {
-                    None
+                    Variant::Token
                 }
             }
-            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K if n >= 8 => self.tiled,
-            _ => None,
-        };
-        pick.unwrap_or(self.vec_dot)
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K if n >= 8 => Variant::Tiled,
+            _ => Variant::Token,
+        }
     }
+
+    /// The dot of a variant (the per-token one where the entry lacks it).
+    pub fn dot(&self, v: Variant) -> VecDotFn {
+        match v {
+            Variant::Token => self.vec_dot,
+            Variant::Gemm => self.gemm.unwrap_or(self.vec_dot),
+            Variant::Tiled => self.tiled.unwrap_or(self.vec_dot),
+        }
+    }
+}
+
+/// Which of an entry's summation orders a token takes (see [`DotKernel::variant_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// `vec_dot`: one token, every decode step.
+    Token,
+    /// `gemm`: Q4_K tokens that llama.cpp's repacked gemm takes four at a time.
+    Gemm,
+    /// `tiled`: K-quant batches of 8 or more.
+    Tiled,
 }
 
 /// The table of kernels, indexed by ggml type id.
@@ -255,6 +279,7 @@ impl KernelTable {
                 act_extra: 0,
                 quantize_act,
                 vec_dot,
+                vec_dot4: None,
                 gemm,
                 tiled,
             });

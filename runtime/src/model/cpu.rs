@@ -123,23 +123,6 @@ impl CpuBackend {
     }
 }
 
-/// ggml_vec_soft_max_f32: `s[i] = exp(s[i] - max)` with ggml's exp, summed per 16 lanes
-/// (in `_mm512_reduce_add_ps` order) into an f64; returns 1/sum as f32, the scale ggml
-/// applies afterwards.
-fn softmax_unnormalized(s: &mut [f32]) -> f32 {
-    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for chunk in s.chunks_mut(16) {
-        let mut v = [0.0f32; 16];
-        for (x, l) in chunk.iter_mut().zip(v.iter_mut()) {
-            *x = math::expf(*x - max);
-            *l = *x;
-        }
-        sum += math::reduce_add16(&v) as f64;
-    }
-    (1.0 / sum) as f32
-}
-
 /// Rounds through f16 when the cache is f16 (where ggml converts an f32 operand to f16).
 fn round_for(ty: KvType, x: f32) -> f32 {
     match ty {
@@ -352,7 +335,7 @@ impl Backend for CpuBackend {
                 );
                 sc.s.resize(n_kv, 0.0);
                 attn::scores(order, krows, kvh * hd, kvd, &sc.q, scale, &mut sc.s);
-                let inv = softmax_unnormalized(&mut sc.s);
+                let inv = math::softmax_unnormalized(&mut sc.s);
                 for p in sc.s.iter_mut() {
                     *p = round_for(ty, *p * inv);
                 }
@@ -367,9 +350,7 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu(&mut self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
-        for (g, &u) in gate[..len].iter_mut().zip(&up[..len]) {
-            *g = math::silu(*g) * u;
-        }
+        math::swiglu(&mut gate[..len], &up[..len]);
     }
 
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {

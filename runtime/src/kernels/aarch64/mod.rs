@@ -1,7 +1,7 @@
 //! The aarch64 plug: NEON kernels for every aarch64 CPU, and `sdot` (dotprod) kernels where
 //! the CPU has the dot product extension, each summing in the order of its portable twin in
 //! [`super::dot`], so the results are bit-identical; they differ only in how the exact integer
-//! parts are computed (see [`neon`]).
+//! parts are computed (see `neon.rs`).
 //!
 //! `Level::I8mm` registers nothing of its own: `smmla` multiplies a 2x8 by an 8x2 block of
 //! bytes, i.e. two weight rows by two activation rows, each output a sum of 8 products. The
@@ -12,7 +12,7 @@
 //! have; an I8mm table therefore holds the dotprod kernels under their own names (the suite
 //! only asks that an entry's level be at most the table's).
 //!
-//! Safety model: see [`neon`]. [`plug`] runs only for a level in [`detected`], and registers
+//! Safety model: see `neon.rs`. [`plug`] runs only for a level in [`detected`], and registers
 //! the dotprod entry points only at `Level::Dotprod` and above.
 
 mod kquant;
@@ -84,7 +84,7 @@ const NEON: Set = Set {
 };
 
 /// Only ever registered after `detected()` reported `Level::Dotprod` (the entry points are
-/// `unsafe` inside: see [`neon`]).
+/// `unsafe` inside: see `neon.rs`).
 const DOTPROD: Set = Set {
     level: Level::Dotprod,
     names: names!("dotprod"),

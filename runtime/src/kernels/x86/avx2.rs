@@ -100,12 +100,6 @@ unsafe fn dot_us8<const VNNI: bool>(ax: __m256i, sy: __m256i) -> __m256i {
     }
 }
 
-/// Signed x signed bytes, lanes as [`dot_us8`].
-#[inline(always)]
-unsafe fn dot_i8<const VNNI: bool>(x: __m256i, y: __m256i) -> __m256i {
-    dot_us8::<VNNI>(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
-}
-
 /// Two f16 at `p` (little-endian) as [f32(p[0..2]), f32(p[2..4]), 0, 0].
 #[inline(always)]
 unsafe fn fp16x2(p: *const u8) -> __m128 {
@@ -124,108 +118,135 @@ fn act_scales(a: &[u8], nb: usize, block: usize, per_block: usize) -> &[u8] {
     &a[nb * block..nb * block + nb * per_block]
 }
 
+/// The blocks of a weight row and of N activation rows, and the activations' f32 scales
+/// (`per` bytes per block after the row).
 #[inline(always)]
-unsafe fn q8_0_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
-    let x = blocks::<BlockQ8_0>(w);
-    let y = &blocks::<BlockQ8_0>(a)[..x.len()];
-    let dy = act_scales(a, x.len(), 34, 4);
-    let mut acc = _mm256_setzero_ps();
-    for (b, (x, y)) in x.iter().zip(y).enumerate() {
+fn rows<'a, W: bytemuck::Pod, A: bytemuck::Pod, const N: usize>(
+    w: &'a [u8],
+    a: [&'a [u8]; N],
+    per: usize,
+) -> (&'a [W], [&'a [A]; N], [&'a [u8]; N]) {
+    let x = blocks::<W>(w);
+    let nb = x.len();
+    let bs = std::mem::size_of::<A>();
+    (
+        x,
+        a.map(|a| &blocks::<A>(a)[..nb]),
+        a.map(|a| act_scales(a, nb, bs, per)),
+    )
+}
+
+#[inline(always)]
+unsafe fn loady(qs: &[i8; 32]) -> __m256i {
+    _mm256_loadu_si256(qs.as_ptr() as *const __m256i)
+}
+
+// Every body below takes one weight row and N activation rows (N = 1 for a decode step,
+// N = 4 for batches: the weight block is unpacked once for four tokens). Each token's sums
+// run in exactly the one-token order.
+
+#[inline(always)]
+unsafe fn q8_0_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
+    let (x, y, dy) = rows::<BlockQ8_0, BlockQ8_0, N>(w, a, 4);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (b, xb) in x.iter().enumerate() {
         // The 32-bit load takes d and the first two quants; only lane 0 is used.
-        let d = _mm_mul_ss(
-            fp16x2(x.d.as_ptr()),
-            _mm_load_ss(dy.as_ptr().add(4 * b) as *const f32),
-        );
-        let qx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
-        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-        let p = _mm256_cvtepi32_ps(dot_i8::<VNNI>(qx, qy));
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc);
+        let dx = fp16x2(xb.d.as_ptr());
+        let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for t in 0..N {
+            let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
+            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
+            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
+            acc[t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[t]);
+        }
     }
-    hsum_float_8(acc)
+    acc.map(|v| hsum_float_8(v))
 }
 
 /// Q4_0 in the repacked order (see `dot::q4_0_q8_0`): one integer per block, fma'd into a
 /// scalar accumulator.
 #[inline(always)]
-unsafe fn q4_0_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
-    let x = blocks::<BlockQ4_0>(w);
-    let y = &blocks::<BlockQ8_0>(a)[..x.len()];
-    let dy = act_scales(a, x.len(), 34, 4);
-    let mut acc = _mm_setzero_ps();
+unsafe fn q4_0_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
+    let (x, y, dy) = rows::<BlockQ4_0, BlockQ8_0, N>(w, a, 4);
+    let mut acc = [_mm_setzero_ps(); N];
     let off = _mm256_set1_epi8(8);
-    for (b, (x, y)) in x.iter().zip(y).enumerate() {
-        let d = _mm_mul_ss(
-            fp16x2(x.d.as_ptr()),
-            _mm_load_ss(dy.as_ptr().add(4 * b) as *const f32),
-        );
-        let qx = _mm256_sub_epi8(bytes_from_nibbles_32(x.qs.as_ptr()), off);
-        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-        let isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(hsum_i32_8(dot_i8::<VNNI>(qx, qy))));
-        acc = _mm_fmadd_ss(isum, d, acc);
+    for (b, xb) in x.iter().enumerate() {
+        let dx = fp16x2(xb.d.as_ptr());
+        let qx = _mm256_sub_epi8(bytes_from_nibbles_32(xb.qs.as_ptr()), off);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for t in 0..N {
+            let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
+            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
+            let isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(hsum_i32_8(dot_us8::<VNNI>(ax, sy))));
+            acc[t] = _mm_fmadd_ss(isum, d, acc[t]);
+        }
     }
-    _mm_cvtss_f32(acc)
+    acc.map(|v| _mm_cvtss_f32(v))
 }
 
-/// Q4_1 / Q5_1: the weight block's (d, m) pair times the activation's (d, s) pair.
+/// Q4_1 / Q5_1 per token and block: the weight's [d, m] times the activation's [d, s] gives
+/// the block scale (lane 0, returned broadcast) and the min term (lane 1, summed).
 #[inline(always)]
-unsafe fn scale_and_min(dm: *const u8, ds: *const u8, summs: &mut __m128) -> __m256 {
-    let p = _mm_mul_ps(fp16x2(dm), f32x2(ds));
+unsafe fn scale_and_min(dm: __m128, ds: *const u8, summs: &mut __m128) -> __m256 {
+    let p = _mm_mul_ps(dm, f32x2(ds));
     *summs = _mm_add_ps(*summs, p);
     _mm256_broadcastss_ps(p)
 }
 
 #[inline(always)]
-unsafe fn q4_1_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
-    let x = blocks::<BlockQ4_1>(w);
-    let y = &blocks::<BlockQ8_1>(a)[..x.len()];
-    let ds = act_scales(a, x.len(), 36, 8);
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = _mm_setzero_ps();
-    for (b, (x, y)) in x.iter().zip(y).enumerate() {
-        let d = scale_and_min(x.d.as_ptr(), ds.as_ptr().add(8 * b), &mut summs);
-        let qx = bytes_from_nibbles_32(x.qs.as_ptr());
-        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, qy)), acc);
+unsafe fn q4_1_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
+    let (x, y, ds) = rows::<BlockQ4_1, BlockQ8_1, N>(w, a, 8);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [_mm_setzero_ps(); N];
+    for (b, xb) in x.iter().enumerate() {
+        let dm = fp16x2(xb.d.as_ptr());
+        let qx = bytes_from_nibbles_32(xb.qs.as_ptr());
+        for t in 0..N {
+            let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[t]);
+            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, loady(&y[t][b].qs)));
+            acc[t] = _mm256_fmadd_ps(d, p, acc[t]);
+        }
     }
-    hsum_float_8(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
+    std::array::from_fn(|t| hsum_float_8(acc[t]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[t])))
 }
 
 #[inline(always)]
-unsafe fn q5_0_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
-    let x = blocks::<BlockQ5_0>(w);
-    let y = &blocks::<BlockQ8_0>(a)[..x.len()];
-    let dy = act_scales(a, x.len(), 34, 4);
-    let mut acc = _mm256_setzero_ps();
-    for (b, (x, y)) in x.iter().zip(y).enumerate() {
-        let d = _mm_mul_ss(
-            fp16x2(x.d.as_ptr()),
-            _mm_load_ss(dy.as_ptr().add(4 * b) as *const f32),
-        );
+unsafe fn q5_0_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
+    let (x, y, dy) = rows::<BlockQ5_0, BlockQ8_0, N>(w, a, 4);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for (b, xb) in x.iter().enumerate() {
+        let dx = fp16x2(xb.d.as_ptr());
         // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
-        let hi = _mm256_andnot_si256(bytes_from_bits_32(x.qh), _mm256_set1_epi8(0xF0u8 as i8));
-        let qx = _mm256_or_si256(bytes_from_nibbles_32(x.qs.as_ptr()), hi);
-        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-        let p = _mm256_cvtepi32_ps(dot_i8::<VNNI>(qx, qy));
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc);
+        let hi = _mm256_andnot_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
+        let ax = _mm256_sign_epi8(qx, qx);
+        for t in 0..N {
+            let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
+            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
+            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
+            acc[t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[t]);
+        }
     }
-    hsum_float_8(acc)
+    acc.map(|v| hsum_float_8(v))
 }
 
 #[inline(always)]
-unsafe fn q5_1_body<const VNNI: bool>(w: &[u8], a: &[u8]) -> f32 {
-    let x = blocks::<BlockQ5_1>(w);
-    let y = &blocks::<BlockQ8_1>(a)[..x.len()];
-    let ds = act_scales(a, x.len(), 36, 8);
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = _mm_setzero_ps();
-    for (b, (x, y)) in x.iter().zip(y).enumerate() {
-        let d = scale_and_min(x.d.as_ptr(), ds.as_ptr().add(8 * b), &mut summs);
-        let hi = _mm256_and_si256(bytes_from_bits_32(x.qh), _mm256_set1_epi8(0x10));
-        let qx = _mm256_or_si256(bytes_from_nibbles_32(x.qs.as_ptr()), hi);
-        let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, qy)), acc);
+unsafe fn q5_1_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
+    let (x, y, ds) = rows::<BlockQ5_1, BlockQ8_1, N>(w, a, 8);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [_mm_setzero_ps(); N];
+    for (b, xb) in x.iter().enumerate() {
+        let dm = fp16x2(xb.d.as_ptr());
+        let hi = _mm256_and_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0x10));
+        let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
+        for t in 0..N {
+            let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[t]);
+            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, loady(&y[t][b].qs)));
+            acc[t] = _mm256_fmadd_ps(d, p, acc[t]);
+        }
     }
-    hsum_float_8(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
+    std::array::from_fn(|t| hsum_float_8(acc[t]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[t])))
 }
 
 // ---- activation quantizers (ggml's AVX2 quantize_row_q8_0 / _q8_1) ------------------------
@@ -303,24 +324,45 @@ unsafe fn quantize_row_q8_1_imp(x: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// The AVX2 and the AVX-512 VNNI instance of a dot body.
+/// The AVX2 and the AVX-512 VNNI instances of a dot body, for one token and for four.
 macro_rules! dots {
     ($avx2:ident, $vnni:ident, $body:ident) => {
-        pub(super) fn $avx2(w: &[u8], a: &[u8]) -> f32 {
+        pub(super) mod $avx2 {
+            use super::*;
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn imp(w: &[u8], a: &[u8]) -> f32 {
-                $body::<false>(w, a)
+            unsafe fn one(w: &[u8], a: &[u8]) -> f32 {
+                $body::<false, 1>(w, [a])[0]
             }
-            // SAFETY: only registered by `x86::plug` after the CPU features were detected.
-            unsafe { imp(w, a) }
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn four(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                $body::<false, 4>(w, a)
+            }
+            // SAFETY (both): only registered by `x86::plug` after the CPU features were
+            // detected.
+            pub fn vec_dot(w: &[u8], a: &[u8]) -> f32 {
+                unsafe { one(w, a) }
+            }
+            pub fn vec_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                unsafe { four(w, a) }
+            }
         }
-        pub(super) fn $vnni(w: &[u8], a: &[u8]) -> f32 {
+        pub(super) mod $vnni {
+            use super::*;
             #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-            unsafe fn imp(w: &[u8], a: &[u8]) -> f32 {
-                $body::<true>(w, a)
+            unsafe fn one(w: &[u8], a: &[u8]) -> f32 {
+                $body::<true, 1>(w, [a])[0]
             }
-            // SAFETY: as above, at the AVX-512 level.
-            unsafe { imp(w, a) }
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+            unsafe fn four(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                $body::<true, 4>(w, a)
+            }
+            // SAFETY (both): as above, at the AVX-512 level.
+            pub fn vec_dot(w: &[u8], a: &[u8]) -> f32 {
+                unsafe { one(w, a) }
+            }
+            pub fn vec_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                unsafe { four(w, a) }
+            }
         }
     };
 }

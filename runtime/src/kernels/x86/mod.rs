@@ -9,6 +9,7 @@
 pub(crate) mod attn;
 mod avx2;
 mod kquant;
+pub(crate) mod math;
 
 use super::{KernelTable, Level};
 use crate::quant::GgmlType;
@@ -50,75 +51,71 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
         e.act_extra = 8;
     };
     let vnni = level >= Level::Avx512;
-    let (lv, lname) = if vnni {
-        (Level::Avx512, true)
-    } else {
-        (l, false)
-    };
-    let pick = |a: super::VecDotFn, v: super::VecDotFn| if lname { v } else { a };
+    let lv = if vnni { Level::Avx512 } else { l };
+    macro_rules! pair {
+        ($avx2:ident, $vnni:ident) => {
+            if vnni {
+                (
+                    avx2::$vnni::vec_dot as super::VecDotFn,
+                    avx2::$vnni::vec_dot4 as super::VecDot4Fn,
+                )
+            } else {
+                (
+                    avx2::$avx2::vec_dot as super::VecDotFn,
+                    avx2::$avx2::vec_dot4 as super::VecDot4Fn,
+                )
+            }
+        };
+    }
+    let name = |a: &'static str, v: &'static str| if vnni { v } else { a };
+    let (d1, d4) = pair!(q8_0_q8_0, q8_0_q8_0_vnni);
     t.plug(
         Q8_0,
         lv,
-        if vnni {
-            "avx512_dot_q8_0_q8_0_vnni"
-        } else {
-            "avx2_dot_q8_0_q8_0"
-        },
+        name("avx2_dot_q8_0_q8_0", "avx512_dot_q8_0_q8_0_vnni"),
         |e| {
             q8_0(e);
-            e.vec_dot = pick(avx2::q8_0_q8_0, avx2::q8_0_q8_0_vnni);
+            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
         },
     );
+    let (d1, d4) = pair!(q4_0_q8_0, q4_0_q8_0_vnni);
     t.plug(
         Q4_0,
         lv,
-        if vnni {
-            "avx512_dot_q4_0_q8_0_vnni"
-        } else {
-            "avx2_dot_q4_0_q8_0"
-        },
+        name("avx2_dot_q4_0_q8_0", "avx512_dot_q4_0_q8_0_vnni"),
         |e| {
             q8_0(e);
-            e.vec_dot = pick(avx2::q4_0_q8_0, avx2::q4_0_q8_0_vnni);
+            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
         },
     );
+    let (d1, d4) = pair!(q4_1_q8_1, q4_1_q8_1_vnni);
     t.plug(
         Q4_1,
         lv,
-        if vnni {
-            "avx512_dot_q4_1_q8_1_vnni"
-        } else {
-            "avx2_dot_q4_1_q8_1"
-        },
+        name("avx2_dot_q4_1_q8_1", "avx512_dot_q4_1_q8_1_vnni"),
         |e| {
             q8_1(e);
-            e.vec_dot = pick(avx2::q4_1_q8_1, avx2::q4_1_q8_1_vnni);
+            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
         },
     );
+    let (d1, d4) = pair!(q5_0_q8_0, q5_0_q8_0_vnni);
     t.plug(
         Q5_0,
         lv,
-        if vnni {
-            "avx512_dot_q5_0_q8_0_vnni"
-        } else {
-            "avx2_dot_q5_0_q8_0"
-        },
+        name("avx2_dot_q5_0_q8_0", "avx512_dot_q5_0_q8_0_vnni"),
         |e| {
             q8_0(e);
-            e.vec_dot = pick(avx2::q5_0_q8_0, avx2::q5_0_q8_0_vnni);
+            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
         },
     );
+    let (d1, d4) = pair!(q5_1_q8_1, q5_1_q8_1_vnni);
     t.plug(
         Q5_1,
         lv,
-        if vnni {
-            "avx512_dot_q5_1_q8_1_vnni"
-        } else {
-            "avx2_dot_q5_1_q8_1"
-        },
+        name("avx2_dot_q5_1_q8_1", "avx512_dot_q5_1_q8_1_vnni"),
         |e| {
             q8_1(e);
-            e.vec_dot = pick(avx2::q5_1_q8_1, avx2::q5_1_q8_1_vnni);
+            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
         },
     );
     t.plug(Q4_K, l, "avx2_dot_q4_k_q8_k", |e| {
