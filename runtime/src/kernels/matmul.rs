@@ -106,12 +106,28 @@ pub fn matmul(
                 }
             }
         }
-        for r in r0..r1 {
-            let wr = w_row_at(r);
-            for (t, v) in variants.iter().enumerate().skip(4 * quads) {
-                let v = k.dot(*v)(wr, act_row(t));
+        // The other tokens: four weight rows at a time where the entry can, then one by one.
+        for (t, v) in variants.iter().enumerate().skip(4 * quads) {
+            let a = act_row(t);
+            let mut rest = r0;
+            if let (Some(rows4), Variant::Token) = (k.rows4, v) {
+                // The four rows come from the four quarters of the range: four sequential
+                // streams, which the hardware prefetchers follow (four neighbouring rows
+                // read side by side are not a stream to them, and run slower than one).
+                let q = (r1 - r0) / 4;
+                for r in r0..r0 + q {
+                    let rs = [r, r + q, r + 2 * q, r + 3 * q];
+                    for (r, v) in rs.into_iter().zip(rows4(rs.map(w_row_at), a)) {
+                        // SAFETY: as above.
+                        unsafe { dst.set(t * rows + r, v) };
+                    }
+                }
+                rest = r0 + 4 * q;
+            }
+            let dot = k.dot(*v);
+            for r in rest..r1 {
                 // SAFETY: as above.
-                unsafe { dst.set(t * rows + r, v) };
+                unsafe { dst.set(t * rows + r, dot(w_row_at(r), a)) };
             }
         }
     });

@@ -39,6 +39,9 @@ pub type VecDotFn = fn(&[u8], &[u8]) -> f32;
 /// The dot products of one weight row with four activation rows: four `VecDotFn` results,
 /// bit for bit, with the weight row's blocks unpacked once.
 pub type VecDot4Fn = fn(&[u8], [&[u8]; 4]) -> [f32; 4];
+/// The dot products of four weight rows with one activation row: four `VecDotFn` results,
+/// bit for bit, computed side by side (four independent accumulator chains).
+pub type Rows4Fn = fn([&[u8]; 4], &[u8]) -> [f32; 4];
 
 /// CPU feature levels a plug can target, lowest first within each architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -141,6 +144,8 @@ pub struct DotKernel {
     pub vec_dot: VecDotFn,
     /// `vec_dot` for four tokens at once, where the plug has it (batches).
     pub vec_dot4: Option<VecDot4Fn>,
+    /// `vec_dot` for four weight rows at once, where the plug has it (decode steps).
+    pub rows4: Option<Rows4Fn>,
     /// Q4_K only: the order of llama.cpp's repacked gemm, for tokens taken four at a time.
     pub gemm: Option<VecDotFn>,
     /// K-quants only: the order of llama.cpp's tiled matmul, for batches of 8 or more.
@@ -280,6 +285,7 @@ impl KernelTable {
                 quantize_act,
                 vec_dot,
                 vec_dot4: None,
+                rows4: None,
                 gemm,
                 tiled,
             });

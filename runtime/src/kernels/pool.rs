@@ -1,28 +1,144 @@
 //! The thread pool that matrix products and attention run on.
 
 use crate::{Error, Result};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// A fixed set of worker threads. `run(n, f)` calls `f(0..n)` spread over the workers and
-/// returns when all calls are done.
+/// the calling thread, and returns when all calls are done.
+///
+/// Built for many small jobs (a decode step of a small model is a few hundred matrix
+/// products of tens of microseconds each): the caller publishes a job with one atomic store,
+/// workers that spin on that word pick it up within nanoseconds and claim tasks with a
+/// compare-and-swap, and the caller works too. Workers spin for a while after each job, then
+/// sleep on a condition variable, so an idle pool costs nothing.
 pub struct ThreadPool {
-    pool: rayon::ThreadPool,
+    shared: Arc<Shared>,
+    workers: Vec<std::thread::JoinHandle<()>>,
     threads: usize,
 }
 
+/// The job being run: a type-erased `&dyn Fn(usize) + Sync` valid while `run` waits.
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    n: u32,
+}
+
+// SAFETY: the pointer is only dereferenced while `run`, which owns the closure, waits for
+// every claimed task to finish (see `Shared::claim`).
+unsafe impl Send for Job {}
+
+struct Shared {
+    /// (generation << 32) | index of the next unclaimed task of that generation.
+    state: AtomicU64,
+    /// Tasks of the current generation that have finished.
+    done: AtomicU32,
+    /// The job of the current generation, written before `state` announces it.
+    job: Mutex<Option<Job>>,
+    sleepers: AtomicUsize,
+    wake: Condvar,
+    shutdown: AtomicBool,
+}
+
+/// How long a worker spins on `state` before it sleeps.
+const SPIN: Duration = Duration::from_micros(300);
+
+impl Shared {
+    /// Claims and runs tasks of generation `gen` until none are left. A claim succeeds only
+    /// while `gen` is current, and the caller of `run` waits for every claimed task, so `job`
+    /// is alive whenever it is called.
+    fn work(&self, gen: u32, job: Job) {
+        let mut s = self.state.load(Ordering::Acquire);
+        loop {
+            if (s >> 32) as u32 != gen || (s as u32) >= job.n {
+                return;
+            }
+            match self
+                .state
+                .compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    // SAFETY: see above.
+                    unsafe { (*job.f)(s as u32 as usize) };
+                    self.done.fetch_add(1, Ordering::Release);
+                    s = self.state.load(Ordering::Acquire);
+                }
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    fn worker(&self) {
+        let mut seen = (self.state.load(Ordering::Acquire) >> 32) as u32;
+        loop {
+            // Spin for the next generation, then sleep.
+            let start = Instant::now();
+            let mut spins = 0u32;
+            let gen = loop {
+                if self.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                let g = (self.state.load(Ordering::Acquire) >> 32) as u32;
+                if g != seen {
+                    break g;
+                }
+                spins = spins.wrapping_add(1);
+                if spins % 1024 == 0 && start.elapsed() > SPIN {
+                    let guard = self.job.lock().unwrap_or_else(|e| e.into_inner());
+                    self.sleepers.fetch_add(1, Ordering::AcqRel);
+                    let g = (self.state.load(Ordering::Acquire) >> 32) as u32;
+                    if g == seen && !self.shutdown.load(Ordering::Acquire) {
+                        drop(self.wake.wait(guard));
+                    }
+                    self.sleepers.fetch_sub(1, Ordering::AcqRel);
+                    spins = 0;
+                    continue;
+                }
+                std::hint::spin_loop();
+            };
+            seen = gen;
+            let job = *self.job.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(job) = job {
+                self.work(gen, job);
+            }
+        }
+    }
+}
+
 impl ThreadPool {
-    /// A pool of `threads` workers (0: one per available core).
+    /// A pool of `threads` workers, the calling thread included (0: one per available core).
     pub fn new(threads: usize) -> Result<Self> {
         let threads = if threads == 0 {
             default_threads()
         } else {
             threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("sparrow-{i}"))
-            .build()
-            .map_err(|e| Error::InvalidArgument(format!("cannot start {threads} threads: {e}")))?;
-        Ok(ThreadPool { pool, threads })
+        let shared = Arc::new(Shared {
+            state: AtomicU64::new(0),
+            done: AtomicU32::new(0),
+            job: Mutex::new(None),
+            sleepers: AtomicUsize::new(0),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        let mut workers = Vec::new();
+        for i in 1..threads {
+            let sh = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("sparrow-{i}"))
+                .spawn(move || sh.worker())
+                .map_err(|e| {
+                    Error::InvalidArgument(format!("cannot start {threads} threads: {e}"))
+                })?;
+            workers.push(h);
+        }
+        Ok(ThreadPool {
+            shared,
+            workers,
+            threads,
+        })
     }
 
     pub fn threads(&self) -> usize {
@@ -35,10 +151,43 @@ impl ThreadPool {
             (0..n).for_each(f);
             return;
         }
-        self.pool.install(|| {
-            use rayon::prelude::*;
-            (0..n).into_par_iter().for_each(&f);
-        });
+        assert!(n < u32::MAX as usize, "too many tasks");
+        let sh = &*self.shared;
+        let f: &(dyn Fn(usize) + Sync) = &f;
+        // SAFETY: the lifetime is erased for the workers; this function does not return
+        // before every claimed task has finished, and no task can be claimed after that
+        // (the generation moves on before the next job is published).
+        let f: *const (dyn Fn(usize) + Sync) = unsafe { std::mem::transmute(f) };
+        let job = Job { f, n: n as u32 };
+        let gen = {
+            let mut slot = sh.job.lock().unwrap_or_else(|e| e.into_inner());
+            *slot = Some(job);
+            sh.done.store(0, Ordering::Relaxed);
+            let gen = ((sh.state.load(Ordering::Relaxed) >> 32) as u32).wrapping_add(1);
+            sh.state.store((gen as u64) << 32, Ordering::Release);
+            gen
+        };
+        if sh.sleepers.load(Ordering::Acquire) > 0 {
+            let _guard = sh.job.lock().unwrap_or_else(|e| e.into_inner());
+            sh.wake.notify_all();
+        }
+        sh.work(gen, job);
+        while (sh.done.load(Ordering::Acquire) as usize) < n {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Drop for ThreadPool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        {
+            let _guard = self.shared.job.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.wake.notify_all();
+        }
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
     }
 }
 
@@ -91,5 +240,46 @@ impl<'a> DisjointOut<'a> {
     pub unsafe fn set(&self, at: usize, v: f32) {
         assert!(at < self.len, "write out of bounds");
         *self.ptr.add(at) = v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Every index exactly once, over many jobs of every size, with sleeps in between so
+    /// that workers go to sleep and are woken.
+    #[test]
+    fn runs_every_task_once() {
+        for threads in [1, 2, 3, 5] {
+            let pool = ThreadPool::new(threads).unwrap();
+            for round in 0..300 {
+                let n = round % 37;
+                let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.run(n, |i| {
+                    hits[i].fetch_add(1, Ordering::Relaxed);
+                });
+                for (i, h) in hits.iter().enumerate() {
+                    assert_eq!(
+                        h.load(Ordering::Relaxed),
+                        1,
+                        "task {i} of {n}, {threads} threads"
+                    );
+                }
+                if round % 100 == 99 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn results_reach_the_caller() {
+        let pool = ThreadPool::new(2).unwrap();
+        let mut out = vec![0.0f32; 1000];
+        let dst = DisjointOut::new(&mut out);
+        pool.run(1000, |i| unsafe { dst.set(i, i as f32) });
+        assert!(out.iter().enumerate().all(|(i, v)| *v == i as f32));
     }
 }

@@ -118,21 +118,22 @@ fn act_scales(a: &[u8], nb: usize, block: usize, per_block: usize) -> &[u8] {
     &a[nb * block..nb * block + nb * per_block]
 }
 
-/// The blocks of a weight row and of N activation rows, and the activations' f32 scales
-/// (`per` bytes per block after the row).
+/// The blocks of R weight rows and of N activation rows, and the activations' f32 scales
+/// (`per` bytes per block after the row). Every row is cut to the first weight row's blocks.
 #[inline(always)]
-fn rows<'a, W: bytemuck::Pod, A: bytemuck::Pod, const N: usize>(
-    w: &'a [u8],
+#[allow(clippy::type_complexity)]
+fn rows<'a, W: bytemuck::Pod, A: bytemuck::Pod, const R: usize, const N: usize>(
+    w: [&'a [u8]; R],
     a: [&'a [u8]; N],
     per: usize,
-) -> (&'a [W], [&'a [A]; N], [&'a [u8]; N]) {
-    let x = blocks::<W>(w);
-    let nb = x.len();
+) -> ([&'a [W]; R], [&'a [A]; N], [&'a [u8]; N], usize) {
+    let nb = blocks::<W>(w[0]).len();
     let bs = std::mem::size_of::<A>();
     (
-        x,
+        w.map(|w| &blocks::<W>(w)[..nb]),
         a.map(|a| &blocks::<A>(a)[..nb]),
         a.map(|a| act_scales(a, nb, bs, per)),
+        nb,
     )
 }
 
@@ -141,48 +142,62 @@ unsafe fn loady(qs: &[i8; 32]) -> __m256i {
     _mm256_loadu_si256(qs.as_ptr() as *const __m256i)
 }
 
-// Every body below takes one weight row and N activation rows (N = 1 for a decode step,
-// N = 4 for batches: the weight block is unpacked once for four tokens). Each token's sums
-// run in exactly the one-token order.
+// Every body below takes R weight rows and N activation rows: (1, 1) for one dot, (4, 1) for
+// a decode step (four independent accumulator chains in flight instead of one), (1, 4) for
+// batches (each weight block unpacked once for four tokens). Each (row, token) pair sums in
+// exactly the one-dot order.
 
 #[inline(always)]
-unsafe fn q8_0_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
-    let (x, y, dy) = rows::<BlockQ8_0, BlockQ8_0, N>(w, a, 4);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (b, xb) in x.iter().enumerate() {
-        // The 32-bit load takes d and the first two quants; only lane 0 is used.
-        let dx = fp16x2(xb.d.as_ptr());
-        let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-        let ax = _mm256_sign_epi8(qx, qx);
-        for t in 0..N {
-            let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
-            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
-            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
-            acc[t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[t]);
+unsafe fn q8_0_body<const VNNI: bool, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, dy, nb) = rows::<BlockQ8_0, BlockQ8_0, R, N>(w, a, 4);
+    let mut acc = [[_mm256_setzero_ps(); N]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            // The 32-bit load takes d and the first two quants; only lane 0 is used.
+            let dx = fp16x2(xb.d.as_ptr());
+            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let ax = _mm256_sign_epi8(qx, qx);
+            for t in 0..N {
+                let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
+                let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
+                let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[r][t]);
+            }
         }
     }
-    acc.map(|v| hsum_float_8(v))
+    acc.map(|row| row.map(|v| hsum_float_8(v)))
 }
 
 /// Q4_0 in the repacked order (see `dot::q4_0_q8_0`): one integer per block, fma'd into a
 /// scalar accumulator.
 #[inline(always)]
-unsafe fn q4_0_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
-    let (x, y, dy) = rows::<BlockQ4_0, BlockQ8_0, N>(w, a, 4);
-    let mut acc = [_mm_setzero_ps(); N];
+unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, dy, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 4);
+    let mut acc = [[_mm_setzero_ps(); N]; R];
     let off = _mm256_set1_epi8(8);
-    for (b, xb) in x.iter().enumerate() {
-        let dx = fp16x2(xb.d.as_ptr());
-        let qx = _mm256_sub_epi8(bytes_from_nibbles_32(xb.qs.as_ptr()), off);
-        let ax = _mm256_sign_epi8(qx, qx);
-        for t in 0..N {
-            let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
-            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
-            let isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(hsum_i32_8(dot_us8::<VNNI>(ax, sy))));
-            acc[t] = _mm_fmadd_ss(isum, d, acc[t]);
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let dx = fp16x2(xb.d.as_ptr());
+            let qx = _mm256_sub_epi8(bytes_from_nibbles_32(xb.qs.as_ptr()), off);
+            let ax = _mm256_sign_epi8(qx, qx);
+            for t in 0..N {
+                let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
+                let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
+                let i = hsum_i32_8(dot_us8::<VNNI>(ax, sy));
+                let isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(i));
+                acc[r][t] = _mm_fmadd_ss(isum, d, acc[r][t]);
+            }
         }
     }
-    acc.map(|v| _mm_cvtss_f32(v))
+    acc.map(|row| row.map(|v| _mm_cvtss_f32(v)))
 }
 
 /// Q4_1 / Q5_1 per token and block: the weight's [d, m] times the activation's [d, s] gives
@@ -194,59 +209,83 @@ unsafe fn scale_and_min(dm: __m128, ds: *const u8, summs: &mut __m128) -> __m256
     _mm256_broadcastss_ps(p)
 }
 
+/// The end of a Q4_1 / Q5_1 dot: the lanes folded, plus the min terms.
 #[inline(always)]
-unsafe fn q4_1_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
-    let (x, y, ds) = rows::<BlockQ4_1, BlockQ8_1, N>(w, a, 8);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut summs = [_mm_setzero_ps(); N];
-    for (b, xb) in x.iter().enumerate() {
-        let dm = fp16x2(xb.d.as_ptr());
-        let qx = bytes_from_nibbles_32(xb.qs.as_ptr());
-        for t in 0..N {
-            let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[t]);
-            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, loady(&y[t][b].qs)));
-            acc[t] = _mm256_fmadd_ps(d, p, acc[t]);
-        }
-    }
-    std::array::from_fn(|t| hsum_float_8(acc[t]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[t])))
+unsafe fn with_mins(acc: __m256, summs: __m128) -> f32 {
+    hsum_float_8(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
 }
 
 #[inline(always)]
-unsafe fn q5_0_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
-    let (x, y, dy) = rows::<BlockQ5_0, BlockQ8_0, N>(w, a, 4);
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (b, xb) in x.iter().enumerate() {
-        let dx = fp16x2(xb.d.as_ptr());
-        // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
-        let hi = _mm256_andnot_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0xF0u8 as i8));
-        let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
-        let ax = _mm256_sign_epi8(qx, qx);
-        for t in 0..N {
-            let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
-            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
-            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
-            acc[t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[t]);
+unsafe fn q4_1_body<const VNNI: bool, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, ds, nb) = rows::<BlockQ4_1, BlockQ8_1, R, N>(w, a, 8);
+    let mut acc = [[_mm256_setzero_ps(); N]; R];
+    let mut summs = [[_mm_setzero_ps(); N]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let dm = fp16x2(xb.d.as_ptr());
+            let qx = bytes_from_nibbles_32(xb.qs.as_ptr());
+            for t in 0..N {
+                let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[r][t]);
+                let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, loady(&y[t][b].qs)));
+                acc[r][t] = _mm256_fmadd_ps(d, p, acc[r][t]);
+            }
         }
     }
-    acc.map(|v| hsum_float_8(v))
+    std::array::from_fn(|r| std::array::from_fn(|t| with_mins(acc[r][t], summs[r][t])))
 }
 
 #[inline(always)]
-unsafe fn q5_1_body<const VNNI: bool, const N: usize>(w: &[u8], a: [&[u8]; N]) -> [f32; N] {
-    let (x, y, ds) = rows::<BlockQ5_1, BlockQ8_1, N>(w, a, 8);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut summs = [_mm_setzero_ps(); N];
-    for (b, xb) in x.iter().enumerate() {
-        let dm = fp16x2(xb.d.as_ptr());
-        let hi = _mm256_and_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0x10));
-        let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
-        for t in 0..N {
-            let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[t]);
-            let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, loady(&y[t][b].qs)));
-            acc[t] = _mm256_fmadd_ps(d, p, acc[t]);
+unsafe fn q5_0_body<const VNNI: bool, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, dy, nb) = rows::<BlockQ5_0, BlockQ8_0, R, N>(w, a, 4);
+    let mut acc = [[_mm256_setzero_ps(); N]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let dx = fp16x2(xb.d.as_ptr());
+            // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
+            let hi = _mm256_andnot_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0xF0u8 as i8));
+            let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
+            let ax = _mm256_sign_epi8(qx, qx);
+            for t in 0..N {
+                let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
+                let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
+                let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
+                acc[r][t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[r][t]);
+            }
         }
     }
-    std::array::from_fn(|t| hsum_float_8(acc[t]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[t])))
+    acc.map(|row| row.map(|v| hsum_float_8(v)))
+}
+
+#[inline(always)]
+unsafe fn q5_1_body<const VNNI: bool, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, ds, nb) = rows::<BlockQ5_1, BlockQ8_1, R, N>(w, a, 8);
+    let mut acc = [[_mm256_setzero_ps(); N]; R];
+    let mut summs = [[_mm_setzero_ps(); N]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let dm = fp16x2(xb.d.as_ptr());
+            let hi = _mm256_and_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0x10));
+            let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
+            for t in 0..N {
+                let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[r][t]);
+                let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, loady(&y[t][b].qs)));
+                acc[r][t] = _mm256_fmadd_ps(d, p, acc[r][t]);
+            }
+        }
+    }
+    std::array::from_fn(|r| std::array::from_fn(|t| with_mins(acc[r][t], summs[r][t])))
 }
 
 // ---- activation quantizers (ggml's AVX2 quantize_row_q8_0 / _q8_1) ------------------------
@@ -324,44 +363,38 @@ unsafe fn quantize_row_q8_1_imp(x: &[f32], dst: &mut [u8]) {
     }
 }
 
-/// The AVX2 and the AVX-512 VNNI instances of a dot body, for one token and for four.
+/// The AVX2 and the AVX-512 VNNI instances of a dot body: one row and one token
+/// (`vec_dot`), one row and four tokens (`vec_dot4`), four rows and one token (`rows4`).
 macro_rules! dots {
     ($avx2:ident, $vnni:ident, $body:ident) => {
-        pub(super) mod $avx2 {
+        dots!(@one $avx2, $body, false, "avx2,fma,f16c");
+        dots!(@one $vnni, $body, true, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+    };
+    (@one $m:ident, $body:ident, $vnni:expr, $features:literal) => {
+        pub(super) mod $m {
             use super::*;
-            #[target_feature(enable = "avx2,fma,f16c")]
+            #[target_feature(enable = $features)]
             unsafe fn one(w: &[u8], a: &[u8]) -> f32 {
-                $body::<false, 1>(w, [a])[0]
+                $body::<{ $vnni }, 1, 1>([w], [a])[0][0]
             }
-            #[target_feature(enable = "avx2,fma,f16c")]
+            #[target_feature(enable = $features)]
             unsafe fn four(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-                $body::<false, 4>(w, a)
+                $body::<{ $vnni }, 1, 4>([w], a)[0]
             }
-            // SAFETY (both): only registered by `x86::plug` after the CPU features were
-            // detected.
+            #[target_feature(enable = $features)]
+            unsafe fn four_rows(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                $body::<{ $vnni }, 4, 1>(w, [a]).map(|r| r[0])
+            }
+            // SAFETY (all three): only registered by `x86::plug` after the CPU features
+            // were detected.
             pub fn vec_dot(w: &[u8], a: &[u8]) -> f32 {
                 unsafe { one(w, a) }
             }
             pub fn vec_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
                 unsafe { four(w, a) }
             }
-        }
-        pub(super) mod $vnni {
-            use super::*;
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-            unsafe fn one(w: &[u8], a: &[u8]) -> f32 {
-                $body::<true, 1>(w, [a])[0]
-            }
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-            unsafe fn four(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-                $body::<true, 4>(w, a)
-            }
-            // SAFETY (both): as above, at the AVX-512 level.
-            pub fn vec_dot(w: &[u8], a: &[u8]) -> f32 {
-                unsafe { one(w, a) }
-            }
-            pub fn vec_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-                unsafe { four(w, a) }
+            pub fn rows4(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                unsafe { four_rows(w, a) }
             }
         }
     };

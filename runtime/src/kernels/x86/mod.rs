@@ -52,72 +52,41 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
     };
     let vnni = level >= Level::Avx512;
     let lv = if vnni { Level::Avx512 } else { l };
-    macro_rules! pair {
-        ($avx2:ident, $vnni:ident) => {
-            if vnni {
+    macro_rules! set {
+        ($ty:ident, $act:ident, $avx2:ident, $vnni:ident) => {
+            let (name, d1, d4, r4): (
+                &'static str,
+                super::VecDotFn,
+                super::VecDot4Fn,
+                super::Rows4Fn,
+            ) = if vnni {
                 (
-                    avx2::$vnni::vec_dot as super::VecDotFn,
-                    avx2::$vnni::vec_dot4 as super::VecDot4Fn,
+                    concat!("avx512_dot_", stringify!($avx2), "_vnni"),
+                    avx2::$vnni::vec_dot,
+                    avx2::$vnni::vec_dot4,
+                    avx2::$vnni::rows4,
                 )
             } else {
                 (
-                    avx2::$avx2::vec_dot as super::VecDotFn,
-                    avx2::$avx2::vec_dot4 as super::VecDot4Fn,
+                    concat!("avx2_dot_", stringify!($avx2)),
+                    avx2::$avx2::vec_dot,
+                    avx2::$avx2::vec_dot4,
+                    avx2::$avx2::rows4,
                 )
-            }
+            };
+            t.plug($ty, lv, name, |e| {
+                $act(e);
+                e.vec_dot = d1;
+                e.vec_dot4 = Some(d4);
+                e.rows4 = Some(r4);
+            });
         };
     }
-    let name = |a: &'static str, v: &'static str| if vnni { v } else { a };
-    let (d1, d4) = pair!(q8_0_q8_0, q8_0_q8_0_vnni);
-    t.plug(
-        Q8_0,
-        lv,
-        name("avx2_dot_q8_0_q8_0", "avx512_dot_q8_0_q8_0_vnni"),
-        |e| {
-            q8_0(e);
-            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
-        },
-    );
-    let (d1, d4) = pair!(q4_0_q8_0, q4_0_q8_0_vnni);
-    t.plug(
-        Q4_0,
-        lv,
-        name("avx2_dot_q4_0_q8_0", "avx512_dot_q4_0_q8_0_vnni"),
-        |e| {
-            q8_0(e);
-            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
-        },
-    );
-    let (d1, d4) = pair!(q4_1_q8_1, q4_1_q8_1_vnni);
-    t.plug(
-        Q4_1,
-        lv,
-        name("avx2_dot_q4_1_q8_1", "avx512_dot_q4_1_q8_1_vnni"),
-        |e| {
-            q8_1(e);
-            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
-        },
-    );
-    let (d1, d4) = pair!(q5_0_q8_0, q5_0_q8_0_vnni);
-    t.plug(
-        Q5_0,
-        lv,
-        name("avx2_dot_q5_0_q8_0", "avx512_dot_q5_0_q8_0_vnni"),
-        |e| {
-            q8_0(e);
-            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
-        },
-    );
-    let (d1, d4) = pair!(q5_1_q8_1, q5_1_q8_1_vnni);
-    t.plug(
-        Q5_1,
-        lv,
-        name("avx2_dot_q5_1_q8_1", "avx512_dot_q5_1_q8_1_vnni"),
-        |e| {
-            q8_1(e);
-            (e.vec_dot, e.vec_dot4) = (d1, Some(d4));
-        },
-    );
+    set!(Q8_0, q8_0, q8_0_q8_0, q8_0_q8_0_vnni);
+    set!(Q4_0, q8_0, q4_0_q8_0, q4_0_q8_0_vnni);
+    set!(Q4_1, q8_1, q4_1_q8_1, q4_1_q8_1_vnni);
+    set!(Q5_0, q8_0, q5_0_q8_0, q5_0_q8_0_vnni);
+    set!(Q5_1, q8_1, q5_1_q8_1, q5_1_q8_1_vnni);
     t.plug(Q4_K, l, "avx2_dot_q4_k_q8_k", |e| {
         e.vec_dot = kquant::q4_k_q8_k;
         e.gemm = Some(kquant::q4_k_q8_k_gemm);
