@@ -335,6 +335,38 @@ fn vec_dot4_matches_vec_dot() {
     }
 }
 
+/// `rows4` gives each weight row the bits of `vec_dot`.
+#[test]
+fn rows4_matches_vec_dot() {
+    for level in Level::detected() {
+        let t = KernelTable::for_level(level);
+        for k in t.entries() {
+            let Some(rows4) = k.rows4 else { continue };
+            for (i, cols) in [576usize, 1536, 32, 256].into_iter().enumerate() {
+                if cols % row_unit(k) != 0 {
+                    continue;
+                }
+                let mut rng = Rng(91 + i as u64);
+                let w: Vec<Vec<u8>> = (0..4)
+                    .map(|_| quantized(k.weight_type, &rng.row(cols)))
+                    .collect();
+                let mut a = vec![0u8; k.act_row_bytes(cols).unwrap()];
+                (k.quantize_act)(&rng.row(cols), &mut a);
+                let got = rows4([&w[0], &w[1], &w[2], &w[3]], &a);
+                for (j, wr) in w.iter().enumerate() {
+                    check(
+                        &format!("{} rows4 row {j}, cols {cols}", k.name),
+                        got[j],
+                        (k.vec_dot)(wr, &a),
+                        Approx::Exact,
+                        0.0,
+                    );
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
