@@ -100,10 +100,20 @@ unsafe fn dot_us8<const VNNI: bool>(ax: __m256i, sy: __m256i) -> __m256i {
     }
 }
 
-/// Two f16 at `p` (little-endian) as [f32(p[0..2]), f32(p[2..4]), 0, 0].
+/// Four f16 at `p` (little-endian) as f32; lanes 0 and 1 are what the callers use (a
+/// block's d, and m where it has one). Inline asm because LLVM, seeing that only lane 0 is
+/// used, turns a plain load into `vpinsrw` into whatever register is free, which ties every
+/// block to an unrelated accumulator chain. Reads 8 bytes: every block is longer.
 #[inline(always)]
 unsafe fn fp16x2(p: *const u8) -> __m128 {
-    _mm_cvtph_ps(_mm_cvtsi32_si128((p as *const i32).read_unaligned()))
+    let r: __m128;
+    std::arch::asm!(
+        "vcvtph2ps {r}, qword ptr [{p}]",
+        p = in(reg) p,
+        r = out(xmm_reg) r,
+        options(pure, readonly, nostack, preserves_flags)
+    );
+    r
 }
 
 /// Two f32 at `p` as [p[0], p[1], 0, 0].
