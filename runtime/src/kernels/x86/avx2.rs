@@ -189,6 +189,9 @@ unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
     w: [&[u8]; R],
     a: [&[u8]; N],
 ) -> [[f32; N]; R] {
+    if R * N == 4 {
+        return q4_0_quad::<VNNI, R, N>(w, a);
+    }
     let (x, y, dy, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 4);
     let mut acc = [[_mm_setzero_ps(); N]; R];
     let off = _mm256_set1_epi8(8);
@@ -208,6 +211,53 @@ unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
         }
     }
     acc.map(|row| row.map(|v| _mm_cvtss_f32(v)))
+}
+
+/// Q4_0 for four (row, token) pairs (four rows and one token, or one row and four tokens):
+/// the four per-block integers come out of one `hadd` tree and meet their scales in one
+/// vector fma, lane k being pair k's scalar accumulator (the same operations as
+/// `q4_0_body`'s one pair at a time, without four horizontal sums).
+#[inline(always)]
+unsafe fn q4_0_quad<const VNNI: bool, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, dy, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 4);
+    let off = _mm256_set1_epi8(8);
+    let mut acc = _mm_setzero_ps();
+    for b in 0..nb {
+        let mut v = [_mm256_setzero_si256(); 4];
+        let mut dx = [_mm_setzero_ps(); 4];
+        let mut dyv = [_mm_setzero_ps(); 4];
+        for (k, vk) in v.iter_mut().enumerate() {
+            let (r, t) = if R == 4 { (k, 0) } else { (0, k) };
+            let xb = &x[r][b];
+            let qx = _mm256_sub_epi8(bytes_from_nibbles_32(xb.qs.as_ptr()), off);
+            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
+            *vk = dot_us8::<VNNI>(_mm256_sign_epi8(qx, qx), sy);
+            if k == 0 || R == 4 {
+                dx[k] = fp16x2(xb.d.as_ptr());
+            }
+            if k == 0 || N == 4 {
+                dyv[k] = _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32);
+            }
+        }
+        // [lane k] = pair k's block scale, d_x * d_y.
+        let gather = |p: [__m128; 4]| {
+            _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]))
+        };
+        let dxs = if R == 4 { gather(dx) } else { _mm_broadcastss_ps(dx[0]) };
+        let dys = if N == 4 { gather(dyv) } else { _mm_broadcastss_ps(dyv[0]) };
+        let d = _mm_mul_ps(dxs, dys);
+        let h01 = _mm256_hadd_epi32(v[0], v[1]);
+        let h23 = _mm256_hadd_epi32(v[2], v[3]);
+        let h = _mm256_hadd_epi32(h01, h23);
+        let isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), d, acc);
+    }
+    let mut lanes = [0f32; 4];
+    _mm_storeu_ps(lanes.as_mut_ptr(), acc);
+    std::array::from_fn(|r| std::array::from_fn(|t| lanes[if R == 4 { r } else { t }]))
 }
 
 /// Q4_1 / Q5_1 per token and block: the weight's [d, m] times the activation's [d, s] gives
