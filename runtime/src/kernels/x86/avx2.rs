@@ -283,13 +283,34 @@ unsafe fn q4_1_body<const VNNI: bool, const R: usize, const N: usize>(
     let (x, y, ds, nb) = rows::<BlockQ4_1, BlockQ8_1, R, N>(w, a, 8);
     let mut acc = [[_mm256_setzero_ps(); N]; R];
     let mut summs = [[_mm_setzero_ps(); N]; R];
+    // With VNNI (exact i32 sums) the nibbles need no shuffle: the 16 bytes go to both halves,
+    // the low half keeps the low nibbles and the high half the high nibbles times 16, and the
+    // high lanes' scale is d / 16 instead: (d / 16) * (16 p) is d * p exactly (a power of two
+    // and integers far below 2^24), so every fma sees the same real product.
+    let nib_mask = _mm256_setr_epi64x(
+        0x0F0F_0F0F_0F0F_0F0F,
+        0x0F0F_0F0F_0F0F_0F0F,
+        0xF0F0_F0F0_F0F0_F0F0u64 as i64,
+        0xF0F0_F0F0_F0F0_F0F0u64 as i64,
+    );
+    let sixteenth = _mm256_setr_ps(1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625);
     for b in 0..nb {
         for r in 0..R {
             let xb = &x[r][b];
             let dm = fp16x2(xb.d.as_ptr());
-            let qx = bytes_from_nibbles_32(xb.qs.as_ptr());
+            let qx = if VNNI {
+                let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                    xb.qs.as_ptr() as *const __m128i,
+                ));
+                _mm256_and_si256(v, nib_mask)
+            } else {
+                bytes_from_nibbles_32(xb.qs.as_ptr())
+            };
             for t in 0..N {
-                let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[r][t]);
+                let mut d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[r][t]);
+                if VNNI {
+                    d = _mm256_mul_ps(d, sixteenth);
+                }
                 let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(qx, loady(&y[t][b].qs)));
                 acc[r][t] = _mm256_fmadd_ps(d, p, acc[r][t]);
             }
