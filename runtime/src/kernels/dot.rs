@@ -149,6 +149,27 @@ pub fn q5_1_q8_1(w: &[u8], a: &[u8]) -> f32 {
     hsum8(&acc) + summs
 }
 
+/// F16 x F16 in the order of `ggml_vec_dot_f16` (AVX-512 build): 4 accumulators of 16 lanes
+/// over steps of 64 elements (element i into lane i % 64), folded (0+2) + (1+3) and reduced
+/// as `_mm512_reduce_add_ps`; the elements after the last whole step are added one by one
+/// in f64, and the f64 sum is rounded to f32 at the end.
+pub fn f16_f16(w: &[u8], a: &[u8]) -> f32 {
+    let h = |b: &[u8], i: usize| f16_to_f32([b[2 * i], b[2 * i + 1]]);
+    let n = w.len().min(a.len()) / 2;
+    let np = n / 64 * 64;
+    let mut acc = [0.0f32; 64];
+    for i in 0..np {
+        acc[i % 64] = fma32(h(w, i), h(a, i), acc[i % 64]);
+    }
+    let t: [f32; 16] =
+        std::array::from_fn(|l| (acc[l] + acc[32 + l]) + (acc[16 + l] + acc[48 + l]));
+    let mut sum = super::math::reduce_add16(&t) as f64;
+    for i in np..n {
+        sum += (h(w, i) * h(a, i)) as f64;
+    }
+    sum as f32
+}
+
 // ---------------------------------------------------------------------------------------------
 // K-quants: super-blocks of 256 weights against Q8_K activations.
 //

@@ -256,10 +256,11 @@ impl KernelTable {
                 GgmlType::Q8_1 => act::quantize_row_q8_1,
                 _ => a.quantize,
             };
-            // The 32-element formats sum in ggml's x86 lane order, the K-quants in the order
-            // llama.cpp uses for one token (dot.rs; a batch takes other orders, see
+            // F16 and the 32-element formats sum in ggml's x86 lane orders, the K-quants in
+            // the order llama.cpp uses for one token (dot.rs; a batch takes other orders, see
             // DotKernel::dot_for); the rest use the format's reference dot.
             let vec_dot: VecDotFn = match ty {
+                GgmlType::F16 => dot::f16_f16,
                 GgmlType::Q8_0 => dot::q8_0_q8_0,
                 GgmlType::Q4_0 => dot::q4_0_q8_0,
                 GgmlType::Q4_1 => dot::q4_1_q8_1,

@@ -246,8 +246,16 @@ unsafe fn q4_0_quad<const VNNI: bool, const R: usize, const N: usize>(
         let gather = |p: [__m128; 4]| {
             _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]))
         };
-        let dxs = if R == 4 { gather(dx) } else { _mm_broadcastss_ps(dx[0]) };
-        let dys = if N == 4 { gather(dyv) } else { _mm_broadcastss_ps(dyv[0]) };
+        let dxs = if R == 4 {
+            gather(dx)
+        } else {
+            _mm_broadcastss_ps(dx[0])
+        };
+        let dys = if N == 4 {
+            gather(dyv)
+        } else {
+            _mm_broadcastss_ps(dyv[0])
+        };
         let d = _mm_mul_ps(dxs, dys);
         let h01 = _mm256_hadd_epi32(v[0], v[1]);
         let h23 = _mm256_hadd_epi32(v[2], v[3]);
@@ -299,9 +307,8 @@ unsafe fn q4_1_body<const VNNI: bool, const R: usize, const N: usize>(
             let xb = &x[r][b];
             let dm = fp16x2(xb.d.as_ptr());
             let qx = if VNNI {
-                let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                    xb.qs.as_ptr() as *const __m128i,
-                ));
+                let v =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(xb.qs.as_ptr() as *const __m128i));
                 _mm256_and_si256(v, nib_mask)
             } else {
                 bytes_from_nibbles_32(xb.qs.as_ptr())
@@ -367,6 +374,41 @@ unsafe fn q5_1_body<const VNNI: bool, const R: usize, const N: usize>(
         }
     }
     std::array::from_fn(|r| std::array::from_fn(|t| with_mins(acc[r][t], summs[r][t])))
+}
+
+/// F16 x F16 in `dot::f16_f16`'s order: the 64 lanes as eight registers of eight.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_f16_imp(w: &[u8], a: &[u8]) -> f32 {
+    let n = w.len().min(a.len()) / 2;
+    let np = n / 64 * 64;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let load = |b: &[u8], i: usize| {
+        _mm256_cvtph_ps(_mm_loadu_si128(
+            b[2 * i..2 * i + 16].as_ptr() as *const __m128i
+        ))
+    };
+    for i in (0..np).step_by(64) {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            *acc = _mm256_fmadd_ps(load(w, i + 8 * k), load(a, i + 8 * k), *acc);
+        }
+    }
+    // (acc0 + acc2) + (acc1 + acc3) per 16-lane accumulator (two registers each), then the
+    // 16-lane reduction: halves, quarters, pairs.
+    let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+    let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+    let t3 = _mm256_add_ps(hi, lo);
+    let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
+    let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+    let mut sum = _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r))) as f64;
+    for i in np..n {
+        sum += (fp16([w[2 * i], w[2 * i + 1]]) * fp16([a[2 * i], a[2 * i + 1]])) as f64;
+    }
+    sum as f32
+}
+
+pub(super) fn f16_f16(w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+    unsafe { f16_f16_imp(w, a) }
 }
 
 // ---- activation quantizers (ggml's AVX2 quantize_row_q8_0 / _q8_1) ------------------------

@@ -87,6 +87,7 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
     set!(Q4_1, q8_1, q4_1_q8_1, q4_1_q8_1_vnni);
     set!(Q5_0, q8_0, q5_0_q8_0, q5_0_q8_0_vnni);
     set!(Q5_1, q8_1, q5_1_q8_1, q5_1_q8_1_vnni);
+    t.plug(F16, l, "avx2_dot_f16_f16", |e| e.vec_dot = avx2::f16_f16);
     t.plug(Q4_K, l, "avx2_dot_q4_k_q8_k", |e| {
         e.vec_dot = kquant::q4_k_q8_k;
         e.gemm = Some(kquant::q4_k_q8_k_gemm);
