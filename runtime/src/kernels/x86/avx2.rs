@@ -182,8 +182,35 @@ unsafe fn q8_0_body<const VNNI: bool, const R: usize, const N: usize>(
     acc.map(|row| row.map(|v| hsum_float_8(v)))
 }
 
+/// Q4_0 block against activations: 8 i32 lanes summing to `sum(n * y)` over the unsigned
+/// nibbles n (the -8 offset comes back as `8 * sum(y)`, from the activation row's extra data).
+/// With VNNI the nibbles need no shuffle: the 16 bytes go to both halves, the high half
+/// keeps the high nibbles times 16, and an arithmetic shift divides those lanes back (exact:
+/// they are multiples of 16).
+#[inline(always)]
+unsafe fn q4_0_lanes<const VNNI: bool>(qs: *const u8, y: __m256i) -> __m256i {
+    if VNNI {
+        let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(qs as *const __m128i));
+        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_and_si256(v, nib_mask()), y);
+        _mm256_srav_epi32(p, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4))
+    } else {
+        dot_us8::<false>(bytes_from_nibbles_32(qs), y)
+    }
+}
+
+/// Low nibbles in the low 16 bytes, high nibbles (times 16) in the high 16.
+#[inline(always)]
+unsafe fn nib_mask() -> __m256i {
+    _mm256_setr_epi64x(
+        0x0F0F_0F0F_0F0F_0F0F,
+        0x0F0F_0F0F_0F0F_0F0F,
+        0xF0F0_F0F0_F0F0_F0F0u64 as i64,
+        0xF0F0_F0F0_F0F0_F0F0u64 as i64,
+    )
+}
+
 /// Q4_0 in the repacked order (see `dot::q4_0_q8_0`): one integer per block, fma'd into a
-/// scalar accumulator.
+/// scalar accumulator. The activations carry (d, sum of quants) per block as f32, i32.
 #[inline(always)]
 unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
     w: [&[u8]; R],
@@ -192,20 +219,18 @@ unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
     if R * N == 4 {
         return q4_0_quad::<VNNI, R, N>(w, a);
     }
-    let (x, y, dy, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 4);
+    let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 8);
     let mut acc = [[_mm_setzero_ps(); N]; R];
-    let off = _mm256_set1_epi8(8);
     for b in 0..nb {
         for r in 0..R {
             let xb = &x[r][b];
             let dx = fp16x2(xb.d.as_ptr());
-            let qx = _mm256_sub_epi8(bytes_from_nibbles_32(xb.qs.as_ptr()), off);
-            let ax = _mm256_sign_epi8(qx, qx);
             for t in 0..N {
-                let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
-                let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
-                let i = hsum_i32_8(dot_us8::<VNNI>(ax, sy));
-                let isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(i));
+                let e = ext[t].as_ptr().add(8 * b);
+                let d = _mm_mul_ss(dx, _mm_load_ss(e as *const f32));
+                let sumy = (e.add(4) as *const i32).read_unaligned();
+                let lanes = q4_0_lanes::<VNNI>(xb.qs.as_ptr(), loady(&y[t][b].qs));
+                let isum = _mm_cvtepi32_ps(_mm_cvtsi32_si128(hsum_i32_8(lanes) - 8 * sumy));
                 acc[r][t] = _mm_fmadd_ss(isum, d, acc[r][t]);
             }
         }
@@ -222,45 +247,45 @@ unsafe fn q4_0_quad<const VNNI: bool, const R: usize, const N: usize>(
     w: [&[u8]; R],
     a: [&[u8]; N],
 ) -> [[f32; N]; R] {
-    let (x, y, dy, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 4);
-    let off = _mm256_set1_epi8(8);
+    let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 8);
     let mut acc = _mm_setzero_ps();
+    // [lane k] from four single-lane values.
+    let gather =
+        |p: [__m128; 4]| _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]));
     for b in 0..nb {
         let mut v = [_mm256_setzero_si256(); 4];
         let mut dx = [_mm_setzero_ps(); 4];
         let mut dyv = [_mm_setzero_ps(); 4];
+        let mut sy = [_mm_setzero_ps(); 4];
         for (k, vk) in v.iter_mut().enumerate() {
             let (r, t) = if R == 4 { (k, 0) } else { (0, k) };
             let xb = &x[r][b];
-            let qx = _mm256_sub_epi8(bytes_from_nibbles_32(xb.qs.as_ptr()), off);
-            let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
-            *vk = dot_us8::<VNNI>(_mm256_sign_epi8(qx, qx), sy);
+            *vk = q4_0_lanes::<VNNI>(xb.qs.as_ptr(), loady(&y[t][b].qs));
             if k == 0 || R == 4 {
                 dx[k] = fp16x2(xb.d.as_ptr());
             }
             if k == 0 || N == 4 {
-                dyv[k] = _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32);
+                let e = ext[t].as_ptr().add(8 * b);
+                dyv[k] = _mm_load_ss(e as *const f32);
+                sy[k] = _mm_load_ss(e.add(4) as *const f32); // the i32 sum, as bits
             }
         }
-        // [lane k] = pair k's block scale, d_x * d_y.
-        let gather = |p: [__m128; 4]| {
-            _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]))
-        };
         let dxs = if R == 4 {
             gather(dx)
         } else {
             _mm_broadcastss_ps(dx[0])
         };
-        let dys = if N == 4 {
-            gather(dyv)
+        let (dys, sys) = if N == 4 {
+            (gather(dyv), gather(sy))
         } else {
-            _mm_broadcastss_ps(dyv[0])
+            (_mm_broadcastss_ps(dyv[0]), _mm_broadcastss_ps(sy[0]))
         };
         let d = _mm_mul_ps(dxs, dys);
         let h01 = _mm256_hadd_epi32(v[0], v[1]);
         let h23 = _mm256_hadd_epi32(v[2], v[3]);
         let h = _mm256_hadd_epi32(h01, h23);
         let isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+        let isum = _mm_sub_epi32(isum, _mm_slli_epi32::<3>(_mm_castps_si128(sys)));
         acc = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), d, acc);
     }
     let mut lanes = [0f32; 4];
@@ -295,12 +320,7 @@ unsafe fn q4_1_body<const VNNI: bool, const R: usize, const N: usize>(
     // the low half keeps the low nibbles and the high half the high nibbles times 16, and the
     // high lanes' scale is d / 16 instead: (d / 16) * (16 p) is d * p exactly (a power of two
     // and integers far below 2^24), so every fma sees the same real product.
-    let nib_mask = _mm256_setr_epi64x(
-        0x0F0F_0F0F_0F0F_0F0F,
-        0x0F0F_0F0F_0F0F_0F0F,
-        0xF0F0_F0F0_F0F0_F0F0u64 as i64,
-        0xF0F0_F0F0_F0F0_F0F0u64 as i64,
-    );
+    let nib_mask = nib_mask();
     let sixteenth = _mm256_setr_ps(1.0, 1.0, 1.0, 1.0, 0.0625, 0.0625, 0.0625, 0.0625);
     for b in 0..nb {
         for r in 0..R {
@@ -467,6 +487,25 @@ unsafe fn quantize_row_q8_0_imp(x: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Q8_0 blocks, then each block's d as f32 and the sum of its quants as i32
+/// (`act_extra` = 8; for Q4_0, whose -8 offset is applied through the sum).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_q8_0_sum_imp(x: &[f32], dst: &mut [u8]) {
+    let nb = x.len() / 32;
+    let (row, ext) = dst.split_at_mut(nb * 34);
+    let out: &mut [BlockQ8_0] = blocks_mut(row);
+    for ((xb, b), e) in x
+        .chunks_exact(32)
+        .zip(out.iter_mut())
+        .zip(ext.chunks_exact_mut(8))
+    {
+        let (d, sum) = quantize_block(xb, &mut b.qs);
+        b.d = to_fp16(d);
+        e[..4].copy_from_slice(&fp16(b.d).to_le_bytes());
+        e[4..].copy_from_slice(&sum.to_le_bytes());
+    }
+}
+
 /// Q8_1 blocks, then each block's (d, s) as two f32 (`act_extra` = 8).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_row_q8_1_imp(x: &[f32], dst: &mut [u8]) {
@@ -532,6 +571,11 @@ dots!(q5_1_q8_1, q5_1_q8_1_vnni, q5_1_body);
 pub(super) fn quantize_row_q8_0(x: &[f32], dst: &mut [u8]) {
     // SAFETY: only registered by `x86::plug` after the CPU features were detected.
     unsafe { quantize_row_q8_0_imp(x, dst) }
+}
+
+pub(super) fn quantize_row_q8_0_sum(x: &[f32], dst: &mut [u8]) {
+    // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+    unsafe { quantize_row_q8_0_sum_imp(x, dst) }
 }
 
 pub(super) fn quantize_row_q8_1(x: &[f32], dst: &mut [u8]) {

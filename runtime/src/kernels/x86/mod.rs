@@ -46,6 +46,10 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
         e.quantize_act = avx2::quantize_row_q8_0;
         e.act_extra = 4;
     };
+    let q8_0_sum = |e: &mut super::DotKernel| {
+        e.quantize_act = avx2::quantize_row_q8_0_sum;
+        e.act_extra = 8;
+    };
     let q8_1 = |e: &mut super::DotKernel| {
         e.quantize_act = avx2::quantize_row_q8_1;
         e.act_extra = 8;
@@ -83,7 +87,7 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
         };
     }
     set!(Q8_0, q8_0, q8_0_q8_0, q8_0_q8_0_vnni);
-    set!(Q4_0, q8_0, q4_0_q8_0, q4_0_q8_0_vnni);
+    set!(Q4_0, q8_0_sum, q4_0_q8_0, q4_0_q8_0_vnni);
     set!(Q4_1, q8_1, q4_1_q8_1, q4_1_q8_1_vnni);
     set!(Q5_0, q8_0, q5_0_q8_0, q5_0_q8_0_vnni);
     set!(Q5_1, q8_1, q5_1_q8_1, q5_1_q8_1_vnni);
