@@ -208,14 +208,14 @@ impl TypePlan {
         }
         // Rows that are not whole 256-element super-blocks fall back as llama.cpp does.
         let (bs, _) = ty.block_layout();
-        if t.row_len() % bs as u64 != 0 {
+        if !t.row_len().is_multiple_of(bs as u64) {
             ty = match ty {
                 GgmlType::Q4_K => GgmlType::Q5_0,
                 GgmlType::Q5_K => GgmlType::Q5_1,
                 GgmlType::Q6_K => GgmlType::Q8_0,
                 other => other,
             };
-            if t.row_len() % ty.block_size() as u64 != 0 {
+            if !t.row_len().is_multiple_of(ty.block_size() as u64) {
                 ty = GgmlType::F16;
             }
         }

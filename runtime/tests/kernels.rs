@@ -367,6 +367,45 @@ fn rows4_matches_vec_dot() {
     }
 }
 
+/// `tile2x4` gives each (row, token) pair the bits of `vec_dot`.
+#[test]
+fn tile2x4_matches_vec_dot() {
+    for level in Level::detected() {
+        let t = KernelTable::for_level(level);
+        for k in t.entries() {
+            let Some(tile) = k.tile2x4 else { continue };
+            for (i, cols) in [576usize, 1536, 32, 256].into_iter().enumerate() {
+                if cols % row_unit(k) != 0 {
+                    continue;
+                }
+                let mut rng = Rng(133 + i as u64);
+                let w: Vec<Vec<u8>> = (0..2)
+                    .map(|_| quantized(k.weight_type, &rng.row(cols)))
+                    .collect();
+                let acts: Vec<Vec<u8>> = (0..4)
+                    .map(|_| {
+                        let mut a = vec![0u8; k.act_row_bytes(cols).unwrap()];
+                        (k.quantize_act)(&rng.row(cols), &mut a);
+                        a
+                    })
+                    .collect();
+                let got = tile([&w[0], &w[1]], [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                for (r, wr) in w.iter().enumerate() {
+                    for (j, a) in acts.iter().enumerate() {
+                        check(
+                            &format!("{} tile2x4 row {r} token {j}, cols {cols}", k.name),
+                            got[r][j],
+                            (k.vec_dot)(wr, a),
+                            Approx::Exact,
+                            0.0,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -208,7 +208,7 @@ fn q8k_bsum32(y: &BlockQ8K, j: usize) -> i32 {
 #[inline]
 fn q4k_level(x: &BlockQ4K, j: usize, i: usize) -> i32 {
     let b = x.qs[32 * (j / 2) + i];
-    (if j % 2 == 0 { b & 0xF } else { b >> 4 }) as i32
+    (if j.is_multiple_of(2) { b & 0xF } else { b >> 4 }) as i32
 }
 
 /// Sub-block j of a Q4_K block against its activations: (sc_j * sum(q * y), m_j * sum(y)).
@@ -281,7 +281,7 @@ pub fn q4_k_q8_k_gemm(w: &[u8], a: &[u8]) -> f32 {
 #[inline]
 fn q5k_level(x: &BlockQ5K, j: usize, i: usize) -> i32 {
     let b = x.qs[32 * (j / 2) + i];
-    let lo = if j % 2 == 0 { b & 0xF } else { b >> 4 };
+    let lo = if j.is_multiple_of(2) { b & 0xF } else { b >> 4 };
     (lo | (((x.qh[i] >> j) & 1) << 4)) as i32
 }
 

@@ -96,7 +96,21 @@ pub fn matmul(
             for g in 0..quads {
                 let t = 4 * g;
                 let a4 = [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)];
-                for r in r0..r1 {
+                let mut rest = r0;
+                if let Some(tile) = k.tile2x4 {
+                    while rest + 2 <= r1 {
+                        let v = tile([w_row_at(rest), w_row_at(rest + 1)], a4);
+                        for (j, row) in v.into_iter().enumerate() {
+                            for (i, v) in row.into_iter().enumerate() {
+                                // SAFETY: tasks own disjoint row ranges, so no two write the
+                                // same element.
+                                unsafe { dst.set((t + i) * rows + rest + j, v) };
+                            }
+                        }
+                        rest += 2;
+                    }
+                }
+                for r in rest..r1 {
                     let v = dot4(w_row_at(r), a4);
                     for (i, v) in v.into_iter().enumerate() {
                         // SAFETY: tasks own disjoint row ranges, so no two write the same

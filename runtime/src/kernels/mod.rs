@@ -42,6 +42,10 @@ pub type VecDot4Fn = fn(&[u8], [&[u8]; 4]) -> [f32; 4];
 /// The dot products of four weight rows with one activation row: four `VecDotFn` results,
 /// bit for bit, computed side by side (four independent accumulator chains).
 pub type Rows4Fn = fn([&[u8]; 4], &[u8]) -> [f32; 4];
+/// The dot products of two weight rows with four activation rows (`[row][token]`), bit for bit
+/// the `VecDotFn` results: the tile of a batch, sharing weight unpacking across tokens and
+/// activation loads across rows.
+pub type Tile2x4Fn = fn([&[u8]; 2], [&[u8]; 4]) -> [[f32; 4]; 2];
 
 /// CPU feature levels a plug can target, lowest first within each architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -146,6 +150,8 @@ pub struct DotKernel {
     pub vec_dot4: Option<VecDot4Fn>,
     /// `vec_dot` for four weight rows at once, where the plug has it (decode steps).
     pub rows4: Option<Rows4Fn>,
+    /// `vec_dot` for two weight rows by four tokens, where the plug has it (batches).
+    pub tile2x4: Option<Tile2x4Fn>,
     /// Q4_K only: the order of llama.cpp's repacked gemm, for tokens taken four at a time.
     pub gemm: Option<VecDotFn>,
     /// K-quants only: the order of llama.cpp's tiled matmul, for batches of 8 or more.
@@ -171,7 +177,7 @@ impl DotKernel {
     /// `ggml_vec_dot_q4_K_q8_K`; the table's Q4_K kernel follows the repacked gemv.)
     pub fn variant_for(&self, rows: usize, n: usize, t: usize) -> Variant {
         match self.weight_type {
-            GgmlType::Q4_K if rows % 8 == 0 => {
+            GgmlType::Q4_K if rows.is_multiple_of(8) => {
                 if n >= 4 && t < n - n % 4 {
                     Variant::Gemm
                 } else {
@@ -287,6 +293,7 @@ impl KernelTable {
                 vec_dot,
                 vec_dot4: None,
                 rows4: None,
+                tile2x4: None,
                 gemm,
                 tiled,
             });

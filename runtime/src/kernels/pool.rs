@@ -85,7 +85,7 @@ impl Shared {
                     break g;
                 }
                 spins = spins.wrapping_add(1);
-                if spins % 1024 == 0 && start.elapsed() > SPIN {
+                if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                     let guard = self.job.lock().unwrap_or_else(|e| e.into_inner());
                     self.sleepers.fetch_add(1, Ordering::AcqRel);
                     let g = (self.state.load(Ordering::Acquire) >> 32) as u32;

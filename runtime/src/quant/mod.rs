@@ -164,7 +164,7 @@ impl GgmlType {
     /// blocks or the size overflows.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
         let (bs, ts) = self.block_layout();
-        if n % bs as u64 != 0 {
+        if !n.is_multiple_of(bs as u64) {
             return None;
         }
         (n / bs as u64).checked_mul(ts as u64)
@@ -284,7 +284,7 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> crate::Result<()> 
 
 fn check_lengths(ty: GgmlType, bytes: usize, elems: usize) -> crate::Result<()> {
     let (bs, ts) = ty.block_layout();
-    if elems % bs != 0 || bytes != elems / bs * ts {
+    if !elems.is_multiple_of(bs) || bytes != elems / bs * ts {
         return Err(crate::Error::InvalidArgument(format!(
             "{elems} elements and {bytes} bytes are not whole {ty} blocks of {bs} elements / {ts} bytes"
         )));

@@ -42,7 +42,7 @@ pub static OPS: FormatOps = FormatOps {
 #[inline]
 fn level(b: &BlockQ5K, j: usize, i: usize) -> u8 {
     let q = b.qs[(j / 2) * 32 + i];
-    let low = if j % 2 == 0 { q & 0xF } else { q >> 4 };
+    let low = if j.is_multiple_of(2) { q & 0xF } else { q >> 4 };
     let high = (b.qh[i] >> j) & 1;
     low | (high << 4)
 }

@@ -8,7 +8,7 @@ use crate::kernels::{KernelTable, Level};
 use std::arch::x86_64::*;
 
 fn enabled(hd: usize) -> bool {
-    hd % 16 == 0 && KernelTable::get().level() >= Level::Avx2
+    hd.is_multiple_of(16) && KernelTable::get().level() >= Level::Avx2
 }
 
 /// Eight values of the cache at `i` as f32.

@@ -140,9 +140,9 @@ fn rows<'a, W: bytemuck::Pod, A: bytemuck::Pod, const R: usize, const N: usize>(
     let nb = blocks::<W>(w[0]).len();
     let bs = std::mem::size_of::<A>();
     (
-        w.map(|w| &blocks::<W>(w)[..nb]),
-        a.map(|a| &blocks::<A>(a)[..nb]),
-        a.map(|a| act_scales(a, nb, bs, per)),
+        std::array::from_fn(|r| &blocks::<W>(w[r])[..nb]),
+        std::array::from_fn(|t| &blocks::<A>(a[t])[..nb]),
+        std::array::from_fn(|t| act_scales(a[t], nb, bs, per)),
         nb,
     )
 }
@@ -157,25 +157,62 @@ unsafe fn loady(qs: &[i8; 32]) -> __m256i {
 // batches (each weight block unpacked once for four tokens). Each (row, token) pair sums in
 // exactly the one-dot order.
 
+/// Signed weight bytes (Q8_0, Q5_0) times Q8_0 activations, for one (row, token) pair and
+/// block. AVX2: `sign` moves the signs onto the activations for `maddubs`. VNNI: the weights
+/// go in as unsigned x + 128 and `vpdpbusd` starts from the activation block's lane
+/// correction -128 * (sum of its 4 quants per lane), kept after the row, so that no per-pair
+/// sign work is left; the scale d_x * d_y is one 8-lane multiply of two broadcasts. Both give
+/// the exact lanes and the same f32 scale as the portable kernel.
+#[inline(always)]
+unsafe fn signed_step<const VNNI: bool>(
+    qx: __m256i,
+    dx: __m128,
+    y: &[i8; 32],
+    ext: *const u8,
+    acc: __m256,
+) -> __m256 {
+    if VNNI {
+        let xu = _mm256_xor_si256(qx, _mm256_set1_epi8(0x80u8 as i8));
+        let corr = _mm256_loadu_si256(ext.add(4) as *const __m256i);
+        let p = _mm256_dpbusd_epi32(corr, xu, loady(y));
+        let d = _mm256_mul_ps(
+            _mm256_broadcastss_ps(dx),
+            _mm256_set1_ps((ext as *const f32).read_unaligned()),
+        );
+        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc)
+    } else {
+        let d = _mm_mul_ss(dx, _mm_load_ss(ext as *const f32));
+        let sy = _mm256_sign_epi8(loady(y), qx);
+        let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(_mm256_sign_epi8(qx, qx), sy));
+        _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc)
+    }
+}
+
+/// Bytes of extra activation data per Q8_0 block: d, and with VNNI the lane corrections.
+const fn q8_0_ext<const VNNI: bool>() -> usize {
+    if VNNI {
+        36
+    } else {
+        4
+    }
+}
+
 #[inline(always)]
 unsafe fn q8_0_body<const VNNI: bool, const R: usize, const N: usize>(
     w: [&[u8]; R],
     a: [&[u8]; N],
 ) -> [[f32; N]; R] {
-    let (x, y, dy, nb) = rows::<BlockQ8_0, BlockQ8_0, R, N>(w, a, 4);
+    let per = q8_0_ext::<VNNI>();
+    let (x, y, ext, nb) = rows::<BlockQ8_0, BlockQ8_0, R, N>(w, a, per);
     let mut acc = [[_mm256_setzero_ps(); N]; R];
     for b in 0..nb {
         for r in 0..R {
             let xb = &x[r][b];
-            // The 32-bit load takes d and the first two quants; only lane 0 is used.
             let dx = fp16x2(xb.d.as_ptr());
             let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let ax = _mm256_sign_epi8(qx, qx);
             for t in 0..N {
-                let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
-                let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
-                let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[r][t]);
+                let e = ext[t].as_ptr().add(per * b);
+                acc[r][t] = signed_step::<VNNI>(qx, dx, &y[t][b].qs, e, acc[r][t]);
             }
         }
     }
@@ -351,7 +388,8 @@ unsafe fn q5_0_body<const VNNI: bool, const R: usize, const N: usize>(
     w: [&[u8]; R],
     a: [&[u8]; N],
 ) -> [[f32; N]; R] {
-    let (x, y, dy, nb) = rows::<BlockQ5_0, BlockQ8_0, R, N>(w, a, 4);
+    let per = q8_0_ext::<VNNI>();
+    let (x, y, ext, nb) = rows::<BlockQ5_0, BlockQ8_0, R, N>(w, a, per);
     let mut acc = [[_mm256_setzero_ps(); N]; R];
     for b in 0..nb {
         for r in 0..R {
@@ -360,12 +398,9 @@ unsafe fn q5_0_body<const VNNI: bool, const R: usize, const N: usize>(
             // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
             let hi = _mm256_andnot_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0xF0u8 as i8));
             let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
-            let ax = _mm256_sign_epi8(qx, qx);
             for t in 0..N {
-                let d = _mm_mul_ss(dx, _mm_load_ss(dy[t].as_ptr().add(4 * b) as *const f32));
-                let sy = _mm256_sign_epi8(loady(&y[t][b].qs), qx);
-                let p = _mm256_cvtepi32_ps(dot_us8::<VNNI>(ax, sy));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), p, acc[r][t]);
+                let e = ext[t].as_ptr().add(per * b);
+                acc[r][t] = signed_step::<VNNI>(qx, dx, &y[t][b].qs, e, acc[r][t]);
             }
         }
     }
@@ -487,6 +522,30 @@ unsafe fn quantize_row_q8_0_imp(x: &[f32], dst: &mut [u8]) {
     }
 }
 
+/// Q8_0 blocks, then per block d as f32 and the 8 lane corrections -128 * (sum of quants
+/// 4l..4l+3) as i32 (`act_extra` = 36; for the VNNI form of `signed_step`).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_row_q8_0_corr_imp(x: &[f32], dst: &mut [u8]) {
+    let nb = x.len() / 32;
+    let (row, ext) = dst.split_at_mut(nb * 34);
+    let out: &mut [BlockQ8_0] = blocks_mut(row);
+    for ((xb, b), e) in x
+        .chunks_exact(32)
+        .zip(out.iter_mut())
+        .zip(ext.chunks_exact_mut(36))
+    {
+        let (d, _) = quantize_block(xb, &mut b.qs);
+        b.d = to_fp16(d);
+        e[..4].copy_from_slice(&fp16(b.d).to_le_bytes());
+        let sums = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_set1_epi8(1), loady(&b.qs)),
+            _mm256_set1_epi16(1),
+        );
+        let corr = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<7>(sums));
+        _mm256_storeu_si256(e[4..].as_mut_ptr() as *mut __m256i, corr);
+    }
+}
+
 /// Q8_0 blocks, then each block's d as f32 and the sum of its quants as i32
 /// (`act_extra` = 8; for Q4_0, whose -8 offset is applied through the sum).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -526,7 +585,8 @@ unsafe fn quantize_row_q8_1_imp(x: &[f32], dst: &mut [u8]) {
 }
 
 /// The AVX2 and the AVX-512 VNNI instances of a dot body: one row and one token
-/// (`vec_dot`), one row and four tokens (`vec_dot4`), four rows and one token (`rows4`).
+/// (`vec_dot`), one row and four tokens (`vec_dot4`), four rows and one token (`rows4`), two
+/// rows and four tokens (`tile2x4`).
 macro_rules! dots {
     ($avx2:ident, $vnni:ident, $body:ident) => {
         dots!(@one $avx2, $body, false, "avx2,fma,f16c");
@@ -545,7 +605,12 @@ macro_rules! dots {
             }
             #[target_feature(enable = $features)]
             unsafe fn four_rows(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-                $body::<{ $vnni }, 4, 1>(w, [a]).map(|r| r[0])
+                let r = $body::<{ $vnni }, 4, 1>(w, [a]);
+                [r[0][0], r[1][0], r[2][0], r[3][0]]
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn two_by_four(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4]; 2] {
+                $body::<{ $vnni }, 2, 4>(w, a)
             }
             // SAFETY (all three): only registered by `x86::plug` after the CPU features
             // were detected.
@@ -557,6 +622,9 @@ macro_rules! dots {
             }
             pub fn rows4(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
                 unsafe { four_rows(w, a) }
+            }
+            pub fn tile2x4(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4]; 2] {
+                unsafe { two_by_four(w, a) }
             }
         }
     };
@@ -571,6 +639,11 @@ dots!(q5_1_q8_1, q5_1_q8_1_vnni, q5_1_body);
 pub(super) fn quantize_row_q8_0(x: &[f32], dst: &mut [u8]) {
     // SAFETY: only registered by `x86::plug` after the CPU features were detected.
     unsafe { quantize_row_q8_0_imp(x, dst) }
+}
+
+pub(super) fn quantize_row_q8_0_corr(x: &[f32], dst: &mut [u8]) {
+    // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+    unsafe { quantize_row_q8_0_corr_imp(x, dst) }
 }
 
 pub(super) fn quantize_row_q8_0_sum(x: &[f32], dst: &mut [u8]) {

@@ -42,9 +42,17 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
     use GgmlType::*;
     let l = Level::Avx2;
     // The 32-element formats: activations with their scales appended as f32.
-    let q8_0 = |e: &mut super::DotKernel| {
-        e.quantize_act = avx2::quantize_row_q8_0;
-        e.act_extra = 4;
+    let vnni = level >= Level::Avx512;
+    // With VNNI the signed formats take activations with lane corrections (avx2.rs,
+    // `signed_step`).
+    let q8_0_signed = |e: &mut super::DotKernel| {
+        if vnni {
+            e.quantize_act = avx2::quantize_row_q8_0_corr;
+            e.act_extra = 36;
+        } else {
+            e.quantize_act = avx2::quantize_row_q8_0;
+            e.act_extra = 4;
+        }
     };
     let q8_0_sum = |e: &mut super::DotKernel| {
         e.quantize_act = avx2::quantize_row_q8_0_sum;
@@ -54,21 +62,22 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
         e.quantize_act = avx2::quantize_row_q8_1;
         e.act_extra = 8;
     };
-    let vnni = level >= Level::Avx512;
     let lv = if vnni { Level::Avx512 } else { l };
     macro_rules! set {
         ($ty:ident, $act:ident, $avx2:ident, $vnni:ident) => {
-            let (name, d1, d4, r4): (
+            let (name, d1, d4, r4, t24): (
                 &'static str,
                 super::VecDotFn,
                 super::VecDot4Fn,
                 super::Rows4Fn,
+                super::Tile2x4Fn,
             ) = if vnni {
                 (
                     concat!("avx512_dot_", stringify!($avx2), "_vnni"),
                     avx2::$vnni::vec_dot,
                     avx2::$vnni::vec_dot4,
                     avx2::$vnni::rows4,
+                    avx2::$vnni::tile2x4,
                 )
             } else {
                 (
@@ -76,6 +85,7 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
                     avx2::$avx2::vec_dot,
                     avx2::$avx2::vec_dot4,
                     avx2::$avx2::rows4,
+                    avx2::$avx2::tile2x4,
                 )
             };
             t.plug($ty, lv, name, |e| {
@@ -83,13 +93,15 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
                 e.vec_dot = d1;
                 e.vec_dot4 = Some(d4);
                 e.rows4 = Some(r4);
+                // Q4_0's four-pair kernels (one hadd tree per block) beat its 2x4 tile.
+                e.tile2x4 = (e.weight_type != Q4_0).then_some(t24);
             });
         };
     }
-    set!(Q8_0, q8_0, q8_0_q8_0, q8_0_q8_0_vnni);
+    set!(Q8_0, q8_0_signed, q8_0_q8_0, q8_0_q8_0_vnni);
     set!(Q4_0, q8_0_sum, q4_0_q8_0, q4_0_q8_0_vnni);
     set!(Q4_1, q8_1, q4_1_q8_1, q4_1_q8_1_vnni);
-    set!(Q5_0, q8_0, q5_0_q8_0, q5_0_q8_0_vnni);
+    set!(Q5_0, q8_0_signed, q5_0_q8_0, q5_0_q8_0_vnni);
     set!(Q5_1, q8_1, q5_1_q8_1, q5_1_q8_1_vnni);
     t.plug(F16, l, "avx2_dot_f16_f16", |e| e.vec_dot = avx2::f16_f16);
     t.plug(Q4_K, l, "avx2_dot_q4_k_q8_k", |e| {
