@@ -158,8 +158,8 @@ unsafe fn loady(qs: &[i8; 32]) -> __m256i {
 // exactly the one-dot order.
 
 /// Signed weight bytes (Q8_0, Q5_0) times Q8_0 activations, for one (row, token) pair and
-/// block. AVX2: `sign` moves the signs onto the activations for `maddubs`. VNNI: the weights
-/// go in as unsigned x + 128 and `vpdpbusd` starts from the activation block's lane
+/// block: `qx` holds the weights x as i8 (AVX2), or biased as u8 x + 128 (VNNI). AVX2: `sign`
+/// moves the signs onto the activations for `maddubs`. VNNI: `vpdpbusd` starts from the activation block's lane
 /// correction -128 * (sum of its 4 quants per lane), kept after the row, so that no per-pair
 /// sign work is left; the scale d_x * d_y is one 8-lane multiply of two broadcasts. Both give
 /// the exact lanes and the same f32 scale as the portable kernel.
@@ -172,9 +172,8 @@ unsafe fn signed_step<const VNNI: bool>(
     acc: __m256,
 ) -> __m256 {
     if VNNI {
-        let xu = _mm256_xor_si256(qx, _mm256_set1_epi8(0x80u8 as i8));
         let corr = _mm256_loadu_si256(ext.add(4) as *const __m256i);
-        let p = _mm256_dpbusd_epi32(corr, xu, loady(y));
+        let p = _mm256_dpbusd_epi32(corr, qx, loady(y));
         let d = _mm256_mul_ps(
             _mm256_broadcastss_ps(dx),
             _mm256_set1_ps((ext as *const f32).read_unaligned()),
@@ -209,7 +208,10 @@ unsafe fn q8_0_body<const VNNI: bool, const R: usize, const N: usize>(
         for r in 0..R {
             let xb = &x[r][b];
             let dx = fp16x2(xb.d.as_ptr());
-            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let mut qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            if VNNI {
+                qx = _mm256_xor_si256(qx, _mm256_set1_epi8(0x80u8 as i8));
+            }
             for t in 0..N {
                 let e = ext[t].as_ptr().add(per * b);
                 acc[r][t] = signed_step::<VNNI>(qx, dx, &y[t][b].qs, e, acc[r][t]);
@@ -395,9 +397,22 @@ unsafe fn q5_0_body<const VNNI: bool, const R: usize, const N: usize>(
         for r in 0..R {
             let xb = &x[r][b];
             let dx = fp16x2(xb.d.as_ptr());
-            // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
-            let hi = _mm256_andnot_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0xF0u8 as i8));
-            let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
+            let qx = if VNNI {
+                // x + 128 = nibble + 16 bit + 112: nibble | 0x80 where the fifth bit is set,
+                // nibble | 0x70 where it is clear (one mask blend from the 32 bits of qh).
+                let k: __mmask32 = u32::from_le_bytes(xb.qh);
+                let base = _mm256_mask_blend_epi8(
+                    k,
+                    _mm256_set1_epi8(0x70),
+                    _mm256_set1_epi8(0x80u8 as i8),
+                );
+                _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), base)
+            } else {
+                // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
+                let hi =
+                    _mm256_andnot_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0xF0u8 as i8));
+                _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi)
+            };
             for t in 0..N {
                 let e = ext[t].as_ptr().add(per * b);
                 acc[r][t] = signed_step::<VNNI>(qx, dx, &y[t][b].qs, e, acc[r][t]);
@@ -419,7 +434,12 @@ unsafe fn q5_1_body<const VNNI: bool, const R: usize, const N: usize>(
         for r in 0..R {
             let xb = &x[r][b];
             let dm = fp16x2(xb.d.as_ptr());
-            let hi = _mm256_and_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0x10));
+            let hi = if VNNI {
+                // 0x10 where the fifth bit is set, from the 32 bits of qh as a byte mask.
+                _mm256_maskz_mov_epi8(u32::from_le_bytes(xb.qh), _mm256_set1_epi8(0x10))
+            } else {
+                _mm256_and_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0x10))
+            };
             let qx = _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi);
             for t in 0..N {
                 let d = scale_and_min(dm, ds[t].as_ptr().add(8 * b), &mut summs[r][t]);
