@@ -25,7 +25,7 @@ unsafe fn load8(k: &KvRows, i: usize) -> __m256 {
 
 /// `_mm512_reduce_add_ps` of the 16 lanes (lo, hi): halves, quarters, pairs.
 #[inline(always)]
-unsafe fn reduce16(lo: __m256, hi: __m256) -> f32 {
+pub(super) unsafe fn reduce16(lo: __m256, hi: __m256) -> f32 {
     let t3 = _mm256_add_ps(hi, lo);
     let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
     let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));

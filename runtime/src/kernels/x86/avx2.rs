@@ -471,10 +471,7 @@ unsafe fn f16_f16_imp(w: &[u8], a: &[u8]) -> f32 {
     // 16-lane reduction: halves, quarters, pairs.
     let lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
     let hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
-    let t3 = _mm256_add_ps(hi, lo);
-    let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
-    let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-    let mut sum = _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r))) as f64;
+    let mut sum = super::attn::reduce16(lo, hi) as f64;
     for i in np..n {
         sum += (fp16([w[2 * i], w[2 * i + 1]]) * fp16([a[2 * i], a[2 * i + 1]])) as f64;
     }

@@ -99,11 +99,7 @@ unsafe fn softmax_exp_imp(s: &mut [f32], max: f32) -> f64 {
         let hi = expf8(_mm256_sub_ps(_mm256_loadu_ps(&ch[8]), m));
         _mm256_storeu_ps(&mut ch[0], lo);
         _mm256_storeu_ps(&mut ch[8], hi);
-        // _mm512_reduce_add_ps order: halves, quarters, pairs.
-        let t3 = _mm256_add_ps(hi, lo);
-        let t6 = _mm_add_ps(_mm256_extractf128_ps::<1>(t3), _mm256_castps256_ps128(t3));
-        let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
-        sum += _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r))) as f64;
+        sum += super::attn::reduce16(lo, hi) as f64;
     }
     let rest = chunks.into_remainder();
     if !rest.is_empty() {
