@@ -171,7 +171,7 @@ fn bench_kernels(c: &mut Criterion) {
                 .measurement_time(Duration::from_secs(1));
             let mut summary = Vec::new();
             for k in &kernels {
-                let mut act = vec![0u8; type_bytes(k.act_type, cols)];
+                let mut act = vec![0u8; k.act_row_bytes(cols).expect("whole blocks")];
                 (k.quantize_act)(&x, &mut act);
                 let mut out = vec![0f32; rows];
                 let mut next = 0usize;
@@ -195,7 +195,42 @@ fn bench_kernels(c: &mut Criterion) {
                         d
                     })
                 });
-                summary.push((k.name, times.into_inner().median()));
+                summary.push((k.name.to_string(), times.into_inner().median()));
+                // The decode path: four rows at a time from the four quarters of the matrix,
+                // as the matmul driver feeds them.
+                if let Some(rows4) = k.rows4 {
+                    let name = format!("{}_rows4", k.name);
+                    let times = RefCell::new(Times::default());
+                    let q = rows / 4;
+                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                        b.iter_custom(|iters| {
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                let wm = &weights[next];
+                                next = (next + 1) % copies;
+                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
+                                for r in 0..q {
+                                    let v = rows4(
+                                        [row(r), row(r + q), row(r + 2 * q), row(r + 3 * q)],
+                                        &act,
+                                    );
+                                    out[r] = v[0];
+                                    out[r + q] = v[1];
+                                    out[r + 2 * q] = v[2];
+                                    out[r + 3 * q] = v[3];
+                                }
+                                black_box(&mut out);
+                            }
+                            let d = t.elapsed();
+                            times
+                                .borrow_mut()
+                                .0
+                                .push(d.as_secs_f64() / iters.max(1) as f64);
+                            d
+                        })
+                    });
+                    summary.push((name, times.into_inner().median()));
+                }
             }
             g.finish();
             for (name, secs) in summary {
