@@ -300,102 +300,43 @@ fn quantize_act_edge_rows() {
     }
 }
 
-/// `vec_dot4` gives each token the bits of `vec_dot`.
-#[test]
-fn vec_dot4_matches_vec_dot() {
+/// A multi-row / multi-token kernel of every entry that has one gives each (row, token) pair
+/// the bits of `vec_dot`. `call` runs the kernel on `rows` weight rows and `toks` activation
+/// rows and returns `[row][token]`.
+fn pairs_match_vec_dot(
+    what: &str,
+    rows: usize,
+    toks: usize,
+    seed: u64,
+    call: impl Fn(&DotKernel, &[&[u8]], &[&[u8]]) -> Option<Vec<Vec<f32>>>,
+) {
     for level in Level::detected() {
         let t = KernelTable::for_level(level);
         for k in t.entries() {
-            let Some(dot4) = k.vec_dot4 else { continue };
             for (i, cols) in [576usize, 1536, 32, 256].into_iter().enumerate() {
                 if cols % row_unit(k) != 0 {
                     continue;
                 }
-                let mut rng = Rng(77 + i as u64);
-                let w = quantized(k.weight_type, &rng.row(cols));
-                let acts: Vec<Vec<u8>> = (0..4)
+                let mut rng = Rng(seed + i as u64);
+                let w: Vec<Vec<u8>> = (0..rows)
+                    .map(|_| quantized(k.weight_type, &rng.row(cols)))
+                    .collect();
+                let acts: Vec<Vec<u8>> = (0..toks)
                     .map(|_| {
                         let mut a = vec![0u8; k.act_row_bytes(cols).unwrap()];
                         (k.quantize_act)(&rng.row(cols), &mut a);
                         a
                     })
                     .collect();
-                let got = dot4(&w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
-                for (j, a) in acts.iter().enumerate() {
-                    check(
-                        &format!("{} vec_dot4 token {j}, cols {cols}", k.name),
-                        got[j],
-                        (k.vec_dot)(&w, a),
-                        Approx::Exact,
-                        0.0,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// `rows4` gives each weight row the bits of `vec_dot`.
-#[test]
-fn rows4_matches_vec_dot() {
-    for level in Level::detected() {
-        let t = KernelTable::for_level(level);
-        for k in t.entries() {
-            let Some(rows4) = k.rows4 else { continue };
-            for (i, cols) in [576usize, 1536, 32, 256].into_iter().enumerate() {
-                if cols % row_unit(k) != 0 {
-                    continue;
-                }
-                let mut rng = Rng(91 + i as u64);
-                let w: Vec<Vec<u8>> = (0..4)
-                    .map(|_| quantized(k.weight_type, &rng.row(cols)))
-                    .collect();
-                let mut a = vec![0u8; k.act_row_bytes(cols).unwrap()];
-                (k.quantize_act)(&rng.row(cols), &mut a);
-                let got = rows4([&w[0], &w[1], &w[2], &w[3]], &a);
-                for (j, wr) in w.iter().enumerate() {
-                    check(
-                        &format!("{} rows4 row {j}, cols {cols}", k.name),
-                        got[j],
-                        (k.vec_dot)(wr, &a),
-                        Approx::Exact,
-                        0.0,
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// `tile2x4` gives each (row, token) pair the bits of `vec_dot`.
-#[test]
-fn tile2x4_matches_vec_dot() {
-    for level in Level::detected() {
-        let t = KernelTable::for_level(level);
-        for k in t.entries() {
-            let Some(tile) = k.tile2x4 else { continue };
-            for (i, cols) in [576usize, 1536, 32, 256].into_iter().enumerate() {
-                if cols % row_unit(k) != 0 {
-                    continue;
-                }
-                let mut rng = Rng(133 + i as u64);
-                let w: Vec<Vec<u8>> = (0..2)
-                    .map(|_| quantized(k.weight_type, &rng.row(cols)))
-                    .collect();
-                let acts: Vec<Vec<u8>> = (0..4)
-                    .map(|_| {
-                        let mut a = vec![0u8; k.act_row_bytes(cols).unwrap()];
-                        (k.quantize_act)(&rng.row(cols), &mut a);
-                        a
-                    })
-                    .collect();
-                let got = tile([&w[0], &w[1]], [&acts[0], &acts[1], &acts[2], &acts[3]]);
-                for (r, wr) in w.iter().enumerate() {
+                let wr: Vec<&[u8]> = w.iter().map(|v| &v[..]).collect();
+                let ar: Vec<&[u8]> = acts.iter().map(|v| &v[..]).collect();
+                let Some(got) = call(k, &wr, &ar) else { break };
+                for (r, wrow) in w.iter().enumerate() {
                     for (j, a) in acts.iter().enumerate() {
                         check(
-                            &format!("{} tile2x4 row {r} token {j}, cols {cols}", k.name),
+                            &format!("{} {what} row {r} token {j}, cols {cols}", k.name),
                             got[r][j],
-                            (k.vec_dot)(wr, a),
+                            (k.vec_dot)(wrow, a),
                             Approx::Exact,
                             0.0,
                         );
@@ -404,6 +345,34 @@ fn tile2x4_matches_vec_dot() {
             }
         }
     }
+}
+
+#[test]
+fn vec_dot4_matches_vec_dot() {
+    pairs_match_vec_dot("vec_dot4", 1, 4, 77, |k, w, a| {
+        let f = k.vec_dot4?;
+        Some(vec![f(w[0], [a[0], a[1], a[2], a[3]]).to_vec()])
+    });
+}
+
+#[test]
+fn rows4_matches_vec_dot() {
+    pairs_match_vec_dot("rows4", 4, 1, 91, |k, w, a| {
+        let f = k.rows4?;
+        Some(f([w[0], w[1], w[2], w[3]], a[0]).map(|v| vec![v]).to_vec())
+    });
+}
+
+#[test]
+fn tile2x4_matches_vec_dot() {
+    pairs_match_vec_dot("tile2x4", 2, 4, 133, |k, w, a| {
+        let f = k.tile2x4?;
+        Some(
+            f([w[0], w[1]], [a[0], a[1], a[2], a[3]])
+                .map(|r| r.to_vec())
+                .to_vec(),
+        )
+    });
 }
 
 proptest! {
