@@ -1,7 +1,16 @@
 //! The matrix product driver: `out[t, r] = dot(W[r, :], x[t, :])` for weights in any
 //! encoding that has a table entry. Activations are quantized once per row into the entry's
-//! activation type, as ggml does, then each task takes a range of weight rows and runs it
-//! against every token (the weight row stays in cache while the tokens reuse it).
+//! activation type (plus the entry's extra bytes), as ggml does; then each pool task takes a
+//! range of weight rows:
+//! - tokens in groups of four (a prompt batch) go through the entry's tiles: `tile2x4` over
+//!   pairs of rows, else `vec_dot4` row by row, the four activation rows staying in L1 while
+//!   the task's weight rows go past;
+//! - the other tokens (every decode step) go through `rows4`, four rows from the four
+//!   quarters of the task's range (four sequential streams for the prefetcher), then
+//!   `vec_dot` for what is left.
+//!
+//! Every path gives each (row, token) the bits of the entry's one-token dot in the order
+//! llama.cpp would use for it ([`super::DotKernel::variant_for`]).
 
 use super::pool::{DisjointOut, ThreadPool};
 use super::{KernelTable, Variant};
