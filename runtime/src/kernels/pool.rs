@@ -40,6 +40,8 @@ struct Shared {
     sleepers: AtomicUsize,
     wake: Condvar,
     shutdown: AtomicBool,
+    /// A task of the current job panicked.
+    panicked: AtomicBool,
 }
 
 /// How long a worker spins on `state` before it sleeps.
@@ -60,8 +62,13 @@ impl Shared {
                 .compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    // SAFETY: see above.
-                    unsafe { (*job.f)(s as u32 as usize) };
+                    // SAFETY: see above. A panicking task is caught so that the worker lives
+                    // and the count completes; `run` re-raises it in the caller.
+                    let task =
+                        std::panic::AssertUnwindSafe(|| unsafe { (*job.f)(s as u32 as usize) });
+                    if std::panic::catch_unwind(task).is_err() {
+                        self.panicked.store(true, Ordering::Release);
+                    }
                     self.done.fetch_add(1, Ordering::Release);
                     s = self.state.load(Ordering::Acquire);
                 }
@@ -122,6 +129,7 @@ impl ThreadPool {
             sleepers: AtomicUsize::new(0),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
         });
         let mut workers = Vec::new();
         for i in 1..threads {
@@ -174,6 +182,9 @@ impl ThreadPool {
         sh.work(gen, job);
         while (sh.done.load(Ordering::Acquire) as usize) < n {
             std::hint::spin_loop();
+        }
+        if sh.panicked.swap(false, Ordering::AcqRel) {
+            panic!("a thread pool task panicked");
         }
     }
 }
@@ -272,6 +283,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A panicking task reaches the caller as a panic instead of hanging the pool, and the
+    /// pool keeps working afterwards.
+    #[test]
+    fn a_panicking_task_panics_the_caller() {
+        let pool = ThreadPool::new(2).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            pool.run(64, |i| {
+                if i == 37 {
+                    panic!("task 37");
+                }
+            })
+        }));
+        assert!(r.is_err());
+        let hits = AtomicUsize::new(0);
+        pool.run(64, |_| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.load(Ordering::Relaxed), 64);
     }
 
     #[test]
