@@ -258,6 +258,10 @@ unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
     if R * N == 4 {
         return q4_0_quad::<VNNI, R, N>(w, a);
     }
+    if R == 2 && N == 4 {
+        let v = q4_0_oct::<VNNI>([w[0], w[1]], [a[0], a[1], a[2], a[3]]);
+        return std::array::from_fn(|r| std::array::from_fn(|t| v[r][t]));
+    }
     let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, R, N>(w, a, 8);
     let mut acc = [[_mm_setzero_ps(); N]; R];
     for b in 0..nb {
@@ -330,6 +334,44 @@ unsafe fn q4_0_quad<const VNNI: bool, const R: usize, const N: usize>(
     let mut lanes = [0f32; 4];
     _mm_storeu_ps(lanes.as_mut_ptr(), acc);
     std::array::from_fn(|r| std::array::from_fn(|t| lanes[if R == 4 { r } else { t }]))
+}
+
+/// Q4_0 for two rows by four tokens: as [`q4_0_quad`] with eight pairs, one `hadd` tree for
+/// the eight block integers, the tokens' scales and sums gathered once for both rows, and
+/// lane `4 r + t` of one 8-lane accumulator holding pair (r, t).
+#[inline(always)]
+unsafe fn q4_0_oct<const VNNI: bool>(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4]; 2] {
+    let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, 2, 4>(w, a, 8);
+    let gather =
+        |p: [__m128; 4]| _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]));
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let e: [*const u8; 4] = std::array::from_fn(|t| ext[t].as_ptr().add(8 * b));
+        let dys = gather(e.map(|e| _mm_load_ss(e as *const f32)));
+        let sys = gather(e.map(|e| _mm_load_ss(e.add(4) as *const f32))); // i32 sums, as bits
+        let yv: [__m256i; 4] = std::array::from_fn(|t| loady(&y[t][b].qs));
+        let v: [__m256i; 8] =
+            std::array::from_fn(|k| q4_0_lanes::<VNNI>(x[k / 4][b].qs.as_ptr(), yv[k % 4]));
+        let h01 = _mm256_hadd_epi32(v[0], v[1]);
+        let h23 = _mm256_hadd_epi32(v[2], v[3]);
+        let h45 = _mm256_hadd_epi32(v[4], v[5]);
+        let h67 = _mm256_hadd_epi32(v[6], v[7]);
+        let r0 = _mm256_hadd_epi32(h01, h23);
+        let r1 = _mm256_hadd_epi32(h45, h67);
+        let isum = _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(r0, r1),
+            _mm256_permute2x128_si256::<0x31>(r0, r1),
+        );
+        let sys8 = _mm256_castps_si256(_mm256_set_m128(sys, sys));
+        let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<3>(sys8));
+        let dx0 = _mm_broadcastss_ps(fp16x2(x[0][b].d.as_ptr()));
+        let dx1 = _mm_broadcastss_ps(fp16x2(x[1][b].d.as_ptr()));
+        let d = _mm256_mul_ps(_mm256_set_m128(dx1, dx0), _mm256_set_m128(dys, dys));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    std::array::from_fn(|r| std::array::from_fn(|t| lanes[4 * r + t]))
 }
 
 /// Q4_1 / Q5_1 per token and block: the weight's [d, m] times the activation's [d, s] gives

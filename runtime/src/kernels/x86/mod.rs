@@ -93,8 +93,7 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
                 e.vec_dot = d1;
                 e.vec_dot4 = Some(d4);
                 e.rows4 = Some(r4);
-                // Q4_0's four-pair kernels (one hadd tree per block) beat its 2x4 tile.
-                e.tile2x4 = (e.weight_type != Q4_0).then_some(t24);
+                e.tile2x4 = Some(t24);
             });
         };
     }
