@@ -355,6 +355,43 @@ fn vec_dot4_matches_vec_dot() {
     });
 }
 
+/// The K-quants' four-token batch orders give each token the bits of their one-token form.
+#[test]
+fn gemm4_and_tiled4_match_their_one_token_forms() {
+    for level in Level::detected() {
+        let t = KernelTable::for_level(level);
+        for k in t.entries() {
+            let pairs = [(k.gemm4, k.gemm, "gemm4"), (k.tiled4, k.tiled, "tiled4")];
+            for (four, one, what) in pairs {
+                let (Some(four), Some(one)) = (four, one) else {
+                    continue;
+                };
+                for (i, cols) in [256usize, 1536, 768].into_iter().enumerate() {
+                    let mut rng = Rng(211 + i as u64);
+                    let w = quantized(k.weight_type, &rng.row(cols));
+                    let acts: Vec<Vec<u8>> = (0..4)
+                        .map(|_| {
+                            let mut a = vec![0u8; k.act_row_bytes(cols).unwrap()];
+                            (k.quantize_act)(&rng.row(cols), &mut a);
+                            a
+                        })
+                        .collect();
+                    let got = four(&w, [&acts[0], &acts[1], &acts[2], &acts[3]]);
+                    for (j, a) in acts.iter().enumerate() {
+                        check(
+                            &format!("{} {what} token {j}, cols {cols}", k.name),
+                            got[j],
+                            one(&w, a),
+                            Approx::Exact,
+                            0.0,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn rows4_matches_vec_dot() {
     pairs_match_vec_dot("rows4", 4, 1, 91, |k, w, a| {

@@ -82,18 +82,15 @@ pub fn matmul(
     // llama.cpp runs some formats through other kernels depending on the batch size and the
     // token's place in it (DotKernel::dot_for); pick each token's kernel once.
     let variants: Vec<Variant> = (0..n).map(|t| k.variant_for(rows, n, t)).collect();
-    // Groups of four tokens that take the per-token kernel go through vec_dot4, which
-    // unpacks each weight block once for the four.
-    let quads = match k.vec_dot4 {
-        Some(_) => (0..n / 4)
-            .take_while(|g| {
-                variants[4 * g..4 * g + 4]
-                    .iter()
-                    .all(|v| *v == Variant::Token)
-            })
-            .count(),
-        None => 0,
-    };
+    // Leading groups of four tokens that share a variant with a four-token kernel go through
+    // it (tiles / vec_dot4, or the K-quant gemm4 / tiled4), which unpack each weight block
+    // once for the four.
+    let quads = (0..n / 4)
+        .take_while(|g| {
+            let v = variants[4 * g];
+            variants[4 * g..4 * g + 4].iter().all(|u| *u == v) && k.dot4(v).is_some()
+        })
+        .count();
     let act_row = |t: usize| &act[t * a_row..(t + 1) * a_row];
     let w_row_at = |r: usize| &w[r * w_row..(r + 1) * w_row];
     pool.run(n_tasks, |task| {
@@ -101,12 +98,13 @@ pub fn matmul(
         let r1 = (r0 + per).min(rows);
         // Token groups outside, rows inside: the four activation rows stay in L1 while the
         // task's weight rows (a slice of one matrix, in L2) go past them.
-        if let Some(dot4) = k.vec_dot4 {
-            for g in 0..quads {
-                let t = 4 * g;
+        for g in 0..quads {
+            let t = 4 * g;
+            let v = variants[t];
+            if let Some(dot4) = k.dot4(v) {
                 let a4 = [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)];
                 let mut rest = r0;
-                if let Some(tile) = k.tile2x4 {
+                if let (Some(tile), Variant::Token) = (k.tile2x4, v) {
                     while rest + 2 <= r1 {
                         let v = tile([w_row_at(rest), w_row_at(rest + 1)], a4);
                         for (j, row) in v.into_iter().enumerate() {

@@ -156,6 +156,10 @@ pub struct DotKernel {
     pub gemm: Option<VecDotFn>,
     /// K-quants only: the order of llama.cpp's tiled matmul, for batches of 8 or more.
     pub tiled: Option<VecDotFn>,
+    /// `gemm` for four tokens at once, where the plug has it.
+    pub gemm4: Option<VecDot4Fn>,
+    /// `tiled` for four tokens at once, where the plug has it.
+    pub tiled4: Option<VecDot4Fn>,
 }
 
 impl DotKernel {
@@ -186,6 +190,15 @@ impl DotKernel {
             }
             GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K if n >= 8 => Variant::Tiled,
             _ => Variant::Token,
+        }
+    }
+
+    /// The four-token dot of a variant, where the entry has one.
+    pub fn dot4(&self, v: Variant) -> Option<VecDot4Fn> {
+        match v {
+            Variant::Token => self.vec_dot4,
+            Variant::Gemm => self.gemm4,
+            Variant::Tiled => self.tiled4,
         }
     }
 
@@ -296,6 +309,8 @@ impl KernelTable {
                 tile2x4: None,
                 gemm,
                 tiled,
+                gemm4: None,
+                tiled4: None,
             });
         }
         KernelTable {

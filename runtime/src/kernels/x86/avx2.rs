@@ -15,13 +15,32 @@ use crate::quant::q8_1::BlockQ8_1;
 use crate::quant::util::{blocks, blocks_mut};
 use std::arch::x86_64::*;
 
-/// f16 bits to f32 with F16C.
+/// f16 bits to f32 with F16C. Inline asm for the same reason as [`fp16x2`]: `vmovd` from a
+/// general register writes the whole vector register, where LLVM would pick `vpinsrw` into a
+/// busy one.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn fp16(b: [u8; 2]) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(
-        _mm_cvtsi32_si128(u16::from_le_bytes(b) as i32),
-    ))
+    let r: __m128;
+    // SAFETY: register-only instructions of the enabled features.
+    unsafe {
+        std::arch::asm!(
+            "vmovd {r}, {g:e}",
+            "vcvtph2ps {r}, {r}",
+            g = in(reg) u16::from_le_bytes(b) as u32,
+            r = out(xmm_reg) r,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    _mm_cvtss_f32(r)
+}
+
+/// The four block integers of four lane vectors (exact): lane k is the sum of `v[k]`'s lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum4x8(v: [__m256i; 4]) -> __m128i {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
 }
 
 /// f32 to f16 bits, round to nearest even (as `_mm_cvtps_ph(x, 0)` in ggml).

@@ -5,7 +5,7 @@
 //! are exact; the float steps follow the portable orders in `kernels/dot.rs` one for one:
 //! the per-token order, the repacked Q4_K gemm order and the tiled order.
 
-use super::avx2::{fp16, hsum_float_8, hsum_i32_8};
+use super::avx2::{fp16, hsum4x8, hsum_float_8, hsum_i32_8};
 use crate::quant::kquant::{get_scale_min_k4, QK_K};
 use crate::quant::q4_k::BlockQ4K;
 use crate::quant::q5_k::BlockQ5K;
@@ -245,6 +245,132 @@ unsafe fn q6_k_tiled_imp(w: &[u8], a: &[u8]) -> f32 {
     acc
 }
 
+// ---- four tokens at once (batches): lane t of each accumulator is token t's scalar one ----
+
+/// The four tokens' blocks `b` and their scales d as [t0, t1, t2, t3].
+#[inline(always)]
+unsafe fn tokens4<'a>(a: &[&'a [BlockQ8K]; 4], b: usize) -> ([&'a BlockQ8K; 4], __m128) {
+    let y: [&BlockQ8K; 4] = std::array::from_fn(|t| &a[t][b]);
+    let d = _mm_setr_ps(
+        f32::from_le_bytes(y[0].d),
+        f32::from_le_bytes(y[1].d),
+        f32::from_le_bytes(y[2].d),
+        f32::from_le_bytes(y[3].d),
+    );
+    (y, d)
+}
+
+#[inline(always)]
+fn rows4<'a, W: bytemuck::Pod>(w: &'a [u8], a: [&'a [u8]; 4]) -> (&'a [W], [&'a [BlockQ8K]; 4]) {
+    let x = blocks::<W>(w);
+    (
+        x,
+        std::array::from_fn(|t| &blocks::<BlockQ8K>(a[t])[..x.len()]),
+    )
+}
+
+#[inline(always)]
+unsafe fn lanes4(v: __m128) -> [f32; 4] {
+    let mut o = [0f32; 4];
+    _mm_storeu_ps(o.as_mut_ptr(), v);
+    o
+}
+
+/// [`q4_k_gemm_imp`] for four tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_gemm4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let (x, y) = rows4::<BlockQ4K>(w, a);
+    let (mut acc, mut accm) = (_mm_setzero_ps(), _mm_setzero_ps());
+    for (b, xb) in x.iter().enumerate() {
+        let (yb, dy) = tokens4(&y, b);
+        let d = _mm_mul_ps(_mm_set1_ps(fp16(xb.d)), dy);
+        let dmin = _mm_mul_ps(_mm_set1_ps(fp16(xb.dmin)), dy);
+        for p in 0..4 {
+            let (a0, m0) = get_scale_min_k4(2 * p, &xb.scales);
+            let (a1, m1) = get_scale_min_k4(2 * p + 1, &xb.scales);
+            let mut sc = [0i16; 8];
+            sc[2 * p] = a0 as i16;
+            sc[2 * p + 1] = a1 as i16;
+            let i = hsum4x8(std::array::from_fn(|t| q4k_pair(xb, yb[t], &sc, p)));
+            let m =
+                |t: usize| m0 as i32 * bsum32(yb[t], 2 * p) + m1 as i32 * bsum32(yb[t], 2 * p + 1);
+            let m = _mm_setr_epi32(m(0), m(1), m(2), m(3));
+            acc = _mm_fmadd_ps(_mm_cvtepi32_ps(i), d, acc);
+            accm = _mm_fmadd_ps(_mm_cvtepi32_ps(m), dmin, accm);
+        }
+    }
+    lanes4(_mm_sub_ps(acc, accm))
+}
+
+/// The tiled step for formats with mins, four tokens: r = fma(-dmin, M, I d_x), acc = fma(r,
+/// d_y, acc).
+#[inline(always)]
+unsafe fn tiled_step4(
+    acc: __m128,
+    i: __m128i,
+    m: __m128i,
+    d: f32,
+    dmin: f32,
+    dy: __m128,
+) -> __m128 {
+    let r = _mm_fmadd_ps(
+        _mm_set1_ps(-dmin),
+        _mm_cvtepi32_ps(m),
+        _mm_mul_ps(_mm_cvtepi32_ps(i), _mm_set1_ps(d)),
+    );
+    _mm_fmadd_ps(r, dy, acc)
+}
+
+/// [`q4_k_tiled_imp`] for four tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_tiled4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let (x, y) = rows4::<BlockQ4K>(w, a);
+    let mut acc = _mm_setzero_ps();
+    for (b, xb) in x.iter().enumerate() {
+        let (yb, dy) = tokens4(&y, b);
+        let sm: [([i16; 8], i32); 4] = std::array::from_fn(|t| scales_mins(&xb.scales, yb[t]));
+        let i = hsum4x8(std::array::from_fn(|t| {
+            let mut s = _mm256_setzero_si256();
+            for p in 0..4 {
+                s = _mm256_add_epi32(s, q4k_pair(xb, yb[t], &sm[t].0, p));
+            }
+            s
+        }));
+        let m = _mm_setr_epi32(sm[0].1, sm[1].1, sm[2].1, sm[3].1);
+        acc = tiled_step4(acc, i, m, fp16(xb.d), fp16(xb.dmin), dy);
+    }
+    lanes4(acc)
+}
+
+/// [`q5_k_tiled_imp`] for four tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_tiled4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let (x, y) = rows4::<BlockQ5K>(w, a);
+    let mut acc = _mm_setzero_ps();
+    for (b, xb) in x.iter().enumerate() {
+        let (yb, dy) = tokens4(&y, b);
+        let sm: [([i16; 8], i32); 4] = std::array::from_fn(|t| scales_mins(&xb.scales, yb[t]));
+        let i = hsum4x8(std::array::from_fn(|t| q5k_lanes(xb, yb[t], &sm[t].0)));
+        let m = _mm_setr_epi32(sm[0].1, sm[1].1, sm[2].1, sm[3].1);
+        acc = tiled_step4(acc, i, m, fp16(xb.d), fp16(xb.dmin), dy);
+    }
+    lanes4(acc)
+}
+
+/// [`q6_k_tiled_imp`] for four tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_tiled4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    let (x, y) = rows4::<BlockQ6K>(w, a);
+    let mut acc = _mm_setzero_ps();
+    for (b, xb) in x.iter().enumerate() {
+        let (yb, dy) = tokens4(&y, b);
+        let i = hsum4x8(std::array::from_fn(|t| q6k_lanes(xb, yb[t])));
+        let s = _mm_mul_ps(_mm_cvtepi32_ps(i), _mm_set1_ps(fp16(xb.d)));
+        acc = _mm_fmadd_ps(s, dy, acc);
+    }
+    lanes4(acc)
+}
+
 const _: () = assert!(QK_K == 256);
 
 macro_rules! entry {
@@ -263,3 +389,17 @@ entry!(q5_k_q8_k, q5_k_imp);
 entry!(q5_k_q8_k_tiled, q5_k_tiled_imp);
 entry!(q6_k_q8_k, q6_k_imp);
 entry!(q6_k_q8_k_tiled, q6_k_tiled_imp);
+
+macro_rules! entry4 {
+    ($name:ident, $imp:ident) => {
+        pub(super) fn $name(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+            // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+            unsafe { $imp(w, a) }
+        }
+    };
+}
+
+entry4!(q4_k_q8_k_gemm4, q4_k_gemm4_imp);
+entry4!(q4_k_q8_k_tiled4, q4_k_tiled4_imp);
+entry4!(q5_k_q8_k_tiled4, q5_k_tiled4_imp);
+entry4!(q6_k_q8_k_tiled4, q6_k_tiled4_imp);

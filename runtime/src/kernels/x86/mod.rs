@@ -107,13 +107,17 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
         e.vec_dot = kquant::q4_k_q8_k;
         e.gemm = Some(kquant::q4_k_q8_k_gemm);
         e.tiled = Some(kquant::q4_k_q8_k_tiled);
+        e.gemm4 = Some(kquant::q4_k_q8_k_gemm4);
+        e.tiled4 = Some(kquant::q4_k_q8_k_tiled4);
     });
     t.plug(Q5_K, l, "avx2_dot_q5_k_q8_k", |e| {
         e.vec_dot = kquant::q5_k_q8_k;
         e.tiled = Some(kquant::q5_k_q8_k_tiled);
+        e.tiled4 = Some(kquant::q5_k_q8_k_tiled4);
     });
     t.plug(Q6_K, l, "avx2_dot_q6_k_q8_k", |e| {
         e.vec_dot = kquant::q6_k_q8_k;
         e.tiled = Some(kquant::q6_k_q8_k_tiled);
+        e.tiled4 = Some(kquant::q6_k_q8_k_tiled4);
     });
 }
