@@ -3,14 +3,14 @@
 //! [`super::dot`], so the results are bit-identical; they differ only in how the exact integer
 //! parts are computed (see `neon.rs`).
 //!
-//! `Level::I8mm` registers nothing of its own: `smmla` multiplies a 2x8 by an 8x2 block of
-//! bytes, i.e. two weight rows by two activation rows, each output a sum of 8 products. The
-//! table's dots take one weight row and one activation row (`VecDotFn`), so at most the two
-//! diagonal outputs of each `smmla` would be used: 16 useful products per instruction, the
-//! same as one `sdot`, plus the shuffles to build the operands. An i8mm kernel pays off only
-//! with a 2x2 row/token interface (as llama.cpp's `nrc == 2` dots), which the table does not
-//! have; an I8mm table therefore holds the dotprod kernels under their own names (the suite
-//! only asks that an entry's level be at most the table's).
+//! `Level::I8mm` registers nothing of its own yet: `smmla` multiplies a 2x8 by an 8x2 block of
+//! bytes, i.e. two weight rows by two activation rows, each output a sum of 8 products, so it
+//! pays off only in kernels over several rows and tokens. The table has such entry points now
+//! (`tile2x4`: two weight rows by four tokens, used for prompt batches), which is where an
+//! i8mm kernel belongs; until one is written, an I8mm table holds the dotprod kernels under
+//! their own names (the suite only asks that an entry's level be at most the table's). The
+//! x86-only shapes (`rows4`, `vec_dot4`, `tile2x4`) are not written for NEON yet either; the
+//! driver falls back to `vec_dot` where an entry lacks them.
 //!
 //! Safety model: see `neon.rs`. [`plug`] runs only for a level in [`detected`], and registers
 //! the dotprod entry points only at `Level::Dotprod` and above.
