@@ -401,6 +401,15 @@ fn rows4_matches_vec_dot() {
 }
 
 #[test]
+fn rows8_matches_vec_dot() {
+    pairs_match_vec_dot("rows8", 8, 1, 97, |k, w, a| {
+        let f = k.rows8?;
+        let rs: [&[u8]; 8] = std::array::from_fn(|i| w[i]);
+        Some(f(rs, a[0]).map(|v| vec![v]).to_vec())
+    });
+}
+
+#[test]
 fn tile2x4_matches_vec_dot() {
     pairs_match_vec_dot("tile2x4", 2, 4, 133, |k, w, a| {
         let f = k.tile2x4?;

@@ -131,7 +131,18 @@ pub fn matmul(
         for (t, v) in variants.iter().enumerate().skip(4 * quads) {
             let a = act_row(t);
             let mut rest = r0;
-            if let (Some(rows4), Variant::Token) = (k.rows4, v) {
+            if let (Some(rows8), Variant::Token) = (k.rows8, v) {
+                // Eight rows from the eighths of the range (eight sequential streams).
+                let q = (r1 - r0) / 8;
+                for r in r0..r0 + q {
+                    let rs: [usize; 8] = std::array::from_fn(|i| r + i * q);
+                    for (r, v) in rs.into_iter().zip(rows8(rs.map(w_row_at), a)) {
+                        // SAFETY: as above.
+                        unsafe { dst.set(t * rows + r, v) };
+                    }
+                }
+                rest = r0 + 8 * q;
+            } else if let (Some(rows4), Variant::Token) = (k.rows4, v) {
                 // The four rows come from the four quarters of the range: four sequential
                 // streams, which the hardware prefetchers follow (four neighbouring rows
                 // read side by side are not a stream to them, and run slower than one).

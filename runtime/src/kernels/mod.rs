@@ -42,6 +42,8 @@ pub type VecDot4Fn = fn(&[u8], [&[u8]; 4]) -> [f32; 4];
 /// The dot products of four weight rows with one activation row: four `VecDotFn` results,
 /// bit for bit, computed side by side (four independent accumulator chains).
 pub type Rows4Fn = fn([&[u8]; 4], &[u8]) -> [f32; 4];
+/// As [`Rows4Fn`] for eight weight rows.
+pub type Rows8Fn = fn([&[u8]; 8], &[u8]) -> [f32; 8];
 /// The dot products of two weight rows with four activation rows (`[row][token]`), bit for bit
 /// the `VecDotFn` results: the tile of a batch, sharing weight unpacking across tokens and
 /// activation loads across rows.
@@ -150,6 +152,9 @@ pub struct DotKernel {
     pub vec_dot4: Option<VecDot4Fn>,
     /// `vec_dot` for four weight rows at once, where the plug has it (decode steps).
     pub rows4: Option<Rows4Fn>,
+    /// `vec_dot` for eight weight rows at once, where the plug has it (decode; preferred over
+    /// `rows4`).
+    pub rows8: Option<Rows8Fn>,
     /// `vec_dot` for two weight rows by four tokens, where the plug has it (batches).
     pub tile2x4: Option<Tile2x4Fn>,
     /// Q4_K only: the order of llama.cpp's repacked gemm, for tokens taken four at a time.
@@ -306,6 +311,7 @@ impl KernelTable {
                 vec_dot,
                 vec_dot4: None,
                 rows4: None,
+                rows8: None,
                 tile2x4: None,
                 gemm,
                 tiled,

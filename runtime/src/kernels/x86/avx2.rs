@@ -393,6 +393,57 @@ unsafe fn q4_0_oct<const VNNI: bool>(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4];
     std::array::from_fn(|r| std::array::from_fn(|t| lanes[4 * r + t]))
 }
 
+/// Q4_0 for eight rows and one token (decode): as [`q4_0_oct`], lane r of the accumulator
+/// holding row r.
+#[inline(always)]
+unsafe fn q4_0_rows8<const VNNI: bool>(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+    let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, 8, 1>(w, [a], 8);
+    let gather =
+        |p: [__m128; 4]| _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]));
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let e = ext[0].as_ptr().add(8 * b);
+        let dy = _mm256_set1_ps((e as *const f32).read_unaligned());
+        let sy = _mm256_set1_epi32((e.add(4) as *const i32).read_unaligned());
+        let yv = loady(&y[0][b].qs);
+        let v: [__m256i; 8] = std::array::from_fn(|r| q4_0_lanes::<VNNI>(x[r][b].qs.as_ptr(), yv));
+        let r0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let r1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        let isum = _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(r0, r1),
+            _mm256_permute2x128_si256::<0x31>(r0, r1),
+        );
+        let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<3>(sy));
+        let dx: [__m128; 8] = std::array::from_fn(|r| fp16x2(x[r][b].d.as_ptr()));
+        let dxs = _mm256_set_m128(
+            gather([dx[4], dx[5], dx[6], dx[7]]),
+            gather([dx[0], dx[1], dx[2], dx[3]]),
+        );
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dxs, dy), acc);
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    lanes
+}
+
+pub(super) fn q4_0_q8_0_rows8(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn imp(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+        q4_0_rows8::<false>(w, a)
+    }
+    // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+    unsafe { imp(w, a) }
+}
+
+pub(super) fn q4_0_q8_0_rows8_vnni(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn imp(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+        q4_0_rows8::<true>(w, a)
+    }
+    // SAFETY: as above, at the AVX-512 level.
+    unsafe { imp(w, a) }
+}
+
 /// Q4_1 / Q5_1 per token and block: the weight's [d, m] times the activation's [d, s] gives
 /// the block scale (lane 0, returned broadcast) and the min term (lane 1, summed).
 #[inline(always)]

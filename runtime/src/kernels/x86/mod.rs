@@ -99,6 +99,14 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
     }
     set!(Q8_0, q8_0_signed, q8_0_q8_0, q8_0_q8_0_vnni);
     set!(Q4_0, q8_0_sum, q4_0_q8_0, q4_0_q8_0_vnni);
+    // Q4_0's one integer per block: eight rows share one hadd tree per block.
+    t.plug(Q4_0, lv, name_q4_0(vnni), |e| {
+        e.rows8 = Some(if vnni {
+            avx2::q4_0_q8_0_rows8_vnni
+        } else {
+            avx2::q4_0_q8_0_rows8
+        })
+    });
     set!(Q4_1, q8_1, q4_1_q8_1, q4_1_q8_1_vnni);
     set!(Q5_0, q8_0_signed, q5_0_q8_0, q5_0_q8_0_vnni);
     set!(Q5_1, q8_1, q5_1_q8_1, q5_1_q8_1_vnni);
@@ -120,4 +128,12 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
         e.tiled = Some(kquant::q6_k_q8_k_tiled);
         e.tiled4 = Some(kquant::q6_k_q8_k_tiled4);
     });
+}
+
+fn name_q4_0(vnni: bool) -> &'static str {
+    if vnni {
+        "avx512_dot_q4_0_q8_0_vnni"
+    } else {
+        "avx2_dot_q4_0_q8_0"
+    }
 }
