@@ -41,10 +41,10 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
     }
     use GgmlType::*;
     let l = Level::Avx2;
-    // The 32-element formats: activations with their scales appended as f32.
     let vnni = level >= Level::Avx512;
-    // With VNNI the signed formats take activations with lane corrections (avx2.rs,
-    // `signed_step`).
+    // The 32-element formats take activation rows with extra bytes per block (avx2.rs): the
+    // block scales as f32, Q4_0's block sums, and with VNNI the signed formats' lane
+    // corrections (`signed_step`).
     let q8_0_signed = |e: &mut super::DotKernel| {
         if vnni {
             e.quantize_act = avx2::quantize_row_q8_0_corr;
