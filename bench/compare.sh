@@ -130,36 +130,18 @@ if has candle; then
 fi
 
 # --- prompt token ids ----------------------------------------------------------------------------
-# The text of `sparrow bench` (demo/src/bench.rs, PROMPT_TEXT), so that the ids given to llama.cpp
-# and candle are the ones sparrow evaluates.
-PROMPT_TEXT="The house sparrow is a bird of the sparrow family, found in most \
-parts of the world. It is a small bird that has a typical length of 16 cm and a mass of 24 to \
-39 g. Females and young birds are coloured pale brown and grey, and males have brighter black, \
-white, and brown markings. One of about 25 species in the genus Passer, the house sparrow is \
-native to most of Europe, the Mediterranean Basin, and a large part of Asia. Its intentional or \
-accidental introductions to many regions, including parts of Australasia, Africa, and the \
-Americas, make it the most widely distributed wild bird. The house sparrow is strongly \
-associated with human habitation, and can live in urban or rural settings. Though found in \
-widely varied habitats and climates, it typically avoids extensive woodlands, grasslands, \
-polar regions, and deserts far away from human development. For food, the house sparrow \
-mostly eats the seeds of grains and weeds, but it is an opportunistic eater and commonly eats \
-insects and many other foods. "
-# Prefer the text in the source of `sparrow bench` itself, in case it changed since.
-if [ -f "$root/demo/src/bench.rs" ]; then
-    src_text="$("$PYTHON" - "$root/demo/src/bench.rs" <<'PY'
+# The text of `sparrow bench` (PROMPT_TEXT in demo/src/bench.rs, its one source), so that the ids
+# given to llama.cpp and candle are the ones sparrow evaluates.
+PROMPT_TEXT="$("$PYTHON" - "$root/demo/src/bench.rs" <<'PY'
 import re, sys
 m = re.search(r'const PROMPT_TEXT: &str = "(.*?)";', open(sys.argv[1]).read(), re.S)
 if m:
     t = re.sub(r'\\\n\s*', '', m.group(1))  # Rust line continuations
-    if '\\' not in t and '"' not in t:        # other escapes: keep the copy below
+    if '\\' not in t and '"' not in t:         # other escapes are not handled
         sys.stdout.write(t)
 PY
-)"
-    if [ -n "$src_text" ] && [ "$src_text" != "$PROMPT_TEXT" ]; then
-        say "prompt text: taken from demo/src/bench.rs (it differs from the copy in this script)"
-        PROMPT_TEXT="$src_text"
-    fi
-fi
+)" || true
+[ -n "$PROMPT_TEXT" ] || die "cannot read PROMPT_TEXT from demo/src/bench.rs (a plain string literal is expected)"
 if [ -x "$sparrow" ] && "$sparrow" tokenize --help >/dev/null 2>&1; then
     tokenizer="sparrow tokenize"
     body="$("$sparrow" tokenize -m "$model" --no-add-special "$PROMPT_TEXT")"

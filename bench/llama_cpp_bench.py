@@ -26,7 +26,6 @@ the two agree within a few percent (see bench/README.md).
 Needs: llama-cpp-python==0.3.36 built for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON), numpy.
 """
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -37,18 +36,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import llama_cpp as lc  # noqa: E402
 
-_log_cb = None
-
-
-def _silence_llama_log():
-    global _log_cb
-
-    @lc.llama_log_callback
-    def _cb(level, text, user_data):
-        pass
-
-    _log_cb = _cb  # keep a reference alive
-    lc.llama_log_set(_log_cb, ctypes.c_void_p(0))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "gen"))
+from llama_cpp_greedy import silence_llama_log  # noqa: E402
 
 
 def parse_ids(s):
@@ -58,7 +47,7 @@ def parse_ids(s):
 
 class Bench:
     def __init__(self, model_path, n_threads, n_ctx, n_batch):
-        _silence_llama_log()
+        silence_llama_log()
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0

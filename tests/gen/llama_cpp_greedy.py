@@ -105,7 +105,7 @@ PROMPTS = [
 _log_cb = None
 
 
-def _silence_llama_log():
+def silence_llama_log():
     global _log_cb
 
     @lc.llama_log_callback
@@ -122,7 +122,7 @@ class LlamaCppRunner:
     def __init__(self, model_path, n_ctx=512, n_batch=512, n_threads=2, quiet=True,
                  type_k=None, type_v=None):
         if quiet:
-            _silence_llama_log()
+            silence_llama_log()
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         mp.n_gpu_layers = 0

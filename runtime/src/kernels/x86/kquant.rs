@@ -59,15 +59,23 @@ unsafe fn q4k_pair(x: &BlockQ4K, y: &BlockQ8K, sc: &[i16; 8], p: usize) -> __m25
     _mm256_add_epi32(scaled(lo, y0, sc[2 * p]), scaled(hi, y1, sc[2 * p + 1]))
 }
 
+/// Q4_K: the scaled lanes of a whole super-block (the four pairs summed).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_lanes(x: &BlockQ4K, y: &BlockQ8K, sc: &[i16; 8]) -> __m256i {
+    let mut s = _mm256_setzero_si256();
+    for p in 0..4 {
+        s = _mm256_add_epi32(s, q4k_pair(x, y, sc, p));
+    }
+    s
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_imp(w: &[u8], a: &[u8]) -> f32 {
     let (mut acc, mut accm) = (0.0f32, 0.0f32);
     for (x, y) in blocks::<BlockQ4K>(w).iter().zip(blocks::<BlockQ8K>(a)) {
         let (sc, mins) = scales_mins(&x.scales, y);
-        let mut s = _mm256_setzero_si256();
-        for p in 0..4 {
-            s = _mm256_add_epi32(s, q4k_pair(x, y, &sc, p));
-        }
+        let s = q4k_lanes(x, y, &sc);
         let dy = f32::from_le_bytes(y.d);
         acc = (hsum_i32_8(s) as f32).mul_add(fp16(x.d) * dy, acc);
         accm = (mins as f32).mul_add(fp16(x.dmin) * dy, accm);
@@ -111,10 +119,7 @@ unsafe fn q4_k_tiled_imp(w: &[u8], a: &[u8]) -> f32 {
     let mut acc = 0.0f32;
     for (x, y) in blocks::<BlockQ4K>(w).iter().zip(blocks::<BlockQ8K>(a)) {
         let (sc, mins) = scales_mins(&x.scales, y);
-        let mut s = _mm256_setzero_si256();
-        for p in 0..4 {
-            s = _mm256_add_epi32(s, q4k_pair(x, y, &sc, p));
-        }
+        let s = q4k_lanes(x, y, &sc);
         let dy = f32::from_le_bytes(y.d);
         acc = tiled_step(acc, hsum_i32_8(s), mins, fp16(x.d), fp16(x.dmin), dy);
     }
@@ -321,40 +326,48 @@ unsafe fn tiled_step4(
     _mm_fmadd_ps(r, dy, acc)
 }
 
-/// [`q4_k_tiled_imp`] for four tokens.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_tiled4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let (x, y) = rows4::<BlockQ4K>(w, a);
+/// The tiled order for formats with mins, four tokens: `lanes` gives a super-block's scaled
+/// lanes for one token.
+#[inline(always)]
+unsafe fn tiled4_with_mins<B: bytemuck::Pod>(
+    w: &[u8],
+    a: [&[u8]; 4],
+    parts: impl Fn(&B) -> (&[u8; 12], [u8; 2], [u8; 2]),
+    lanes: impl Fn(&B, &BlockQ8K, &[i16; 8]) -> __m256i,
+) -> [f32; 4] {
+    let (x, y) = rows4::<B>(w, a);
     let mut acc = _mm_setzero_ps();
     for (b, xb) in x.iter().enumerate() {
         let (yb, dy) = tokens4(&y, b);
-        let sm: [([i16; 8], i32); 4] = std::array::from_fn(|t| scales_mins(&xb.scales, yb[t]));
-        let i = hsum4x8(std::array::from_fn(|t| {
-            let mut s = _mm256_setzero_si256();
-            for p in 0..4 {
-                s = _mm256_add_epi32(s, q4k_pair(xb, yb[t], &sm[t].0, p));
-            }
-            s
-        }));
+        let (scales, d, dmin) = parts(xb);
+        let sm: [([i16; 8], i32); 4] = std::array::from_fn(|t| scales_mins(scales, yb[t]));
+        let i = hsum4x8(std::array::from_fn(|t| lanes(xb, yb[t], &sm[t].0)));
         let m = _mm_setr_epi32(sm[0].1, sm[1].1, sm[2].1, sm[3].1);
-        acc = tiled_step4(acc, i, m, fp16(xb.d), fp16(xb.dmin), dy);
+        acc = tiled_step4(acc, i, m, fp16(d), fp16(dmin), dy);
     }
     lanes4(acc)
+}
+
+/// [`q4_k_tiled_imp`] for four tokens.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_tiled4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+    tiled4_with_mins::<BlockQ4K>(
+        w,
+        a,
+        |x| (&x.scales, x.d, x.dmin),
+        |x, y, sc| q4k_lanes(x, y, sc),
+    )
 }
 
 /// [`q5_k_tiled_imp`] for four tokens.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5_k_tiled4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
-    let (x, y) = rows4::<BlockQ5K>(w, a);
-    let mut acc = _mm_setzero_ps();
-    for (b, xb) in x.iter().enumerate() {
-        let (yb, dy) = tokens4(&y, b);
-        let sm: [([i16; 8], i32); 4] = std::array::from_fn(|t| scales_mins(&xb.scales, yb[t]));
-        let i = hsum4x8(std::array::from_fn(|t| q5k_lanes(xb, yb[t], &sm[t].0)));
-        let m = _mm_setr_epi32(sm[0].1, sm[1].1, sm[2].1, sm[3].1);
-        acc = tiled_step4(acc, i, m, fp16(xb.d), fp16(xb.dmin), dy);
-    }
-    lanes4(acc)
+    tiled4_with_mins::<BlockQ5K>(
+        w,
+        a,
+        |x| (&x.scales, x.d, x.dmin),
+        |x, y, sc| q5k_lanes(x, y, sc),
+    )
 }
 
 /// [`q6_k_tiled_imp`] for four tokens.
