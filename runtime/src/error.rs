@@ -29,6 +29,9 @@ pub enum Error {
     Template(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// An adapter that cannot be read, or that does not fit the base model it is applied to.
+    #[error("adapter {}: {msg}", .path.display())]
+    Adapter { path: PathBuf, msg: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,6 +52,12 @@ impl Error {
     pub(crate) fn metadata(key: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Metadata {
             key: key.into(),
+            msg: msg.into(),
+        }
+    }
+    pub(crate) fn adapter(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::Adapter {
+            path: path.into(),
             msg: msg.into(),
         }
     }

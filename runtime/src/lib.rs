@@ -5,6 +5,7 @@
 //! routines, [`kernels`] is the CPU dispatch table for matrix products, [`model`] the forward
 //! pass, [`tokenizer`] and [`sample`] turn text into tokens and logits into text.
 
+pub mod adapter;
 pub mod convert;
 pub mod error;
 pub mod generate;

@@ -215,6 +215,12 @@ impl GgufFile {
         &self.map
     }
 
+    /// The whole mapping, writable: writes go to private copies of the touched pages and never
+    /// reach the file (the adapter patcher writes here).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.map
+    }
+
     /// The absolute byte range of `t` in the mapping, checked (a `TensorInfo` from another
     /// file must not read out of bounds).
     pub fn range(&self, t: &TensorInfo) -> Result<std::ops::Range<usize>> {

@@ -6,6 +6,7 @@
 //! view into a memory-mapped file can be reinterpreted as blocks whatever its offset.
 
 pub mod bf16;
+pub mod edit;
 pub mod f16;
 pub mod f32;
 pub mod kquant;
