@@ -11,7 +11,8 @@ pub use config::{Config, RopeKind};
 pub use cpu::{CpuBackend, KvType};
 pub use llama::Logits;
 
-use crate::adapter::{patch, Adapter, NameScheme};
+use crate::adapter::stack::{Applied, Stack};
+use crate::adapter::{patch, Adapter};
 use crate::gguf::GgufFile;
 use crate::{Error, Result};
 use std::path::Path;
@@ -31,25 +32,8 @@ pub struct Model<B: Backend = CpuBackend> {
     config: Config,
     backend: B,
     weights: llama::Weights<B::Weight>,
-    /// Adapters fused into the weights, oldest first.
-    applied: Vec<Applied>,
-    next_adapter_id: u64,
-}
-
-/// An adapter (or several composed) fused into a model's weights.
-pub struct Applied {
-    pub id: u64,
-    /// Source paths and scales, for display.
-    pub label: String,
-    pub stats: patch::Stats,
-    undo: patch::Undo,
-}
-
-impl Applied {
-    /// Bytes of base weights saved to undo this patch.
-    pub fn undo_bytes(&self) -> usize {
-        self.undo.bytes()
-    }
+    /// Adapters fused into the weights.
+    adapters: Stack,
 }
 
 impl Model<CpuBackend> {
@@ -70,8 +54,7 @@ impl<B: Backend> Model<B> {
             config,
             backend,
             weights,
-            applied: Vec::new(),
-            next_adapter_id: 1,
+            adapters: Stack::default(),
         })
     }
 
@@ -94,86 +77,29 @@ impl<B: Backend> Model<B> {
     /// A session's KV cache keeps what the earlier weights computed: reset sessions after
     /// changing adapters for results that depend only on the new weights.
     pub fn apply_adapters(&mut self, list: &[(&Adapter, f32)], o: patch::Options) -> Result<u64> {
-        if list.is_empty() {
-            return Err(Error::InvalidArgument("no adapter to apply".into()));
-        }
-        let bound: Vec<Option<Adapter>> = list
-            .iter()
-            .map(|(a, _)| match a.names {
-                NameScheme::Gguf => Ok(None),
-                NameScheme::Hf => a.bind(&self.file).map(Some),
-            })
-            .collect::<Result<_>>()?;
-        let list: Vec<(&Adapter, f32)> = list
-            .iter()
-            .zip(&bound)
-            .map(|(&(a, s), b)| (b.as_ref().unwrap_or(a), s))
-            .collect();
-        let plans = patch::plan(&self.file, &list)?;
-        let (undo, stats) = patch::apply(self.file.bytes_mut(), &plans, o);
-        let id = self.next_adapter_id;
-        self.next_adapter_id += 1;
-        let label = list
-            .iter()
-            .map(|(a, s)| format!("{}:{s}", a.source.display()))
-            .collect::<Vec<_>>()
-            .join(" + ");
-        self.applied.push(Applied {
-            id,
-            label,
-            stats,
-            undo,
-        });
-        Ok(id)
+        self.adapters.apply(&mut self.file, list, o)
     }
 
     /// Removes adapter `id`, restoring the bytes it overwrote. Adapters unstack in LIFO
     /// order: `id` must be the last one applied.
     pub fn unapply_adapter(&mut self, id: u64) -> Result<()> {
-        match self.applied.last() {
-            Some(top) if top.id == id => {}
-            Some(top) if self.applied.iter().any(|a| a.id == id) => {
-                return Err(Error::InvalidArgument(format!(
-                    "adapter #{id} is under #{}: adapters are removed in reverse order of \
-                     application",
-                    top.id
-                )))
-            }
-            _ => {
-                return Err(Error::InvalidArgument(format!(
-                    "no adapter #{id} is applied"
-                )))
-            }
-        }
-        let top = self.applied.pop().expect("checked");
-        patch::restore(self.file.bytes_mut(), &top.undo);
-        Ok(())
+        self.adapters.unapply(&mut self.file, id)
     }
 
     /// Removes every adapter: the weights are the base's again, bit for bit.
     pub fn unapply_all(&mut self) {
-        while let Some(top) = self.applied.pop() {
-            patch::restore(self.file.bytes_mut(), &top.undo);
-        }
+        self.adapters.unapply_all(&mut self.file)
     }
 
     /// Replaces adapter `id` (the last applied) by `to` at `scale`. `to` is checked against
     /// the base before `id` is removed, so a bad `to` leaves `id` in place.
     pub fn switch_adapter(&mut self, id: u64, to: &Adapter, scale: f32) -> Result<u64> {
-        let bound = match to.names {
-            NameScheme::Gguf => {
-                to.check(&self.file)?;
-                None
-            }
-            NameScheme::Hf => Some(to.bind(&self.file)?),
-        };
-        self.unapply_adapter(id)?;
-        self.apply_adapter(bound.as_ref().unwrap_or(to), scale)
+        self.adapters.switch(&mut self.file, id, to, scale)
     }
 
     /// The adapters fused now, oldest first.
     pub fn applied_adapters(&self) -> &[Applied] {
-        &self.applied
+        self.adapters.applied()
     }
 
     pub fn config(&self) -> &Config {

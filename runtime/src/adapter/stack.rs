@@ -1,0 +1,141 @@
+//! The adapters fused into one mapped model, as a stack: applied on top of each other,
+//! removed in reverse order, each with the undo log that restores what it overwrote.
+
+use super::patch::{self, Options, Stats, Undo};
+use super::{Adapter, NameScheme};
+use crate::gguf::GgufFile;
+use crate::{Error, Result};
+
+/// An adapter (or several composed) fused into a model's weights.
+pub struct Applied {
+    pub id: u64,
+    /// Source paths and scales, for display.
+    pub label: String,
+    pub stats: Stats,
+    undo: Undo,
+}
+
+impl Applied {
+    /// Bytes of base weights saved to undo this patch.
+    pub fn undo_bytes(&self) -> usize {
+        self.undo.bytes()
+    }
+}
+
+/// The fused adapters of one file, oldest first.
+pub struct Stack {
+    applied: Vec<Applied>,
+    next_id: u64,
+}
+
+impl Default for Stack {
+    fn default() -> Self {
+        Stack {
+            applied: Vec::new(),
+            next_id: 1,
+        }
+    }
+}
+
+impl Stack {
+    /// Fuses the adapters of `list` (each at its scale, composed: summed per tensor, each
+    /// touched block requantized once) into `file` as one new entry, whose id is returned.
+    /// Adapters in the HF name scheme are bound first. Every check runs before the first
+    /// byte is written: on an error `file` is unchanged.
+    pub fn apply(
+        &mut self,
+        file: &mut GgufFile,
+        list: &[(&Adapter, f32)],
+        o: Options,
+    ) -> Result<u64> {
+        if list.is_empty() {
+            return Err(Error::InvalidArgument("no adapter to apply".into()));
+        }
+        let bound: Vec<Option<Adapter>> = list
+            .iter()
+            .map(|(a, _)| match a.names {
+                NameScheme::Gguf => Ok(None),
+                NameScheme::Hf => a.bind(file).map(Some),
+            })
+            .collect::<Result<_>>()?;
+        let list: Vec<(&Adapter, f32)> = list
+            .iter()
+            .zip(&bound)
+            .map(|(&(a, s), b)| (b.as_ref().unwrap_or(a), s))
+            .collect();
+        let plans = patch::plan(file, &list)?;
+        let (undo, stats) = patch::apply(file.bytes_mut(), &plans, o);
+        let id = self.next_id;
+        self.next_id += 1;
+        let label = list
+            .iter()
+            .map(|(a, s)| format!("{}:{s}", a.source.display()))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        self.applied.push(Applied {
+            id,
+            label,
+            stats,
+            undo,
+        });
+        Ok(id)
+    }
+
+    /// Removes entry `id`, which must be the last applied, restoring the bytes it overwrote.
+    pub fn unapply(&mut self, file: &mut GgufFile, id: u64) -> Result<()> {
+        match self.applied.last() {
+            Some(top) if top.id == id => {}
+            Some(top) if self.applied.iter().any(|a| a.id == id) => {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter #{id} is under #{}: adapters are removed in reverse order of \
+                     application",
+                    top.id
+                )))
+            }
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "no adapter #{id} is applied"
+                )))
+            }
+        }
+        let top = self.applied.pop().expect("checked");
+        patch::restore(file.bytes_mut(), &top.undo);
+        Ok(())
+    }
+
+    /// Removes every entry: the file's bytes are the base's again.
+    pub fn unapply_all(&mut self, file: &mut GgufFile) {
+        while let Some(top) = self.applied.pop() {
+            patch::restore(file.bytes_mut(), &top.undo);
+        }
+    }
+
+    /// Replaces entry `id` (the last applied) by `to` at `scale`. `to` is checked before
+    /// `id` is removed, so a bad `to` leaves everything in place.
+    pub fn switch(
+        &mut self,
+        file: &mut GgufFile,
+        id: u64,
+        to: &Adapter,
+        scale: f32,
+    ) -> Result<u64> {
+        let bound = match to.names {
+            NameScheme::Gguf => {
+                to.check(file)?;
+                None
+            }
+            NameScheme::Hf => Some(to.bind(file)?),
+        };
+        if !scale.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "adapter scale {scale} is not finite"
+            )));
+        }
+        self.unapply(file, id)?;
+        self.apply(file, &[(bound.as_ref().unwrap_or(to), scale)], Options::default())
+    }
+
+    pub fn applied(&self) -> &[Applied] {
+        &self.applied
+    }
+}
