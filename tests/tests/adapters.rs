@@ -281,3 +281,95 @@ fn switch_replaces_the_top_adapter() {
     assert!(snapshot(&m) == base);
     let _ = c;
 }
+
+fn hf_unmerged(name: &str) -> Vec<String> {
+    (0..2)
+        .map(|j| format!("hf.{name}.unmerged.s{j}.logits.f32"))
+        .collect()
+}
+
+/// Unfused LoRA (y = W x + s B (A x)) against PEFT's unmerged forward, on the f32 base, and
+/// its weights untouched.
+#[test]
+fn unfused_lora_matches_peft_unmerged() {
+    let mut m = open("f32", KvType::F32);
+    let base = snapshot(&m);
+    for name in ["lora_plain", "lora_patterns", "lora_rslora", "lora_qv"] {
+        let a = Adapter::load(dir().join(name)).unwrap();
+        m.set_unfused_adapters(&[(&a, 1.0)]).unwrap();
+        let d = diff_to(&logits(&mut m), &hf_unmerged(name));
+        eprintln!("unfused {name}: max |sparrow - PEFT unmerged| = {d}");
+        assert!(d <= F32_EXACT, "{name}: {d}");
+        assert!(snapshot(&m) == base, "unfused mode wrote the weights");
+    }
+    // Off again: the base model's logits.
+    m.set_unfused_adapters(&[]).unwrap();
+    let base_files: Vec<String> = (0..2)
+        .map(|j| format!("../tiny/hf.tiny-llama.s{j}.logits.f32"))
+        .collect();
+    assert!(diff_to(&logits(&mut m), &base_files) <= F32_EXACT);
+    // Sparse adapters are fused only.
+    let e = m
+        .set_unfused_adapters(&[(&Adapter::load(dir().join("shira")).unwrap(), 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only LoRA runs unfused"), "{e}");
+}
+
+/// On a quantized base, fusing rounds the merged weights. With residuals kept beside the
+/// weights, stored + residual is the exact sum base + delta for every element (up to one
+/// f32 rounding of the subtraction), and unapply removes them again.
+#[test]
+fn residuals_complete_the_merge_on_quantized_bases() {
+    use sparrow::adapter::{lowrank::dense_low_rank, Delta};
+    use sparrow::quant;
+    for ty in ["q8_0", "f16"] {
+        let mut m = open(ty, KvType::F32);
+        let base = snapshot(&m);
+        let base_logits = logits(&mut m);
+        let a = m.bind_adapter(&Adapter::load(dir().join("lora_plain")).unwrap()).unwrap();
+        let id = m
+            .apply_adapters(
+                &[(&a, 1.0)],
+                sparrow::adapter::patch::Options {
+                    residual: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let entry = &m.applied_adapters()[0];
+        let res: std::collections::HashMap<&str, &[(u32, f32)]> =
+            entry.residuals().map(|(n, _, _, r)| (n, r)).collect();
+        let mut worst = 0f32;
+        let mut n_res = 0;
+        for t in &a.targets {
+            let Delta::LowRank(l) = &t.delta else { unreachable!() };
+            let info = m.file().tensor(&t.name).unwrap().clone();
+            let range = m.file().range(&info).unwrap();
+            let deq = |bytes: &[u8]| {
+                let mut v = vec![0f32; t.rows * t.cols];
+                quant::dequantize(info.ty, &bytes[range.clone()], &mut v).unwrap();
+                v
+            };
+            let (before, after) = (deq(&base), deq(m.file().bytes()));
+            let mut got = after.clone();
+            for &(i, r) in res.get(t.name.as_str()).copied().unwrap_or(&[]) {
+                got[i as usize] += r;
+                n_res += 1;
+            }
+            let delta = dense_low_rank(l, t.rows, t.cols);
+            for i in 0..got.len() {
+                let want = before[i] + delta[i];
+                let err = (got[i] - want).abs();
+                assert!(err <= 1e-6 * want.abs().max(1e-3), "{ty} {} [{i}]: {} vs {want}", t.name, got[i]);
+                worst = worst.max(err);
+            }
+        }
+        eprintln!("{ty}: {n_res} residuals, worst |stored + residual - exact| = {worst}");
+        assert!(n_res > 0);
+        m.unapply_adapter(id).unwrap();
+        assert!(snapshot(&m) == base);
+        // No side term is left behind.
+        assert!(logits(&mut m) == base_logits);
+    }
+}

@@ -20,6 +20,7 @@ pub mod names;
 pub mod patch;
 pub mod peft;
 pub mod sdelta;
+pub mod side;
 pub mod stack;
 mod st;
 pub mod synth;

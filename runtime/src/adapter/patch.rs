@@ -73,6 +73,12 @@ pub fn plan<'a>(file: &GgufFile, adapters: &[(&'a Adapter, f32)]) -> Result<Vec<
 
 /// The saved bytes of one tensor.
 struct TensorUndo {
+    name: String,
+    rows: usize,
+    cols: usize,
+    /// (flat index, exact - stored) where requantization dropped part of the sum; filled
+    /// when [`Options::residual`] is set.
+    residual: Vec<(u32, f32)>,
     start: usize,
     block_bytes: usize,
     /// (first block, number of blocks), increasing and disjoint.
@@ -98,12 +104,20 @@ pub struct Undo {
 }
 
 impl Undo {
-    /// Heap bytes held by the log.
+    /// Heap bytes held by the log (saved blocks, runs, residuals).
     pub fn bytes(&self) -> usize {
         self.tensors
             .iter()
-            .map(|t| t.saved.len() + 8 * t.runs.len())
+            .map(|t| t.saved.len() + 8 * t.runs.len() + 8 * t.residual.len())
             .sum()
+    }
+
+    /// The residuals kept per tensor: (name, rows, cols, (flat index, value) sorted).
+    pub fn residuals(&self) -> impl Iterator<Item = (&str, usize, usize, &[(u32, f32)])> {
+        self.tensors
+            .iter()
+            .filter(|t| !t.residual.is_empty())
+            .map(|t| (t.name.as_str(), t.rows, t.cols, &t.residual[..]))
     }
 }
 
@@ -132,6 +146,9 @@ impl std::ops::AddAssign for Stats {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Options {
     pub requant: Requant,
+    /// Keep what requantization drops as a sparse residual per tensor (see
+    /// [`super::side`]), for exact fused adapters on coarse bases.
+    pub residual: bool,
 }
 
 /// Patches `map` (the whole model mapping) with `plans`. Cannot fail: [`plan`] did every
@@ -200,6 +217,10 @@ fn disjoint(map: &mut [u8], ranges: impl Iterator<Item = Range<usize>>) -> Vec<&
 fn patch_tensor(p: &TensorPlan<'_>, bytes: &mut [u8], o: Options) -> (TensorUndo, Stats) {
     let (bs, bb) = p.ty.block_layout();
     let mut u = TensorUndo {
+        name: p.name.clone(),
+        rows: p.rows,
+        cols: p.cols,
+        residual: Vec::new(),
         start: p.range.start,
         block_bytes: bb,
         runs: Vec::new(),
@@ -211,14 +232,19 @@ fn patch_tensor(p: &TensorPlan<'_>, bytes: &mut [u8], o: Options) -> (TensorUndo
     };
     let mut scratch = edit::Scratch::default();
     let mut deltas: Vec<(u32, f32)> = Vec::with_capacity(bs);
+    let mut res: Vec<(u32, f32)> = Vec::new();
     let mut edit_block = |u: &mut TensorUndo, st: &mut Stats, block: usize, d: &[(u32, f32)]| {
         let b = &mut bytes[block * bb..(block + 1) * bb];
         u.save(block, b);
         st.blocks += 1;
         st.elements += d.len();
-        if edit::add_to_block(p.ty, b, d, o.requant, &mut scratch, None) == Outcome::Reencoded {
+        res.clear();
+        let keep = o.residual.then_some(&mut res);
+        if edit::add_to_block(p.ty, b, d, o.requant, &mut scratch, keep) == Outcome::Reencoded {
             st.reencoded += 1;
         }
+        let first = (block * bs) as u32;
+        u.residual.extend(res.iter().map(|&(e, v)| (first + e, v)));
     };
 
     let low_rank: Vec<(&LowRank, f32)> = p

@@ -20,6 +20,11 @@ impl Applied {
     pub fn undo_bytes(&self) -> usize {
         self.undo.bytes()
     }
+
+    /// Residuals kept by this entry (see [`super::patch::Options::residual`]).
+    pub fn residuals(&self) -> impl Iterator<Item = (&str, usize, usize, &[(u32, f32)])> {
+        self.undo.residuals()
+    }
 }
 
 /// The fused adapters of one file, oldest first.

@@ -7,6 +7,8 @@
 //! copies (a GPU) ignores.
 
 use super::config::Config;
+use crate::adapter::side::Side;
+use std::sync::Arc;
 use crate::gguf::TensorInfo;
 use crate::Result;
 
@@ -23,6 +25,9 @@ pub trait Backend {
 
     /// Prepares a weight. `data` is the tensor's bytes, `offset` where they start in `host`.
     fn load_weight(&mut self, info: &TensorInfo, offset: usize) -> Result<Self::Weight>;
+    /// Sets (or clears) the terms computed beside weight `w` in every later product
+    /// (unfused LoRA, sparse residuals of fused adapters).
+    fn set_side(&mut self, w: &mut Self::Weight, side: Option<Arc<Side>>);
     fn alloc(&mut self, len: usize) -> Self::Buf;
     fn kv_cache(&mut self, cfg: &Config, n_ctx: usize) -> Result<Self::Kv>;
 

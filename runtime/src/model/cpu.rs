@@ -7,6 +7,8 @@
 
 use super::backend::Backend;
 use super::config::{Config, RopeKind};
+use crate::adapter::side::Side;
+use std::sync::Arc;
 use crate::gguf::TensorInfo;
 use crate::kernels::attn::{self, KvRows, SumOrder};
 use crate::kernels::{self, math, MatmulScratch, ThreadPool};
@@ -22,6 +24,8 @@ pub struct CpuWeight {
     pub rows: usize,
     pub cols: usize,
     pub range: std::ops::Range<usize>,
+    /// Terms added beside the product (unfused LoRA, residuals).
+    pub side: Option<Arc<Side>>,
 }
 
 impl CpuWeight {
@@ -153,7 +157,12 @@ impl Backend for CpuBackend {
             rows,
             cols,
             range: offset..offset + info.n_bytes as usize,
+            side: None,
         })
+    }
+
+    fn set_side(&mut self, w: &mut CpuWeight, side: Option<Arc<Side>>) {
+        w.side = side;
     }
 
     fn alloc(&mut self, len: usize) -> Vec<f32> {
@@ -242,7 +251,11 @@ impl Backend for CpuBackend {
             n,
             out,
         )
-        .map_err(|e| Error::tensor(&w.name, e.to_string()))
+        .map_err(|e| Error::tensor(&w.name, e.to_string()))?;
+        if let Some(side) = &w.side {
+            side.add_to(x, n, w.rows, w.cols, out, &mut self.tmp);
+        }
+        Ok(())
     }
 
     fn add_bias(&mut self, host: &[u8], b: &CpuWeight, x: &mut Vec<f32>, n: usize) -> Result<()> {

@@ -70,6 +70,27 @@ fn load_opt<B: Backend>(
 }
 
 impl<W> Weights<W> {
+    /// The matrix of GGUF tensor `name` (`blk.N.attn_q.weight`, `output.weight`, ...). When
+    /// the output matrix is tied to the embeddings, `output.weight` is not found.
+    pub fn matrix_mut(&mut self, name: &str) -> Option<&mut W> {
+        if name == "output.weight" {
+            return Some(&mut self.output);
+        }
+        let rest = name.strip_prefix("blk.")?;
+        let (i, suffix) = rest.split_once('.')?;
+        let l = self.layers.get_mut(i.parse::<usize>().ok()?)?;
+        Some(match suffix {
+            "attn_q.weight" => &mut l.wq,
+            "attn_k.weight" => &mut l.wk,
+            "attn_v.weight" => &mut l.wv,
+            "attn_output.weight" => &mut l.wo,
+            "ffn_gate.weight" => &mut l.w_gate,
+            "ffn_up.weight" => &mut l.w_up,
+            "ffn_down.weight" => &mut l.w_down,
+            _ => return None,
+        })
+    }
+
     pub fn load<B: Backend<Weight = W>>(b: &mut B, f: &GgufFile, c: &Config) -> Result<Self> {
         let (d, qd, kvd) = (c.n_embd, c.q_dim(), c.kv_dim());
         let tok_embd = load(b, f, "token_embd.weight", &[d, c.n_vocab])?;

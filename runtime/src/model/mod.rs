@@ -34,6 +34,10 @@ pub struct Model<B: Backend = CpuBackend> {
     weights: llama::Weights<B::Weight>,
     /// Adapters fused into the weights.
     adapters: Stack,
+    /// Adapters run beside the weights (unfused LoRA), bound to this model, with scales.
+    unfused: Vec<(Adapter, f32)>,
+    /// Weights that have side terms now.
+    sided: Vec<String>,
 }
 
 impl Model<CpuBackend> {
@@ -55,6 +59,8 @@ impl<B: Backend> Model<B> {
             backend,
             weights,
             adapters: Stack::default(),
+            unfused: Vec::new(),
+            sided: Vec::new(),
         })
     }
 
@@ -76,25 +82,142 @@ impl<B: Backend> Model<B> {
     ///
     /// A session's KV cache keeps what the earlier weights computed: reset sessions after
     /// changing adapters for results that depend only on the new weights.
+    ///
+    /// With `o.residual`, what requantization drops is kept as a sparse term computed beside
+    /// the weights, so that the model computes the exact f32 merge (see [`patch::Options`]).
     pub fn apply_adapters(&mut self, list: &[(&Adapter, f32)], o: patch::Options) -> Result<u64> {
-        self.adapters.apply(&mut self.file, list, o)
+        if o.residual {
+            for (a, _) in list {
+                self.check_side_targets(a)?;
+            }
+        }
+        let id = self.adapters.apply(&mut self.file, list, o)?;
+        if o.residual {
+            self.refresh_sides();
+        }
+        Ok(id)
+    }
+
+    /// Runs `list` unfused from now on: every product with a target computes
+    /// W x + scale * B (A x) beside the (unchanged) weights, as PEFT's unmerged forward does.
+    /// Replaces the previous unfused set; an empty list turns unfused adapters off. Only
+    /// low-rank (LoRA) adapters can run unfused.
+    pub fn set_unfused_adapters(&mut self, list: &[(&Adapter, f32)]) -> Result<()> {
+        let mut bound = Vec::with_capacity(list.len());
+        for &(a, scale) in list {
+            if !scale.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "adapter scale {scale} is not finite"
+                )));
+            }
+            let b = a.bind(&self.file)?;
+            if let Some(t) = b
+                .targets
+                .iter()
+                .find(|t| !matches!(t.delta, crate::adapter::Delta::LowRank(_)))
+            {
+                return Err(Error::adapter(
+                    &a.source,
+                    format!(
+                        "`{}` is a sparse delta: sparse adapters are fused, only LoRA runs unfused",
+                        t.name
+                    ),
+                ));
+            }
+            self.check_side_targets(&b)?;
+            bound.push((b, scale));
+        }
+        self.unfused = bound;
+        self.refresh_sides();
+        Ok(())
+    }
+
+    /// Every target of `a` must be a matrix this model multiplies by.
+    fn check_side_targets(&mut self, a: &Adapter) -> Result<()> {
+        let names: Vec<String> = match a.names {
+            crate::adapter::NameScheme::Gguf => a.targets.iter().map(|t| t.name.clone()).collect(),
+            crate::adapter::NameScheme::Hf => a.bind(&self.file)?.targets.into_iter().map(|t| t.name).collect(),
+        };
+        for n in names {
+            if self.weights.matrix_mut(&n).is_none() {
+                return Err(Error::adapter(
+                    &a.source,
+                    format!("`{n}` is not a matrix of the forward pass"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the side terms of every weight from the unfused adapters and the residuals
+    /// of the fused ones.
+    fn refresh_sides(&mut self) {
+        use crate::adapter::side::{Csr, Side};
+        use std::collections::BTreeMap;
+        let mut sides: BTreeMap<String, (Side, Vec<(u32, f32)>, usize, usize)> = BTreeMap::new();
+        for (a, scale) in &self.unfused {
+            for t in &a.targets {
+                if let crate::adapter::Delta::LowRank(l) = &t.delta {
+                    let e = sides.entry(t.name.clone()).or_insert_with(|| {
+                        (Side::default(), Vec::new(), t.rows, t.cols)
+                    });
+                    e.0.lora.push(crate::adapter::LowRank {
+                        scale: l.scale * scale,
+                        ..l.clone()
+                    });
+                }
+            }
+        }
+        for entry in self.adapters.applied() {
+            for (name, rows, cols, res) in entry.residuals() {
+                let e = sides
+                    .entry(name.to_string())
+                    .or_insert_with(|| (Side::default(), Vec::new(), rows, cols));
+                e.1.extend_from_slice(res);
+            }
+        }
+        for name in std::mem::take(&mut self.sided) {
+            if let Some(w) = self.weights.matrix_mut(&name) {
+                self.backend.set_side(w, None);
+            }
+        }
+        for (name, (mut side, pairs, rows, cols)) in sides {
+            if !pairs.is_empty() {
+                side.sparse = Some(Csr::from_pairs(rows, cols, pairs));
+            }
+            if let Some(w) = self.weights.matrix_mut(&name) {
+                self.backend.set_side(w, Some(std::sync::Arc::new(side)));
+                self.sided.push(name);
+            }
+        }
     }
 
     /// Removes adapter `id`, restoring the bytes it overwrote. Adapters unstack in LIFO
     /// order: `id` must be the last one applied.
     pub fn unapply_adapter(&mut self, id: u64) -> Result<()> {
-        self.adapters.unapply(&mut self.file, id)
+        self.adapters.unapply(&mut self.file, id)?;
+        self.refresh_sides_if_needed();
+        Ok(())
+    }
+
+    fn refresh_sides_if_needed(&mut self) {
+        if !self.sided.is_empty() {
+            self.refresh_sides();
+        }
     }
 
     /// Removes every adapter: the weights are the base's again, bit for bit.
     pub fn unapply_all(&mut self) {
-        self.adapters.unapply_all(&mut self.file)
+        self.adapters.unapply_all(&mut self.file);
+        self.refresh_sides_if_needed();
     }
 
     /// Replaces adapter `id` (the last applied) by `to` at `scale`. `to` is checked against
     /// the base before `id` is removed, so a bad `to` leaves `id` in place.
     pub fn switch_adapter(&mut self, id: u64, to: &Adapter, scale: f32) -> Result<u64> {
-        self.adapters.switch(&mut self.file, id, to, scale)
+        let id = self.adapters.switch(&mut self.file, id, to, scale)?;
+        self.refresh_sides_if_needed();
+        Ok(id)
     }
 
     /// The adapters fused now, oldest first.
