@@ -221,7 +221,7 @@ pub fn bench(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Exactly `n` tokens: BOS where the model adds one, then the tokens of [`PROMPT_TEXT`]
 /// repeated and cut at `n`.
-fn prompt_tokens(tok: &Tokenizer, n: usize) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+pub(crate) fn prompt_tokens(tok: &Tokenizer, n: usize) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
     let body = tok.encode(PROMPT_TEXT, false, false)?;
     if body.is_empty() {
         return Err("the benchmark text tokenizes to no tokens".into());
@@ -241,7 +241,7 @@ fn prompt_tokens(tok: &Tokenizer, n: usize) -> Result<Vec<u32>, Box<dyn std::err
 }
 
 /// The index of the largest logit (the first one on ties).
-fn argmax(logits: &[f32]) -> u32 {
+pub(crate) fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in logits.iter().enumerate() {
         if x > logits[best] {
@@ -251,11 +251,11 @@ fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-fn rate(n: usize, secs: f64) -> f64 {
+pub(crate) fn rate(n: usize, secs: f64) -> f64 {
     n as f64 / secs.max(1e-12)
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     let h = s.len() / 2;

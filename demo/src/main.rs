@@ -1,7 +1,9 @@
 //! `sparrow`: the desktop demo. Runs models, tokenizes, dumps logits, inspects and converts
 //! GGUF files. Errors print one line naming what was wrong and exit with status 1.
 
+mod adapter;
 mod bench;
+mod bench_switch;
 mod fetch;
 mod inspect;
 
@@ -36,6 +38,11 @@ enum Cmd {
     Chat(ChatArgs),
     /// Measure prompt and decode tokens/s, and decode against the memory-bandwidth roofline.
     Bench(bench::BenchArgs),
+    /// Inspect, convert and synthesize adapters.
+    #[command(subcommand)]
+    Adapter(adapter::AdapterCmd),
+    /// Measure adapter apply, unapply and switch times, memory, and decode speed.
+    BenchSwitch(bench_switch::BenchSwitchArgs),
     /// Print the token ids of TEXT as a JSON array.
     Tokenize {
         #[arg(short, long)]
@@ -62,6 +69,8 @@ enum Cmd {
         /// Keep the KV cache in f32 instead of f16 (exact reference comparisons).
         #[arg(long)]
         kv_f32: bool,
+        #[command(flatten)]
+        adapters: adapter::AdapterArgs,
     },
     /// Show metadata, the tensor table and bytes by type, without reading weights.
     Inspect {
@@ -96,6 +105,8 @@ struct ModelArgs {
     /// Context size in tokens (default: the model's, at most 4096).
     #[arg(short = 'c', long, default_value_t = 0)]
     ctx: usize,
+    #[command(flatten)]
+    adapters: adapter::AdapterArgs,
 }
 
 #[derive(Args)]
@@ -190,6 +201,8 @@ fn dispatch(cmd: Cmd) -> AnyResult {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Adapter(c) => adapter::dispatch(c),
+        Cmd::BenchSwitch(a) => bench_switch::bench_switch(a),
         Cmd::Tokenize {
             model,
             special,
@@ -208,9 +221,11 @@ fn dispatch(cmd: Cmd) -> AnyResult {
             output,
             threads,
             kv_f32,
+            adapters,
         } => {
             let kv_type = if kv_f32 { KvType::F32 } else { KvType::F16 };
             let mut m = Model::open(&model, &ModelOptions { threads, kv_type })?;
+            adapter::apply_args(&mut m, &adapters)?;
             let mut s = m.new_session(tokens.len().max(1))?;
             let logits = m.eval(&mut s, &tokens, Logits::All)?;
             let bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -260,6 +275,8 @@ fn open_model(a: &ModelArgs) -> AnyResult<(Model, Tokenizer)> {
             ..Default::default()
         },
     )?;
+    let mut m = m;
+    adapter::apply_args(&mut m, &a.adapters)?;
     let tok = Tokenizer::from_metadata(m.file().metadata())?;
     Ok((m, tok))
 }

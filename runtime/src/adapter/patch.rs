@@ -11,7 +11,7 @@
 
 use super::{Adapter, Delta, LowRank, SparseDelta};
 use crate::gguf::GgufFile;
-use crate::quant::edit::{self, Outcome, Requant};
+use crate::quant::edit::{self, BlockLog, Outcome, Requant};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
 use rayon::prelude::*;
@@ -81,20 +81,7 @@ struct TensorUndo {
     residual: Vec<(u32, f32)>,
     start: usize,
     block_bytes: usize,
-    /// (first block, number of blocks), increasing and disjoint.
-    runs: Vec<(u32, u32)>,
-    saved: Vec<u8>,
-}
-
-impl TensorUndo {
-    #[inline]
-    fn save(&mut self, block: usize, bytes: &[u8]) {
-        match self.runs.last_mut() {
-            Some((first, n)) if (*first + *n) as usize == block => *n += 1,
-            _ => self.runs.push((block as u32, 1)),
-        }
-        self.saved.extend_from_slice(bytes);
-    }
+    log: BlockLog,
 }
 
 /// What one apply changed: enough to undo it.
@@ -108,8 +95,13 @@ impl Undo {
     pub fn bytes(&self) -> usize {
         self.tensors
             .iter()
-            .map(|t| t.saved.len() + 8 * t.runs.len() + 8 * t.residual.len())
+            .map(|t| t.log.saved.len() + 8 * t.log.runs.len() + 8 * t.residual.len())
             .sum()
+    }
+
+    /// The block logs, for reuse by a later apply.
+    pub fn into_logs(self) -> impl Iterator<Item = BlockLog> {
+        self.tensors.into_iter().map(|t| t.log)
     }
 
     /// The residuals kept per tensor: (name, rows, cols, (flat index, value) sorted).
@@ -153,12 +145,29 @@ pub struct Options {
 
 /// Patches `map` (the whole model mapping) with `plans`. Cannot fail: [`plan`] did every
 /// check.
-pub fn apply(map: &mut [u8], plans: &[TensorPlan<'_>], o: Options) -> (Undo, Stats) {
+///
+/// `spare` holds logs of earlier, undone patches: their buffers are reused, so that a switch
+/// does not allocate (and have the kernel zero) tens of megabytes each time.
+pub fn apply(
+    map: &mut [u8],
+    plans: &[TensorPlan<'_>],
+    o: Options,
+    spare: &mut Vec<BlockLog>,
+) -> (Undo, Stats) {
     let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
+    let logs: Vec<BlockLog> = (0..plans.len())
+        .map(|_| {
+            let mut l = spare.pop().unwrap_or_default();
+            l.runs.clear();
+            l.saved.clear();
+            l
+        })
+        .collect();
     let results: Vec<(TensorUndo, Stats)> = plans
         .par_iter()
         .zip(slices)
-        .map(|(p, bytes)| patch_tensor(p, bytes, o))
+        .zip(logs)
+        .map(|((p, bytes), log)| patch_tensor(p, bytes, o, log))
         .collect();
     let mut stats = Stats::default();
     let mut undo = Undo::default();
@@ -173,6 +182,7 @@ pub fn apply(map: &mut [u8], plans: &[TensorPlan<'_>], o: Options) -> (Undo, Sta
 pub fn restore(map: &mut [u8], undo: &Undo) {
     let ranges = undo.tensors.iter().map(|t| {
         let end = t
+            .log
             .runs
             .last()
             .map_or(t.start, |&(f, n)| t.start + (f + n) as usize * t.block_bytes);
@@ -182,14 +192,7 @@ pub fn restore(map: &mut [u8], undo: &Undo) {
     undo.tensors
         .par_iter()
         .zip(slices)
-        .for_each(|(t, bytes)| {
-            let mut at = 0;
-            for &(first, n) in &t.runs {
-                let (s, len) = (first as usize * t.block_bytes, n as usize * t.block_bytes);
-                bytes[s..s + len].copy_from_slice(&t.saved[at..at + len]);
-                at += len;
-            }
-        });
+        .for_each(|(t, bytes)| t.log.restore(bytes, t.block_bytes));
 }
 
 /// Splits `map` into the mutable sub-slices `ranges` (disjoint, in any order), returned in
@@ -214,7 +217,12 @@ fn disjoint(map: &mut [u8], ranges: impl Iterator<Item = Range<usize>>) -> Vec<&
     out.into_iter().map(|s| s.expect("every range split")).collect()
 }
 
-fn patch_tensor(p: &TensorPlan<'_>, bytes: &mut [u8], o: Options) -> (TensorUndo, Stats) {
+fn patch_tensor(
+    p: &TensorPlan<'_>,
+    bytes: &mut [u8],
+    o: Options,
+    log: BlockLog,
+) -> (TensorUndo, Stats) {
     let (bs, bb) = p.ty.block_layout();
     let mut u = TensorUndo {
         name: p.name.clone(),
@@ -223,30 +231,12 @@ fn patch_tensor(p: &TensorPlan<'_>, bytes: &mut [u8], o: Options) -> (TensorUndo
         residual: Vec::new(),
         start: p.range.start,
         block_bytes: bb,
-        runs: Vec::new(),
-        saved: Vec::new(),
+        log,
     };
     let mut st = Stats {
         tensors: 1,
         ..Stats::default()
     };
-    let mut scratch = edit::Scratch::default();
-    let mut deltas: Vec<(u32, f32)> = Vec::with_capacity(bs);
-    let mut res: Vec<(u32, f32)> = Vec::new();
-    let mut edit_block = |u: &mut TensorUndo, st: &mut Stats, block: usize, d: &[(u32, f32)]| {
-        let b = &mut bytes[block * bb..(block + 1) * bb];
-        u.save(block, b);
-        st.blocks += 1;
-        st.elements += d.len();
-        res.clear();
-        let keep = o.residual.then_some(&mut res);
-        if edit::add_to_block(p.ty, b, d, o.requant, &mut scratch, keep) == Outcome::Reencoded {
-            st.reencoded += 1;
-        }
-        let first = (block * bs) as u32;
-        u.residual.extend(res.iter().map(|&(e, v)| (first + e, v)));
-    };
-
     let low_rank: Vec<(&LowRank, f32)> = p
         .parts
         .iter()
@@ -255,68 +245,92 @@ fn patch_tensor(p: &TensorPlan<'_>, bytes: &mut [u8], o: Options) -> (TensorUndo
             _ => None,
         })
         .collect();
-    let sparse = merged_sparse(&p.parts);
-
-    if low_rank.is_empty() {
-        u.saved.reserve(sparse.len().min(p.rows * p.cols / bs) * bb);
-        let mut i = 0;
-        while i < sparse.len() {
-            let block = sparse[i].0 as usize / bs;
-            let base = (block * bs) as u32;
-            deltas.clear();
-            while i < sparse.len() && sparse[i].0 as usize / bs == block {
-                deltas.push((sparse[i].0 - base, sparse[i].1));
-                i += 1;
-            }
-            edit_block(&mut u, &mut st, block, &deltas);
-        }
-    } else {
-        u.saved.reserve(p.rows * p.cols / bs * bb);
-        let (mut row, mut acc) = (vec![0f32; p.cols], Vec::new());
-        let mut si = 0;
-        for r in 0..p.rows {
-            dense_row(&low_rank, r, p.cols, &mut row, &mut acc);
-            let row_end = ((r + 1) * p.cols) as u32;
-            while si < sparse.len() && sparse[si].0 < row_end {
-                row[sparse[si].0 as usize - r * p.cols] += sparse[si].1;
-                si += 1;
-            }
-            for (k, chunk) in row.chunks_exact(bs).enumerate() {
-                deltas.clear();
-                deltas.extend(chunk.iter().enumerate().map(|(e, &d)| (e as u32, d)));
-                edit_block(&mut u, &mut st, (r * p.cols) / bs + k, &deltas);
-            }
-        }
-    }
-    (u, st)
-}
-
-/// The sparse parts of a tensor summed into one sorted (index, scaled value) list.
-fn merged_sparse(parts: &[Part<'_>]) -> Vec<(u32, f32)> {
-    let sparse: Vec<(&SparseDelta, f32)> = parts
+    let sparse: Vec<(&SparseDelta, f32)> = p
+        .parts
         .iter()
         .filter_map(|q| match q.delta {
             Delta::Sparse(s) => Some((s, q.scale)),
             _ => None,
         })
         .collect();
-    let mut out: Vec<(u32, f32)> = Vec::with_capacity(sparse.iter().map(|s| s.0.idx.len()).sum());
-    for (s, scale) in &sparse {
-        out.extend(s.idx.iter().zip(&s.val).map(|(&i, &v)| (i, v * scale)));
-    }
-    if sparse.len() > 1 {
-        // Stable sort keeps adapter order among equal indices, so sums are deterministic.
-        out.sort_by_key(|p| p.0);
-        out.dedup_by(|next, prev| {
-            if next.0 == prev.0 {
-                prev.1 += next.1;
-                true
-            } else {
-                false
+    let residual = o.residual.then_some(&mut u.residual);
+
+    if low_rank.is_empty() {
+        // One adapter: its indices and values as they are; several: summed first.
+        let merged;
+        let (idx, val, scale) = match sparse.as_slice() {
+            [(s, scale)] => (&s.idx[..], &s.val[..], *scale),
+            _ => {
+                merged = merged_sparse(&sparse);
+                (&merged.0[..], &merged.1[..], 1.0)
             }
-        });
+        };
+        let blocks = idx.last().map_or(0, |&l| l as usize / bs + 1);
+        u.log.saved.reserve(idx.len().min(blocks) * bb);
+        let c = edit::add_sparse(p.ty, bytes, idx, val, scale, o.requant, &mut u.log, residual);
+        st.elements += c.elements;
+        st.blocks += c.blocks;
+        st.reencoded += c.reencoded;
+        return (u, st);
     }
-    out
+
+    // Low-rank: every element of every row changes; rows are computed densely.
+    u.log.saved.reserve(p.rows * p.cols / bs * bb);
+    let merged = merged_sparse(&sparse);
+    let mut res = residual;
+    let mut scratch = edit::Scratch::default();
+    let mut deltas: Vec<(u32, f32)> = Vec::with_capacity(bs);
+    let mut local: Vec<(u32, f32)> = Vec::new();
+    let (mut row, mut acc) = (vec![0f32; p.cols], Vec::new());
+    let mut si = 0;
+    for r in 0..p.rows {
+        dense_row(&low_rank, r, p.cols, &mut row, &mut acc);
+        let row_end = ((r + 1) * p.cols) as u32;
+        while si < merged.0.len() && merged.0[si] < row_end {
+            row[merged.0[si] as usize - r * p.cols] += merged.1[si];
+            si += 1;
+        }
+        for (k, chunk) in row.chunks_exact(bs).enumerate() {
+            let block = (r * p.cols) / bs + k;
+            let b = &mut bytes[block * bb..(block + 1) * bb];
+            u.log.save(block, b);
+            deltas.clear();
+            deltas.extend(chunk.iter().enumerate().map(|(e, &d)| (e as u32, d)));
+            local.clear();
+            let keep = res.is_some().then_some(&mut local);
+            if edit::add_to_block(p.ty, b, &deltas, o.requant, &mut scratch, keep)
+                == Outcome::Reencoded
+            {
+                st.reencoded += 1;
+            }
+            if let Some(rv) = res.as_deref_mut() {
+                let first = (block * bs) as u32;
+                rv.extend(local.iter().map(|&(e, v)| (first + e, v)));
+            }
+            st.blocks += 1;
+            st.elements += bs;
+        }
+    }
+    (u, st)
+}
+
+/// Several sparse deltas summed into one (indices, scaled values), sorted.
+fn merged_sparse(sparse: &[(&SparseDelta, f32)]) -> (Vec<u32>, Vec<f32>) {
+    let mut all: Vec<(u32, f32)> = Vec::with_capacity(sparse.iter().map(|s| s.0.idx.len()).sum());
+    for (s, scale) in sparse {
+        all.extend(s.idx.iter().zip(&s.val).map(|(&i, &v)| (i, v * scale)));
+    }
+    // Stable sort keeps adapter order among equal indices, so sums are deterministic.
+    all.sort_by_key(|p| p.0);
+    all.dedup_by(|next, prev| {
+        if next.0 == prev.0 {
+            prev.1 += next.1;
+            true
+        } else {
+            false
+        }
+    });
+    all.into_iter().unzip()
 }
 
 /// Row `r` of sum(scale * B A) over the low-rank parts, into `out` (`cols` long); `acc` is

@@ -2,6 +2,7 @@
 //! removed in reverse order, each with the undo log that restores what it overwrote.
 
 use super::patch::{self, Options, Stats, Undo};
+use crate::quant::edit::BlockLog;
 use super::{Adapter, NameScheme};
 use crate::gguf::GgufFile;
 use crate::{Error, Result};
@@ -31,6 +32,8 @@ impl Applied {
 pub struct Stack {
     applied: Vec<Applied>,
     next_id: u64,
+    /// Logs of removed entries, whose buffers the next apply reuses.
+    spare: Vec<BlockLog>,
 }
 
 impl Default for Stack {
@@ -38,6 +41,7 @@ impl Default for Stack {
         Stack {
             applied: Vec::new(),
             next_id: 1,
+            spare: Vec::new(),
         }
     }
 }
@@ -69,7 +73,7 @@ impl Stack {
             .map(|(&(a, s), b)| (b.as_ref().unwrap_or(a), s))
             .collect();
         let plans = patch::plan(file, &list)?;
-        let (undo, stats) = patch::apply(file.bytes_mut(), &plans, o);
+        let (undo, stats) = patch::apply(file.bytes_mut(), &plans, o, &mut self.spare);
         let id = self.next_id;
         self.next_id += 1;
         let label = list
@@ -105,6 +109,7 @@ impl Stack {
         }
         let top = self.applied.pop().expect("checked");
         patch::restore(file.bytes_mut(), &top.undo);
+        self.recycle(top.undo);
         Ok(())
     }
 
@@ -112,6 +117,7 @@ impl Stack {
     pub fn unapply_all(&mut self, file: &mut GgufFile) {
         while let Some(top) = self.applied.pop() {
             patch::restore(file.bytes_mut(), &top.undo);
+            self.recycle(top.undo);
         }
     }
 
@@ -138,6 +144,18 @@ impl Stack {
         }
         self.unapply(file, id)?;
         self.apply(file, &[(bound.as_ref().unwrap_or(to), scale)], Options::default())
+    }
+
+    /// Keeps the buffers of an undone log for reuse (as many as one large adapter needs).
+    fn recycle(&mut self, undo: Undo) {
+        const KEEP: usize = 1024;
+        for l in undo.into_logs() {
+            if self.spare.len() < KEEP {
+                self.spare.push(l);
+            }
+        }
+        // Largest first, so that big tensors get big buffers.
+        self.spare.sort_by_key(|l| l.saved.capacity());
     }
 
     pub fn applied(&self) -> &[Applied] {

@@ -51,6 +51,7 @@ pub enum Outcome {
 pub struct Scratch {
     vals: Vec<f32>,
     orig: Vec<f32>,
+    levels: Vec<i32>,
 }
 
 /// Adds `deltas` (element index inside the block, value; indices strictly increasing) to
@@ -130,6 +131,9 @@ impl Cell {
 
 /// The element accessors of one block format.
 trait Grid {
+    /// Elements and bytes per block.
+    const BLOCK: usize;
+    const BYTES: usize;
     const MAX_LEVEL: i32;
     const MIN_LEVEL: i32 = 0;
     fn cell(b: &[u8], e: usize) -> Cell;
@@ -170,6 +174,8 @@ fn set_bit(b: &mut [u8], byte: usize, bit: usize, v: i32) {
 /// Q8_0: `[d f16][qs i8 x 32]`, x = d * q.
 struct Q8_0G;
 impl Grid for Q8_0G {
+    const BLOCK: usize = 32;
+    const BYTES: usize = 34;
     const MAX_LEVEL: i32 = 127;
     const MIN_LEVEL: i32 = -127;
     fn cell(b: &[u8], _: usize) -> Cell {
@@ -191,6 +197,8 @@ impl Grid for Q8_0G {
 /// x = d * (q - 8).
 struct Q4_0G;
 impl Grid for Q4_0G {
+    const BLOCK: usize = 32;
+    const BYTES: usize = 18;
     const MAX_LEVEL: i32 = 15;
     fn cell(b: &[u8], _: usize) -> Cell {
         Cell {
@@ -210,6 +218,8 @@ impl Grid for Q4_0G {
 /// Q4_1: `[d f16][m f16][qs 16]`, x = d * q + m.
 struct Q4_1G;
 impl Grid for Q4_1G {
+    const BLOCK: usize = 32;
+    const BYTES: usize = 20;
     const MAX_LEVEL: i32 = 15;
     fn cell(b: &[u8], _: usize) -> Cell {
         Cell {
@@ -229,6 +239,8 @@ impl Grid for Q4_1G {
 /// Q5_0: `[d f16][qh u32][qs 16]`, nibbles as Q4_0, bit e of qh the fifth bit; x = d (q - 16).
 struct Q5_0G;
 impl Grid for Q5_0G {
+    const BLOCK: usize = 32;
+    const BYTES: usize = 22;
     const MAX_LEVEL: i32 = 31;
     fn cell(b: &[u8], _: usize) -> Cell {
         Cell {
@@ -249,6 +261,8 @@ impl Grid for Q5_0G {
 /// Q5_1: `[d f16][m f16][qh u32][qs 16]`, x = d * q + m.
 struct Q5_1G;
 impl Grid for Q5_1G {
+    const BLOCK: usize = 32;
+    const BYTES: usize = 24;
     const MAX_LEVEL: i32 = 31;
     fn cell(b: &[u8], _: usize) -> Cell {
         Cell {
@@ -282,6 +296,8 @@ fn k4_cell(b: &[u8], e: usize) -> Cell {
 /// Q4_K: qs at byte 16; each 64 weights share 32 bytes, low nibble = first 32, high = next 32.
 struct Q4KG;
 impl Grid for Q4KG {
+    const BLOCK: usize = 256;
+    const BYTES: usize = 144;
     const MAX_LEVEL: i32 = 15;
     fn cell(b: &[u8], e: usize) -> Cell {
         k4_cell(b, e)
@@ -298,6 +314,8 @@ impl Grid for Q4KG {
 /// bit of weight 32 j + i.
 struct Q5KG;
 impl Grid for Q5KG {
+    const BLOCK: usize = 256;
+    const BYTES: usize = 176;
     const MAX_LEVEL: i32 = 31;
     fn cell(b: &[u8], e: usize) -> Cell {
         k4_cell(b, e)
@@ -324,6 +342,8 @@ impl Q6KG {
     }
 }
 impl Grid for Q6KG {
+    const BLOCK: usize = 256;
+    const BYTES: usize = 210;
     const MAX_LEVEL: i32 = 63;
     fn cell(b: &[u8], e: usize) -> Cell {
         Cell {
@@ -343,6 +363,18 @@ impl Grid for Q6KG {
     }
 }
 
+/// The nearest integer to `t` (ties to even), or `None` when `t` is not a finite number of
+/// plausible size. Adding and subtracting 1.5 * 2^23 rounds in the FPU's default mode
+/// without a call to `roundf`.
+#[inline]
+fn nearest(t: f32) -> Option<i32> {
+    if t.abs() < 4_194_304.0 {
+        Some(((t + 12_582_912.0) - 12_582_912.0) as i32)
+    } else {
+        None
+    }
+}
+
 fn edit<G: Grid>(
     ty: GgmlType,
     block: &mut [u8],
@@ -352,35 +384,200 @@ fn edit<G: Grid>(
     residual: Option<&mut Vec<(u32, f32)>>,
 ) -> Outcome {
     if how == Requant::KeepScales {
-        // First pass: check that every new level fits, without writing anything.
-        let fits = deltas.iter().all(|&(e, d)| {
+        // First pass: the new levels, without writing anything.
+        scratch.levels.clear();
+        let mut fits = true;
+        for &(e, d) in deltas {
             let c = G::cell(block, e as usize);
             let v = c.value(G::level(block, e as usize)) + d;
-            let q = ((v - c.add) / c.step).round();
-            c.step != 0.0
-                && q.is_finite()
-                && (G::MIN_LEVEL as f32..=G::MAX_LEVEL as f32).contains(&(q + c.zero as f32))
-        });
+            match nearest((v - c.add) / c.step).map(|q| q + c.zero) {
+                Some(q) if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && c.step != 0.0 => {
+                    scratch.levels.push(q)
+                }
+                _ => {
+                    fits = false;
+                    break;
+                }
+            }
+        }
         if fits {
             let mut res = residual;
-            for &(e, d) in deltas {
+            for (&(e, d), &q) in deltas.iter().zip(&scratch.levels) {
                 let e = e as usize;
-                let c = G::cell(block, e);
-                let v = c.value(G::level(block, e)) + d;
-                let q = ((v - c.add) / c.step).round() as i32 + c.zero;
-                G::set_level(block, e, q);
                 if let Some(r) = res.as_deref_mut() {
+                    let c = G::cell(block, e);
+                    let v = c.value(G::level(block, e)) + d;
                     let stored = c.value(q);
                     if stored != v {
                         r.push((e as u32, v - stored));
                     }
                 }
+                G::set_level(block, e, q);
             }
             return Outcome::Kept;
         }
     }
     reencode(ty, block, deltas, scratch, residual);
     Outcome::Reencoded
+}
+
+/// Where the original bytes of each touched block of a tensor go, in increasing block
+/// order: runs of consecutive blocks and their bytes.
+#[derive(Default)]
+pub struct BlockLog {
+    /// (first block, number of blocks), increasing and disjoint.
+    pub runs: Vec<(u32, u32)>,
+    pub saved: Vec<u8>,
+}
+
+impl BlockLog {
+    /// Appends the bytes of `block` (which must come after every block saved so far).
+    #[inline]
+    pub fn save(&mut self, block: usize, bytes: &[u8]) {
+        match self.runs.last_mut() {
+            Some((first, n)) if (*first + *n) as usize == block => *n += 1,
+            _ => self.runs.push((block as u32, 1)),
+        }
+        self.saved.extend_from_slice(bytes);
+    }
+
+    /// Writes the saved bytes back into `tensor` (blocks of `block_bytes`).
+    pub fn restore(&self, tensor: &mut [u8], block_bytes: usize) {
+        // Fixed sizes let the compiler inline the copies of the common case, one block.
+        macro_rules! by_size {
+            ($($n:literal)*) => {
+                match block_bytes {
+                    $($n => self.restore_n::<$n>(tensor),)*
+                    _ => self.restore_any(tensor, block_bytes),
+                }
+            };
+        }
+        by_size!(2 4 18 20 22 24 34 144 176 210)
+    }
+
+    fn restore_n<const N: usize>(&self, tensor: &mut [u8]) {
+        let mut at = 0;
+        for &(first, n) in &self.runs {
+            let (s, len) = (first as usize * N, n as usize * N);
+            if n == 1 {
+                let src: &[u8; N] = self.saved[at..at + N].try_into().unwrap();
+                let dst: &mut [u8; N] = (&mut tensor[s..s + N]).try_into().unwrap();
+                *dst = *src;
+            } else {
+                tensor[s..s + len].copy_from_slice(&self.saved[at..at + len]);
+            }
+            at += len;
+        }
+    }
+
+    fn restore_any(&self, tensor: &mut [u8], bb: usize) {
+        let mut at = 0;
+        for &(first, n) in &self.runs {
+            let (s, len) = (first as usize * bb, n as usize * bb);
+            tensor[s..s + len].copy_from_slice(&self.saved[at..at + len]);
+            at += len;
+        }
+    }
+}
+
+/// Counts of one tensor's edit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub elements: usize,
+    pub blocks: usize,
+    pub reencoded: usize,
+}
+
+/// Adds `scale * val[k]` at flat index `idx[k]` (strictly increasing, inside the tensor) of
+/// `tensor`, whole blocks of `ty`: each touched block's bytes go to `log` first, then the
+/// block is edited as [`add_to_block`] does. Residuals (flat index, value) are pushed in
+/// index order when asked for.
+#[allow(clippy::too_many_arguments)]
+pub fn add_sparse(
+    ty: GgmlType,
+    tensor: &mut [u8],
+    idx: &[u32],
+    val: &[f32],
+    scale: f32,
+    how: Requant,
+    log: &mut BlockLog,
+    residual: Option<&mut Vec<(u32, f32)>>,
+) -> Counts {
+    use GgmlType::*;
+    match ty {
+        Q8_0 => sparse::<Q8_0G>(ty, tensor, idx, val, scale, how, log, residual),
+        Q4_0 => sparse::<Q4_0G>(ty, tensor, idx, val, scale, how, log, residual),
+        Q4_1 => sparse::<Q4_1G>(ty, tensor, idx, val, scale, how, log, residual),
+        Q5_0 => sparse::<Q5_0G>(ty, tensor, idx, val, scale, how, log, residual),
+        Q5_1 => sparse::<Q5_1G>(ty, tensor, idx, val, scale, how, log, residual),
+        Q4_K => sparse::<Q4KG>(ty, tensor, idx, val, scale, how, log, residual),
+        Q5_K => sparse::<Q5KG>(ty, tensor, idx, val, scale, how, log, residual),
+        Q6_K => sparse::<Q6KG>(ty, tensor, idx, val, scale, how, log, residual),
+        _ => {
+            // Floats: one element per block.
+            let bb = ty.type_size();
+            let mut scratch = Scratch::default();
+            let mut res = residual;
+            let mut one = Vec::new();
+            for (&i, &v) in idx.iter().zip(val) {
+                let b = &mut tensor[i as usize * bb..(i as usize + 1) * bb];
+                log.save(i as usize, b);
+                one.clear();
+                add_to_block(ty, b, &[(0, v * scale)], how, &mut scratch, Some(&mut one));
+                if let Some(r) = res.as_deref_mut() {
+                    r.extend(one.iter().map(|&(_, x)| (i, x)));
+                }
+            }
+            Counts {
+                elements: idx.len(),
+                blocks: idx.len(),
+                reencoded: 0,
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sparse<G: Grid>(
+    ty: GgmlType,
+    tensor: &mut [u8],
+    idx: &[u32],
+    val: &[f32],
+    scale: f32,
+    how: Requant,
+    log: &mut BlockLog,
+    residual: Option<&mut Vec<(u32, f32)>>,
+) -> Counts {
+    let mut scratch = Scratch::default();
+    let mut deltas: Vec<(u32, f32)> = Vec::with_capacity(G::BLOCK);
+    let mut res = residual;
+    let mut local: Vec<(u32, f32)> = Vec::new();
+    let mut c = Counts {
+        elements: idx.len(),
+        ..Counts::default()
+    };
+    let mut i = 0;
+    while i < idx.len() {
+        let block = idx[i] as usize / G::BLOCK;
+        let first = (block * G::BLOCK) as u32;
+        deltas.clear();
+        while i < idx.len() && idx[i] as usize / G::BLOCK == block {
+            deltas.push((idx[i] - first, val[i] * scale));
+            i += 1;
+        }
+        let b = &mut tensor[block * G::BYTES..(block + 1) * G::BYTES];
+        log.save(block, b);
+        c.blocks += 1;
+        local.clear();
+        let keep = res.is_some().then_some(&mut local);
+        if edit::<G>(ty, b, &deltas, how, &mut scratch, keep) == Outcome::Reencoded {
+            c.reencoded += 1;
+        }
+        if let Some(r) = res.as_deref_mut() {
+            r.extend(local.iter().map(|&(e, v)| (first + e, v)));
+        }
+    }
+    c
 }
 
 fn reencode(

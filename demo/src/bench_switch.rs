@@ -1,0 +1,222 @@
+//! `sparrow bench-switch`: how fast adapters are fused, removed and switched, what fusing
+//! costs in memory, and decode speed with each adapter fused (and, for a LoRA, unfused).
+//!
+//! Per adapter, on a freshly opened model (so that the memory it adds is its own):
+//! 1. the model is warmed up (one decode run pages the weights in), and its resident set is
+//!    read from /proc/self/status;
+//! 2. apply, read the resident set again: `rss_added_bytes` is the difference (pages of the
+//!    private mapping copied on write, plus the undo log);
+//! 3. decode G tokens greedily after a short prompt, R times, with the adapter fused:
+//!    `decode_tokens_per_s` (median); the base model's rate is measured the same way before;
+//! 4. unapply and apply again R times: `unapply_ms`, `apply_ms` (medians). For a LoRA,
+//!    `apply_ms` is the time to fuse it;
+//! 5. for a LoRA: decode with it unfused (`unfused_decode_tokens_per_s`).
+//!
+//! Then, with all adapters loaded in one model: `switch_ms`, the median over R rounds of
+//! replacing the previous adapter of the list (cyclically) by this one (unapply + apply).
+
+use clap::Args;
+use serde_json::json;
+use sparrow::adapter::{Adapter, Kind};
+use sparrow::model::{Backend, Logits, Model, ModelOptions};
+use sparrow::tokenizer::Tokenizer;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::bench::{argmax, median, prompt_tokens, rate};
+
+type AnyResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Args)]
+pub struct BenchSwitchArgs {
+    #[arg(short, long)]
+    model: PathBuf,
+    /// Adapters to measure, PATH[:SCALE] each.
+    #[arg(long, num_args = 1.., required = true, value_name = "PATH[:SCALE]")]
+    adapters: Vec<crate::adapter::AdapterSpec>,
+    /// Timed repetitions of each measurement (medians are reported).
+    #[arg(short = 'r', long, default_value_t = 5)]
+    reps: usize,
+    /// Tokens decoded per decode measurement.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    gen_tokens: usize,
+    #[arg(short = 't', long, default_value_t = 0)]
+    threads: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Resident set size of this process, from /proc/self/status (0 where unavailable).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Median decode rate over `reps` runs of `gen` greedy tokens after `prompt`.
+fn decode_rate(m: &mut Model, prompt: &[u32], gen: usize, reps: usize) -> AnyResult<f64> {
+    let mut s = m.new_session(prompt.len() + gen)?;
+    let mut rates = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        s.reset();
+        let mut next = argmax(&m.eval(&mut s, prompt, Logits::Last)?);
+        let mut secs = 0.0;
+        for _ in 0..gen {
+            let t = Instant::now();
+            let l = m.eval(&mut s, &[next], Logits::Last)?;
+            secs += t.elapsed().as_secs_f64();
+            next = argmax(&l);
+        }
+        rates.push(rate(gen, secs));
+    }
+    Ok(median(&rates))
+}
+
+pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
+    if a.reps == 0 || a.gen_tokens == 0 {
+        return Err("--reps and --gen-tokens must be at least 1".into());
+    }
+    if cfg!(not(target_os = "linux")) {
+        log::warn!("rss_added_bytes reads /proc/self/status and is 0 on this system");
+    }
+    let opts = ModelOptions {
+        threads: a.threads,
+        ..Default::default()
+    };
+    let open = || -> AnyResult<Model> { Ok(Model::open(&a.model, &opts)?) };
+    let mut m = open()?;
+    let tok = Tokenizer::from_metadata(m.file().metadata())?;
+    let prompt = prompt_tokens(&tok, 16)?;
+    let threads = m.backend().threads();
+    // Load and bind every adapter once (not timed: reading files is not switching).
+    let mut adapters: Vec<(Adapter, f32, f64)> = Vec::new();
+    for s in &a.adapters {
+        let t = Instant::now();
+        let raw = Adapter::load(&s.path)?;
+        let bound = m.bind_adapter(&raw)?;
+        let scale = s.scale.unwrap_or(raw.default_scale);
+        adapters.push((bound, scale, ms(t)));
+    }
+    decode_rate(&mut m, &prompt, a.gen_tokens, 1)?; // warm-up
+    let base_tps = decode_rate(&mut m, &prompt, a.gen_tokens, a.reps)?;
+    drop(m);
+
+    let mut rows = Vec::new();
+    for (i, (ad, scale, load_ms)) in adapters.iter().enumerate() {
+        let mut m = open()?;
+        decode_rate(&mut m, &prompt, a.gen_tokens, 1)?;
+        let rss0 = rss_bytes();
+        let t = Instant::now();
+        let id = m.apply_adapter(ad, *scale)?;
+        let first_apply_ms = ms(t);
+        let rss_added = rss_bytes().saturating_sub(rss0);
+        let entry = &m.applied_adapters()[0];
+        let (stats, undo_bytes) = (entry.stats, entry.undo_bytes());
+        let tps = decode_rate(&mut m, &prompt, a.gen_tokens, a.reps)?;
+        let (mut applies, mut unapplies) = (Vec::new(), Vec::new());
+        let mut id = id;
+        for _ in 0..a.reps {
+            let t = Instant::now();
+            m.unapply_adapter(id)?;
+            unapplies.push(ms(t));
+            let t = Instant::now();
+            id = m.apply_adapter(ad, *scale)?;
+            applies.push(ms(t));
+        }
+        m.unapply_adapter(id)?;
+        let unfused_tps = if ad.kind() == Kind::Lora {
+            m.set_unfused_adapters(&[(ad, *scale)])?;
+            let r = decode_rate(&mut m, &prompt, a.gen_tokens, a.reps)?;
+            m.set_unfused_adapters(&[])?;
+            Some(r)
+        } else {
+            None
+        };
+        rows.push(json!({
+            "path": a.adapters[i].path.display().to_string(),
+            "kind": ad.kind().name(),
+            "scale": scale,
+            "load_ms": load_ms,
+            "first_apply_ms": first_apply_ms,
+            "apply_ms": median(&applies),
+            "unapply_ms": median(&unapplies),
+            "decode_tokens_per_s": tps,
+            "unfused_decode_tokens_per_s": unfused_tps,
+            "rss_added_bytes": rss_added,
+            "undo_bytes": undo_bytes,
+            "tensors": stats.tensors,
+            "elements": stats.elements,
+            "blocks": stats.blocks,
+            "reencoded": stats.reencoded,
+        }));
+    }
+
+    // Switching: previous adapter of the list -> this one, in one model.
+    let mut m = open()?;
+    decode_rate(&mut m, &prompt, a.gen_tokens, 1)?;
+    let n = adapters.len();
+    let mut switch = vec![Vec::new(); n];
+    let mut id = m.apply_adapter(&adapters[n - 1].0, adapters[n - 1].1)?;
+    for _ in 0..a.reps {
+        for (i, (ad, scale, _)) in adapters.iter().enumerate() {
+            let t = Instant::now();
+            id = m.switch_adapter(id, ad, *scale)?;
+            switch[i].push(ms(t));
+        }
+    }
+    m.unapply_adapter(id)?;
+    for (row, s) in rows.iter_mut().zip(&switch) {
+        row["switch_ms"] = json!(median(s));
+        if row["kind"] == "lora" {
+            row["fuse_ms"] = row["apply_ms"].clone();
+        }
+    }
+
+    let v = json!({
+        "model": a.model.display().to_string(),
+        "threads": threads,
+        "reps": a.reps,
+        "gen_tokens": a.gen_tokens,
+        "base_decode_tokens_per_s": base_tps,
+        "adapters": rows,
+    });
+    if a.json {
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "{} ({threads} threads), base decode {base_tps:.1} tok/s; medians of {} reps",
+        a.model.display(),
+        a.reps
+    );
+    println!(
+        "{:<40} {:>6} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10}",
+        "adapter", "kind", "apply ms", "unapply", "switch", "decode t/s", "unfused", "RSS+ MiB"
+    );
+    for r in v["adapters"].as_array().into_iter().flatten() {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<40} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>10.1} {:>10} {:>10.1}",
+            r["path"].as_str().unwrap_or(""),
+            r["kind"].as_str().unwrap_or(""),
+            f("apply_ms"),
+            f("unapply_ms"),
+            f("switch_ms"),
+            f("decode_tokens_per_s"),
+            r["unfused_decode_tokens_per_s"]
+                .as_f64()
+                .map_or("-".to_string(), |x| format!("{x:.1}")),
+            f("rss_added_bytes") / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
