@@ -1,16 +1,21 @@
 //! `sparrow bench-switch`: how fast adapters are fused, removed and switched, what fusing
 //! costs in memory, and decode speed with each adapter fused (and, for a LoRA, unfused).
 //!
-//! Per adapter, on a freshly opened model (so that the memory it adds is its own):
-//! 1. the model is warmed up (one decode run pages the weights in), and its resident set is
-//!    read from /proc/self/status;
-//! 2. apply, read the resident set again: `rss_added_bytes` is the difference (pages of the
-//!    private mapping copied on write, plus the undo log);
-//! 3. decode G tokens greedily after a short prompt, R times, with the adapter fused:
-//!    `decode_tokens_per_s` (median); the base model's rate is measured the same way before;
-//! 4. unapply and apply again R times: `unapply_ms`, `apply_ms` (medians). For a LoRA,
-//!    `apply_ms` is the time to fuse it;
-//! 5. for a LoRA: decode with it unfused (`unfused_decode_tokens_per_s`).
+//! Per adapter, on a freshly opened model:
+//! 1. memory, in a child process of its own (so that no earlier adapter's pages or freed
+//!    heap hide the cost): the model is warmed up (one decode run pages the weights in), the
+//!    resident set is read from /proc/self/status, the adapter applied, the resident set
+//!    read again. `rss_added_bytes` is the growth of the resident set; `anon_added_bytes`
+//!    the growth of its anonymous part, which also counts the pages of the private mapping
+//!    copied on write (they replace page-cache pages in the resident set, so RSS alone
+//!    does not see them, but unlike page cache they cannot be dropped under pressure);
+//! 2. decode G tokens greedily after a short prompt: on the untouched mapping first
+//!    (`base_decode_tokens_per_s`), then R rounds of [unapply, decode, apply, decode]:
+//!    `decode_tokens_per_s` is the median with the adapter fused, and
+//!    `unpatched_decode_tokens_per_s` the median with it removed, on the same (now
+//!    copied-on-write) pages; the unapply and apply of those rounds give `unapply_ms` and
+//!    `apply_ms` (medians). For a LoRA, `apply_ms` is the time to fuse it;
+//! 3. for a LoRA: decode with it unfused (`unfused_decode_tokens_per_s`).
 //!
 //! Then, with all adapters loaded in one model: `switch_ms`, the median over R rounds of
 //! replacing the previous adapter of the list (cyclically) by this one (unapply + apply).
@@ -44,18 +49,65 @@ pub struct BenchSwitchArgs {
     threads: usize,
     #[arg(long)]
     json: bool,
+    /// Internal: measure the memory one adapter adds and print it as JSON.
+    #[arg(long, hide = true)]
+    memory_probe: bool,
 }
 
-/// Resident set size of this process, from /proc/self/status (0 where unavailable).
-fn rss_bytes() -> u64 {
+/// A field of /proc/self/status in bytes (`VmRSS`, `RssAnon`; 0 where unavailable).
+fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// The child's side of the memory measurement: one adapter, one fresh model.
+fn memory_probe(a: &BenchSwitchArgs, opts: &ModelOptions) -> AnyResult {
+    let spec = &a.adapters[0];
+    let raw = Adapter::load(&spec.path)?;
+    let mut m = Model::open(&a.model, opts)?;
+    let ad = m.bind_adapter(&raw)?;
+    let tok = Tokenizer::from_metadata(m.file().metadata())?;
+    let prompt = prompt_tokens(&tok, 16)?;
+    decode_rate(&mut m, &prompt, a.gen_tokens, 1)?;
+    let (rss0, anon0) = (status_bytes("VmRSS"), status_bytes("RssAnon"));
+    m.apply_adapter(&ad, spec.scale.unwrap_or(raw.default_scale))?;
+    let (rss1, anon1) = (status_bytes("VmRSS"), status_bytes("RssAnon"));
+    println!(
+        "{}",
+        json!({
+            "rss_added_bytes": rss1.saturating_sub(rss0),
+            "anon_added_bytes": anon1.saturating_sub(anon0),
+        })
+    );
+    Ok(())
+}
+
+/// Runs this binary as a memory probe for one adapter.
+fn probe_memory(a: &BenchSwitchArgs, spec: &crate::adapter::AdapterSpec) -> AnyResult<serde_json::Value> {
+    let exe = std::env::current_exe()?;
+    let mut arg = spec.path.display().to_string();
+    if let Some(s) = spec.scale {
+        arg.push_str(&format!(":{s}"));
+    }
+    let out = std::process::Command::new(exe)
+        .args(["bench-switch", "--memory-probe", "-m"])
+        .arg(&a.model)
+        .args(["--adapters", &arg, "-n", "4", "-t", &a.threads.to_string()])
+        .output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "memory probe failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
 }
 
 fn ms(t: Instant) -> f64 {
@@ -92,6 +144,9 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
         threads: a.threads,
         ..Default::default()
     };
+    if a.memory_probe {
+        return memory_probe(&a, &opts);
+    }
     let open = || -> AnyResult<Model> { Ok(Model::open(&a.model, &opts)?) };
     let mut m = open()?;
     let tok = Tokenizer::from_metadata(m.file().metadata())?;
@@ -112,25 +167,24 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
 
     let mut rows = Vec::new();
     for (i, (ad, scale, load_ms)) in adapters.iter().enumerate() {
+        let mem = probe_memory(&a, &a.adapters[i])?;
         let mut m = open()?;
         decode_rate(&mut m, &prompt, a.gen_tokens, 1)?;
-        let rss0 = rss_bytes();
-        let t = Instant::now();
-        let id = m.apply_adapter(ad, *scale)?;
-        let first_apply_ms = ms(t);
-        let rss_added = rss_bytes().saturating_sub(rss0);
+        let pristine = decode_rate(&mut m, &prompt, a.gen_tokens, a.reps)?;
+        let mut id = m.apply_adapter(ad, *scale)?;
         let entry = &m.applied_adapters()[0];
         let (stats, undo_bytes) = (entry.stats, entry.undo_bytes());
-        let tps = decode_rate(&mut m, &prompt, a.gen_tokens, a.reps)?;
         let (mut applies, mut unapplies) = (Vec::new(), Vec::new());
-        let mut id = id;
+        let (mut fused, mut unpatched) = (Vec::new(), Vec::new());
         for _ in 0..a.reps {
             let t = Instant::now();
             m.unapply_adapter(id)?;
             unapplies.push(ms(t));
+            unpatched.push(decode_rate(&mut m, &prompt, a.gen_tokens, 1)?);
             let t = Instant::now();
             id = m.apply_adapter(ad, *scale)?;
             applies.push(ms(t));
+            fused.push(decode_rate(&mut m, &prompt, a.gen_tokens, 1)?);
         }
         m.unapply_adapter(id)?;
         let unfused_tps = if ad.kind() == Kind::Lora {
@@ -146,12 +200,14 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
             "kind": ad.kind().name(),
             "scale": scale,
             "load_ms": load_ms,
-            "first_apply_ms": first_apply_ms,
             "apply_ms": median(&applies),
             "unapply_ms": median(&unapplies),
-            "decode_tokens_per_s": tps,
+            "decode_tokens_per_s": median(&fused),
+            "unpatched_decode_tokens_per_s": median(&unpatched),
+            "base_decode_tokens_per_s": pristine,
             "unfused_decode_tokens_per_s": unfused_tps,
-            "rss_added_bytes": rss_added,
+            "rss_added_bytes": mem["rss_added_bytes"],
+            "anon_added_bytes": mem["anon_added_bytes"],
             "undo_bytes": undo_bytes,
             "tensors": stats.tensors,
             "elements": stats.elements,
@@ -199,24 +255,27 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
         a.reps
     );
     println!(
-        "{:<40} {:>6} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10}",
-        "adapter", "kind", "apply ms", "unapply", "switch", "decode t/s", "unfused", "RSS+ MiB"
+        "{:<36} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "adapter", "kind", "apply ms", "unapply", "switch", "fused", "removed", "unfused", "RSS+MiB", "anon+MiB"
     );
     for r in v["adapters"].as_array().into_iter().flatten() {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<40} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>10.1} {:>10} {:>10.1}",
+            "{:<36} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>8.1} {:>8} {:>8.1} {:>8.1}",
             r["path"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
             f("apply_ms"),
             f("unapply_ms"),
             f("switch_ms"),
             f("decode_tokens_per_s"),
+            f("unpatched_decode_tokens_per_s"),
             r["unfused_decode_tokens_per_s"]
                 .as_f64()
                 .map_or("-".to_string(), |x| format!("{x:.1}")),
-            f("rss_added_bytes") / (1 << 20) as f64
+            f("rss_added_bytes") / (1 << 20) as f64,
+            f("anon_added_bytes") / (1 << 20) as f64
         );
     }
+    println!("(decode tok/s: fused = with the adapter, removed = after unapply on the same pages)");
     Ok(())
 }

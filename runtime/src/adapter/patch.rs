@@ -84,6 +84,16 @@ struct TensorUndo {
     log: BlockLog,
 }
 
+impl TensorUndo {
+    /// End of the last saved block in the mapping.
+    fn end(&self) -> usize {
+        self.log
+            .runs
+            .last()
+            .map_or(self.start, |&(f, n)| self.start + (f + n) as usize * self.block_bytes)
+    }
+}
+
 /// What one apply changed: enough to undo it.
 #[derive(Default)]
 pub struct Undo {
@@ -155,20 +165,62 @@ pub fn apply(
     spare: &mut Vec<BlockLog>,
 ) -> (Undo, Stats) {
     let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
-    let logs: Vec<BlockLog> = (0..plans.len())
-        .map(|_| {
-            let mut l = spare.pop().unwrap_or_default();
-            l.runs.clear();
-            l.saved.clear();
-            l
-        })
-        .collect();
+    let logs: Vec<BlockLog> = (0..plans.len()).map(|_| take_spare(spare)).collect();
     let results: Vec<(TensorUndo, Stats)> = plans
         .par_iter()
         .zip(slices)
         .zip(logs)
-        .map(|((p, bytes), log)| patch_tensor(p, bytes, o, log))
+        .map(|((p, bytes), log)| patch_tensor(p, bytes, o, log, None))
         .collect();
+    collect(results)
+}
+
+/// Undoes `old` and applies `plans` in one pass over each tensor both touch (a tensor only
+/// `old` touched is restored as [`restore`] does). The result is what `restore` followed by
+/// [`apply`] gives, byte for byte.
+pub fn switch(
+    map: &mut [u8],
+    old: &Undo,
+    plans: &[TensorPlan<'_>],
+    o: Options,
+    spare: &mut Vec<BlockLog>,
+) -> (Undo, Stats) {
+    // Tensors only `old` touched: restore them first (disjoint from the rest).
+    let only_old: Vec<&TensorUndo> = old
+        .tensors
+        .iter()
+        .filter(|t| !plans.iter().any(|p| p.range.start == t.start))
+        .collect();
+    {
+        let ranges = only_old.iter().map(|t| t.start..t.end());
+        let slices = disjoint(map, ranges);
+        only_old
+            .par_iter()
+            .zip(slices)
+            .for_each(|(t, bytes)| t.log.restore(bytes, t.block_bytes));
+    }
+    let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
+    let logs: Vec<BlockLog> = (0..plans.len()).map(|_| take_spare(spare)).collect();
+    let results: Vec<(TensorUndo, Stats)> = plans
+        .par_iter()
+        .zip(slices)
+        .zip(logs)
+        .map(|((p, bytes), log)| {
+            let first = old.tensors.iter().find(|t| t.start == p.range.start);
+            patch_tensor(p, bytes, o, log, first.map(|t| &t.log))
+        })
+        .collect();
+    collect(results)
+}
+
+fn take_spare(spare: &mut Vec<BlockLog>) -> BlockLog {
+    let mut l = spare.pop().unwrap_or_default();
+    l.runs.clear();
+    l.saved.clear();
+    l
+}
+
+fn collect(results: Vec<(TensorUndo, Stats)>) -> (Undo, Stats) {
     let mut stats = Stats::default();
     let mut undo = Undo::default();
     for (u, s) in results {
@@ -180,14 +232,7 @@ pub fn apply(
 
 /// Writes the saved bytes back.
 pub fn restore(map: &mut [u8], undo: &Undo) {
-    let ranges = undo.tensors.iter().map(|t| {
-        let end = t
-            .log
-            .runs
-            .last()
-            .map_or(t.start, |&(f, n)| t.start + (f + n) as usize * t.block_bytes);
-        t.start..end
-    });
+    let ranges = undo.tensors.iter().map(|t| t.start..t.end());
     let slices = disjoint(map, ranges);
     undo.tensors
         .par_iter()
@@ -217,11 +262,14 @@ fn disjoint(map: &mut [u8], ranges: impl Iterator<Item = Range<usize>>) -> Vec<&
     out.into_iter().map(|s| s.expect("every range split")).collect()
 }
 
+/// Patches one tensor. With `undo_first`, the blocks of that log are restored first (one
+/// pass for a sparse delta, see [`edit::add_sparse`]).
 fn patch_tensor(
     p: &TensorPlan<'_>,
     bytes: &mut [u8],
     o: Options,
     log: BlockLog,
+    undo_first: Option<&BlockLog>,
 ) -> (TensorUndo, Stats) {
     let (bs, bb) = p.ty.block_layout();
     let mut u = TensorUndo {
@@ -267,7 +315,17 @@ fn patch_tensor(
         };
         let blocks = idx.last().map_or(0, |&l| l as usize / bs + 1);
         u.log.saved.reserve(idx.len().min(blocks) * bb);
-        let c = edit::add_sparse(p.ty, bytes, idx, val, scale, o.requant, &mut u.log, residual);
+        let c = edit::add_sparse(
+            p.ty,
+            bytes,
+            idx,
+            val,
+            scale,
+            o.requant,
+            &mut u.log,
+            residual,
+            undo_first,
+        );
         st.elements += c.elements;
         st.blocks += c.blocks;
         st.reencoded += c.reencoded;
@@ -275,6 +333,9 @@ fn patch_tensor(
     }
 
     // Low-rank: every element of every row changes; rows are computed densely.
+    if let Some(l) = undo_first {
+        l.restore(bytes, bb);
+    }
     u.log.saved.reserve(p.rows * p.cols / bs * bb);
     let merged = merged_sparse(&sparse);
     let mut res = residual;

@@ -92,6 +92,15 @@ impl Stack {
 
     /// Removes entry `id`, which must be the last applied, restoring the bytes it overwrote.
     pub fn unapply(&mut self, file: &mut GgufFile, id: u64) -> Result<()> {
+        self.check_top(id)?;
+        let top = self.applied.pop().expect("checked");
+        patch::restore(file.bytes_mut(), &top.undo);
+        self.recycle(top.undo);
+        Ok(())
+    }
+
+    /// `id` is the last entry applied, or an error says why not.
+    fn check_top(&self, id: u64) -> Result<()> {
         match self.applied.last() {
             Some(top) if top.id == id => {}
             Some(top) if self.applied.iter().any(|a| a.id == id) => {
@@ -107,9 +116,6 @@ impl Stack {
                 )))
             }
         }
-        let top = self.applied.pop().expect("checked");
-        patch::restore(file.bytes_mut(), &top.undo);
-        self.recycle(top.undo);
         Ok(())
     }
 
@@ -121,8 +127,9 @@ impl Stack {
         }
     }
 
-    /// Replaces entry `id` (the last applied) by `to` at `scale`. `to` is checked before
-    /// `id` is removed, so a bad `to` leaves everything in place.
+    /// Replaces entry `id` (the last applied) by `to` at `scale`, in one pass over each
+    /// tensor (see [`patch::switch`]): the same bytes as unapply then apply. `to` is checked
+    /// before anything is written, so a bad `to` leaves everything in place.
     pub fn switch(
         &mut self,
         file: &mut GgufFile,
@@ -142,8 +149,22 @@ impl Stack {
                 "adapter scale {scale} is not finite"
             )));
         }
-        self.unapply(file, id)?;
-        self.apply(file, &[(bound.as_ref().unwrap_or(to), scale)], Options::default())
+        self.check_top(id)?;
+        let to = bound.as_ref().unwrap_or(to);
+        let plans = patch::plan(file, &[(to, scale)])?;
+        let old = self.applied.pop().expect("checked");
+        let (undo, stats) =
+            patch::switch(file.bytes_mut(), &old.undo, &plans, Options::default(), &mut self.spare);
+        self.recycle(old.undo);
+        let new_id = self.next_id;
+        self.next_id += 1;
+        self.applied.push(Applied {
+            id: new_id,
+            label: format!("{}:{scale}", to.source.display()),
+            stats,
+            undo,
+        });
+        Ok(new_id)
     }
 
     /// Keeps the buffers of an undone log for reuse (as many as one large adapter needs).

@@ -480,6 +480,50 @@ impl BlockLog {
     }
 }
 
+/// A position in a [`BlockLog`] being restored in increasing block order.
+pub struct Cursor<'a> {
+    log: &'a BlockLog,
+    block_bytes: usize,
+    run: usize,
+    /// Blocks of the current run already restored.
+    done: usize,
+    /// Read position in `log.saved`.
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(log: &'a BlockLog, block_bytes: usize) -> Self {
+        Cursor {
+            log,
+            block_bytes,
+            run: 0,
+            done: 0,
+            at: 0,
+        }
+    }
+
+    /// Restores every saved block before block `end` not restored yet.
+    #[inline]
+    pub fn restore_until(&mut self, tensor: &mut [u8], end: usize) {
+        let bb = self.block_bytes;
+        while let Some(&(first, n)) = self.log.runs.get(self.run) {
+            let start = first as usize + self.done;
+            if start >= end {
+                return;
+            }
+            let upto = (first as usize + n as usize).min(end);
+            let len = (upto - start) * bb;
+            tensor[start * bb..start * bb + len].copy_from_slice(&self.log.saved[self.at..self.at + len]);
+            self.at += len;
+            self.done += upto - start;
+            if self.done == n as usize {
+                self.run += 1;
+                self.done = 0;
+            }
+        }
+    }
+}
+
 /// Counts of one tensor's edit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -492,6 +536,10 @@ pub struct Counts {
 /// `tensor`, whole blocks of `ty`: each touched block's bytes go to `log` first, then the
 /// block is edited as [`add_to_block`] does. Residuals (flat index, value) are pushed in
 /// index order when asked for.
+///
+/// With `undo`, the blocks saved in that log (an earlier edit of this tensor) are restored
+/// first, block by block as the edit passes them: a switch from one adapter to another in
+/// one pass over the tensor instead of two.
 #[allow(clippy::too_many_arguments)]
 pub fn add_sparse(
     ty: GgmlType,
@@ -502,17 +550,38 @@ pub fn add_sparse(
     how: Requant,
     log: &mut BlockLog,
     residual: Option<&mut Vec<(u32, f32)>>,
+    undo: Option<&BlockLog>,
+) -> Counts {
+    let mut undo = undo.map(|l| Cursor::new(l, ty.type_size()));
+    let c = add_sparse_inner(ty, tensor, idx, val, scale, how, log, residual, &mut undo);
+    if let Some(u) = &mut undo {
+        u.restore_until(tensor, usize::MAX);
+    }
+    c
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_sparse_inner(
+    ty: GgmlType,
+    tensor: &mut [u8],
+    idx: &[u32],
+    val: &[f32],
+    scale: f32,
+    how: Requant,
+    log: &mut BlockLog,
+    residual: Option<&mut Vec<(u32, f32)>>,
+    undo: &mut Option<Cursor<'_>>,
 ) -> Counts {
     use GgmlType::*;
     match ty {
-        Q8_0 => sparse::<Q8_0G>(ty, tensor, idx, val, scale, how, log, residual),
-        Q4_0 => sparse::<Q4_0G>(ty, tensor, idx, val, scale, how, log, residual),
-        Q4_1 => sparse::<Q4_1G>(ty, tensor, idx, val, scale, how, log, residual),
-        Q5_0 => sparse::<Q5_0G>(ty, tensor, idx, val, scale, how, log, residual),
-        Q5_1 => sparse::<Q5_1G>(ty, tensor, idx, val, scale, how, log, residual),
-        Q4_K => sparse::<Q4KG>(ty, tensor, idx, val, scale, how, log, residual),
-        Q5_K => sparse::<Q5KG>(ty, tensor, idx, val, scale, how, log, residual),
-        Q6_K => sparse::<Q6KG>(ty, tensor, idx, val, scale, how, log, residual),
+        Q8_0 => sparse::<Q8_0G>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q4_0 => sparse::<Q4_0G>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q4_1 => sparse::<Q4_1G>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q5_0 => sparse::<Q5_0G>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q5_1 => sparse::<Q5_1G>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q4_K => sparse::<Q4KG>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q5_K => sparse::<Q5KG>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q6_K => sparse::<Q6KG>(ty, tensor, idx, val, scale, how, log, residual, undo),
         _ => {
             // Floats: one element per block.
             let bb = ty.type_size();
@@ -520,6 +589,9 @@ pub fn add_sparse(
             let mut res = residual;
             let mut one = Vec::new();
             for (&i, &v) in idx.iter().zip(val) {
+                if let Some(u) = undo {
+                    u.restore_until(tensor, i as usize + 1);
+                }
                 let b = &mut tensor[i as usize * bb..(i as usize + 1) * bb];
                 log.save(i as usize, b);
                 one.clear();
@@ -547,6 +619,7 @@ fn sparse<G: Grid>(
     how: Requant,
     log: &mut BlockLog,
     residual: Option<&mut Vec<(u32, f32)>>,
+    undo: &mut Option<Cursor<'_>>,
 ) -> Counts {
     let mut scratch = Scratch::default();
     let mut deltas: Vec<(u32, f32)> = Vec::with_capacity(G::BLOCK);
@@ -564,6 +637,9 @@ fn sparse<G: Grid>(
         while i < idx.len() && idx[i] as usize / G::BLOCK == block {
             deltas.push((idx[i] - first, val[i] * scale));
             i += 1;
+        }
+        if let Some(u) = undo {
+            u.restore_until(tensor, block + 1);
         }
         let b = &mut tensor[block * G::BYTES..(block + 1) * G::BYTES];
         log.save(block, b);
