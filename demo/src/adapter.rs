@@ -55,7 +55,9 @@ pub struct AdapterArgs {
     /// Run LoRA adapters unfused (y = W x + s B (A x)) instead of patching the weights.
     #[arg(long)]
     pub unfused: bool,
-    /// Keep what requantization drops as a sparse side term (exact merge on 4-bit bases).
+    /// Keep what requantization drops as a sparse side term: the exact merge of sparse
+    /// adapters on 4-bit bases, at the cost of a sparse product per matrix (LoRAs: use
+    /// --unfused instead).
     #[arg(long)]
     pub exact: bool,
 }
@@ -390,17 +392,22 @@ fn diff(got: &[f32], want: &[f32]) -> (f64, f64) {
     (max, (sq / got.len().max(1) as f64).sqrt())
 }
 
-/// Fidelity of fusing on a quantized base, from the logits of every position of a prompt.
-/// The reference is the f32 merge: the base dequantized to F32 (a temporary file), the
-/// adapter added in f32, run with an f32 KV cache. Against it: the quantized base alone, the
-/// quantized base with the adapter fused (plain and exact), and the adapter unfused (LoRA).
-/// Because a quantized model also quantizes its activations, the cleanest figure is on the
-/// quantized base itself: the exact merge (fused with residuals) against the base gives the
-/// adapter's effect, plain fused against exact what requantization dropped of it.
+/// Fidelity of fusing on a quantized base.
+///
+/// Weights: for every target, how much of the delta the stored weights hold,
+/// ||(dequant(fused) - dequant(base)) - delta||_F / ||delta||_F over all targets ("lost"):
+/// 0 for an exact merge, 1 when every delta vanished in rounding. With `--exact` the
+/// residuals complete it (0 up to f32 rounding, checked in tests).
+///
+/// Logits of every position of a prompt against the f32 merge: the base dequantized to F32
+/// (a temporary file) with the adapter added in f32 and an f32 KV cache. The quantized base
+/// alone gives the floor (its weights and activations are rounded); fused, fused `--exact`
+/// and unfused (LoRA) are compared with it. Decode speed of each variant is timed too.
 fn fidelity(model: &Path, spec: &AdapterSpec, n: usize, threads: usize, json: bool) -> AnyResult {
-    let a = Adapter::load(&spec.path)?;
-    let scale = spec.scale.unwrap_or(a.default_scale);
+    let raw = Adapter::load(&spec.path)?;
+    let scale = spec.scale.unwrap_or(raw.default_scale);
     let src = GgufFile::open(model)?;
+    let a = raw.bind(&src)?;
     let tmp = std::env::temp_dir().join(format!("sparrow-fidelity-{}.f32.gguf", std::process::id()));
     sparrow::convert::quantize_file(&src, &tmp, sparrow::convert::FileType::parse("F32")?, true, |_, _, _| {})?;
     let opts = ModelOptions {
@@ -415,54 +422,73 @@ fn fidelity(model: &Path, spec: &AdapterSpec, n: usize, threads: usize, json: bo
             let mut s = m.new_session(prompt.len())?;
             Ok(m.eval(&mut s, &prompt, Logits::All)?)
         };
+        let decode = |m: &mut Model| -> AnyResult<f64> {
+            let mut s = m.new_session(prompt.len() + 32)?;
+            let mut next = crate::bench::argmax(&m.eval(&mut s, &prompt, Logits::Last)?);
+            let t = Instant::now();
+            for _ in 0..32 {
+                next = crate::bench::argmax(&m.eval(&mut s, &[next], Logits::Last)?);
+            }
+            Ok(32.0 / t.elapsed().as_secs_f64())
+        };
         let base_f32 = eval(&mut f32m)?;
         f32m.apply_adapter(&a, scale)?;
         let merged_f32 = eval(&mut f32m)?;
         drop(f32m);
+
         let mut q = Model::open(model, &opts)?;
         let base_q = eval(&mut q)?;
+        let base_tps = decode(&mut q)?;
+        let before = q.file().bytes().to_vec();
         let t = Instant::now();
         let id = q.apply_adapter(&a, scale)?;
         let plain_ms = t.elapsed().as_secs_f64() * 1e3;
         let st = q.applied_adapters()[0].stats;
+        let lost_w = weight_loss(&a, scale, &src, &before, q.file().bytes())?;
         let fused = eval(&mut q)?;
+        let fused_tps = decode(&mut q)?;
         q.unapply_adapter(id)?;
-        let t = Instant::now();
-        let id = q.apply_adapters(
-            &[(&a, scale)],
-            Options {
-                residual: true,
-                ..Default::default()
-            },
-        )?;
-        let exact_ms = t.elapsed().as_secs_f64() * 1e3;
-        let residuals: usize = q.applied_adapters()[0].residuals().map(|r| r.3.len()).sum();
-        let exact = eval(&mut q)?;
-        q.unapply_adapter(id)?;
+        let exact = if a.kind() == Kind::Sparse {
+            let t = Instant::now();
+            let id = q.apply_adapters(
+                &[(&a, scale)],
+                Options {
+                    residual: true,
+                    ..Default::default()
+                },
+            )?;
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            let entries: usize = q.applied_adapters()[0].residuals().map(|r| r.3.len()).sum();
+            let l = eval(&mut q)?;
+            let tps = decode(&mut q)?;
+            q.unapply_adapter(id)?;
+            Some((l, ms, entries, tps))
+        } else {
+            None
+        };
         let unfused = if a.kind() == Kind::Lora {
             q.set_unfused_adapters(&[(&a, scale)])?;
             let u = eval(&mut q)?;
+            let tps = decode(&mut q)?;
             q.set_unfused_adapters(&[])?;
-            Some(u)
+            Some((u, tps))
         } else {
             None
         };
         let effect = diff(&merged_f32, &base_f32);
-        let quant = diff(&base_q, &base_f32);
-        // On the quantized base itself: the exact merge's effect, and what fusing lost.
-        let effect_q = diff(&exact, &base_q);
-        let lost = diff(&fused, &exact);
-        let row = |name: &str, v: &[f32]| {
+        let row = |name: &str, v: &[f32], tps: f64| {
             let (max, rms) = diff(v, &merged_f32);
-            json!({"what": name, "max_abs": max, "rms": rms})
+            json!({"what": name, "max_abs": max, "rms": rms, "decode_tokens_per_s": tps})
         };
         let mut rows = vec![
-            row("quantized base, no adapter", &base_q),
-            row("fused", &fused),
-            row("fused --exact (residuals)", &exact),
+            row("quantized base, no adapter", &base_q, base_tps),
+            row("fused", &fused, fused_tps),
         ];
-        if let Some(u) = &unfused {
-            rows.push(row("unfused LoRA", u));
+        if let Some((l, _, _, tps)) = &exact {
+            rows.push(row("fused --exact (residuals)", l, *tps));
+        }
+        if let Some((u, tps)) = &unfused {
+            rows.push(row("unfused LoRA", u, *tps));
         }
         Ok(json!({
             "model": model.display().to_string(),
@@ -470,15 +496,13 @@ fn fidelity(model: &Path, spec: &AdapterSpec, n: usize, threads: usize, json: bo
             "scale": scale,
             "tokens": prompt.len(),
             "adapter_effect": {"max_abs": effect.0, "rms": effect.1},
-            "base_quantization": {"max_abs": quant.0, "rms": quant.1},
-            "effect_on_quantized_base": {"max_abs": effect_q.0, "rms": effect_q.1},
-            "lost_by_fusing": {"max_abs": lost.0, "rms": lost.1, "rms_fraction": lost.1 / effect_q.1.max(1e-30)},
+            "weights_delta_lost": lost_w,
             "vs_f32_merge": rows,
             "blocks": st.blocks,
             "reencoded": st.reencoded,
-            "residual_entries": residuals,
             "apply_ms": plain_ms,
-            "apply_exact_ms": exact_ms,
+            "exact_apply_ms": exact.as_ref().map(|e| e.1),
+            "residual_entries": exact.as_ref().map(|e| e.2),
         }))
     })();
     let _ = std::fs::remove_file(&tmp);
@@ -488,43 +512,71 @@ fn fidelity(model: &Path, spec: &AdapterSpec, n: usize, threads: usize, json: bo
         return Ok(());
     }
     println!(
-        "{} + {} (scale {scale}), logits of {} positions against the f32 merge",
+        "{} + {} (scale {scale}): {} blocks patched ({} re-encoded) in {:.1} ms",
         model.display(),
         spec.path.display(),
-        v["tokens"]
+        v["blocks"],
+        v["reencoded"],
+        v["apply_ms"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "  adapter effect (f32 merge - f32 base): max {:.4}, rms {:.4}",
+        "  weights: {:.1}% of the delta lost in rounding (||stored - exact|| / ||delta||)",
+        100.0 * v["weights_delta_lost"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  logits of {} positions; adapter effect (f32 merge - f32 base): max {:.4}, rms {:.4}",
+        v["tokens"],
         v["adapter_effect"]["max_abs"].as_f64().unwrap_or(0.0),
         v["adapter_effect"]["rms"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "  base quantization (quantized - f32 base): max {:.4}, rms {:.4}",
-        v["base_quantization"]["max_abs"].as_f64().unwrap_or(0.0),
-        v["base_quantization"]["rms"].as_f64().unwrap_or(0.0)
-    );
-    println!(
-        "  on the quantized base: exact merge - base: max {:.4}, rms {:.4}; fused - exact: max {:.4}, rms {:.4} ({:.1}% of the effect lost)",
-        v["effect_on_quantized_base"]["max_abs"].as_f64().unwrap_or(0.0),
-        v["effect_on_quantized_base"]["rms"].as_f64().unwrap_or(0.0),
-        v["lost_by_fusing"]["max_abs"].as_f64().unwrap_or(0.0),
-        v["lost_by_fusing"]["rms"].as_f64().unwrap_or(0.0),
-        100.0 * v["lost_by_fusing"]["rms_fraction"].as_f64().unwrap_or(0.0)
     );
     println!("  against the f32 merge:");
     for r in v["vs_f32_merge"].as_array().into_iter().flatten() {
         println!(
-            "  {:<30} max {:.4}, rms {:.4}",
+            "    {:<28} max {:.4}, rms {:.4}, decode {:.1} tok/s",
             r["what"].as_str().unwrap_or(""),
             r["max_abs"].as_f64().unwrap_or(0.0),
-            r["rms"].as_f64().unwrap_or(0.0)
+            r["rms"].as_f64().unwrap_or(0.0),
+            r["decode_tokens_per_s"].as_f64().unwrap_or(0.0)
         );
     }
-    println!(
-        "  {} blocks patched, {} re-encoded; --exact keeps {} residuals; apply {:.1} ms, --exact {:.1} ms",
-        v["blocks"], v["reencoded"], v["residual_entries"],
-        v["apply_ms"].as_f64().unwrap_or(0.0),
-        v["apply_exact_ms"].as_f64().unwrap_or(0.0)
-    );
+    if let Some(e) = v["residual_entries"].as_u64() {
+        println!(
+            "  --exact keeps {e} residuals; its apply took {:.1} ms",
+            v["exact_apply_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
     Ok(())
+}
+
+/// ||(dequant(after) - dequant(before)) - scale * delta||_F / ||scale * delta||_F over the
+/// targets of `a` (bound to `base`), with `before` and `after` whole mappings.
+fn weight_loss(a: &Adapter, scale: f32, base: &GgufFile, before: &[u8], after: &[u8]) -> AnyResult<f64> {
+    let (mut err2, mut norm2) = (0f64, 0f64);
+    for t in &a.targets {
+        let info = base.tensor(&t.name).ok_or("target vanished")?;
+        let r = base.range(info)?;
+        let n = t.rows * t.cols;
+        let (mut x, mut y) = (vec![0f32; n], vec![0f32; n]);
+        sparrow::quant::dequantize(info.ty, &before[r.clone()], &mut x)?;
+        sparrow::quant::dequantize(info.ty, &after[r], &mut y)?;
+        let mut delta = vec![0f32; n];
+        match &t.delta {
+            Delta::Sparse(s) => {
+                for (&i, &v) in s.idx.iter().zip(&s.val) {
+                    delta[i as usize] = v * scale;
+                }
+            }
+            Delta::LowRank(l) => {
+                delta = lowrank::dense_low_rank(l, t.rows, t.cols);
+                delta.iter_mut().for_each(|d| *d *= scale);
+            }
+            Delta::Coo(_) => return Err("adapter not bound".into()),
+        }
+        for i in 0..n {
+            let got = y[i] as f64 - x[i] as f64;
+            err2 += (got - delta[i] as f64).powi(2);
+            norm2 += (delta[i] as f64).powi(2);
+        }
+    }
+    Ok(if norm2 > 0.0 { (err2 / norm2).sqrt() } else { 0.0 })
 }

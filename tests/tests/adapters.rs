@@ -318,32 +318,32 @@ fn unfused_lora_matches_peft_unmerged() {
 
 /// On a quantized base, fusing rounds the merged weights. With residuals kept beside the
 /// weights, stored + residual is the exact sum base + delta for every element (up to one
-/// f32 rounding of the subtraction), and unapply removes them again.
+/// f32 rounding of the subtraction), and unapply removes them again. LoRAs are refused
+/// (their residual would be dense; they run unfused instead).
 #[test]
 fn residuals_complete_the_merge_on_quantized_bases() {
-    use sparrow::adapter::{lowrank::dense_low_rank, Delta};
+    use sparrow::adapter::Delta;
     use sparrow::quant;
+    let exact = sparrow::adapter::patch::Options {
+        residual: true,
+        ..Default::default()
+    };
     for ty in ["q8_0", "f16"] {
         let mut m = open(ty, KvType::F32);
         let base = snapshot(&m);
         let base_logits = logits(&mut m);
-        let a = m.bind_adapter(&Adapter::load(dir().join("lora_plain")).unwrap()).unwrap();
-        let id = m
-            .apply_adapters(
-                &[(&a, 1.0)],
-                sparrow::adapter::patch::Options {
-                    residual: true,
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        let lora = Adapter::load(dir().join("lora_plain")).unwrap();
+        let e = m.apply_adapters(&[(&lora, 1.0)], exact).unwrap_err().to_string();
+        assert!(e.contains("run a LoRA unfused"), "{e}");
+        let a = m.bind_adapter(&Adapter::load(dir().join("shira")).unwrap()).unwrap();
+        let id = m.apply_adapters(&[(&a, 1.0)], exact).unwrap();
         let entry = &m.applied_adapters()[0];
         let res: std::collections::HashMap<&str, &[(u32, f32)]> =
             entry.residuals().map(|(n, _, _, r)| (n, r)).collect();
         let mut worst = 0f32;
         let mut n_res = 0;
         for t in &a.targets {
-            let Delta::LowRank(l) = &t.delta else { unreachable!() };
+            let Delta::Sparse(d) = &t.delta else { unreachable!() };
             let info = m.file().tensor(&t.name).unwrap().clone();
             let range = m.file().range(&info).unwrap();
             let deq = |bytes: &[u8]| {
@@ -357,11 +357,19 @@ fn residuals_complete_the_merge_on_quantized_bases() {
                 got[i as usize] += r;
                 n_res += 1;
             }
-            let delta = dense_low_rank(l, t.rows, t.cols);
+            let mut want = before.clone();
+            for (&i, &v) in d.idx.iter().zip(&d.val) {
+                want[i as usize] += v;
+            }
             for i in 0..got.len() {
-                let want = before[i] + delta[i];
-                let err = (got[i] - want).abs();
-                assert!(err <= 1e-6 * want.abs().max(1e-3), "{ty} {} [{i}]: {} vs {want}", t.name, got[i]);
+                let err = (got[i] - want[i]).abs();
+                assert!(
+                    err <= 1e-6 * want[i].abs().max(1e-3),
+                    "{ty} {} [{i}]: {} vs {}",
+                    t.name,
+                    got[i],
+                    want[i]
+                );
                 worst = worst.max(err);
             }
         }

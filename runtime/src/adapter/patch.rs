@@ -109,9 +109,9 @@ impl Undo {
             .sum()
     }
 
-    /// The block logs, for reuse by a later apply.
-    pub fn into_logs(self) -> impl Iterator<Item = BlockLog> {
-        self.tensors.into_iter().map(|t| t.log)
+    /// The block logs with the mapping offset of their tensor, for reuse by a later apply.
+    pub fn into_logs(self) -> impl Iterator<Item = (usize, BlockLog)> {
+        self.tensors.into_iter().map(|t| (t.start, t.log))
     }
 
     /// The residuals kept per tensor: (name, rows, cols, (flat index, value) sorted).
@@ -156,16 +156,16 @@ pub struct Options {
 /// Patches `map` (the whole model mapping) with `plans`. Cannot fail: [`plan`] did every
 /// check.
 ///
-/// `spare` holds logs of earlier, undone patches: their buffers are reused, so that a switch
-/// does not allocate (and have the kernel zero) tens of megabytes each time.
+/// `spare` holds logs of earlier, undone patches by tensor offset: their buffers are reused,
+/// so that a switch does not allocate (and have the kernel zero) tens of megabytes each time.
 pub fn apply(
     map: &mut [u8],
     plans: &[TensorPlan<'_>],
     o: Options,
-    spare: &mut Vec<BlockLog>,
+    spare: &mut Spare,
 ) -> (Undo, Stats) {
     let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
-    let logs: Vec<BlockLog> = (0..plans.len()).map(|_| take_spare(spare)).collect();
+    let logs: Vec<BlockLog> = plans.iter().map(|p| take_spare(spare, p.range.start)).collect();
     let results: Vec<(TensorUndo, Stats)> = plans
         .par_iter()
         .zip(slices)
@@ -183,7 +183,7 @@ pub fn switch(
     old: &Undo,
     plans: &[TensorPlan<'_>],
     o: Options,
-    spare: &mut Vec<BlockLog>,
+    spare: &mut Spare,
 ) -> (Undo, Stats) {
     // Tensors only `old` touched: restore them first (disjoint from the rest).
     let only_old: Vec<&TensorUndo> = old
@@ -200,7 +200,7 @@ pub fn switch(
             .for_each(|(t, bytes)| t.log.restore(bytes, t.block_bytes));
     }
     let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
-    let logs: Vec<BlockLog> = (0..plans.len()).map(|_| take_spare(spare)).collect();
+    let logs: Vec<BlockLog> = plans.iter().map(|p| take_spare(spare, p.range.start)).collect();
     let results: Vec<(TensorUndo, Stats)> = plans
         .par_iter()
         .zip(slices)
@@ -213,8 +213,13 @@ pub fn switch(
     collect(results)
 }
 
-fn take_spare(spare: &mut Vec<BlockLog>) -> BlockLog {
-    let mut l = spare.pop().unwrap_or_default();
+/// Block logs of undone patches, by the mapping offset of their tensor.
+pub type Spare = std::collections::HashMap<usize, BlockLog>;
+
+/// The spare log of the tensor at `start` (its buffers fit that tensor's next patch best),
+/// emptied, or a new one.
+fn take_spare(spare: &mut Spare, start: usize) -> BlockLog {
+    let mut l = spare.remove(&start).unwrap_or_default();
     l.runs.clear();
     l.saved.clear();
     l

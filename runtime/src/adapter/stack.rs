@@ -2,7 +2,6 @@
 //! removed in reverse order, each with the undo log that restores what it overwrote.
 
 use super::patch::{self, Options, Stats, Undo};
-use crate::quant::edit::BlockLog;
 use super::{Adapter, NameScheme};
 use crate::gguf::GgufFile;
 use crate::{Error, Result};
@@ -28,12 +27,47 @@ impl Applied {
     }
 }
 
+/// Moves the tensors a patch will touch on (nearly) every page to anonymous, huge-page
+/// backed memory first (see [`GgufFile::make_private`]): low-rank deltas and sparse ones
+/// with at least one element per 4 KiB page on average. Sparser patches stay copy-on-write,
+/// so that they copy only the pages they touch.
+/// Neighbouring tensors are joined (a gap of other tensors under 2 MiB is moved too; its
+/// contents do not change), so that the huge pages between them are not lost.
+fn make_private(file: &mut GgufFile, plans: &[patch::TensorPlan<'_>]) {
+    let mut spans: Vec<std::ops::Range<usize>> = plans
+        .iter()
+        .filter(|p| {
+            let touched: usize = p
+                .parts
+                .iter()
+                .map(|q| match q.delta {
+                    super::Delta::Sparse(s) => s.idx.len(),
+                    _ => usize::MAX / 2,
+                })
+                .fold(0, usize::saturating_add);
+            touched >= p.range.len() / 4096
+        })
+        .map(|p| p.range.clone())
+        .collect();
+    spans.sort_by_key(|r| r.start);
+    let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
+    for r in spans {
+        match merged.last_mut() {
+            Some(m) if r.start <= m.end + (2 << 20) => m.end = m.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    for r in merged {
+        file.make_private(r);
+    }
+}
+
 /// The fused adapters of one file, oldest first.
 pub struct Stack {
     applied: Vec<Applied>,
     next_id: u64,
     /// Logs of removed entries, whose buffers the next apply reuses.
-    spare: Vec<BlockLog>,
+    spare: patch::Spare,
 }
 
 impl Default for Stack {
@@ -41,7 +75,7 @@ impl Default for Stack {
         Stack {
             applied: Vec::new(),
             next_id: 1,
-            spare: Vec::new(),
+            spare: patch::Spare::new(),
         }
     }
 }
@@ -73,6 +107,7 @@ impl Stack {
             .map(|(&(a, s), b)| (b.as_ref().unwrap_or(a), s))
             .collect();
         let plans = patch::plan(file, &list)?;
+        make_private(file, &plans);
         let (undo, stats) = patch::apply(file.bytes_mut(), &plans, o, &mut self.spare);
         let id = self.next_id;
         self.next_id += 1;
@@ -152,6 +187,7 @@ impl Stack {
         self.check_top(id)?;
         let to = bound.as_ref().unwrap_or(to);
         let plans = patch::plan(file, &[(to, scale)])?;
+        make_private(file, &plans);
         let old = self.applied.pop().expect("checked");
         let (undo, stats) =
             patch::switch(file.bytes_mut(), &old.undo, &plans, Options::default(), &mut self.spare);
@@ -167,16 +203,16 @@ impl Stack {
         Ok(new_id)
     }
 
-    /// Keeps the buffers of an undone log for reuse (as many as one large adapter needs).
+    /// Keeps the buffers of an undone log for reuse, one per tensor (the larger).
     fn recycle(&mut self, undo: Undo) {
-        const KEEP: usize = 1024;
-        for l in undo.into_logs() {
-            if self.spare.len() < KEEP {
-                self.spare.push(l);
+        for (start, l) in undo.into_logs() {
+            match self.spare.get(&start) {
+                Some(old) if old.saved.capacity() >= l.saved.capacity() => {}
+                _ => {
+                    self.spare.insert(start, l);
+                }
             }
         }
-        // Largest first, so that big tensors get big buffers.
-        self.spare.sort_by_key(|l| l.saved.capacity());
     }
 
     pub fn applied(&self) -> &[Applied] {

@@ -145,6 +145,9 @@ pub struct GgufFile {
     path: PathBuf,
     header: Header,
     map: memmap2::MmapMut,
+    /// 2 MiB chunks of the mapping already moved to anonymous memory (see
+    /// [`GgufFile::make_private`]).
+    private: Vec<bool>,
 }
 
 impl GgufFile {
@@ -171,7 +174,12 @@ impl GgufFile {
         let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }
             .map_err(|e| Error::io(&path, e))?;
         let header = parse_header(&map).map_err(with_path)?;
-        Ok(GgufFile { path, header, map })
+        Ok(GgufFile {
+            path,
+            header,
+            map,
+            private: Vec::new(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -219,6 +227,66 @@ impl GgufFile {
     /// reach the file (the adapter patcher writes here).
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         &mut self.map
+    }
+
+    /// Moves the 2 MiB-aligned chunks inside `range` of the mapping to anonymous memory that
+    /// the kernel may back with transparent huge pages, keeping their contents and
+    /// addresses. For ranges about to be patched densely: every page would be copied on
+    /// write anyway, so this costs no memory, and huge pages make the scattered writes of a
+    /// patch (and later reads) cheaper in the TLB. Chunks done before are skipped; the
+    /// unaligned ends of `range` stay as they are. Elsewhere than Linux and Android, or if
+    /// the kernel refuses, nothing changes.
+    pub fn make_private(&mut self, range: std::ops::Range<usize>) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            const CHUNK: usize = 2 << 20;
+            let base = self.map.as_mut_ptr() as usize;
+            let end = range.end.min(self.map.len());
+            let first = (base + range.start).div_ceil(CHUNK) * CHUNK;
+            let last = (base + end) / CHUNK * CHUNK;
+            if self.private.is_empty() {
+                self.private = vec![false; self.map.len() / CHUNK + 2];
+            }
+            let mut buf = Vec::new();
+            let mut a = first;
+            while a + CHUNK <= last {
+                let k = (a - base) / CHUNK;
+                if !self.private[k] {
+                    let off = a - base;
+                    buf.clear();
+                    buf.extend_from_slice(&self.map[off..off + CHUNK]);
+                    // SAFETY (the mmap below): [a, a + CHUNK) lies inside our own mapping,
+                    // which `&mut self` borrows exclusively; MAP_FIXED replaces exactly those
+                    // pages, and the contents are written back before anyone can read them.
+                    // The mapping's munmap on drop covers the new pages too.
+                    let map_anon = || unsafe {
+                        libc::mmap(
+                            a as *mut libc::c_void,
+                            CHUNK,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                            -1,
+                            0,
+                        ) as usize
+                            == a
+                    };
+                    // A failed MAP_FIXED may already have dropped the old pages (older
+                    // kernels): retry once, and if memory cannot be had at all, stop rather
+                    // than leave a hole in the weights.
+                    if !map_anon() && !map_anon() {
+                        eprintln!("sparrow: out of memory while making model pages private");
+                        std::process::abort();
+                    }
+                    // SAFETY: `a` is the start of the chunk just mapped.
+                    unsafe { libc::madvise(a as *mut libc::c_void, CHUNK, libc::MADV_HUGEPAGE) };
+                    self.map[off..off + CHUNK].copy_from_slice(&buf);
+                    self.private[k] = true;
+                }
+                a += CHUNK;
+            }
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let _ = range;
     }
 
     /// The absolute byte range of `t` in the mapping, checked (a `TensorInfo` from another

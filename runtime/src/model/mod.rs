@@ -88,6 +88,13 @@ impl<B: Backend> Model<B> {
     pub fn apply_adapters(&mut self, list: &[(&Adapter, f32)], o: patch::Options) -> Result<u64> {
         if o.residual {
             for (a, _) in list {
+                if a.kind() == crate::adapter::Kind::Lora {
+                    return Err(Error::adapter(
+                        &a.source,
+                        "residuals of a fused LoRA are dense (every weight changes): run a LoRA \
+                         unfused for an exact result on a quantized base",
+                    ));
+                }
                 self.check_side_targets(a)?;
             }
         }

@@ -141,9 +141,17 @@ trait Grid {
     fn set_level(b: &mut [u8], e: usize, level: i32);
 }
 
-#[inline]
+#[inline(always)]
 fn half(b: &[u8], at: usize) -> f32 {
-    f16_to_f32([b[at], b[at + 1]])
+    let h = u16::from_le_bytes([b[at], b[at + 1]]) as u32;
+    let exp = h & 0x7c00;
+    if exp != 0 && exp != 0x7c00 {
+        // A normal half: rebias the exponent, widen the mantissa (exact).
+        f32::from_bits(((h & 0x8000) << 16) | ((exp + 0x1_c000) << 13) | ((h & 0x03ff) << 13))
+    } else {
+        // Zero, subnormal, infinite or NaN: the general conversion.
+        f16_to_f32([b[at], b[at + 1]])
+    }
 }
 
 #[inline]
@@ -441,6 +449,16 @@ impl BlockLog {
         self.saved.extend_from_slice(bytes);
     }
 
+    /// [`BlockLog::save`] for a block of a size known when compiling.
+    #[inline(always)]
+    fn save_n<const N: usize>(&mut self, block: usize, bytes: &[u8; N]) {
+        match self.runs.last_mut() {
+            Some((first, n)) if (*first + *n) as usize == block => *n += 1,
+            _ => self.runs.push((block as u32, 1)),
+        }
+        self.saved.extend_from_slice(bytes);
+    }
+
     /// Writes the saved bytes back into `tensor` (blocks of `block_bytes`).
     pub fn restore(&self, tensor: &mut [u8], block_bytes: usize) {
         // Fixed sizes let the compiler inline the copies of the common case, one block.
@@ -505,7 +523,13 @@ impl<'a> Cursor<'a> {
     /// Restores every saved block before block `end` not restored yet.
     #[inline]
     pub fn restore_until(&mut self, tensor: &mut [u8], end: usize) {
-        let bb = self.block_bytes;
+        self.restore_until_bb(tensor, end, self.block_bytes)
+    }
+
+    /// As [`Cursor::restore_until`] with the block size given by the caller, so that a
+    /// caller that knows it as a constant gets the one-block copy inlined.
+    #[inline(always)]
+    fn restore_until_bb(&mut self, tensor: &mut [u8], end: usize, bb: usize) {
         while let Some(&(first, n)) = self.log.runs.get(self.run) {
             let start = first as usize + self.done;
             if start >= end {
@@ -513,7 +537,13 @@ impl<'a> Cursor<'a> {
             }
             let upto = (first as usize + n as usize).min(end);
             let len = (upto - start) * bb;
-            tensor[start * bb..start * bb + len].copy_from_slice(&self.log.saved[self.at..self.at + len]);
+            if upto - start == 1 {
+                tensor[start * bb..start * bb + bb]
+                    .copy_from_slice(&self.log.saved[self.at..self.at + bb]);
+            } else {
+                tensor[start * bb..start * bb + len]
+                    .copy_from_slice(&self.log.saved[self.at..self.at + len]);
+            }
             self.at += len;
             self.done += upto - start;
             if self.done == n as usize {
@@ -574,14 +604,14 @@ fn add_sparse_inner(
 ) -> Counts {
     use GgmlType::*;
     match ty {
-        Q8_0 => sparse::<Q8_0G>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q4_0 => sparse::<Q4_0G>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q4_1 => sparse::<Q4_1G>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q5_0 => sparse::<Q5_0G>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q5_1 => sparse::<Q5_1G>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q4_K => sparse::<Q4KG>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q5_K => sparse::<Q5KG>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q6_K => sparse::<Q6KG>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q8_0 => sparse::<Q8_0G, 34>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q4_0 => sparse::<Q4_0G, 18>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q4_1 => sparse::<Q4_1G, 20>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q5_0 => sparse::<Q5_0G, 22>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q5_1 => sparse::<Q5_1G, 24>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q4_K => sparse::<Q4KG, 144>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q5_K => sparse::<Q5KG, 176>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q6_K => sparse::<Q6KG, 210>(ty, tensor, idx, val, scale, how, log, residual, undo),
         _ => {
             // Floats: one element per block.
             let bb = ty.type_size();
@@ -609,8 +639,9 @@ fn add_sparse_inner(
     }
 }
 
+/// `N` is `G::BYTES`, as a const parameter so that block copies compile to a few moves.
 #[allow(clippy::too_many_arguments)]
-fn sparse<G: Grid>(
+fn sparse<G: Grid, const N: usize>(
     ty: GgmlType,
     tensor: &mut [u8],
     idx: &[u32],
@@ -621,6 +652,7 @@ fn sparse<G: Grid>(
     residual: Option<&mut Vec<(u32, f32)>>,
     undo: &mut Option<Cursor<'_>>,
 ) -> Counts {
+    debug_assert_eq!(N, G::BYTES);
     let mut scratch = Scratch::default();
     let mut deltas: Vec<(u32, f32)> = Vec::with_capacity(G::BLOCK);
     let mut res = residual;
@@ -629,29 +661,79 @@ fn sparse<G: Grid>(
         elements: idx.len(),
         ..Counts::default()
     };
+    // Touched blocks are far apart in memory. In chunks of blocks: first a tight loop that
+    // restores (on a switch) and saves each block, which keeps many cache misses in flight;
+    // then the edits, on lines that are now in cache.
+    const CHUNK: usize = 128;
+    let mut starts = [0usize; CHUNK + 1];
     let mut i = 0;
     while i < idx.len() {
-        let block = idx[i] as usize / G::BLOCK;
-        let first = (block * G::BLOCK) as u32;
-        deltas.clear();
-        while i < idx.len() && idx[i] as usize / G::BLOCK == block {
-            deltas.push((idx[i] - first, val[i] * scale));
-            i += 1;
+        // The element ranges of the next CHUNK blocks.
+        let mut nb = 0;
+        let mut j = i;
+        while nb < CHUNK && j < idx.len() {
+            starts[nb] = j;
+            let block = idx[j] as usize / G::BLOCK;
+            j += 1;
+            while j < idx.len() && idx[j] as usize / G::BLOCK == block {
+                j += 1;
+            }
+            nb += 1;
         }
-        if let Some(u) = undo {
-            u.restore_until(tensor, block + 1);
+        starts[nb] = j;
+        let chunk_at = log.saved.len();
+        log.saved.reserve(nb * N);
+        for k in 0..nb {
+            let block = idx[starts[k]] as usize / G::BLOCK;
+            if let Some(u) = undo {
+                u.restore_until_bb(tensor, block + 1, N);
+            }
+            let src: &[u8; N] = tensor[block * N..block * N + N].try_into().unwrap();
+            log.save_n(block, src);
         }
-        let b = &mut tensor[block * G::BYTES..(block + 1) * G::BYTES];
-        log.save(block, b);
-        c.blocks += 1;
-        local.clear();
-        let keep = res.is_some().then_some(&mut local);
-        if edit::<G>(ty, b, &deltas, how, &mut scratch, keep) == Outcome::Reencoded {
-            c.reencoded += 1;
+        c.blocks += nb;
+        for k in 0..nb {
+            let (bi, bv) = (&idx[starts[k]..starts[k + 1]], &val[starts[k]..starts[k + 1]]);
+            let block = bi[0] as usize / G::BLOCK;
+            let first = (block * G::BLOCK) as u32;
+            let b = &mut tensor[block * G::BYTES..(block + 1) * G::BYTES];
+            // The common case, in one pass and without buffers: each new level fits the
+            // kept scales. If one does not, the block is put back from the log (where pass
+            // one saved it) and takes the general path below.
+            if how == Requant::KeepScales && res.is_none() {
+                let mut fits = true;
+                for (&e, &d) in bi.iter().zip(bv) {
+                    let e = (e - first) as usize;
+                    let cell = G::cell(b, e);
+                    let v = cell.value(G::level(b, e)) + d * scale;
+                    match nearest((v - cell.add) / cell.step).map(|q| q + cell.zero) {
+                        Some(q) if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && cell.step != 0.0 => {
+                            G::set_level(b, e, q)
+                        }
+                        _ => {
+                            fits = false;
+                            break;
+                        }
+                    }
+                }
+                if fits {
+                    continue;
+                }
+                let at = chunk_at + k * G::BYTES;
+                b.copy_from_slice(&log.saved[at..at + G::BYTES]);
+            }
+            deltas.clear();
+            deltas.extend(bi.iter().zip(bv).map(|(&e, &d)| (e - first, d * scale)));
+            local.clear();
+            let keep = res.is_some().then_some(&mut local);
+            if edit::<G>(ty, b, &deltas, how, &mut scratch, keep) == Outcome::Reencoded {
+                c.reencoded += 1;
+            }
+            if let Some(r) = res.as_deref_mut() {
+                r.extend(local.iter().map(|&(e, v)| (first + e, v)));
+            }
         }
-        if let Some(r) = res.as_deref_mut() {
-            r.extend(local.iter().map(|&(e, v)| (first + e, v)));
-        }
+        i = j;
     }
     c
 }
