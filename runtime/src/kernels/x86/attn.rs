@@ -91,6 +91,17 @@ unsafe fn scores_imp(
 }
 
 /// `acc` holds min(slots, p.len()) zeroed slots of out.len() values (see the portable
+/// Eight dimensions from `d` of accumulator slot `i` (rows of `hd` in `acc`), or zeros for a
+/// slot past the `used` ones.
+#[inline(always)]
+unsafe fn slot(acc: &[f32], used: usize, hd: usize, i: usize, d: usize) -> __m256 {
+    if i < used {
+        _mm256_loadu_ps(&acc[i * hd + d])
+    } else {
+        _mm256_setzero_ps()
+    }
+}
+
 /// `weighted_sum`).
 pub fn weighted_sum(
     order: SumOrder,
@@ -132,26 +143,19 @@ unsafe fn weighted_sum_imp(
         }
     }
     let zero = _mm256_setzero_ps();
-    let slot = |i: usize, d: usize| {
-        if i < used {
-            _mm256_loadu_ps(&acc[i * hd + d])
-        } else {
-            zero
-        }
-    };
     for d in (0..hd).step_by(8) {
         // Reduce over the slots, eight dimensions at a time, in the order's fold.
         let t: [__m256; 16] = match order {
-            SumOrder::TinyBlas => std::array::from_fn(|l| slot(l, d)),
-            SumOrder::GgmlVecDot => std::array::from_fn(|l| {
+            SumOrder::TinyBlas => build!(16, zero, |l| slot(acc, used, hd, l, d)),
+            SumOrder::GgmlVecDot => build!(16, zero, |l| {
                 _mm256_add_ps(
-                    _mm256_add_ps(slot(l, d), slot(32 + l, d)),
-                    _mm256_add_ps(slot(16 + l, d), slot(48 + l, d)),
+                    _mm256_add_ps(slot(acc, used, hd, l, d), slot(acc, used, hd, 32 + l, d)),
+                    _mm256_add_ps(slot(acc, used, hd, 16 + l, d), slot(acc, used, hd, 48 + l, d)),
                 )
             }),
         };
-        let t3: [__m256; 8] = std::array::from_fn(|i| _mm256_add_ps(t[8 + i], t[i]));
-        let t6: [__m256; 4] = std::array::from_fn(|i| _mm256_add_ps(t3[4 + i], t3[i]));
+        let t3: [__m256; 8] = build!(8, zero, |i| _mm256_add_ps(t[8 + i], t[i]));
+        let t6: [__m256; 4] = build!(4, zero, |i| _mm256_add_ps(t3[4 + i], t3[i]));
         let r = _mm256_add_ps(_mm256_add_ps(t6[0], t6[2]), _mm256_add_ps(t6[1], t6[3]));
         _mm256_storeu_ps(&mut out[d], r);
     }

@@ -237,7 +237,7 @@ unsafe fn q8_0_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    acc.map(|row| row.map(|v| hsum_float_8(v)))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| hsum_float_8(acc[r][t])))
 }
 
 /// Q4_0 block against activations: 8 i32 lanes summing to `sum(n * y)` over the unsigned
@@ -297,7 +297,7 @@ unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    acc.map(|row| row.map(|v| _mm_cvtss_f32(v)))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| _mm_cvtss_f32(acc[r][t])))
 }
 
 /// Q4_0 for four (row, token) pairs (four rows and one token, or one row and four tokens):
@@ -355,22 +355,29 @@ unsafe fn q4_0_quad<const VNNI: bool, const R: usize, const N: usize>(
     std::array::from_fn(|r| std::array::from_fn(|t| lanes[if R == 4 { r } else { t }]))
 }
 
+/// Lane 0 of each of four vectors, gathered into one.
+#[inline(always)]
+unsafe fn gather4(p: [__m128; 4]) -> __m128 {
+    _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]))
+}
+
 /// Q4_0 for two rows by four tokens: as [`q4_0_quad`] with eight pairs, one `hadd` tree for
 /// the eight block integers, the tokens' scales and sums gathered once for both rows, and
 /// lane `4 r + t` of one 8-lane accumulator holding pair (r, t).
 #[inline(always)]
 unsafe fn q4_0_oct<const VNNI: bool>(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4]; 2] {
     let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, 2, 4>(w, a, 8);
-    let gather =
-        |p: [__m128; 4]| _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]));
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
         let e: [*const u8; 4] = std::array::from_fn(|t| ext[t].as_ptr().add(8 * b));
-        let dys = gather(e.map(|e| _mm_load_ss(e as *const f32)));
-        let sys = gather(e.map(|e| _mm_load_ss(e.add(4) as *const f32))); // i32 sums, as bits
-        let yv: [__m256i; 4] = std::array::from_fn(|t| loady(&y[t][b].qs));
-        let v: [__m256i; 8] =
-            std::array::from_fn(|k| q4_0_lanes::<VNNI>(x[k / 4][b].qs.as_ptr(), yv[k % 4]));
+        let z = _mm_setzero_ps();
+        let dys = gather4(build!(4, z, |t| _mm_load_ss(e[t] as *const f32)));
+        // The i32 sums, as bits.
+        let sys = gather4(build!(4, z, |t| _mm_load_ss(e[t].add(4) as *const f32)));
+        let yv: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |t| loady(&y[t][b].qs));
+        let v: [__m256i; 8] = build!(8, _mm256_setzero_si256(), |k| {
+            q4_0_lanes::<VNNI>(x[k / 4][b].qs.as_ptr(), yv[k % 4])
+        });
         let h01 = _mm256_hadd_epi32(v[0], v[1]);
         let h23 = _mm256_hadd_epi32(v[2], v[3]);
         let h45 = _mm256_hadd_epi32(v[4], v[5]);
@@ -398,15 +405,15 @@ unsafe fn q4_0_oct<const VNNI: bool>(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4];
 #[inline(always)]
 unsafe fn q4_0_rows8<const VNNI: bool>(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
     let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, 8, 1>(w, [a], 8);
-    let gather =
-        |p: [__m128; 4]| _mm_movelh_ps(_mm_unpacklo_ps(p[0], p[1]), _mm_unpacklo_ps(p[2], p[3]));
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
         let e = ext[0].as_ptr().add(8 * b);
         let dy = _mm256_set1_ps((e as *const f32).read_unaligned());
         let sy = _mm256_set1_epi32((e.add(4) as *const i32).read_unaligned());
         let yv = loady(&y[0][b].qs);
-        let v: [__m256i; 8] = std::array::from_fn(|r| q4_0_lanes::<VNNI>(x[r][b].qs.as_ptr(), yv));
+        let v: [__m256i; 8] = build!(8, _mm256_setzero_si256(), |r| {
+            q4_0_lanes::<VNNI>(x[r][b].qs.as_ptr(), yv)
+        });
         let r0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
         let r1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
         let isum = _mm256_add_epi32(
@@ -414,10 +421,10 @@ unsafe fn q4_0_rows8<const VNNI: bool>(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
             _mm256_permute2x128_si256::<0x31>(r0, r1),
         );
         let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<3>(sy));
-        let dx: [__m128; 8] = std::array::from_fn(|r| fp16x2(x[r][b].d.as_ptr()));
+        let dx: [__m128; 8] = build!(8, _mm_setzero_ps(), |r| fp16x2(x[r][b].d.as_ptr()));
         let dxs = _mm256_set_m128(
-            gather([dx[4], dx[5], dx[6], dx[7]]),
-            gather([dx[0], dx[1], dx[2], dx[3]]),
+            gather4([dx[4], dx[5], dx[6], dx[7]]),
+            gather4([dx[0], dx[1], dx[2], dx[3]]),
         );
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dxs, dy), acc);
     }
@@ -494,7 +501,7 @@ unsafe fn q4_1_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    std::array::from_fn(|r| std::array::from_fn(|t| with_mins(acc[r][t], summs[r][t])))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| with_mins(acc[r][t], summs[r][t])))
 }
 
 #[inline(always)]
@@ -531,7 +538,7 @@ unsafe fn q5_0_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    acc.map(|row| row.map(|v| hsum_float_8(v)))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| hsum_float_8(acc[r][t])))
 }
 
 #[inline(always)]
@@ -560,7 +567,7 @@ unsafe fn q5_1_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    std::array::from_fn(|r| std::array::from_fn(|t| with_mins(acc[r][t], summs[r][t])))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| with_mins(acc[r][t], summs[r][t])))
 }
 
 /// F16 x F16 in `dot::f16_f16`'s order: the 64 lanes as eight registers of eight.
@@ -602,7 +609,7 @@ pub(super) fn f16_f16(w: &[u8], a: &[u8]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
     let p = x.as_ptr();
-    let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(p.add(8 * k)));
+    let v: [__m256; 4] = build!(4, _mm256_setzero_ps(), |k| _mm256_loadu_ps(p.add(8 * k)));
     let sign = _mm256_set1_ps(-0.0);
     let mut m = _mm256_andnot_ps(sign, v[0]);
     for vk in &v[1..] {
@@ -615,11 +622,10 @@ unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mul = _mm256_set1_ps(id);
-    let i: [__m256i; 4] = std::array::from_fn(|k| {
-        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+    let i: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |k| {
+        _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm256_mul_ps(v[k], mul),
-        );
-        _mm256_cvtps_epi32(r)
+        ))
     });
     let sum = hsum_i32_8(_mm256_add_epi32(
         _mm256_add_epi32(i[0], i[1]),

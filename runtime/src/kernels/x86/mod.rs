@@ -6,6 +6,23 @@
 //! wrappers registered in the table are only reachable through [`plug`], which runs after
 //! [`detected`] confirmed the features on the running CPU.
 
+/// `[e(0), e(1), .., e(n - 1)]` (`init` fills the array first), built by a loop in the
+/// enclosing function. SIMD kernels use this instead of `std::array::from_fn` or `map` with
+/// a closure: a closure is compiled without its caller's target features, so whether the
+/// intrinsics in it are inlined is up to the inliner's cost model, and an unrelated change
+/// in the crate once made it call them out of line (Q4_0 decode fell to a fifteenth).
+macro_rules! build {
+    ($n:expr, $init:expr, |$i:ident| $e:expr) => {{
+        let mut out = [$init; $n];
+        let mut $i = 0;
+        while $i < $n {
+            out[$i] = $e;
+            $i += 1;
+        }
+        out
+    }};
+}
+
 pub(crate) mod attn;
 mod avx2;
 mod kquant;
