@@ -79,7 +79,8 @@ pub fn apply_args(m: &mut Model, a: &AdapterArgs) -> AnyResult {
             Ok((ad, scale))
         })
         .collect::<AnyResult<_>>()?;
-    let (unfused, fused): (Vec<&(Adapter, f32)>, Vec<&(Adapter, f32)>) = loaded
+    type Scaled<'a> = Vec<&'a (Adapter, f32)>;
+    let (unfused, fused): (Scaled, Scaled) = loaded
         .iter()
         .partition(|(ad, _)| a.unfused && ad.kind() == Kind::Lora);
     if !unfused.is_empty() {
@@ -273,9 +274,9 @@ fn convert(
     let base_file = base.map(GgufFile::open).transpose()?;
     // A GGUF model (not an adapter): the difference to its base.
     let is_model = input.is_file()
-        && GgufFile::open(input)
-            .ok()
-            .is_some_and(|f| f.metadata().get("general.type").and_then(|v| v.as_str()) != Some("adapter"));
+        && GgufFile::open(input).ok().is_some_and(|f| {
+            f.metadata().get("general.type").and_then(|v| v.as_str()) != Some("adapter")
+        });
     let (adapter, kept) = if is_model {
         let base = base_file
             .as_ref()
@@ -347,8 +348,12 @@ fn synth_cmd(
     let spec = match (kind, density, rank) {
         (SynthKind::Shira, Some(d), None) => Spec::Sparse { density: d },
         (SynthKind::Lora, None, Some(r)) => Spec::Lora { rank: r },
-        (SynthKind::Shira, _, _) => return Err("--kind shira takes --density D (and no --rank)".into()),
-        (SynthKind::Lora, _, _) => return Err("--kind lora takes --rank R (and no --density)".into()),
+        (SynthKind::Shira, _, _) => {
+            return Err("--kind shira takes --density D (and no --rank)".into())
+        }
+        (SynthKind::Lora, _, _) => {
+            return Err("--kind lora takes --rank R (and no --density)".into())
+        }
     };
     let a = synth::synth(&base, spec, seed, output)?;
     match spec {
@@ -364,7 +369,9 @@ fn synth_cmd(
         )?,
         Spec::Lora { .. } => {
             if output.extension().and_then(|e| e.to_str()) != Some("gguf") {
-                return Err("--kind lora writes a GGUF LoRA: give an output ending in .gguf".into());
+                return Err(
+                    "--kind lora writes a GGUF LoRA: give an output ending in .gguf".into(),
+                );
             }
             let arch = base.metadata().str("general.architecture")?;
             synth::write_gguf_lora(output, &a, arch)?;
@@ -408,8 +415,15 @@ fn fidelity(model: &Path, spec: &AdapterSpec, n: usize, threads: usize, json: bo
     let scale = spec.scale.unwrap_or(raw.default_scale);
     let src = GgufFile::open(model)?;
     let a = raw.bind(&src)?;
-    let tmp = std::env::temp_dir().join(format!("sparrow-fidelity-{}.f32.gguf", std::process::id()));
-    sparrow::convert::quantize_file(&src, &tmp, sparrow::convert::FileType::parse("F32")?, true, |_, _, _| {})?;
+    let tmp =
+        std::env::temp_dir().join(format!("sparrow-fidelity-{}.f32.gguf", std::process::id()));
+    sparrow::convert::quantize_file(
+        &src,
+        &tmp,
+        sparrow::convert::FileType::parse("F32")?,
+        true,
+        |_, _, _| {},
+    )?;
     let opts = ModelOptions {
         threads,
         kv_type: KvType::F32,
@@ -550,7 +564,13 @@ fn fidelity(model: &Path, spec: &AdapterSpec, n: usize, threads: usize, json: bo
 
 /// ||(dequant(after) - dequant(before)) - scale * delta||_F / ||scale * delta||_F over the
 /// targets of `a` (bound to `base`), with `before` and `after` whole mappings.
-fn weight_loss(a: &Adapter, scale: f32, base: &GgufFile, before: &[u8], after: &[u8]) -> AnyResult<f64> {
+fn weight_loss(
+    a: &Adapter,
+    scale: f32,
+    base: &GgufFile,
+    before: &[u8],
+    after: &[u8],
+) -> AnyResult<f64> {
     let (mut err2, mut norm2) = (0f64, 0f64);
     for t in &a.targets {
         let info = base.tensor(&t.name).ok_or("target vanished")?;
@@ -578,5 +598,9 @@ fn weight_loss(a: &Adapter, scale: f32, base: &GgufFile, before: &[u8], after: &
             norm2 += (delta[i] as f64).powi(2);
         }
     }
-    Ok(if norm2 > 0.0 { (err2 / norm2).sqrt() } else { 0.0 })
+    Ok(if norm2 > 0.0 {
+        (err2 / norm2).sqrt()
+    } else {
+        0.0
+    })
 }

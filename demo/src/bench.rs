@@ -221,7 +221,10 @@ pub fn bench(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
 
 /// Exactly `n` tokens: BOS where the model adds one, then the tokens of [`PROMPT_TEXT`]
 /// repeated and cut at `n`.
-pub(crate) fn prompt_tokens(tok: &Tokenizer, n: usize) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+pub(crate) fn prompt_tokens(
+    tok: &Tokenizer,
+    n: usize,
+) -> Result<Vec<u32>, Box<dyn std::error::Error>> {
     let body = tok.encode(PROMPT_TEXT, false, false)?;
     if body.is_empty() {
         return Err("the benchmark text tokenizes to no tokens".into());

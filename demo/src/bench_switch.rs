@@ -89,7 +89,10 @@ fn memory_probe(a: &BenchSwitchArgs, opts: &ModelOptions) -> AnyResult {
 }
 
 /// Runs this binary as a memory probe for one adapter.
-fn probe_memory(a: &BenchSwitchArgs, spec: &crate::adapter::AdapterSpec) -> AnyResult<serde_json::Value> {
+fn probe_memory(
+    a: &BenchSwitchArgs,
+    spec: &crate::adapter::AdapterSpec,
+) -> AnyResult<serde_json::Value> {
     let exe = std::env::current_exe()?;
     let mut arg = spec.path.display().to_string();
     if let Some(s) = spec.scale {
@@ -256,7 +259,16 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
     );
     println!(
         "{:<36} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "adapter", "kind", "apply ms", "unapply", "switch", "fused", "removed", "unfused", "RSS+MiB", "anon+MiB"
+        "adapter",
+        "kind",
+        "apply ms",
+        "unapply",
+        "switch",
+        "fused",
+        "removed",
+        "unfused",
+        "RSS+MiB",
+        "anon+MiB"
     );
     for r in v["adapters"].as_array().into_iter().flatten() {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);

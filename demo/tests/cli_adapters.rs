@@ -42,7 +42,10 @@ fn fails(args: &[&str], needle: &str) {
     let o = sparrow(args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-    assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: {err}");
+    assert!(
+        err.starts_with("error: ") && err.contains(needle),
+        "{args:?}: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -106,7 +109,10 @@ const F32_EXACT: f32 = 1e-4;
 fn logits_with_adapters_match_peft() {
     let plain = adapters().join("lora_plain");
     let p = plain.to_str().unwrap();
-    let d = logits_vs(&["--adapter", p], "adapters/hf.lora_plain.merged.s0.logits.f32");
+    let d = logits_vs(
+        &["--adapter", p],
+        "adapters/hf.lora_plain.merged.s0.logits.f32",
+    );
     assert!(d <= F32_EXACT, "fused: {d}");
     let d = logits_vs(
         &["--adapter", p, "--unfused"],
@@ -114,12 +120,20 @@ fn logits_with_adapters_match_peft() {
     );
     assert!(d <= F32_EXACT, "unfused: {d}");
     // Scale 0 is the base model.
-    let d = logits_vs(&["--adapter", &format!("{p}:0")], "tiny/hf.tiny-llama.s0.logits.f32");
+    let d = logits_vs(
+        &["--adapter", &format!("{p}:0")],
+        "tiny/hf.tiny-llama.s0.logits.f32",
+    );
     assert!(d <= F32_EXACT, "scale 0: {d}");
     // Two halves of SHiRA composed are SHiRA.
     let sh = adapters().join("shira").display().to_string();
     let d = logits_vs(
-        &["--adapter", &format!("{sh}:0.5"), "--adapter", &format!("{sh}:0.5")],
+        &[
+            "--adapter",
+            &format!("{sh}:0.5"),
+            "--adapter",
+            &format!("{sh}:0.5"),
+        ],
         "adapters/hf.shira.merged.s0.logits.f32",
     );
     assert!(d <= F32_EXACT, "composed halves: {d}");
@@ -146,7 +160,13 @@ fn convert_a_fine_tuned_model_and_a_peft_shira() {
     // PEFT SHiRA stores no shapes: --base is needed.
     let shira = adapters().join("shira");
     fails(
-        &["adapter", "convert", shira.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        &[
+            "adapter",
+            "convert",
+            shira.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
         "--base",
     );
     let out2 = tmp("shira.sdelta.safetensors");
@@ -165,7 +185,10 @@ fn convert_a_fine_tuned_model_and_a_peft_shira() {
     );
     assert!(d <= F32_EXACT, "{d}");
     let (text, _) = ok(&["adapter", "inspect", out2.to_str().unwrap()]);
-    assert!(text.contains("sparse delta v1") && text.contains("14 tensors"), "{text}");
+    assert!(
+        text.contains("sparse delta v1") && text.contains("14 tensors"),
+        "{text}"
+    );
     assert!(text.contains("blk.0.attn_q.weight"), "{text}");
 }
 
@@ -174,7 +197,13 @@ fn convert_a_lora_reports_its_error() {
     let lora = adapters().join("lora_plain");
     let out = tmp("lora.sdelta.safetensors");
     fails(
-        &["adapter", "convert", lora.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        &[
+            "adapter",
+            "convert",
+            lora.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
         "--density",
     );
     let (_, err) = ok(&[
@@ -194,7 +223,10 @@ fn convert_a_lora_reports_its_error() {
         .unwrap_or_else(|| panic!("{err}"));
     assert!(0.0 < e && e < 1.0, "{err}");
     let (text, _) = ok(&["adapter", "inspect", lora.to_str().unwrap()]);
-    assert!(text.contains("PEFT LoRA") && text.contains("rank 8, scale 2"), "{text}");
+    assert!(
+        text.contains("PEFT LoRA") && text.contains("rank 8, scale 2"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -202,14 +234,58 @@ fn synth_and_bench_switch() {
     let s = tmp("synth.sdelta.safetensors");
     let l = tmp("synth-lora.gguf");
     let q8 = tiny("q8_0");
-    ok(&["adapter", "synth", "-m", &q8, "--kind", "shira", "--density", "0.05", "-o", s.to_str().unwrap()]);
-    ok(&["adapter", "synth", "-m", &q8, "--kind", "lora", "--rank", "4", "-o", l.to_str().unwrap()]);
+    ok(&[
+        "adapter",
+        "synth",
+        "-m",
+        &q8,
+        "--kind",
+        "shira",
+        "--density",
+        "0.05",
+        "-o",
+        s.to_str().unwrap(),
+    ]);
+    ok(&[
+        "adapter",
+        "synth",
+        "-m",
+        &q8,
+        "--kind",
+        "lora",
+        "--rank",
+        "4",
+        "-o",
+        l.to_str().unwrap(),
+    ]);
     fails(
-        &["adapter", "synth", "-m", &q8, "--kind", "lora", "--density", "0.1", "-o", l.to_str().unwrap()],
+        &[
+            "adapter",
+            "synth",
+            "-m",
+            &q8,
+            "--kind",
+            "lora",
+            "--density",
+            "0.1",
+            "-o",
+            l.to_str().unwrap(),
+        ],
         "--rank",
     );
     fails(
-        &["adapter", "synth", "-m", &q8, "--kind", "lora", "--rank", "4", "-o", tmp("x.bin").to_str().unwrap()],
+        &[
+            "adapter",
+            "synth",
+            "-m",
+            &q8,
+            "--kind",
+            "lora",
+            "--rank",
+            "4",
+            "-o",
+            tmp("x.bin").to_str().unwrap(),
+        ],
         ".gguf",
     );
     let (out, _) = ok(&[
@@ -244,14 +320,47 @@ fn synth_and_bench_switch() {
 #[test]
 fn adapter_errors_are_one_line() {
     let m = tiny("q8_0");
-    fails(&["run", "-m", &m, "-p", "x", "--adapter", "/nonexistent/adapter"], "/nonexistent/adapter");
     fails(
-        &["run", "-m", &m, "-p", "x", "--adapter", adapters().join("lora_dora").to_str().unwrap()],
+        &[
+            "run",
+            "-m",
+            &m,
+            "-p",
+            "x",
+            "--adapter",
+            "/nonexistent/adapter",
+        ],
+        "/nonexistent/adapter",
+    );
+    fails(
+        &[
+            "run",
+            "-m",
+            &m,
+            "-p",
+            "x",
+            "--adapter",
+            adapters().join("lora_dora").to_str().unwrap(),
+        ],
         "DoRA",
     );
-    fails(&["run", "-m", &m, "-p", "x", "--unfused"], "need at least one --adapter");
     fails(
-        &["run", "-m", &m, "-p", "x", "--adapter", adapters().join("shira").to_str().unwrap(), "--unfused", "--adapter", &tiny("f16")],
+        &["run", "-m", &m, "-p", "x", "--unfused"],
+        "need at least one --adapter",
+    );
+    fails(
+        &[
+            "run",
+            "-m",
+            &m,
+            "-p",
+            "x",
+            "--adapter",
+            adapters().join("shira").to_str().unwrap(),
+            "--unfused",
+            "--adapter",
+            &tiny("f16"),
+        ],
         "a model, not an adapter",
     );
     fails(&["adapter", "inspect", &m], "a model, not an adapter");

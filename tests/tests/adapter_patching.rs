@@ -11,7 +11,9 @@
 use proptest::prelude::*;
 use safetensors::tensor::{Dtype, TensorView};
 use sparrow::adapter::synth::{self, Spec};
-use sparrow::adapter::{sdelta, stack::Stack, Adapter, Delta, Format, NameScheme, SparseDelta, Target};
+use sparrow::adapter::{
+    sdelta, stack::Stack, Adapter, Delta, Format, NameScheme, SparseDelta, Target,
+};
 use sparrow::gguf::{GgufFile, GgufWriter, Value};
 use sparrow::model::{KvType, Model, ModelOptions};
 use sparrow::quant::{self, WEIGHT_TYPES};
@@ -46,7 +48,13 @@ fn all_types_file() -> PathBuf {
         quant::quantize(*ty, &x, &mut b).unwrap();
         data.push(b);
     }
-    let part = tmp(&format!("all-types.{}.gguf", std::thread::current().name().unwrap_or("x").replace("::", "_")));
+    let part = tmp(&format!(
+        "all-types.{}.gguf",
+        std::thread::current()
+            .name()
+            .unwrap_or("x")
+            .replace("::", "_")
+    ));
     w.write_file(&part, |i, _| Ok(Cow::Borrowed(&data[i][..])))
         .unwrap();
     std::fs::rename(&part, &path).unwrap();
@@ -185,7 +193,10 @@ fn refused(path: &Path, want: &str) {
     let msg = e.to_string();
     eprintln!("{}: {msg}", path.display());
     assert!(msg.contains(want), "`{msg}` does not mention `{want}`");
-    assert!(m.file().bytes() == before, "a refused adapter changed the model");
+    assert!(
+        m.file().bytes() == before,
+        "a refused adapter changed the model"
+    );
     assert!(m.applied_adapters().is_empty());
 }
 
@@ -199,7 +210,12 @@ fn sparse(name: &str, rows: usize, cols: usize, idx: Vec<u32>) -> Target {
     }
 }
 
-fn write_sdelta(name: &str, names: NameScheme, targets: Vec<Target>, hash: Option<String>) -> PathBuf {
+fn write_sdelta(
+    name: &str,
+    names: NameScheme,
+    targets: Vec<Target>,
+    hash: Option<String>,
+) -> PathBuf {
     let a = Adapter {
         source: name.into(),
         format: Format::SparseDelta,
@@ -236,7 +252,10 @@ fn wrong_shape() {
         good_then(sparse("blk.1.ffn_up.weight", 64, 128, vec![1, 2])),
         None,
     );
-    refused(&p, "delta is 64 x 128, base tensor `blk.1.ffn_up.weight` is 128 x 64");
+    refused(
+        &p,
+        "delta is 64 x 128, base tensor `blk.1.ffn_up.weight` is 128 x 64",
+    );
 }
 
 #[test]
@@ -280,7 +299,10 @@ fn another_base() {
     assert!(e.contains("made for architecture `llama`"), "{e}");
     assert!(m.file().bytes() == before);
     // A model given where an adapter is expected.
-    refused(&fixtures().join("tiny/tiny-qwen2.f32.gguf"), "a model, not an adapter");
+    refused(
+        &fixtures().join("tiny/tiny-qwen2.f32.gguf"),
+        "a model, not an adapter",
+    );
 }
 
 #[test]
@@ -296,14 +318,22 @@ fn truncated_files() {
     ] {
         let bytes = std::fs::read(&src).unwrap();
         for cut in [3, 8, 30, bytes.len() / 2, bytes.len() - 1] {
-            let p = tmp(&format!("cut{cut}-{}", src.file_name().unwrap().to_string_lossy()));
+            let p = tmp(&format!(
+                "cut{cut}-{}",
+                src.file_name().unwrap().to_string_lossy()
+            ));
             std::fs::write(&p, &bytes[..cut]).unwrap();
             let e = Adapter::load(&p).unwrap_err().to_string();
             eprintln!("cut at {cut}: {e}");
             assert!(
-                ["too short", "truncated", "not a valid safetensors", "invalid GGUF"]
-                    .iter()
-                    .any(|w| e.contains(w)),
+                [
+                    "too short",
+                    "truncated",
+                    "not a valid safetensors",
+                    "invalid GGUF"
+                ]
+                .iter()
+                .any(|w| e.contains(w)),
                 "{e}"
             );
         }
@@ -312,7 +342,11 @@ fn truncated_files() {
     let d = tmp("cut-peft");
     std::fs::create_dir_all(&d).unwrap();
     let src = fixtures().join("adapters/lora_plain");
-    std::fs::copy(src.join("adapter_config.json"), d.join("adapter_config.json")).unwrap();
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        d.join("adapter_config.json"),
+    )
+    .unwrap();
     let w = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
     std::fs::write(d.join("adapter_model.safetensors"), &w[..w.len() - 100]).unwrap();
     refused(&d, "not a valid safetensors file");
@@ -327,9 +361,18 @@ fn raw_sdelta(name: &str, idx: &[u32], shape: [i64; 2], extra_md: &[(&str, &str)
     let v: Vec<u8> = idx.iter().flat_map(|_| 0.5f32.to_le_bytes()).collect();
     let s: Vec<u8> = shape.iter().flat_map(|x| x.to_le_bytes()).collect();
     let views = vec![
-        (format!("{t}.sd_idx"), TensorView::new(Dtype::U32, vec![idx.len()], &i).unwrap()),
-        (format!("{t}.sd_val"), TensorView::new(Dtype::F32, vec![idx.len()], &v).unwrap()),
-        (format!("{t}.sd_shape"), TensorView::new(Dtype::I64, vec![2], &s).unwrap()),
+        (
+            format!("{t}.sd_idx"),
+            TensorView::new(Dtype::U32, vec![idx.len()], &i).unwrap(),
+        ),
+        (
+            format!("{t}.sd_val"),
+            TensorView::new(Dtype::F32, vec![idx.len()], &v).unwrap(),
+        ),
+        (
+            format!("{t}.sd_shape"),
+            TensorView::new(Dtype::I64, vec![2], &s).unwrap(),
+        ),
     ];
     let mut md: HashMap<String, String> = [
         ("format", "sparse_delta"),
@@ -364,7 +407,12 @@ fn bad_indices() {
         "not strictly increasing",
     );
     refused(
-        &raw_sdelta("v2.sdelta.safetensors", &[1], [64, 64], &[("format_version", "2")]),
+        &raw_sdelta(
+            "v2.sdelta.safetensors",
+            &[1],
+            [64, 64],
+            &[("format_version", "2")],
+        ),
         "format_version",
     );
     // A SHiRA index outside its weight (PEFT stores no shape: caught against the base).
@@ -375,12 +423,24 @@ fn bad_indices() {
         r#"{"peft_type": "SHIRA", "r": 1}"#,
     )
     .unwrap();
-    let ij: Vec<u8> = [0i32, 64, 3, 3].iter().flat_map(|x| x.to_le_bytes()).collect();
-    let w: Vec<u8> = [0.5f32, 0.25].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let ij: Vec<u8> = [0i32, 64, 3, 3]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let w: Vec<u8> = [0.5f32, 0.25]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
     let m = "base_model.model.model.layers.0.self_attn.q_proj";
     let views = vec![
-        (format!("{m}.shira_indices"), TensorView::new(Dtype::I32, vec![2, 2], &ij).unwrap()),
-        (format!("{m}.shira_weight"), TensorView::new(Dtype::F32, vec![2], &w).unwrap()),
+        (
+            format!("{m}.shira_indices"),
+            TensorView::new(Dtype::I32, vec![2, 2], &ij).unwrap(),
+        ),
+        (
+            format!("{m}.shira_weight"),
+            TensorView::new(Dtype::F32, vec![2], &w).unwrap(),
+        ),
     ];
     std::fs::write(
         d.join("adapter_model.safetensors"),
@@ -395,7 +455,9 @@ fn not_an_adapter() {
     let p = tmp("garbage.bin");
     std::fs::write(&p, b"this is not an adapter at all").unwrap();
     refused(&p, "not a valid safetensors file");
-    let e = Adapter::load(tmp("does-not-exist")).unwrap_err().to_string();
+    let e = Adapter::load(tmp("does-not-exist"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("does-not-exist"), "{e}");
 }
 

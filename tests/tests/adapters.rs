@@ -24,7 +24,9 @@ fn dir() -> PathBuf {
 }
 
 fn tiny(ty: &str) -> PathBuf {
-    fixtures().join("tiny").join(format!("tiny-llama.{ty}.gguf"))
+    fixtures()
+        .join("tiny")
+        .join(format!("tiny-llama.{ty}.gguf"))
 }
 
 fn open(ty: &str, kv: KvType) -> Model {
@@ -108,7 +110,10 @@ fn fused_vs(ty: &str, kv: KvType, path: &Path, reference: &[String], tol: f32) -
     eprintln!("{ty} + {}: max |fused - reference| = {d}", path.display());
     assert!(d <= tol, "{}: {d} > {tol}", path.display());
     m.unapply_adapter(id).unwrap();
-    assert!(m.file().bytes() == before, "unapply did not restore the base");
+    assert!(
+        m.file().bytes() == before,
+        "unapply did not restore the base"
+    );
     d
 }
 
@@ -165,7 +170,9 @@ fn quantized_bases_stay_as_close_to_peft_as_the_base() {
 
 #[test]
 fn dora_is_refused_and_changes_nothing() {
-    let e = Adapter::load(dir().join("lora_dora")).unwrap_err().to_string();
+    let e = Adapter::load(dir().join("lora_dora"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("DoRA"), "{e}");
 }
 
@@ -177,7 +184,10 @@ fn fine_tuned_minus_base_round_trips_through_a_sparse_delta() {
     let base = sparrow::gguf::GgufFile::open(tiny("f32")).unwrap();
     let (a, kept) = lowrank::diff_models(&tuned, &base, 1.0, &dir()).unwrap();
     assert_eq!(lowrank::total(&kept).relative_error(), 0.0);
-    let tmp = std::env::temp_dir().join(format!("sparrow-test-{}.sdelta.safetensors", std::process::id()));
+    let tmp = std::env::temp_dir().join(format!(
+        "sparrow-test-{}.sdelta.safetensors",
+        std::process::id()
+    ));
     sdelta::write(&tmp, &a, &sdelta::WriteOptions::default()).unwrap();
     let back = Adapter::load(&tmp).unwrap();
     std::fs::remove_file(&tmp).unwrap();
@@ -193,7 +203,10 @@ fn fused_vs_adapter(ty: &str, a: &Adapter, reference: &[String], tol: f32) -> f3
     let before = snapshot(&m);
     let id = m.apply_adapter(a, 1.0).unwrap();
     let d = diff_to(&logits(&mut m), reference);
-    eprintln!("{ty} + {}: max |fused - reference| = {d}", a.source.display());
+    eprintln!(
+        "{ty} + {}: max |fused - reference| = {d}",
+        a.source.display()
+    );
     assert!(d <= tol, "{d} > {tol}");
     m.unapply_adapter(id).unwrap();
     assert!(m.file().bytes() == before);
@@ -205,7 +218,9 @@ fn fused_vs_adapter(ty: &str, a: &Adapter, reference: &[String], tol: f32) -> f3
 #[test]
 fn lora_to_sparse_keeps_what_it_reports() {
     let mut m = open("f32", KvType::F32);
-    let lora = m.bind_adapter(&Adapter::load(dir().join("lora_plain")).unwrap()).unwrap();
+    let lora = m
+        .bind_adapter(&Adapter::load(dir().join("lora_plain")).unwrap())
+        .unwrap();
     let (full, kept) = lowrank::lora_to_sparse(&lora, 1.0).unwrap();
     assert_eq!(lowrank::total(&kept).relative_error(), 0.0);
     let id = m.apply_adapter(&lora, 1.0).unwrap();
@@ -276,7 +291,10 @@ fn switch_replaces_the_top_adapter() {
     m.unapply_adapter(b).unwrap();
     assert!(snapshot(&m) == base);
     let c = m.apply_adapter(&shira, 1.0).unwrap();
-    assert!(snapshot(&m) == switched, "switch differs from a fresh apply");
+    assert!(
+        snapshot(&m) == switched,
+        "switch differs from a fresh apply"
+    );
     m.unapply_all();
     assert!(snapshot(&m) == base);
     let _ = c;
@@ -333,9 +351,14 @@ fn residuals_complete_the_merge_on_quantized_bases() {
         let base = snapshot(&m);
         let base_logits = logits(&mut m);
         let lora = Adapter::load(dir().join("lora_plain")).unwrap();
-        let e = m.apply_adapters(&[(&lora, 1.0)], exact).unwrap_err().to_string();
+        let e = m
+            .apply_adapters(&[(&lora, 1.0)], exact)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("run a LoRA unfused"), "{e}");
-        let a = m.bind_adapter(&Adapter::load(dir().join("shira")).unwrap()).unwrap();
+        let a = m
+            .bind_adapter(&Adapter::load(dir().join("shira")).unwrap())
+            .unwrap();
         let id = m.apply_adapters(&[(&a, 1.0)], exact).unwrap();
         let entry = &m.applied_adapters()[0];
         let res: std::collections::HashMap<&str, &[(u32, f32)]> =
@@ -343,7 +366,9 @@ fn residuals_complete_the_merge_on_quantized_bases() {
         let mut worst = 0f32;
         let mut n_res = 0;
         for t in &a.targets {
-            let Delta::Sparse(d) = &t.delta else { unreachable!() };
+            let Delta::Sparse(d) = &t.delta else {
+                unreachable!()
+            };
             let info = m.file().tensor(&t.name).unwrap().clone();
             let range = m.file().range(&info).unwrap();
             let deq = |bytes: &[u8]| {

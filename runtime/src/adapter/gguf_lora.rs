@@ -125,7 +125,10 @@ fn floats(f: &GgufFile, t: &crate::gguf::TensorInfo) -> Result<Vec<f32>> {
     ) {
         return Err(Error::adapter(
             f.path(),
-            format!("tensor `{}` has type {}; F32, F16, BF16 or Q8_0 expected", t.name, t.ty),
+            format!(
+                "tensor `{}` has type {}; F32, F16, BF16 or Q8_0 expected",
+                t.name, t.ty
+            ),
         ));
     }
     let mut out = vec![0f32; t.n_elements() as usize];

@@ -55,9 +55,7 @@ pub fn top_k(name: &str, dense: &[f32], k: usize) -> (SparseDelta, Kept) {
         f32::INFINITY
     } else {
         let at = dense.len() - k;
-        *mags
-            .select_nth_unstable_by(at, |a, b| a.total_cmp(b))
-            .1
+        *mags.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1
     };
     let above = dense.iter().filter(|v| v.abs() > thr).count();
     let mut ties = k.saturating_sub(above);
@@ -65,10 +63,11 @@ pub fn top_k(name: &str, dense: &[f32], k: usize) -> (SparseDelta, Kept) {
     let mut kept2 = 0f64;
     for (i, &v) in dense.iter().enumerate() {
         let m = v.abs();
-        let take = m > thr || (m == thr && ties > 0 && {
-            ties -= 1;
-            true
-        });
+        let take = m > thr
+            || (m == thr && ties > 0 && {
+                ties -= 1;
+                true
+            });
         if take && v != 0.0 {
             s.idx.push(i as u32);
             s.val.push(v);
@@ -110,10 +109,7 @@ pub fn lora_to_sparse(a: &Adapter, density: f64) -> Result<(Adapter, Vec<Kept>)>
             }
             d => d.clone(),
         };
-        targets.push(Target {
-            delta,
-            ..t.clone()
-        });
+        targets.push(Target { delta, ..t.clone() });
     }
     Ok((
         Adapter {
@@ -150,9 +146,9 @@ pub fn diff_models(
     let mut targets = Vec::new();
     let mut report = Vec::new();
     for t in tuned.tensors() {
-        let b = base.tensor(&t.name).ok_or_else(|| {
-            err(format!("tensor `{}` is not in the base model", t.name))
-        })?;
+        let b = base
+            .tensor(&t.name)
+            .ok_or_else(|| err(format!("tensor `{}` is not in the base model", t.name)))?;
         if b.shape != t.shape {
             return Err(err(format!(
                 "tensor `{}` is {:?} in the fine-tuned model and {:?} in the base",

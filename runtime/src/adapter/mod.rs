@@ -21,8 +21,8 @@ pub mod patch;
 pub mod peft;
 pub mod sdelta;
 pub mod side;
-pub mod stack;
 mod st;
+pub mod stack;
 pub mod synth;
 
 use crate::gguf::GgufFile;
@@ -334,7 +334,12 @@ impl Adapter {
         Ok(info)
     }
 
-    fn check_shape(&self, t: &Target, gguf_name: &str, info: &crate::gguf::TensorInfo) -> Result<()> {
+    fn check_shape(
+        &self,
+        t: &Target,
+        gguf_name: &str,
+        info: &crate::gguf::TensorInfo,
+    ) -> Result<()> {
         let (rows, cols) = (info.n_rows() as usize, info.row_len() as usize);
         if info.shape.len() > 2 || (t.rows, t.cols) != (rows, cols) {
             return Err(Error::adapter(
@@ -355,7 +360,11 @@ fn heads(base: &GgufFile) -> (&str, usize, usize) {
     let arch = md.str("general.architecture").unwrap_or("");
     let get = |k: &str| md.u64(&format!("{arch}.attention.{k}")).unwrap_or(0) as usize;
     let (n_head, n_head_kv) = (get("head_count"), get("head_count_kv"));
-    (arch, n_head, if n_head_kv == 0 { n_head } else { n_head_kv })
+    (
+        arch,
+        n_head,
+        if n_head_kv == 0 { n_head } else { n_head_kv },
+    )
 }
 
 /// Moves the rows of a delta from HF order into the base's order.
@@ -416,12 +425,7 @@ pub fn base_shape_hash(base: &GgufFile) -> String {
 
 /// Checks a sparse delta read from a file: same lengths, strictly increasing indices inside
 /// the tensor, finite values.
-pub(crate) fn check_sparse(
-    path: &Path,
-    name: &str,
-    s: &SparseDelta,
-    numel: usize,
-) -> Result<()> {
+pub(crate) fn check_sparse(path: &Path, name: &str, s: &SparseDelta, numel: usize) -> Result<()> {
     let err = |m: String| Error::adapter(path, format!("tensor `{name}`: {m}"));
     if s.idx.len() != s.val.len() {
         return Err(err(format!(

@@ -156,7 +156,10 @@ mod tests {
             assert_eq!(o.to_hf(o.to_gguf(r, 16), 16), r);
         }
         assert!(RowOrder::Rope { heads: 3 }.check(16).is_err());
-        assert_eq!(row_order("qwen2", 4, 2, "blk.0.attn_q.weight"), RowOrder::Same);
+        assert_eq!(
+            row_order("qwen2", 4, 2, "blk.0.attn_q.weight"),
+            RowOrder::Same
+        );
         assert_eq!(
             row_order("llama", 4, 2, "blk.0.attn_k.weight"),
             RowOrder::Rope { heads: 2 }

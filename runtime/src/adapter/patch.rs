@@ -87,10 +87,9 @@ struct TensorUndo {
 impl TensorUndo {
     /// End of the last saved block in the mapping.
     fn end(&self) -> usize {
-        self.log
-            .runs
-            .last()
-            .map_or(self.start, |&(f, n)| self.start + (f + n) as usize * self.block_bytes)
+        self.log.runs.last().map_or(self.start, |&(f, n)| {
+            self.start + (f + n) as usize * self.block_bytes
+        })
     }
 }
 
@@ -164,15 +163,7 @@ pub fn apply(
     o: Options,
     spare: &mut Spare,
 ) -> (Undo, Stats) {
-    let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
-    let logs: Vec<BlockLog> = plans.iter().map(|p| take_spare(spare, p.range.start)).collect();
-    let results: Vec<(TensorUndo, Stats)> = plans
-        .par_iter()
-        .zip(slices)
-        .zip(logs)
-        .map(|((p, bytes), log)| patch_tensor(p, bytes, o, log, None))
-        .collect();
-    collect(results)
+    patch_all(map, plans, o, spare, None)
 }
 
 /// Undoes `old` and applies `plans` in one pass over each tensor both touch (a tensor only
@@ -199,18 +190,38 @@ pub fn switch(
             .zip(slices)
             .for_each(|(t, bytes)| t.log.restore(bytes, t.block_bytes));
     }
+    patch_all(map, plans, o, spare, Some(old))
+}
+
+/// Patches every tensor of `plans` in parallel, each first restoring what `old` saved of it.
+fn patch_all(
+    map: &mut [u8],
+    plans: &[TensorPlan<'_>],
+    o: Options,
+    spare: &mut Spare,
+    old: Option<&Undo>,
+) -> (Undo, Stats) {
     let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
-    let logs: Vec<BlockLog> = plans.iter().map(|p| take_spare(spare, p.range.start)).collect();
+    let logs: Vec<BlockLog> = plans
+        .iter()
+        .map(|p| take_spare(spare, p.range.start))
+        .collect();
     let results: Vec<(TensorUndo, Stats)> = plans
         .par_iter()
         .zip(slices)
         .zip(logs)
         .map(|((p, bytes), log)| {
-            let first = old.tensors.iter().find(|t| t.start == p.range.start);
+            let first = old.and_then(|u| u.tensors.iter().find(|t| t.start == p.range.start));
             patch_tensor(p, bytes, o, log, first.map(|t| &t.log))
         })
         .collect();
-    collect(results)
+    let mut stats = Stats::default();
+    let mut undo = Undo::default();
+    for (u, s) in results {
+        stats += s;
+        undo.tensors.push(u);
+    }
+    (undo, stats)
 }
 
 /// Block logs of undone patches, by the mapping offset of their tensor.
@@ -223,16 +234,6 @@ fn take_spare(spare: &mut Spare, start: usize) -> BlockLog {
     l.runs.clear();
     l.saved.clear();
     l
-}
-
-fn collect(results: Vec<(TensorUndo, Stats)>) -> (Undo, Stats) {
-    let mut stats = Stats::default();
-    let mut undo = Undo::default();
-    for (u, s) in results {
-        stats += s;
-        undo.tensors.push(u);
-    }
-    (undo, stats)
 }
 
 /// Writes the saved bytes back.
@@ -264,7 +265,9 @@ fn disjoint(map: &mut [u8], ranges: impl Iterator<Item = Range<usize>>) -> Vec<&
         rest = tail;
         consumed = r.end;
     }
-    out.into_iter().map(|s| s.expect("every range split")).collect()
+    out.into_iter()
+        .map(|s| s.expect("every range split"))
+        .collect()
 }
 
 /// Patches one tensor. With `undo_first`, the blocks of that log are restored first (one
@@ -321,15 +324,7 @@ fn patch_tensor(
         let blocks = idx.last().map_or(0, |&l| l as usize / bs + 1);
         u.log.saved.reserve(idx.len().min(blocks) * bb);
         let c = edit::add_sparse(
-            p.ty,
-            bytes,
-            idx,
-            val,
-            scale,
-            o.requant,
-            &mut u.log,
-            residual,
-            undo_first,
+            p.ty, bytes, idx, val, scale, o.requant, &mut u.log, residual, undo_first,
         );
         st.elements += c.elements;
         st.blocks += c.blocks;

@@ -16,8 +16,8 @@
 
 use super::st;
 use super::{
-    check_low_rank, check_sparse, Adapter, Coo, Delta, Format, LowRank, NameScheme,
-    SparseDelta, Target,
+    check_low_rank, check_sparse, Adapter, Coo, Delta, Format, LowRank, NameScheme, SparseDelta,
+    Target,
 };
 use crate::{Error, Result};
 use serde_json::Value;
@@ -171,8 +171,8 @@ fn lora_targets(dir: &Path, cfg: &Value, modules: &Modules<'_>) -> Result<Vec<Ta
             ([ra, c], [o, rb]) if ra == rb && *ra > 0 => (*ra, *c, *o),
             _ => {
                 return Err(err(format!(
-                    "module `{m}`: lora_A is {sa:?} and lora_B {sb:?}; [r, in] and [out, r] expected"
-                )))
+                "module `{m}`: lora_A is {sa:?} and lora_B {sb:?}; [r, in] and [out, r] expected"
+            )))
             }
         };
         let r_m = matched(dir, &rank_pattern, m)?.unwrap_or(r);
@@ -216,7 +216,9 @@ fn patterns(dir: &Path, cfg: &Value, key: &str) -> Result<Vec<(String, f64)>> {
             if k.chars().any(|c| "*+?[](){}|^$\\".contains(c)) {
                 return Err(Error::adapter(
                     dir,
-                    format!("{key} key `{k}` is a regular expression; only module names are supported"),
+                    format!(
+                        "{key} key `{k}` is a regular expression; only module names are supported"
+                    ),
                 ));
             }
             let v = v.as_f64().ok_or_else(|| {
@@ -252,8 +254,7 @@ fn shira_targets(dir: &Path, modules: &Modules<'_>) -> Result<Vec<Target>> {
     let err = |m: String| Error::adapter(dir, m);
     let mut out = Vec::with_capacity(modules.len());
     for (m, roles) in modules {
-        let (Some(idx), Some(w)) = (roles.get(".shira_indices"), roles.get(".shira_weight"))
-        else {
+        let (Some(idx), Some(w)) = (roles.get(".shira_indices"), roles.get(".shira_weight")) else {
             return Err(err(format!(
                 "module `{m}` needs shira_indices and shira_weight (found {:?})",
                 roles.keys().collect::<Vec<_>>()
@@ -303,7 +304,10 @@ fn shira_indices(dir: &Path, m: &str, t: &safetensors::tensor::TensorView) -> Re
                 if x >= 0.0 && x.fract() == 0.0 && x < u32::MAX as f32 {
                     Ok(x as u64)
                 } else {
-                    Err(Error::adapter(dir, format!("`{name}` holds {x}, not an index")))
+                    Err(Error::adapter(
+                        dir,
+                        format!("`{name}` holds {x}, not an index"),
+                    ))
                 }
             })
             .collect::<Result<_>>()?,

@@ -65,7 +65,11 @@ pub fn load(path: &Path) -> Result<Adapter> {
     let names = match get("name_scheme") {
         Some("hf") => NameScheme::Hf,
         Some("gguf") => NameScheme::Gguf,
-        v => return Err(err(format!("metadata `name_scheme` is {v:?}, not hf or gguf"))),
+        v => {
+            return Err(err(format!(
+                "metadata `name_scheme` is {v:?}, not hf or gguf"
+            )))
+        }
     };
     let default_scale = match get("default_scale") {
         None => 1.0,
@@ -175,7 +179,10 @@ pub fn write(path: &Path, a: &Adapter, o: &WriteOptions) -> Result<()> {
             )));
         };
         let n = s.idx.len();
-        tensors.push((format!("{}{SUFFIX_IDX}", t.name), Owned::u32s(vec![n], &s.idx)));
+        tensors.push((
+            format!("{}{SUFFIX_IDX}", t.name),
+            Owned::u32s(vec![n], &s.idx),
+        ));
         let val = match o.values {
             ValueType::F32 => Owned::f32s(vec![n], &s.val),
             ValueType::F16 => Owned::f16s(vec![n], &s.val),

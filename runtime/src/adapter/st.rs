@@ -157,7 +157,12 @@ pub fn write(
     };
     let views = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), TensorView::new(t.dtype, t.shape.clone(), &t.data)?)))
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                TensorView::new(t.dtype, t.shape.clone(), &t.data)?,
+            ))
+        })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(err)?;
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(err)?;

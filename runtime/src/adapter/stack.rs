@@ -189,8 +189,13 @@ impl Stack {
         let plans = patch::plan(file, &[(to, scale)])?;
         make_private(file, &plans);
         let old = self.applied.pop().expect("checked");
-        let (undo, stats) =
-            patch::switch(file.bytes_mut(), &old.undo, &plans, Options::default(), &mut self.spare);
+        let (undo, stats) = patch::switch(
+            file.bytes_mut(),
+            &old.undo,
+            &plans,
+            Options::default(),
+            &mut self.spare,
+        );
         self.recycle(old.undo);
         let new_id = self.next_id;
         self.next_id += 1;

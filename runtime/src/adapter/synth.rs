@@ -12,6 +12,7 @@ use super::lowrank::count_for;
 use super::{Adapter, Delta, Format, LowRank, NameScheme, SparseDelta, Target};
 use crate::gguf::{GgufFile, GgufWriter, Value};
 use crate::quant::{self, GgmlType};
+use crate::sample::Rng;
 use crate::{Error, Result};
 use std::borrow::Cow;
 use std::path::Path;
@@ -33,21 +34,14 @@ pub enum Spec {
     Lora { rank: usize },
 }
 
-/// A small deterministic generator (SplitMix64), so that a seed gives the same adapter on
-/// every machine.
-struct Rng(u64);
+/// Draws from the sampler's SplitMix64, so that a seed gives the same adapter on every
+/// machine.
+struct Draw(Rng);
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+impl Draw {
     /// Uniform in [0, 1).
     fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     /// Standard normal (Box-Muller).
     fn normal(&mut self) -> f32 {
@@ -62,8 +56,7 @@ fn linear_tensors(base: &GgufFile) -> Vec<&crate::gguf::TensorInfo> {
     base.tensors()
         .iter()
         .filter(|t| {
-            t.name.starts_with("blk.")
-                && LINEAR.iter().any(|s| t.name.ends_with(&format!(".{s}")))
+            t.name.starts_with("blk.") && LINEAR.iter().any(|s| t.name.ends_with(&format!(".{s}")))
         })
         .collect()
 }
@@ -78,7 +71,7 @@ fn rms(base: &GgufFile, t: &crate::gguf::TensorInfo) -> Result<f32> {
 
 /// A random adapter for `base` (GGUF names, bound to its shapes).
 pub fn synth(base: &GgufFile, spec: Spec, seed: u64, source: &Path) -> Result<Adapter> {
-    let mut rng = Rng(seed);
+    let mut rng = Draw(Rng(seed));
     let tensors = linear_tensors(base);
     if tensors.is_empty() {
         return Err(Error::InvalidArgument(
@@ -169,9 +162,7 @@ pub fn write_gguf_lora(path: &Path, a: &Adapter, arch: &str) -> Result<()> {
             ))),
         })
         .collect::<Result<_>>()?;
-    let alpha = lows
-        .first()
-        .map_or(0.0, |(_, l)| l.scale * l.rank as f32);
+    let alpha = lows.first().map_or(0.0, |(_, l)| l.scale * l.rank as f32);
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String(arch.to_string()));
     w.set("general.type", Value::String("adapter".into()));

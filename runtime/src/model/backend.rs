@@ -8,9 +8,9 @@
 
 use super::config::Config;
 use crate::adapter::side::Side;
-use std::sync::Arc;
 use crate::gguf::TensorInfo;
 use crate::Result;
+use std::sync::Arc;
 
 pub trait Backend {
     /// A weight tensor as this backend holds it.

@@ -8,13 +8,13 @@
 use super::backend::Backend;
 use super::config::{Config, RopeKind};
 use crate::adapter::side::Side;
-use std::sync::Arc;
 use crate::gguf::TensorInfo;
 use crate::kernels::attn::{self, KvRows, SumOrder};
 use crate::kernels::{self, math, MatmulScratch, ThreadPool};
 use crate::quant::{self, GgmlType};
 use crate::{Error, Result};
 use half::f16;
+use std::sync::Arc;
 
 /// A weight as a view: its type, shape and byte range in the mapping.
 #[derive(Clone, Debug)]

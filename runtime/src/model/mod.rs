@@ -143,7 +143,12 @@ impl<B: Backend> Model<B> {
     fn check_side_targets(&mut self, a: &Adapter) -> Result<()> {
         let names: Vec<String> = match a.names {
             crate::adapter::NameScheme::Gguf => a.targets.iter().map(|t| t.name.clone()).collect(),
-            crate::adapter::NameScheme::Hf => a.bind(&self.file)?.targets.into_iter().map(|t| t.name).collect(),
+            crate::adapter::NameScheme::Hf => a
+                .bind(&self.file)?
+                .targets
+                .into_iter()
+                .map(|t| t.name)
+                .collect(),
         };
         for n in names {
             if self.weights.matrix_mut(&n).is_none() {
@@ -161,13 +166,15 @@ impl<B: Backend> Model<B> {
     fn refresh_sides(&mut self) {
         use crate::adapter::side::{Csr, Side};
         use std::collections::BTreeMap;
-        let mut sides: BTreeMap<String, (Side, Vec<(u32, f32)>, usize, usize)> = BTreeMap::new();
+        // Per weight: its LoRA terms, residual pairs, rows and columns.
+        type Pending = (Side, Vec<(u32, f32)>, usize, usize);
+        let mut sides: BTreeMap<String, Pending> = BTreeMap::new();
         for (a, scale) in &self.unfused {
             for t in &a.targets {
                 if let crate::adapter::Delta::LowRank(l) = &t.delta {
-                    let e = sides.entry(t.name.clone()).or_insert_with(|| {
-                        (Side::default(), Vec::new(), t.rows, t.cols)
-                    });
+                    let e = sides
+                        .entry(t.name.clone())
+                        .or_insert_with(|| (Side::default(), Vec::new(), t.rows, t.cols));
                     e.0.lora.push(crate::adapter::LowRank {
                         scale: l.scale * scale,
                         ..l.clone()

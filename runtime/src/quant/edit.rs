@@ -79,7 +79,7 @@ pub fn add_to_block(
             block.copy_from_slice(&v.to_le_bytes());
             Outcome::Kept
         }
-        F16 => float16(block, deltas[0].1, residual, |v| f32_to_f16(v), f16_to_f32),
+        F16 => float16(block, deltas[0].1, residual, f32_to_f16, f16_to_f32),
         BF16 => float16(block, deltas[0].1, residual, f32_to_bf16, |b| {
             super::util::bf16_to_f32(b)
         }),
@@ -346,7 +346,12 @@ impl Q6KG {
     fn place(e: usize) -> (usize, bool, usize, usize) {
         let (half, p) = (e / 128, e % 128);
         let (g, l) = (p / 32, p % 32);
-        (64 * half + 32 * (g % 2) + l, g >= 2, 128 + 32 * half + l, 2 * g)
+        (
+            64 * half + 32 * (g % 2) + l,
+            g >= 2,
+            128 + 32 * half + l,
+            2 * g,
+        )
     }
 }
 impl Grid for Q6KG {
@@ -693,7 +698,10 @@ fn sparse<G: Grid, const N: usize>(
         }
         c.blocks += nb;
         for k in 0..nb {
-            let (bi, bv) = (&idx[starts[k]..starts[k + 1]], &val[starts[k]..starts[k + 1]]);
+            let (bi, bv) = (
+                &idx[starts[k]..starts[k + 1]],
+                &val[starts[k]..starts[k + 1]],
+            );
             let block = bi[0] as usize / G::BLOCK;
             let first = (block * G::BLOCK) as u32;
             let b = &mut tensor[block * G::BYTES..(block + 1) * G::BYTES];
@@ -707,7 +715,9 @@ fn sparse<G: Grid, const N: usize>(
                     let cell = G::cell(b, e);
                     let v = cell.value(G::level(b, e)) + d * scale;
                     match nearest((v - cell.add) / cell.step).map(|q| q + cell.zero) {
-                        Some(q) if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && cell.step != 0.0 => {
+                        Some(q)
+                            if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && cell.step != 0.0 =>
+                        {
                             G::set_level(b, e, q)
                         }
                         _ => {
@@ -882,7 +892,10 @@ mod tests {
                     None => assert_eq!(after[e].to_bits(), before[e].to_bits(), "{ty} {e}"),
                     Some(&(_, d)) => {
                         let want = before[e] + d;
-                        let r = res.iter().find(|(i, _)| *i as usize == e).map_or(0.0, |r| r.1);
+                        let r = res
+                            .iter()
+                            .find(|(i, _)| *i as usize == e)
+                            .map_or(0.0, |r| r.1);
                         assert_eq!(after[e] + r, want, "{ty} {e}: residual");
                         if n > 1 {
                             let (c, q) = cell_level(ty, &b, e);

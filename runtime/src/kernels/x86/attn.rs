@@ -150,7 +150,10 @@ unsafe fn weighted_sum_imp(
             SumOrder::GgmlVecDot => build!(16, zero, |l| {
                 _mm256_add_ps(
                     _mm256_add_ps(slot(acc, used, hd, l, d), slot(acc, used, hd, 32 + l, d)),
-                    _mm256_add_ps(slot(acc, used, hd, 16 + l, d), slot(acc, used, hd, 48 + l, d)),
+                    _mm256_add_ps(
+                        slot(acc, used, hd, 16 + l, d),
+                        slot(acc, used, hd, 48 + l, d),
+                    ),
                 )
             }),
         };

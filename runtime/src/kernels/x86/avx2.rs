@@ -297,7 +297,9 @@ unsafe fn q4_0_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    build!(R, [0.0; N], |r| build!(N, 0.0, |t| _mm_cvtss_f32(acc[r][t])))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| _mm_cvtss_f32(
+        acc[r][t]
+    )))
 }
 
 /// Q4_0 for four (row, token) pairs (four rows and one token, or one row and four tokens):
@@ -501,7 +503,10 @@ unsafe fn q4_1_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    build!(R, [0.0; N], |r| build!(N, 0.0, |t| with_mins(acc[r][t], summs[r][t])))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| with_mins(
+        acc[r][t],
+        summs[r][t]
+    )))
 }
 
 #[inline(always)]
@@ -567,7 +572,10 @@ unsafe fn q5_1_body<const VNNI: bool, const R: usize, const N: usize>(
             }
         }
     }
-    build!(R, [0.0; N], |r| build!(N, 0.0, |t| with_mins(acc[r][t], summs[r][t])))
+    build!(R, [0.0; N], |r| build!(N, 0.0, |t| with_mins(
+        acc[r][t],
+        summs[r][t]
+    )))
 }
 
 /// F16 x F16 in `dot::f16_f16`'s order: the 64 lanes as eight registers of eight.
@@ -623,9 +631,9 @@ unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mul = _mm256_set1_ps(id);
     let i: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |k| {
-        _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(v[k], mul),
-        ))
+        _mm256_cvtps_epi32(_mm256_round_ps::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(_mm256_mul_ps(v[k], mul)))
     });
     let sum = hsum_i32_8(_mm256_add_epi32(
         _mm256_add_epi32(i[0], i[1]),

@@ -296,7 +296,9 @@ unsafe fn q4_k_gemm4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
             let mut sc = [0i16; 8];
             sc[2 * p] = a0 as i16;
             sc[2 * p + 1] = a1 as i16;
-            let i = hsum4x8(build!(4, _mm256_setzero_si256(), |t| q4k_pair(xb, yb[t], &sc, p)));
+            let i = hsum4x8(build!(4, _mm256_setzero_si256(), |t| q4k_pair(
+                xb, yb[t], &sc, p
+            )));
             let m =
                 |t: usize| m0 as i32 * bsum32(yb[t], 2 * p) + m1 as i32 * bsum32(yb[t], 2 * p + 1);
             let m = _mm_setr_epi32(m(0), m(1), m(2), m(3));
@@ -341,7 +343,9 @@ unsafe fn tiled4_with_mins<B: bytemuck::Pod>(
         let (yb, dy) = tokens4(&y, b);
         let (scales, d, dmin) = parts(xb);
         let sm: [([i16; 8], i32); 4] = std::array::from_fn(|t| scales_mins(scales, yb[t]));
-        let i = hsum4x8(build!(4, _mm256_setzero_si256(), |t| lanes(xb, yb[t], &sm[t].0)));
+        let i = hsum4x8(build!(4, _mm256_setzero_si256(), |t| lanes(
+            xb, yb[t], &sm[t].0
+        )));
         let m = _mm_setr_epi32(sm[0].1, sm[1].1, sm[2].1, sm[3].1);
         acc = tiled_step4(acc, i, m, fp16(d), fp16(dmin), dy);
     }
