@@ -12,7 +12,13 @@
 //! rows of llama's q/k deltas the way the GGUF converter moved the base's rows ([`names`]),
 //! and checks every target against the base before anything is touched. The [`patch`]
 //! module then adds the deltas to the weights in place and keeps the original bytes of every
-//! touched block, so that unpatching restores the base bit for bit.
+//! touched block, so that unpatching restores the base bit for bit; [`stack::Stack`] keeps the
+//! adapters fused into one file (LIFO, switch in one pass).
+//!
+//! Beside fusing: [`side`] holds terms computed next to a weight (unfused LoRA, and the
+//! residuals that make a fused sparse adapter exact on a coarse base); [`lowrank`] turns
+//! dense deltas (a LoRA, a fine-tuned model minus its base) into sparse ones; [`synth`] makes
+//! random adapters for benchmarks and writes GGUF LoRAs.
 
 pub mod gguf_lora;
 pub mod lowrank;
@@ -266,6 +272,12 @@ impl Adapter {
             }
             let info = self.find(base, &t.name, &t.name)?;
             self.check_shape(t, &t.name, info)?;
+            if t.rows * t.cols > u32::MAX as usize + 1 {
+                return Err(err(format!(
+                    "`{}` has more than 2^32 elements, which this build cannot patch",
+                    t.name
+                )));
+            }
             match &t.delta {
                 Delta::Sparse(s) => {
                     if let Some(&last) = s.idx.last() {
