@@ -382,7 +382,8 @@ impl Grid for Q6KG {
 #[inline]
 fn nearest(t: f32) -> Option<i32> {
     if t.abs() < 4_194_304.0 {
-        Some(((t + 12_582_912.0) - 12_582_912.0) as i32)
+        // SAFETY: the rounded value is an integer of magnitude below 2^22.
+        Some(unsafe { ((t + 12_582_912.0) - 12_582_912.0).to_int_unchecked::<i32>() })
     } else {
         None
     }
@@ -671,38 +672,38 @@ fn sparse<G: Grid, const N: usize>(
     // then the edits, on lines that are now in cache.
     const CHUNK: usize = 128;
     let mut starts = [0usize; CHUNK + 1];
+    let mut blocks = [0usize; CHUNK];
     let mut i = 0;
     while i < idx.len() {
-        // The element ranges of the next CHUNK blocks.
+        // The next CHUNK blocks: their element ranges, and their bytes saved (restoring
+        // first what `undo` holds before them).
+        let chunk_at = log.saved.len();
+        log.saved.reserve(CHUNK * N);
         let mut nb = 0;
         let mut j = i;
         while nb < CHUNK && j < idx.len() {
             starts[nb] = j;
             let block = idx[j] as usize / G::BLOCK;
+            blocks[nb] = block;
             j += 1;
             while j < idx.len() && idx[j] as usize / G::BLOCK == block {
                 j += 1;
             }
-            nb += 1;
-        }
-        starts[nb] = j;
-        let chunk_at = log.saved.len();
-        log.saved.reserve(nb * N);
-        for k in 0..nb {
-            let block = idx[starts[k]] as usize / G::BLOCK;
             if let Some(u) = undo {
                 u.restore_until_bb(tensor, block + 1, N);
             }
             let src: &[u8; N] = tensor[block * N..block * N + N].try_into().unwrap();
             log.save_n(block, src);
+            nb += 1;
         }
+        starts[nb] = j;
         c.blocks += nb;
         for k in 0..nb {
             let (bi, bv) = (
                 &idx[starts[k]..starts[k + 1]],
                 &val[starts[k]..starts[k + 1]],
             );
-            let block = bi[0] as usize / G::BLOCK;
+            let block = blocks[k];
             let first = (block * G::BLOCK) as u32;
             let b = &mut tensor[block * G::BYTES..(block + 1) * G::BYTES];
             // The common case, in one pass and without buffers: each new level fits the
