@@ -482,3 +482,80 @@ fn fast_and_general_paths_agree() {
         assert_eq!(out[0], out[1], "scale {scale}");
     }
 }
+
+/// Random corruption of adapter files (a sparse delta, a GGUF LoRA, a PEFT weights file):
+/// loading and applying never panics; a refused adapter leaves the model byte-identical,
+/// and one that still loads and applies unapplies to the same bytes.
+mod corruption {
+    use super::*;
+
+    fn sources() -> Vec<(String, Vec<u8>)> {
+        let sd = write_sdelta(
+            "corrupt-src.sdelta.safetensors",
+            NameScheme::Gguf,
+            vec![
+                sparse("blk.0.attn_q.weight", 64, 64, vec![0, 7, 300, 4095]),
+                sparse("blk.1.ffn_down.weight", 64, 128, vec![1, 2, 8000]),
+            ],
+            None,
+        );
+        vec![
+            ("sdelta".into(), std::fs::read(sd).unwrap()),
+            (
+                "gguf".into(),
+                std::fs::read(fixtures().join("adapters/lora_qv.lora.f32.gguf")).unwrap(),
+            ),
+            (
+                "peft".into(),
+                std::fs::read(fixtures().join("adapters/lora_qv/adapter_model.safetensors"))
+                    .unwrap(),
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        #[test]
+        fn corrupted_adapters_never_panic(
+            which in 0..3usize,
+            flips in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 1..8),
+            cut in proptest::option::of(any::<proptest::sample::Index>()),
+        ) {
+            let (kind, mut bytes) = sources().swap_remove(which);
+            for (at, v) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= v | 1;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c.index(bytes.len()));
+            }
+            let path = if kind == "peft" {
+                let d = tmp(&format!("corrupt-peft-{which}"));
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::copy(
+                    fixtures().join("adapters/lora_qv/adapter_config.json"),
+                    d.join("adapter_config.json"),
+                )
+                .unwrap();
+                std::fs::write(d.join("adapter_model.safetensors"), &bytes).unwrap();
+                d
+            } else {
+                let p = tmp(&format!("corrupt-{kind}"));
+                std::fs::write(&p, &bytes).unwrap();
+                p
+            };
+            let mut m = tiny_model();
+            let before = m.file().bytes().to_vec();
+            if let Ok(a) = Adapter::load(&path) {
+                match m.apply_adapter(&a, 1.0) {
+                    Ok(id) => {
+                        m.unapply_adapter(id).unwrap();
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+            prop_assert!(m.file().bytes() == before);
+        }
+    }
+}
