@@ -87,9 +87,7 @@ struct TensorUndo {
 impl TensorUndo {
     /// End of the last saved block in the mapping.
     fn end(&self) -> usize {
-        self.log.runs.last().map_or(self.start, |&(f, n)| {
-            self.start + (f + n) as usize * self.block_bytes
-        })
+        self.start + self.log.end_block(self.block_bytes) * self.block_bytes
     }
 }
 
@@ -104,7 +102,7 @@ impl Undo {
     pub fn bytes(&self) -> usize {
         self.tensors
             .iter()
-            .map(|t| t.log.saved.len() + 8 * t.log.runs.len() + 8 * t.residual.len())
+            .map(|t| t.log.len_bytes() + 8 * t.residual.len())
             .sum()
     }
 
@@ -231,8 +229,7 @@ pub type Spare = std::collections::HashMap<usize, BlockLog>;
 /// emptied, or a new one.
 fn take_spare(spare: &mut Spare, start: usize) -> BlockLog {
     let mut l = spare.remove(&start).unwrap_or_default();
-    l.runs.clear();
-    l.saved.clear();
+    l.clear();
     l
 }
 
@@ -321,8 +318,9 @@ fn patch_tensor(
                 (&merged.0[..], &merged.1[..], 1.0)
             }
         };
-        let blocks = idx.last().map_or(0, |&l| l as usize / bs + 1);
-        u.log.saved.reserve(idx.len().min(blocks) * bb);
+        // Mostly single changed bytes; whole blocks only where a block is re-encoded.
+        u.log.byte_at.reserve(idx.len());
+        u.log.byte_old.reserve(idx.len());
         let c = edit::add_sparse(
             p.ty, bytes, idx, val, scale, o.requant, &mut u.log, residual, undo_first,
         );

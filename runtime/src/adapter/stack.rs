@@ -4,6 +4,7 @@
 use super::patch::{self, Options, Stats, Undo};
 use super::{Adapter, NameScheme};
 use crate::gguf::GgufFile;
+use crate::quant::edit::BlockLog;
 use crate::{Error, Result};
 
 /// An adapter (or several composed) fused into a model's weights.
@@ -211,8 +212,9 @@ impl Stack {
     /// Keeps the buffers of an undone log for reuse, one per tensor (the larger).
     fn recycle(&mut self, undo: Undo) {
         for (start, l) in undo.into_logs() {
+            let cap = |l: &BlockLog| l.saved.capacity() + 5 * l.byte_at.capacity();
             match self.spare.get(&start) {
-                Some(old) if old.saved.capacity() >= l.saved.capacity() => {}
+                Some(old) if cap(old) >= cap(&l) => {}
                 _ => {
                     self.spare.insert(start, l);
                 }

@@ -139,6 +139,8 @@ trait Grid {
     fn cell(b: &[u8], e: usize) -> Cell;
     fn level(b: &[u8], e: usize) -> i32;
     fn set_level(b: &mut [u8], e: usize, level: i32);
+    /// The bytes of the block `set_level(_, e, _)` writes (the same one twice when one).
+    fn bytes(e: usize) -> [usize; 2];
 }
 
 #[inline(always)]
@@ -196,6 +198,9 @@ impl Grid for Q8_0G {
     fn level(b: &[u8], e: usize) -> i32 {
         b[2 + e] as i8 as i32
     }
+    fn bytes(e: usize) -> [usize; 2] {
+        [2 + e, 2 + e]
+    }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         b[2 + e] = level as i8 as u8;
     }
@@ -218,6 +223,9 @@ impl Grid for Q4_0G {
     fn level(b: &[u8], e: usize) -> i32 {
         nibble(b, 2 + e % 16, e >= 16)
     }
+    fn bytes(e: usize) -> [usize; 2] {
+        [2 + e % 16; 2]
+    }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         set_nibble(b, 2 + e % 16, e >= 16, level)
     }
@@ -238,6 +246,9 @@ impl Grid for Q4_1G {
     }
     fn level(b: &[u8], e: usize) -> i32 {
         nibble(b, 4 + e % 16, e >= 16)
+    }
+    fn bytes(e: usize) -> [usize; 2] {
+        [4 + e % 16; 2]
     }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         set_nibble(b, 4 + e % 16, e >= 16, level)
@@ -260,6 +271,9 @@ impl Grid for Q5_0G {
     fn level(b: &[u8], e: usize) -> i32 {
         nibble(b, 6 + e % 16, e >= 16) | bit(b, 2 + e / 8, e % 8) << 4
     }
+    fn bytes(e: usize) -> [usize; 2] {
+        [6 + e % 16, 2 + e / 8]
+    }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         set_nibble(b, 6 + e % 16, e >= 16, level);
         set_bit(b, 2 + e / 8, e % 8, level >> 4);
@@ -281,6 +295,9 @@ impl Grid for Q5_1G {
     }
     fn level(b: &[u8], e: usize) -> i32 {
         nibble(b, 8 + e % 16, e >= 16) | bit(b, 4 + e / 8, e % 8) << 4
+    }
+    fn bytes(e: usize) -> [usize; 2] {
+        [8 + e % 16, 4 + e / 8]
     }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         set_nibble(b, 8 + e % 16, e >= 16, level);
@@ -313,6 +330,9 @@ impl Grid for Q4KG {
     fn level(b: &[u8], e: usize) -> i32 {
         nibble(b, 16 + 32 * (e / 64) + e % 32, e % 64 >= 32)
     }
+    fn bytes(e: usize) -> [usize; 2] {
+        [16 + 32 * (e / 64) + e % 32; 2]
+    }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         set_nibble(b, 16 + 32 * (e / 64) + e % 32, e % 64 >= 32, level)
     }
@@ -330,6 +350,9 @@ impl Grid for Q5KG {
     }
     fn level(b: &[u8], e: usize) -> i32 {
         nibble(b, 48 + 32 * (e / 64) + e % 32, e % 64 >= 32) | bit(b, 16 + e % 32, e / 32) << 4
+    }
+    fn bytes(e: usize) -> [usize; 2] {
+        [48 + 32 * (e / 64) + e % 32, 16 + e % 32]
     }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         set_nibble(b, 48 + 32 * (e / 64) + e % 32, e % 64 >= 32, level);
@@ -368,6 +391,10 @@ impl Grid for Q6KG {
     fn level(b: &[u8], e: usize) -> i32 {
         let (ql, high, qh, shift) = Self::place(e);
         nibble(b, ql, high) | (((b[qh] >> shift) & 3) as i32) << 4
+    }
+    fn bytes(e: usize) -> [usize; 2] {
+        let (ql, _, qh, _) = Self::place(e);
+        [ql, qh]
     }
     fn set_level(b: &mut [u8], e: usize, level: i32) {
         let (ql, high, qh, shift) = Self::place(e);
@@ -435,13 +462,19 @@ fn edit<G: Grid>(
     Outcome::Reencoded
 }
 
-/// Where the original bytes of each touched block of a tensor go, in increasing block
-/// order: runs of consecutive blocks and their bytes.
+/// What an edit of a tensor overwrote, in increasing order: whole blocks (runs of
+/// consecutive blocks and their bytes), and single bytes of blocks that an in-place edit
+/// changed only in a few bytes (a sparse edit on a kept grid changes one or two bytes per
+/// element, so logging those instead of the block keeps the log about seven times smaller).
+/// A block is logged one way or the other, never both.
 #[derive(Default)]
 pub struct BlockLog {
     /// (first block, number of blocks), increasing and disjoint.
     pub runs: Vec<(u32, u32)>,
     pub saved: Vec<u8>,
+    /// Offsets in the tensor of single changed bytes (increasing), and their old values.
+    pub byte_at: Vec<u32>,
+    pub byte_old: Vec<u8>,
 }
 
 impl BlockLog {
@@ -455,18 +488,41 @@ impl BlockLog {
         self.saved.extend_from_slice(bytes);
     }
 
-    /// [`BlockLog::save`] for a block of a size known when compiling.
+    /// Empties the log, keeping its buffers.
+    pub fn clear(&mut self) {
+        self.runs.clear();
+        self.saved.clear();
+        self.byte_at.clear();
+        self.byte_old.clear();
+    }
+
+    /// Heap bytes of the entries.
+    pub fn len_bytes(&self) -> usize {
+        self.saved.len() + 8 * self.runs.len() + 5 * self.byte_at.len()
+    }
+
+    /// End (exclusive) of the last byte the log covers, in blocks of `bb` bytes.
+    pub fn end_block(&self, bb: usize) -> usize {
+        let runs = self.runs.last().map_or(0, |&(f, n)| (f + n) as usize);
+        let bytes = self.byte_at.last().map_or(0, |&o| o as usize / bb + 1);
+        runs.max(bytes)
+    }
+
+    /// Logs byte `at` of the tensor with its value `old`, unless the block's entries (from
+    /// index `from` of the byte log) already hold it: restoring must write the oldest value.
     #[inline(always)]
-    fn save_n<const N: usize>(&mut self, block: usize, bytes: &[u8; N]) {
-        match self.runs.last_mut() {
-            Some((first, n)) if (*first + *n) as usize == block => *n += 1,
-            _ => self.runs.push((block as u32, 1)),
+    fn save_byte(&mut self, from: usize, at: u32, old: u8) {
+        if !self.byte_at[from..].contains(&at) {
+            self.byte_at.push(at);
+            self.byte_old.push(old);
         }
-        self.saved.extend_from_slice(bytes);
     }
 
     /// Writes the saved bytes back into `tensor` (blocks of `block_bytes`).
     pub fn restore(&self, tensor: &mut [u8], block_bytes: usize) {
+        for (&o, &v) in self.byte_at.iter().zip(&self.byte_old) {
+            tensor[o as usize] = v;
+        }
         // Fixed sizes let the compiler inline the copies of the common case, one block.
         macro_rules! by_size {
             ($($n:literal)*) => {
@@ -513,6 +569,8 @@ pub struct Cursor<'a> {
     done: usize,
     /// Read position in `log.saved`.
     at: usize,
+    /// Next single byte of `log.byte_at` to restore.
+    byte: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -523,6 +581,7 @@ impl<'a> Cursor<'a> {
             run: 0,
             done: 0,
             at: 0,
+            byte: 0,
         }
     }
 
@@ -536,6 +595,14 @@ impl<'a> Cursor<'a> {
     /// caller that knows it as a constant gets the one-block copy inlined.
     #[inline(always)]
     fn restore_until_bb(&mut self, tensor: &mut [u8], end: usize, bb: usize) {
+        let end_byte = end.saturating_mul(bb);
+        while let Some(&o) = self.log.byte_at.get(self.byte) {
+            if o as usize >= end_byte {
+                break;
+            }
+            tensor[o as usize] = self.log.byte_old[self.byte];
+            self.byte += 1;
+        }
         while let Some(&(first, n)) = self.log.runs.get(self.run) {
             let start = first as usize + self.done;
             if start >= end {
@@ -672,13 +739,14 @@ fn sparse<G: Grid, const N: usize>(
     // then the edits, on lines that are now in cache.
     const CHUNK: usize = 128;
     let mut starts = [0usize; CHUNK + 1];
+    let mut orig: Vec<u8> = Vec::with_capacity(CHUNK * N);
     let mut blocks = [0usize; CHUNK];
     let mut i = 0;
     while i < idx.len() {
         // The next CHUNK blocks: their element ranges, and their bytes saved (restoring
         // first what `undo` holds before them).
-        let chunk_at = log.saved.len();
-        log.saved.reserve(CHUNK * N);
+        // The blocks' original bytes, for the diff (or the whole-block log) after the edit.
+        orig.clear();
         let mut nb = 0;
         let mut j = i;
         while nb < CHUNK && j < idx.len() {
@@ -692,8 +760,7 @@ fn sparse<G: Grid, const N: usize>(
             if let Some(u) = undo {
                 u.restore_until_bb(tensor, block + 1, N);
             }
-            let src: &[u8; N] = tensor[block * N..block * N + N].try_into().unwrap();
-            log.save_n(block, src);
+            orig.extend_from_slice(&tensor[block * N..block * N + N]);
             nb += 1;
         }
         starts[nb] = j;
@@ -711,6 +778,8 @@ fn sparse<G: Grid, const N: usize>(
             // one saved it) and takes the general path below.
             if how == Requant::KeepScales && res.is_none() {
                 let mut fits = true;
+                let from = log.byte_at.len();
+                let base = (block * N) as u32;
                 for (&e, &d) in bi.iter().zip(bv) {
                     let e = (e - first) as usize;
                     let cell = G::cell(b, e);
@@ -719,6 +788,11 @@ fn sparse<G: Grid, const N: usize>(
                         Some(q)
                             if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && cell.step != 0.0 =>
                         {
+                            let [p0, p1] = G::bytes(e);
+                            log.save_byte(from, base + p0 as u32, b[p0]);
+                            if p1 != p0 {
+                                log.save_byte(from, base + p1 as u32, b[p1]);
+                            }
                             G::set_level(b, e, q)
                         }
                         _ => {
@@ -730,9 +804,12 @@ fn sparse<G: Grid, const N: usize>(
                 if fits {
                     continue;
                 }
-                let at = chunk_at + k * G::BYTES;
-                b.copy_from_slice(&log.saved[at..at + G::BYTES]);
+                // Drop this block's single-byte entries: it is logged whole below.
+                log.byte_at.truncate(from);
+                log.byte_old.truncate(from);
+                b.copy_from_slice(&orig[k * N..k * N + N]);
             }
+            log.save(block, &orig[k * N..k * N + N]);
             deltas.clear();
             deltas.extend(bi.iter().zip(bv).map(|(&e, &d)| (e - first, d * scale)));
             local.clear();
