@@ -161,43 +161,15 @@ pub fn apply(
     o: Options,
     spare: &mut Spare,
 ) -> (Undo, Stats) {
-    patch_all(map, plans, o, spare, None)
+    patch_all(map, plans, o, spare)
 }
 
-/// Undoes `old` and applies `plans` in one pass over each tensor both touch (a tensor only
-/// `old` touched is restored as [`restore`] does). The result is what `restore` followed by
-/// [`apply`] gives, byte for byte.
-pub fn switch(
-    map: &mut [u8],
-    old: &Undo,
-    plans: &[TensorPlan<'_>],
-    o: Options,
-    spare: &mut Spare,
-) -> (Undo, Stats) {
-    // Tensors only `old` touched: restore them first (disjoint from the rest).
-    let only_old: Vec<&TensorUndo> = old
-        .tensors
-        .iter()
-        .filter(|t| !plans.iter().any(|p| p.range.start == t.start))
-        .collect();
-    {
-        let ranges = only_old.iter().map(|t| t.start..t.end());
-        let slices = disjoint(map, ranges);
-        only_old
-            .par_iter()
-            .zip(slices)
-            .for_each(|(t, bytes)| t.log.restore(bytes, t.block_bytes));
-    }
-    patch_all(map, plans, o, spare, Some(old))
-}
-
-/// Patches every tensor of `plans` in parallel, each first restoring what `old` saved of it.
+/// Patches every tensor of `plans` in parallel.
 fn patch_all(
     map: &mut [u8],
     plans: &[TensorPlan<'_>],
     o: Options,
     spare: &mut Spare,
-    old: Option<&Undo>,
 ) -> (Undo, Stats) {
     let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
     let logs: Vec<BlockLog> = plans
@@ -208,10 +180,7 @@ fn patch_all(
         .par_iter()
         .zip(slices)
         .zip(logs)
-        .map(|((p, bytes), log)| {
-            let first = old.and_then(|u| u.tensors.iter().find(|t| t.start == p.range.start));
-            patch_tensor(p, bytes, o, log, first.map(|t| &t.log))
-        })
+        .map(|((p, bytes), log)| patch_tensor(p, bytes, o, log))
         .collect();
     let mut stats = Stats::default();
     let mut undo = Undo::default();
@@ -267,14 +236,12 @@ fn disjoint(map: &mut [u8], ranges: impl Iterator<Item = Range<usize>>) -> Vec<&
         .collect()
 }
 
-/// Patches one tensor. With `undo_first`, the blocks of that log are restored first (one
-/// pass for a sparse delta, see [`edit::add_sparse`]).
+/// Patches one tensor.
 fn patch_tensor(
     p: &TensorPlan<'_>,
     bytes: &mut [u8],
     o: Options,
     log: BlockLog,
-    undo_first: Option<&BlockLog>,
 ) -> (TensorUndo, Stats) {
     let (bs, bb) = p.ty.block_layout();
     let mut u = TensorUndo {
@@ -322,7 +289,7 @@ fn patch_tensor(
         u.log.byte_at.reserve(idx.len());
         u.log.byte_old.reserve(idx.len());
         let c = edit::add_sparse(
-            p.ty, bytes, idx, val, scale, o.requant, &mut u.log, residual, undo_first,
+            p.ty, bytes, idx, val, scale, o.requant, &mut u.log, residual,
         );
         st.elements += c.elements;
         st.blocks += c.blocks;
@@ -331,9 +298,6 @@ fn patch_tensor(
     }
 
     // Low-rank: every element of every row changes; rows are computed densely.
-    if let Some(l) = undo_first {
-        l.restore(bytes, bb);
-    }
     u.log.saved.reserve(p.rows * p.cols / bs * bb);
     let merged = merged_sparse(&sparse);
     let mut res = residual;

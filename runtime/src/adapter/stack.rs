@@ -163,9 +163,10 @@ impl Stack {
         }
     }
 
-    /// Replaces entry `id` (the last applied) by `to` at `scale`, in one pass over each
-    /// tensor (see [`patch::switch`]): the same bytes as unapply then apply. `to` is checked
-    /// before anything is written, so a bad `to` leaves everything in place.
+    /// Replaces entry `id` (the last applied) by `to` at `scale`: unapply then apply, with
+    /// `to` checked and planned before anything is written, so a bad `to` leaves everything
+    /// in place. (A single pass that restores and edits each tensor together was tried and
+    /// measured slower.)
     pub fn switch(
         &mut self,
         file: &mut GgufFile,
@@ -190,14 +191,14 @@ impl Stack {
         let plans = patch::plan(file, &[(to, scale)])?;
         make_private(file, &plans);
         let old = self.applied.pop().expect("checked");
-        let (undo, stats) = patch::switch(
+        patch::restore(file.bytes_mut(), &old.undo);
+        self.recycle(old.undo);
+        let (undo, stats) = patch::apply(
             file.bytes_mut(),
-            &old.undo,
             &plans,
             Options::default(),
             &mut self.spare,
         );
-        self.recycle(old.undo);
         let new_id = self.next_id;
         self.next_id += 1;
         self.applied.push(Applied {

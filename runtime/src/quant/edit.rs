@@ -520,7 +520,11 @@ impl BlockLog {
 
     /// Writes the saved bytes back into `tensor` (blocks of `block_bytes`).
     pub fn restore(&self, tensor: &mut [u8], block_bytes: usize) {
-        for (&o, &v) in self.byte_at.iter().zip(&self.byte_old) {
+        for (k, (&o, &v)) in self.byte_at.iter().zip(&self.byte_old).enumerate() {
+            // Scattered single bytes: ask for the line of an entry some entries ahead.
+            if let Some(&next) = self.byte_at.get(k + 16) {
+                prefetch_write(&tensor[next as usize..next as usize + 1]);
+            }
             tensor[o as usize] = v;
         }
         // Fixed sizes let the compiler inline the copies of the common case, one block.
@@ -560,73 +564,6 @@ impl BlockLog {
     }
 }
 
-/// A position in a [`BlockLog`] being restored in increasing block order.
-pub struct Cursor<'a> {
-    log: &'a BlockLog,
-    block_bytes: usize,
-    run: usize,
-    /// Blocks of the current run already restored.
-    done: usize,
-    /// Read position in `log.saved`.
-    at: usize,
-    /// Next single byte of `log.byte_at` to restore.
-    byte: usize,
-}
-
-impl<'a> Cursor<'a> {
-    pub fn new(log: &'a BlockLog, block_bytes: usize) -> Self {
-        Cursor {
-            log,
-            block_bytes,
-            run: 0,
-            done: 0,
-            at: 0,
-            byte: 0,
-        }
-    }
-
-    /// Restores every saved block before block `end` not restored yet.
-    #[inline]
-    pub fn restore_until(&mut self, tensor: &mut [u8], end: usize) {
-        self.restore_until_bb(tensor, end, self.block_bytes)
-    }
-
-    /// As [`Cursor::restore_until`] with the block size given by the caller, so that a
-    /// caller that knows it as a constant gets the one-block copy inlined.
-    #[inline(always)]
-    fn restore_until_bb(&mut self, tensor: &mut [u8], end: usize, bb: usize) {
-        let end_byte = end.saturating_mul(bb);
-        while let Some(&o) = self.log.byte_at.get(self.byte) {
-            if o as usize >= end_byte {
-                break;
-            }
-            tensor[o as usize] = self.log.byte_old[self.byte];
-            self.byte += 1;
-        }
-        while let Some(&(first, n)) = self.log.runs.get(self.run) {
-            let start = first as usize + self.done;
-            if start >= end {
-                return;
-            }
-            let upto = (first as usize + n as usize).min(end);
-            let len = (upto - start) * bb;
-            if upto - start == 1 {
-                tensor[start * bb..start * bb + bb]
-                    .copy_from_slice(&self.log.saved[self.at..self.at + bb]);
-            } else {
-                tensor[start * bb..start * bb + len]
-                    .copy_from_slice(&self.log.saved[self.at..self.at + len]);
-            }
-            self.at += len;
-            self.done += upto - start;
-            if self.done == n as usize {
-                self.run += 1;
-                self.done = 0;
-            }
-        }
-    }
-}
-
 /// Counts of one tensor's edit.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -639,10 +576,6 @@ pub struct Counts {
 /// `tensor`, whole blocks of `ty`: each touched block's bytes go to `log` first, then the
 /// block is edited as [`add_to_block`] does. Residuals (flat index, value) are pushed in
 /// index order when asked for.
-///
-/// With `undo`, the blocks saved in that log (an earlier edit of this tensor) are restored
-/// first, block by block as the edit passes them: a switch from one adapter to another in
-/// one pass over the tensor instead of two.
 #[allow(clippy::too_many_arguments)]
 pub fn add_sparse(
     ty: GgmlType,
@@ -653,38 +586,17 @@ pub fn add_sparse(
     how: Requant,
     log: &mut BlockLog,
     residual: Option<&mut Vec<(u32, f32)>>,
-    undo: Option<&BlockLog>,
-) -> Counts {
-    let mut undo = undo.map(|l| Cursor::new(l, ty.type_size()));
-    let c = add_sparse_inner(ty, tensor, idx, val, scale, how, log, residual, &mut undo);
-    if let Some(u) = &mut undo {
-        u.restore_until(tensor, usize::MAX);
-    }
-    c
-}
-
-#[allow(clippy::too_many_arguments)]
-fn add_sparse_inner(
-    ty: GgmlType,
-    tensor: &mut [u8],
-    idx: &[u32],
-    val: &[f32],
-    scale: f32,
-    how: Requant,
-    log: &mut BlockLog,
-    residual: Option<&mut Vec<(u32, f32)>>,
-    undo: &mut Option<Cursor<'_>>,
 ) -> Counts {
     use GgmlType::*;
     match ty {
-        Q8_0 => sparse::<Q8_0G, 34>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q4_0 => sparse::<Q4_0G, 18>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q4_1 => sparse::<Q4_1G, 20>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q5_0 => sparse::<Q5_0G, 22>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q5_1 => sparse::<Q5_1G, 24>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q4_K => sparse::<Q4KG, 144>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q5_K => sparse::<Q5KG, 176>(ty, tensor, idx, val, scale, how, log, residual, undo),
-        Q6_K => sparse::<Q6KG, 210>(ty, tensor, idx, val, scale, how, log, residual, undo),
+        Q8_0 => sparse::<Q8_0G, 34>(ty, tensor, idx, val, scale, how, log, residual),
+        Q4_0 => sparse::<Q4_0G, 18>(ty, tensor, idx, val, scale, how, log, residual),
+        Q4_1 => sparse::<Q4_1G, 20>(ty, tensor, idx, val, scale, how, log, residual),
+        Q5_0 => sparse::<Q5_0G, 22>(ty, tensor, idx, val, scale, how, log, residual),
+        Q5_1 => sparse::<Q5_1G, 24>(ty, tensor, idx, val, scale, how, log, residual),
+        Q4_K => sparse::<Q4KG, 144>(ty, tensor, idx, val, scale, how, log, residual),
+        Q5_K => sparse::<Q5KG, 176>(ty, tensor, idx, val, scale, how, log, residual),
+        Q6_K => sparse::<Q6KG, 210>(ty, tensor, idx, val, scale, how, log, residual),
         _ => {
             // Floats: one element per block.
             let bb = ty.type_size();
@@ -692,9 +604,6 @@ fn add_sparse_inner(
             let mut res = residual;
             let mut one = Vec::new();
             for (&i, &v) in idx.iter().zip(val) {
-                if let Some(u) = undo {
-                    u.restore_until(tensor, i as usize + 1);
-                }
                 let b = &mut tensor[i as usize * bb..(i as usize + 1) * bb];
                 log.save(i as usize, b);
                 one.clear();
@@ -723,7 +632,6 @@ fn sparse<G: Grid, const N: usize>(
     how: Requant,
     log: &mut BlockLog,
     residual: Option<&mut Vec<(u32, f32)>>,
-    undo: &mut Option<Cursor<'_>>,
 ) -> Counts {
     debug_assert_eq!(N, G::BYTES);
     let mut scratch = Scratch::default();
@@ -737,93 +645,87 @@ fn sparse<G: Grid, const N: usize>(
     // Touched blocks are far apart in memory. In chunks of blocks: first a tight loop that
     // restores (on a switch) and saves each block, which keeps many cache misses in flight;
     // then the edits, on lines that are now in cache.
-    const CHUNK: usize = 128;
-    let mut starts = [0usize; CHUNK + 1];
-    let mut orig: Vec<u8> = Vec::with_capacity(CHUNK * N);
-    let mut blocks = [0usize; CHUNK];
+    // The blocks are far apart and the work per block is long, so the CPU has few of them in
+    // flight: ask for a block some elements ahead.
+    const AHEAD: usize = 16;
     let mut i = 0;
     while i < idx.len() {
-        // The next CHUNK blocks: their element ranges, and their bytes saved (restoring
-        // first what `undo` holds before them).
-        // The blocks' original bytes, for the diff (or the whole-block log) after the edit.
-        orig.clear();
-        let mut nb = 0;
-        let mut j = i;
-        while nb < CHUNK && j < idx.len() {
-            starts[nb] = j;
-            let block = idx[j] as usize / G::BLOCK;
-            blocks[nb] = block;
-            j += 1;
-            while j < idx.len() && idx[j] as usize / G::BLOCK == block {
-                j += 1;
-            }
-            if let Some(u) = undo {
-                u.restore_until_bb(tensor, block + 1, N);
-            }
-            orig.extend_from_slice(&tensor[block * N..block * N + N]);
-            nb += 1;
+        if let Some(&next) = idx.get(i + AHEAD) {
+            let at = next as usize / G::BLOCK * N;
+            prefetch_write(&tensor[at..at + N]);
         }
-        starts[nb] = j;
-        c.blocks += nb;
-        for k in 0..nb {
-            let (bi, bv) = (
-                &idx[starts[k]..starts[k + 1]],
-                &val[starts[k]..starts[k + 1]],
-            );
-            let block = blocks[k];
-            let first = (block * G::BLOCK) as u32;
-            let b = &mut tensor[block * G::BYTES..(block + 1) * G::BYTES];
-            // The common case, in one pass and without buffers: each new level fits the
-            // kept scales. If one does not, the block is put back from the log (where pass
-            // one saved it) and takes the general path below.
-            if how == Requant::KeepScales && res.is_none() {
-                let mut fits = true;
-                let from = log.byte_at.len();
-                let base = (block * N) as u32;
-                for (&e, &d) in bi.iter().zip(bv) {
-                    let e = (e - first) as usize;
-                    let cell = G::cell(b, e);
-                    let v = cell.value(G::level(b, e)) + d * scale;
-                    match nearest((v - cell.add) / cell.step).map(|q| q + cell.zero) {
-                        Some(q)
-                            if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && cell.step != 0.0 =>
-                        {
-                            let [p0, p1] = G::bytes(e);
-                            log.save_byte(from, base + p0 as u32, b[p0]);
-                            if p1 != p0 {
-                                log.save_byte(from, base + p1 as u32, b[p1]);
-                            }
-                            G::set_level(b, e, q)
+        let block = idx[i] as usize / G::BLOCK;
+        let mut j = i + 1;
+        while j < idx.len() && idx[j] as usize / G::BLOCK == block {
+            j += 1;
+        }
+        let (bi, bv) = (&idx[i..j], &val[i..j]);
+        i = j;
+        c.blocks += 1;
+        let first = (block * G::BLOCK) as u32;
+        let b = &mut tensor[block * N..block * N + N];
+        // The common case, in one pass and without buffers: each new level fits the kept
+        // scales, and only the bytes it changes are logged. If one does not fit, those bytes
+        // are put back and the block takes the general path below, logged whole.
+        if how == Requant::KeepScales && res.is_none() {
+            let mut fits = true;
+            let from = log.byte_at.len();
+            let base = (block * N) as u32;
+            for (&e, &d) in bi.iter().zip(bv) {
+                let e = (e - first) as usize;
+                let cell = G::cell(b, e);
+                let v = cell.value(G::level(b, e)) + d * scale;
+                match nearest((v - cell.add) / cell.step).map(|q| q + cell.zero) {
+                    Some(q) if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && cell.step != 0.0 => {
+                        let [p0, p1] = G::bytes(e);
+                        log.save_byte(from, base + p0 as u32, b[p0]);
+                        if p1 != p0 {
+                            log.save_byte(from, base + p1 as u32, b[p1]);
                         }
-                        _ => {
-                            fits = false;
-                            break;
-                        }
+                        G::set_level(b, e, q)
+                    }
+                    _ => {
+                        fits = false;
+                        break;
                     }
                 }
-                if fits {
-                    continue;
-                }
-                // Drop this block's single-byte entries: it is logged whole below.
-                log.byte_at.truncate(from);
-                log.byte_old.truncate(from);
-                b.copy_from_slice(&orig[k * N..k * N + N]);
             }
-            log.save(block, &orig[k * N..k * N + N]);
-            deltas.clear();
-            deltas.extend(bi.iter().zip(bv).map(|(&e, &d)| (e - first, d * scale)));
-            local.clear();
-            let keep = res.is_some().then_some(&mut local);
-            if edit::<G>(ty, b, &deltas, how, &mut scratch, keep) == Outcome::Reencoded {
-                c.reencoded += 1;
+            if fits {
+                continue;
             }
-            if let Some(r) = res.as_deref_mut() {
-                r.extend(local.iter().map(|&(e, v)| (first + e, v)));
+            for k in (from..log.byte_at.len()).rev() {
+                b[(log.byte_at[k] - base) as usize] = log.byte_old[k];
             }
+            log.byte_at.truncate(from);
+            log.byte_old.truncate(from);
         }
-        i = j;
+        log.save(block, b);
+        deltas.clear();
+        deltas.extend(bi.iter().zip(bv).map(|(&e, &d)| (e - first, d * scale)));
+        local.clear();
+        let keep = res.is_some().then_some(&mut local);
+        if edit::<G>(ty, b, &deltas, how, &mut scratch, keep) == Outcome::Reencoded {
+            c.reencoded += 1;
+        }
+        if let Some(r) = res.as_deref_mut() {
+            r.extend(local.iter().map(|&(e, v)| (first + e, v)));
+        }
     }
     c
+}
+
+/// Hints that the cache lines of `b` (its first and last byte) will be written soon.
+#[inline(always)]
+fn prefetch_write(b: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it never faults, and both pointers are inside `b`.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr() as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().add(b.len() - 1) as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = b;
 }
 
 fn reencode(
