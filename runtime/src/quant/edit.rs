@@ -141,6 +141,9 @@ trait Grid {
     fn set_level(b: &mut [u8], e: usize, level: i32);
     /// The bytes of the block `set_level(_, e, _)` writes (the same one twice when one).
     fn bytes(e: usize) -> [usize; 2];
+    /// Whether two elements can share a byte (nibbles, high bits): then a byte is logged
+    /// once, with its oldest value.
+    const SHARED_BYTES: bool = true;
 }
 
 #[inline(always)]
@@ -184,6 +187,7 @@ fn set_bit(b: &mut [u8], byte: usize, bit: usize, v: i32) {
 /// Q8_0: `[d f16][qs i8 x 32]`, x = d * q.
 struct Q8_0G;
 impl Grid for Q8_0G {
+    const SHARED_BYTES: bool = false;
     const BLOCK: usize = 32;
     const BYTES: usize = 34;
     const MAX_LEVEL: i32 = 127;
@@ -678,9 +682,14 @@ fn sparse<G: Grid, const N: usize>(
                 match nearest((v - cell.add) / cell.step).map(|q| q + cell.zero) {
                     Some(q) if (G::MIN_LEVEL..=G::MAX_LEVEL).contains(&q) && cell.step != 0.0 => {
                         let [p0, p1] = G::bytes(e);
-                        log.save_byte(from, base + p0 as u32, b[p0]);
-                        if p1 != p0 {
-                            log.save_byte(from, base + p1 as u32, b[p1]);
+                        if G::SHARED_BYTES {
+                            log.save_byte(from, base + p0 as u32, b[p0]);
+                            if p1 != p0 {
+                                log.save_byte(from, base + p1 as u32, b[p1]);
+                            }
+                        } else {
+                            log.byte_at.push(base + p0 as u32);
+                            log.byte_old.push(b[p0]);
                         }
                         G::set_level(b, e, q)
                     }
