@@ -646,11 +646,8 @@ fn sparse<G: Grid, const N: usize>(
         elements: idx.len(),
         ..Counts::default()
     };
-    // Touched blocks are far apart in memory. In chunks of blocks: first a tight loop that
-    // restores (on a switch) and saves each block, which keeps many cache misses in flight;
-    // then the edits, on lines that are now in cache.
-    // The blocks are far apart and the work per block is long, so the CPU has few of them in
-    // flight: ask for a block some elements ahead.
+    // Touched blocks are far apart and the work per block is long, so the CPU would have few
+    // of them in flight: ask for the block some elements ahead.
     const AHEAD: usize = 16;
     let mut i = 0;
     while i < idx.len() {
