@@ -559,3 +559,32 @@ mod corruption {
         }
     }
 }
+
+/// A switch to a bad adapter fails before anything is written: the adapter in place stays,
+/// byte for byte, and can still be removed.
+#[test]
+fn switch_to_a_bad_adapter_keeps_the_current_one() {
+    let mut m = tiny_model();
+    let base = m.file().bytes().to_vec();
+    let good = Adapter::load(fixtures().join("adapters/shira")).unwrap();
+    let id = m.apply_adapter(&good, 1.0).unwrap();
+    let patched = m.file().bytes().to_vec();
+    let bad = Adapter::load(write_sdelta(
+        "switch-bad.sdelta.safetensors",
+        NameScheme::Gguf,
+        good_then(sparse("blk.1.ffn_up.weight", 64, 128, vec![1])),
+        None,
+    ))
+    .unwrap();
+    let e = m.switch_adapter(id, &bad, 1.0).unwrap_err().to_string();
+    assert!(e.contains("delta is 64 x 128"), "{e}");
+    let e = m
+        .switch_adapter(id, &good, f32::NAN)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not finite"), "{e}");
+    assert!(m.file().bytes() == patched);
+    assert_eq!(m.applied_adapters().len(), 1);
+    m.unapply_adapter(id).unwrap();
+    assert!(m.file().bytes() == base);
+}

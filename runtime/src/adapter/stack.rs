@@ -174,18 +174,12 @@ impl Stack {
         to: &Adapter,
         scale: f32,
     ) -> Result<u64> {
+        // Binding (HF names) and planning run every check, the scale's included, before
+        // anything is written.
         let bound = match to.names {
-            NameScheme::Gguf => {
-                to.check(file)?;
-                None
-            }
+            NameScheme::Gguf => None,
             NameScheme::Hf => Some(to.bind(file)?),
         };
-        if !scale.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "adapter scale {scale} is not finite"
-            )));
-        }
         self.check_top(id)?;
         let to = bound.as_ref().unwrap_or(to);
         let plans = patch::plan(file, &[(to, scale)])?;
