@@ -93,6 +93,24 @@ pub fn generate<B: Backend>(
     opts: &GenerateOptions,
     mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<Generation> {
+    generate_each(model, session, tokenizer, prompt, opts, |_, piece| {
+        piece.is_empty() || on_text(piece)
+    })
+}
+
+/// [`generate`] with a callback per token: `on_token(Some(id), text)` after each sampled
+/// token that is not an end-of-generation token, with the text it completed (empty while a
+/// UTF-8 character is unfinished or a possible stop-string prefix is held back), and
+/// `on_token(None, text)` once at the end if held-back text remains. Returning `false`
+/// cancels (the final call's answer is ignored).
+pub fn generate_each<B: Backend>(
+    model: &mut Model<B>,
+    session: &mut Session<B>,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(Option<u32>, &str) -> bool,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(Error::InvalidArgument("the prompt has no tokens".into()));
     }
@@ -149,13 +167,11 @@ pub fn generate<B: Backend>(
         while !out.text.is_char_boundary(upto) {
             upto -= 1;
         }
-        if upto > emitted {
-            let go = on_text(&out.text[emitted..upto]);
-            emitted = upto;
-            if !go {
-                out.stop_reason = StopReason::Cancelled;
-                break;
-            }
+        let go = on_token(Some(tok), &out.text[emitted..upto]);
+        emitted = upto;
+        if !go {
+            out.stop_reason = StopReason::Cancelled;
+            break;
         }
         if out.tokens.len() >= opts.max_tokens {
             out.stop_reason = StopReason::MaxTokens;
@@ -178,7 +194,7 @@ pub fn generate<B: Backend>(
         out.text.push_str(&stream.finish());
     }
     if out.stop_reason != StopReason::Cancelled && out.text.len() > emitted {
-        on_text(&out.text[emitted..]);
+        on_token(None, &out.text[emitted..]);
     }
     Ok(out)
 }
