@@ -45,17 +45,22 @@ fn tool(name: &str, install: &str) -> PathBuf {
 
 /// Compiles the client once per test binary run; returns its path.
 fn client() -> PathBuf {
+    compile("client")
+}
+
+/// Compiles tests/c/NAME.c against the header and the library; returns the program's path.
+fn compile(name: &str) -> PathBuf {
     let gcc = tool("gcc", "apt-get install gcc");
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_client");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let exe = out_dir.join(format!("client-{}", std::process::id()));
+    let exe = out_dir.join(format!("{name}-{}", std::process::id()));
     let lib = lib_dir();
     let ffi = repo().join("ffi");
     let st = Command::new(gcc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-O1"])
         .arg("-I")
         .arg(ffi.join("include"))
-        .arg(ffi.join("tests/c/client.c"))
+        .arg(ffi.join(format!("tests/c/{name}.c")))
         .arg("-o")
         .arg(&exe)
         .arg("-L")
@@ -64,7 +69,7 @@ fn client() -> PathBuf {
         .args(["-lsparrow_ffi", "-lpthread"])
         .status()
         .expect("run gcc");
-    assert!(st.success(), "gcc failed to build the C client");
+    assert!(st.success(), "gcc failed to build tests/c/{name}.c");
     exe
 }
 
@@ -188,5 +193,26 @@ fn c_client_is_clean_under_valgrind() {
         "leaks:\n{}",
         show(&o)
     );
+    let _ = std::fs::remove_file(exe);
+}
+
+/// The C example of the README is tests/c/readme_example.c, word for word, and it runs.
+#[test]
+fn readme_c_example_runs() {
+    let src = std::fs::read_to_string(repo().join("ffi/tests/c/readme_example.c")).unwrap();
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```c\n{src}```")),
+        "README.md's C example differs from ffi/tests/c/readme_example.c"
+    );
+    let exe = compile("readme_example");
+    let o = Command::new(&exe)
+        .arg(fixture("tiny/tiny-llama.f32.gguf"))
+        .arg(fixture("adapters/lora_plain.lora.f32.gguf"))
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(!o.stdout.is_empty(), "the example printed nothing:\n{}", show(&o));
     let _ = std::fs::remove_file(exe);
 }
