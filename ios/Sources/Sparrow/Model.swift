@@ -133,7 +133,7 @@ public final class Model: @unchecked Sendable {
             if fits {
                 lock.lock()
                 defer { lock.unlock() }
-                return try handles[0..<count].map { h in
+                return try handles[0..<count].map { (h: OpaquePointer?) throws -> Adapter in
                     guard let h, let adapter = applied[h] else {
                         // Only when adapter calls on this model race each other on several
                         // threads.
