@@ -6,6 +6,7 @@ mod bench;
 mod bench_switch;
 mod fetch;
 mod inspect;
+mod perplexity;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -43,6 +44,8 @@ enum Cmd {
     Adapter(adapter::AdapterCmd),
     /// Measure adapter apply, unapply and switch times, memory, and decode speed.
     BenchSwitch(bench_switch::BenchSwitchArgs),
+    /// Perplexity over a text file, computed as llama.cpp's perplexity tool does.
+    Perplexity(perplexity::PerplexityArgs),
     /// Print the token ids of TEXT as a JSON array.
     Tokenize {
         #[arg(short, long)]
@@ -201,6 +204,7 @@ fn dispatch(cmd: Cmd) -> AnyResult {
         Cmd::Run(a) => run(a),
         Cmd::Chat(a) => chat(a),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Perplexity(a) => perplexity::run(a),
         Cmd::Adapter(c) => adapter::dispatch(c),
         Cmd::BenchSwitch(a) => bench_switch::bench_switch(a),
         Cmd::Tokenize {

@@ -12,8 +12,10 @@ pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod model;
+pub mod perplexity;
 pub mod quant;
 pub mod sample;
+pub mod sparse;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -165,8 +165,11 @@ impl<B: Backend> Activations<B> {
 pub enum Logits {
     /// Only the last token's (generation).
     Last,
-    /// Every token's (`sparrow logits`, perplexity).
+    /// Every token's (`sparrow logits`).
     All,
+    /// The tokens' from index `k` of the batch on (perplexity scores the second half of a
+    /// window); `k` is capped at the last token.
+    From(usize),
 }
 
 /// One forward pass over `tokens` at positions `pos0..`: appends their keys and values to
@@ -233,6 +236,12 @@ pub fn forward<B: Backend>(
             b.copy(&a.x, (n - 1) * d, d, &mut a.h);
             b.rms_norm(host, &a.h, &w.out_norm, c.rms_eps, 1, &mut a.xn)?;
             1
+        }
+        Logits::From(k) => {
+            let k = k.min(n - 1);
+            b.copy(&a.x, k * d, (n - k) * d, &mut a.h);
+            b.rms_norm(host, &a.h, &w.out_norm, c.rms_eps, n - k, &mut a.xn)?;
+            n - k
         }
     };
     b.matmul(host, &w.output, &a.xn, rows, &mut a.logits)?;

@@ -1,0 +1,2 @@
+//! Group-sparse matrix-vector benchmarks (to be written).
+fn main() {}

@@ -1,0 +1,2 @@
+//! N:M sparse matrix-vector benchmarks (to be written).
+fn main() {}

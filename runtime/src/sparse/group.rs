@@ -1,0 +1,1 @@
+//! Group-sparse weights (to be written).

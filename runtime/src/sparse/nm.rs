@@ -1,0 +1,1 @@
+//! N:M structured sparse weights (to be written).
