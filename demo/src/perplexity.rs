@@ -27,7 +27,8 @@ pub struct PerplexityArgs {
 
 pub fn run(a: PerplexityArgs) -> AnyResult {
     let text = std::fs::read(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
-    let text = String::from_utf8(text).map_err(|e| format!("{}: not UTF-8: {e}", a.file.display()))?;
+    let text =
+        String::from_utf8(text).map_err(|e| format!("{}: not UTF-8: {e}", a.file.display()))?;
     let n_ctx = if a.model.ctx > 0 { a.model.ctx } else { 512 };
     let (mut m, tok) = open_model(&a.model)?;
     let bar = (!a.json).then(|| {
@@ -86,7 +87,11 @@ pub fn run(a: PerplexityArgs) -> AnyResult {
             r.secs,
             (r.chunks * n_ctx) as f64 / r.secs.max(1e-9)
         )?;
-        writeln!(o, "Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr)?;
+        writeln!(
+            o,
+            "Final estimate: PPL = {:.4} +/- {:.5}",
+            r.ppl, r.ppl_stderr
+        )?;
     }
     Ok(())
 }

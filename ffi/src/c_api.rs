@@ -2,7 +2,7 @@
 //! the operation of `core.rs` under `catch_unwind`, and turns the outcome into a status
 //! (keeping the message as the thread's last error).
 
-use crate::core::{self, FfiResult, Failure, GenOptions, OpenOptions, SparrowStatus};
+use crate::core::{self, Failure, FfiResult, GenOptions, OpenOptions, SparrowStatus};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -94,8 +94,12 @@ pub struct SparrowGenerateResult {
 /// `sparrow_last_error`, `sparrow_tokenize` and `sparrow_detokenize`; other calls on the same
 /// model return `SPARROW_ERR_BUSY`.
 pub type SparrowTokenCallback = Option<
-    unsafe extern "C" fn(user_data: *mut c_void, text: *const c_char, length: usize, token: i32)
-        -> i32,
+    unsafe extern "C" fn(
+        user_data: *mut c_void,
+        text: *const c_char,
+        length: usize,
+        token: i32,
+    ) -> i32,
 >;
 
 thread_local! {

@@ -96,14 +96,10 @@ impl From<Error> for Failure {
         use SparrowStatus::*;
         let status = match &e {
             Error::Io { .. } => SPARROW_ERR_IO,
-            Error::Gguf { .. } | Error::Metadata { .. } | Error::Tensor { .. } => {
-                SPARROW_ERR_MODEL
-            }
+            Error::Gguf { .. } | Error::Metadata { .. } | Error::Tensor { .. } => SPARROW_ERR_MODEL,
             Error::Unsupported(_) => SPARROW_ERR_UNSUPPORTED,
             Error::Tokenizer(_) | Error::Template(_) => SPARROW_ERR_TOKENIZER,
-            Error::InvalidArgument(m) if m.starts_with("context full") => {
-                SPARROW_ERR_CONTEXT_FULL
-            }
+            Error::InvalidArgument(m) if m.starts_with("context full") => SPARROW_ERR_CONTEXT_FULL,
             Error::InvalidArgument(_) => SPARROW_ERR_INVALID_ARGUMENT,
             Error::Adapter { .. } => SPARROW_ERR_ADAPTER,
         };
@@ -302,7 +298,11 @@ pub fn model_open(path: &str, o: OpenOptions) -> FfiResult<Arc<ModelObj>> {
                  SPARROW_BACKEND_AUTO",
             ))
         }
-        b => return Err(invalid(format!("unknown backend {b} (0 auto, 1 CPU, 2 GPU)"))),
+        b => {
+            return Err(invalid(format!(
+                "unknown backend {b} (0 auto, 1 CPU, 2 GPU)"
+            )))
+        }
     }
     let model = Model::open(
         path,
@@ -551,7 +551,10 @@ pub fn session_create(model: &Arc<ModelObj>, n_ctx: u32) -> FfiResult<Arc<Sessio
         0 => model.n_ctx,
         n => n as usize,
     };
-    let session = model.lock("sparrow_session_create")?.model.new_session(n_ctx)?;
+    let session = model
+        .lock("sparrow_session_create")?
+        .model
+        .new_session(n_ctx)?;
     SESSIONS.insert(|id| SessionObj {
         id,
         model: model.clone(),

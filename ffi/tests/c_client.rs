@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn fixture(rel: &str) -> PathBuf {
@@ -38,8 +41,11 @@ fn lib_dir() -> PathBuf {
 }
 
 fn tool(name: &str, install: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()));
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
     found.unwrap_or_else(|| panic!("`{name}` is not installed; it is needed here ({install})"))
 }
 
@@ -129,7 +135,9 @@ fn printed(stdout: &str, label: &str) -> Vec<u32> {
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{label}:")))
         .unwrap_or_else(|| panic!("the client printed no `{label}:` line"));
-    line.split_whitespace().map(|t| t.parse().unwrap()).collect()
+    line.split_whitespace()
+        .map(|t| t.parse().unwrap())
+        .collect()
 }
 
 #[test]
@@ -142,7 +150,11 @@ fn c_client_runs_the_whole_flow() {
         .unwrap();
     assert!(o.status.success(), "the C client failed:\n{}", show(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.lines().any(|l| l.starts_with("ok: ")), "{}", show(&o));
+    assert!(
+        stdout.lines().any(|l| l.starts_with("ok: ")),
+        "{}",
+        show(&o)
+    );
 
     // What the client generated through the C ABI is what the runtime generates.
     assert_eq!(printed(&stdout, "greedy"), runtime_greedy(&[]));
@@ -189,7 +201,8 @@ fn c_client_is_clean_under_valgrind() {
         show(&o)
     );
     assert!(
-        stderr.contains("definitely lost: 0 bytes") || stderr.contains("All heap blocks were freed"),
+        stderr.contains("definitely lost: 0 bytes")
+            || stderr.contains("All heap blocks were freed"),
         "leaks:\n{}",
         show(&o)
     );
@@ -213,6 +226,10 @@ fn readme_c_example_runs() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", show(&o));
-    assert!(!o.stdout.is_empty(), "the example printed nothing:\n{}", show(&o));
+    assert!(
+        !o.stdout.is_empty(),
+        "the example printed nothing:\n{}",
+        show(&o)
+    );
     let _ = std::fs::remove_file(exe);
 }

@@ -71,8 +71,16 @@ fn chat_turns_follow_the_template_and_reuse_the_cache() {
         stop_at_eog: true,
     };
     let g = generate(&mut rm, &mut rs, &tok, &prompt, &opts, |_| true).unwrap();
-    let want: Vec<u32> = g.tokens.iter().copied().filter(|&t| !tok.is_eog(t)).collect();
-    assert_eq!(ids1, want, "first turn differs from the runtime on the rendered template");
+    let want: Vec<u32> = g
+        .tokens
+        .iter()
+        .copied()
+        .filter(|&t| !tok.is_eog(t))
+        .collect();
+    assert_eq!(
+        ids1, want,
+        "first turn differs from the runtime on the rendered template"
+    );
     assert_eq!(text1, g.text);
     assert_eq!(r1.prompt_tokens as usize, prompt.len());
     assert!(!text1.trim().is_empty());

@@ -10,12 +10,18 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn tool(name: &str, install: &str) -> PathBuf {
-    let found = std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|p| p.is_file()));
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
     found.unwrap_or_else(|| panic!("`{name}` is not installed; it is needed here ({install})"))
 }
 
@@ -39,7 +45,12 @@ fn check_dir() -> &'static Path {
                 .current_dir(&dir)
                 .output()
                 .expect("run npm ci");
-            assert!(out.status.success(), "`npm ci` failed in {}\n{}", dir.display(), text(&out));
+            assert!(
+                out.status.success(),
+                "`npm ci` failed in {}\n{}",
+                dir.display(),
+                text(&out)
+            );
         }
         dir
     })
@@ -59,9 +70,17 @@ fn run_check(root: &Path) -> Output {
 #[test]
 fn swift_package_parses_and_wraps_the_whole_c_abi() {
     let out = run_check(&repo());
-    assert!(out.status.success(), "ios/check/check-swift.mjs failed\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "ios/check/check-swift.mjs failed\n{}",
+        text(&out)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("check-swift: ok"), "no success line\n{}", text(&out));
+    assert!(
+        stdout.contains("check-swift: ok"),
+        "no success line\n{}",
+        text(&out)
+    );
 }
 
 /// Copies `from` into `to`, leaving out node_modules and build output.
@@ -85,7 +104,12 @@ fn copy_tree(from: &Path, to: &Path) {
 /// Replaces the one occurrence of `from` in `file`; returns the 1-based line it was on.
 fn break_file(file: &Path, from: &str, to: &str) -> usize {
     let src = std::fs::read_to_string(file).unwrap();
-    assert_eq!(src.matches(from).count(), 1, "`{from}` is not in {} exactly once", file.display());
+    assert_eq!(
+        src.matches(from).count(),
+        1,
+        "`{from}` is not in {} exactly once",
+        file.display()
+    );
     let line = src[..src.find(from).unwrap()].lines().count() + 1;
     std::fs::write(file, src.replacen(from, to, 1)).unwrap();
     line
@@ -100,8 +124,11 @@ fn check_reports_broken_swift() {
     let _ = std::fs::remove_dir_all(&root);
     copy_tree(&repo().join("ios"), &root.join("ios"));
     std::fs::create_dir_all(root.join("ffi/include")).unwrap();
-    std::fs::copy(repo().join("ffi/include/sparrow.h"), root.join("ffi/include/sparrow.h"))
-        .unwrap();
+    std::fs::copy(
+        repo().join("ffi/include/sparrow.h"),
+        root.join("ffi/include/sparrow.h"),
+    )
+    .unwrap();
     let sources = root.join("ios/Sources/Sparrow");
 
     let brace_line = break_file(
@@ -114,7 +141,11 @@ fn check_reports_broken_swift() {
         "sparrow_adapter_set_scale(",
         "sparrow_adapter_set_scal(",
     );
-    break_file(&sources.join("SparrowError.swift"), "SPARROW_ERR_BUSY)", "SPARROW_ERR_BUZY)");
+    break_file(
+        &sources.join("SparrowError.swift"),
+        "SPARROW_ERR_BUSY)",
+        "SPARROW_ERR_BUZY)",
+    );
     break_file(
         &sources.join("Session.swift"),
         "SparrowGenerateResult()",
@@ -128,7 +159,10 @@ fn check_reports_broken_swift() {
 
     let out = run_check(&root);
     let report = text(&out);
-    assert!(!out.status.success(), "the check passed a broken package\n{report}");
+    assert!(
+        !out.status.success(),
+        "the check passed a broken package\n{report}"
+    );
     for want in [
         format!("ios/Sources/Sparrow/Model.swift:{brace_line}:"),
         "syntax error".to_string(),
@@ -139,7 +173,10 @@ fn check_reports_broken_swift() {
         "sparrow_adapter_set_scale is not used by the Swift API".to_string(),
         "SPARROW_ERR_BUSY is not used by the Swift API".to_string(),
     ] {
-        assert!(report.contains(&want), "the report lacks `{want}`\n{report}");
+        assert!(
+            report.contains(&want),
+            "the report lacks `{want}`\n{report}"
+        );
     }
     std::fs::remove_dir_all(&root).unwrap();
 }

@@ -61,7 +61,9 @@ pub fn perplexity<B: Backend>(
     let n_chunk_max = tokens.len() / n_ctx;
     let n_chunk = o.max_chunks.map_or(n_chunk_max, |c| c.min(n_chunk_max));
     if n_chunk == 0 {
-        return Err(Error::InvalidArgument("no window to score (--chunks 0)".into()));
+        return Err(Error::InvalidArgument(
+            "no window to score (--chunks 0)".into(),
+        ));
     }
     let bos = tokenizer.add_bos().then(|| tokenizer.bos()).flatten();
     let n_vocab = model.config().n_vocab;

@@ -62,7 +62,11 @@ fn smollm2_q4_1_matches_llama_cpp_perplexity() {
     let w = rec["ppl"].as_f64().unwrap();
     assert!((r.ppl / w - 1.0).abs() < 0.01, "{} vs llama.cpp {w}", r.ppl);
     let ws = rec["ppl_stderr"].as_f64().unwrap();
-    assert!((r.ppl_stderr / ws - 1.0).abs() < 0.05, "+/- {} vs {ws}", r.ppl_stderr);
+    assert!(
+        (r.ppl_stderr / ws - 1.0).abs() < 0.05,
+        "+/- {} vs {ws}",
+        r.ppl_stderr
+    );
     assert_eq!(r.scored, want.len() * 255);
 }
 

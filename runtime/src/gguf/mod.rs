@@ -147,10 +147,7 @@ pub struct GgufFile {
     map: memmap2::MmapMut,
     /// 2 MiB chunks of the mapping already moved to anonymous memory (see
     /// [`GgufFile::make_private`]).
-    #[cfg_attr(
-        not(any(target_os = "linux", target_os = "android")),
-        allow(dead_code)
-    )]
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     private: Vec<bool>,
 }
 
