@@ -1,1 +1,858 @@
-//! N:M structured sparse weights (to be written).
+//! N:M structured sparse weights: in every group of M consecutive input weights of a row, N
+//! are kept (1 <= N <= M <= 16; 2:4 and 4:8 have SIMD kernels), quantized per block of kept
+//! values in the manner of Q8_0 or Q4_0.
+//!
+//! # Byte layout
+//!
+//! A row of K inputs is a sequence of blocks, each covering `G` consecutive groups, where
+//! `G = 32 / N` rounded down (so a block holds `B = G * N` kept values: 32 whenever N divides
+//! 32, e.g. 2:4 and 4:8) and spans `S = G * M` inputs (64 for 2:4 and 4:8). K must be a
+//! multiple of S. Every block has the same size, so a row is `K / S * block_bytes` bytes and a
+//! matrix is rows x row_bytes, readable in place at any byte offset (no alignment is assumed).
+//!
+//! Kept values are numbered `j = t * N + r` for the r-th kept input (in increasing position)
+//! of group t of the block. With `P = ceil(log2 M)` bits per in-group index (2 for 2:4, 3 for
+//! 4:8, 4 for M > 8; 0 for M = 1) and `L = ceil(B / 8)` bytes per bit plane (4 when B = 32):
+//!
+//! ```text
+//! byte 0..2              d       f16 scale, little-endian
+//! byte 2..2+P*L          planes  P bit planes of the in-group indices, plane 0 (lsb) first;
+//!                                bit p of index j is bit (j / L) of byte (j % L) of plane p
+//! then, Q8: B bytes      i8 q_j                      w = d * q_j
+//!       Q4: ceil(B/2)    level (0..15) of value j in the low nibble of byte j for
+//!                        j < ceil(B/2), else in the high nibble of byte j - ceil(B/2);
+//!                                                    w = d * (level - 8)
+//! ```
+//!
+//! 2:4 with Q8 values is 42 bytes per 64 inputs (dense Q8_0: 68), with Q4 26 (Q4_0: 36); 4:8
+//! is 46 and 30.
+//!
+//! The planes are transposed (value j in byte j % 4, bit j / 4 when B = 32) so that an AVX2
+//! kernel turns a plane into one index bit per byte with a broadcast, a per-dword shift by
+//! `0..8` and a mask (`vpsrlvd`), and NEON with a per-byte shift (`ushl`); the Q4 nibbles
+//! follow Q4_0 so that the 32 levels unpack the way Q4_0's do.
+//!
+//! # Kernels
+//!
+//! `y[r] = dot(row r, x)`: the activations are quantized once per call ([`NmActs`]) to i8 in
+//! blocks of S inputs, one f32 scale per block (`127 / amax`, ties to even, as
+//! `kernels/act.rs` does for Q8_0). Per block, the kept weights are multiplied by the
+//! activations at their positions in exact i32 arithmetic; the block's sum is scaled by
+//! `d_w * d_x` and accumulated in f32. The SIMD kernels gather the activations a block needs
+//! with byte shuffles (`pshufb` on x86, `tbl` on aarch64) driven by the decoded indices, and
+//! accumulate in 8 (x86) or 4 (aarch64) f32 lanes: they differ from the portable kernel only
+//! in the order of the f32 additions (the integer parts are exact), which the tests bound.
+//!
+//! Kernels read rows they did not validate (a memory-mapped model), so no byte pattern makes
+//! them panic or read outside the row; a corrupt row (an index >= M or indices not strictly
+//! increasing within a group) gives an unspecified number. [`decode_row`] and
+//! [`kept_positions`] check the indices and report such rows as errors.
+
+use crate::error::{Error, Result};
+use crate::kernels::Level;
+use crate::quant::util::{f16_to_f32, f32_to_f16};
+
+/// Largest M supported (indices fit in 4 bits).
+pub const MAX_M: usize = 16;
+/// Kept values per block when N divides it.
+pub const BLOCK_VALUES: usize = 32;
+
+/// How the kept values are quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NmValues {
+    /// i8 per value, f16 scale per block: w = d * q (as Q8_0).
+    Q8,
+    /// 4-bit level per value, f16 scale per block: w = d * (level - 8) (as Q4_0).
+    Q4,
+}
+
+/// An N:M sparse encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NmFormat {
+    pub n: usize,
+    pub m: usize,
+    pub values: NmValues,
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+impl NmFormat {
+    /// A checked format: 1 <= n <= m <= [`MAX_M`].
+    pub fn new(n: usize, m: usize, values: NmValues) -> Result<NmFormat> {
+        let f = NmFormat { n, m, values };
+        f.check()?;
+        Ok(f)
+    }
+
+    /// Errors unless 1 <= n <= m <= [`MAX_M`].
+    pub fn check(&self) -> Result<()> {
+        if self.n == 0 || self.n > self.m || self.m > MAX_M {
+            return Err(invalid(format!(
+                "N:M format {}:{}: need 1 <= N <= M <= {MAX_M}",
+                self.n, self.m
+            )));
+        }
+        Ok(())
+    }
+
+    /// Groups per block (G).
+    pub fn groups_per_block(&self) -> usize {
+        BLOCK_VALUES / self.n
+    }
+
+    /// Kept values per block (B).
+    pub fn block_values(&self) -> usize {
+        self.groups_per_block() * self.n
+    }
+
+    /// Inputs per block (S): K must be a multiple of it.
+    pub fn block_span(&self) -> usize {
+        self.groups_per_block() * self.m
+    }
+
+    /// Bits per in-group index (P).
+    pub fn index_bits(&self) -> usize {
+        if self.m <= 1 {
+            0
+        } else {
+            (usize::BITS - (self.m - 1).leading_zeros()) as usize
+        }
+    }
+
+    /// Bytes per bit plane (L).
+    pub fn plane_bytes(&self) -> usize {
+        self.block_values().div_ceil(8)
+    }
+
+    fn values_offset(&self) -> usize {
+        2 + self.index_bits() * self.plane_bytes()
+    }
+
+    fn value_bytes(&self) -> usize {
+        match self.values {
+            NmValues::Q8 => self.block_values(),
+            NmValues::Q4 => self.block_values().div_ceil(2),
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(&self) -> usize {
+        self.values_offset() + self.value_bytes()
+    }
+
+    /// Bytes of a row of `k` inputs; errors unless the format is valid and `k` is a multiple
+    /// of [`NmFormat::block_span`].
+    pub fn row_bytes(&self, k: usize) -> Result<usize> {
+        self.check()?;
+        let s = self.block_span();
+        if !k.is_multiple_of(s) {
+            return Err(invalid(format!(
+                "N:M {}:{}: row length {k} is not a multiple of the block span {s}",
+                self.n, self.m
+            )));
+        }
+        (k / s)
+            .checked_mul(self.block_bytes())
+            .ok_or_else(|| invalid(format!("N:M row length {k} overflows")))
+    }
+}
+
+// ---- block fields --------------------------------------------------------------------------
+
+/// In-group index of kept value `j` of a block.
+#[inline]
+fn index_of(f: &NmFormat, blk: &[u8], j: usize) -> usize {
+    let l = f.plane_bytes();
+    let mut idx = 0;
+    for p in 0..f.index_bits() {
+        let byte = blk.get(2 + p * l + j % l).copied().unwrap_or(0);
+        idx |= (((byte >> (j / l)) & 1) as usize) << p;
+    }
+    idx
+}
+
+fn set_index(f: &NmFormat, blk: &mut [u8], j: usize, idx: usize) {
+    let l = f.plane_bytes();
+    for p in 0..f.index_bits() {
+        if (idx >> p) & 1 == 1 {
+            blk[2 + p * l + j % l] |= 1 << (j / l);
+        }
+    }
+}
+
+/// Signed quantized value j of a block.
+#[inline]
+fn value_of(f: &NmFormat, blk: &[u8], j: usize) -> i32 {
+    let off = f.values_offset();
+    match f.values {
+        NmValues::Q8 => blk.get(off + j).map_or(0, |&b| b as i8 as i32),
+        NmValues::Q4 => {
+            let h = f.block_values().div_ceil(2);
+            let (byte, shift) = if j < h { (j, 0) } else { (j - h, 4) };
+            blk.get(off + byte)
+                .map_or(0, |&b| ((b >> shift) & 0x0F) as i32 - 8)
+        }
+    }
+}
+
+fn set_value(f: &NmFormat, blk: &mut [u8], j: usize, q: i32) {
+    let off = f.values_offset();
+    match f.values {
+        NmValues::Q8 => blk[off + j] = q as i8 as u8,
+        NmValues::Q4 => {
+            let h = f.block_values().div_ceil(2);
+            let level = (q + 8) as u8 & 0x0F;
+            if j < h {
+                blk[off + j] |= level;
+            } else {
+                blk[off + j - h] |= level << 4;
+            }
+        }
+    }
+}
+
+fn scale_of(blk: &[u8]) -> f32 {
+    f16_to_f32([blk[0], blk[1]])
+}
+
+// ---- encoder and decoder -------------------------------------------------------------------
+
+/// Encodes one row keeping, in each group, the N weights of largest magnitude (ties go to the
+/// lower position). `out` must be `row_bytes(w.len())` long.
+pub fn encode_row(f: &NmFormat, w: &[f32], out: &mut [u8]) -> Result<()> {
+    f.row_bytes(w.len())?;
+    let mut keep = vec![false; w.len()];
+    let mut order: Vec<usize> = Vec::with_capacity(f.m);
+    for (g, grp) in w.chunks_exact(f.m).enumerate() {
+        order.clear();
+        order.extend(0..f.m);
+        // Stable: equal magnitudes keep their position order.
+        order.sort_by(|&a, &b| grp[b].abs().total_cmp(&grp[a].abs()));
+        for &i in &order[..f.n] {
+            keep[g * f.m + i] = true;
+        }
+    }
+    encode_row_with_mask(f, w, &keep, out)
+}
+
+/// Encodes one row keeping the weights where `keep` is true (exactly N per group), for
+/// pruning methods that choose the positions themselves (e.g. activation-aware).
+pub fn encode_row_with_mask(f: &NmFormat, w: &[f32], keep: &[bool], out: &mut [u8]) -> Result<()> {
+    let need = f.row_bytes(w.len())?;
+    if keep.len() != w.len() {
+        return Err(invalid(format!(
+            "N:M keep-mask has {} entries for a row of {}",
+            keep.len(),
+            w.len()
+        )));
+    }
+    if out.len() != need {
+        return Err(invalid(format!(
+            "N:M output row is {} bytes, the format needs {need}",
+            out.len()
+        )));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(invalid(format!("N:M encode: weight {i} is not finite")));
+    }
+    for (g, km) in keep.chunks_exact(f.m).enumerate() {
+        let c = km.iter().filter(|&&k| k).count();
+        if c != f.n {
+            return Err(invalid(format!(
+                "N:M {}:{} keep-mask: group {g} keeps {c} weights",
+                f.n, f.m
+            )));
+        }
+    }
+    let (s, bb, bv) = (f.block_span(), f.block_bytes(), f.block_values());
+    let mut vals = vec![0f32; bv];
+    for ((wb, kb), blk) in w
+        .chunks_exact(s)
+        .zip(keep.chunks_exact(s))
+        .zip(out.chunks_exact_mut(bb))
+    {
+        blk.fill(0);
+        let mut j = 0;
+        for (i, (&v, &k)) in wb.iter().zip(kb).enumerate() {
+            if k {
+                set_index(f, blk, j, i % f.m);
+                vals[j] = v;
+                j += 1;
+            }
+        }
+        let d = quantize_block(f, &vals, blk)?;
+        blk[..2].copy_from_slice(&d);
+    }
+    Ok(())
+}
+
+/// Quantizes the kept values of a block into `blk`, returns the f16 scale. The levels are
+/// computed with the stored (f16-rounded) scale, so that the error bound is that scale's.
+fn quantize_block(f: &NmFormat, vals: &[f32], blk: &mut [u8]) -> Result<[u8; 2]> {
+    let (d, qmin, qmax) = match f.values {
+        NmValues::Q8 => (
+            vals.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0,
+            -127,
+            127,
+        ),
+        NmValues::Q4 => {
+            // Q4_0's choice: the value of largest magnitude maps to level 0 (q = -8).
+            let max = vals
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            (max / -8.0, -8, 7)
+        }
+    };
+    let dh = f32_to_f16(d);
+    let dq = f16_to_f32(dh);
+    if !dq.is_finite() {
+        return Err(invalid("N:M encode: a block scale overflows f16"));
+    }
+    let id = if dq != 0.0 { 1.0 / dq } else { 0.0 };
+    for (j, &v) in vals.iter().enumerate() {
+        let q = ((v * id).round() as i32).clamp(qmin, qmax);
+        set_value(f, blk, j, q);
+    }
+    Ok(dh)
+}
+
+/// Checks the row length and the indices of every block; returns the number of blocks.
+fn check_row(f: &NmFormat, row: &[u8], k: usize) -> Result<usize> {
+    let need = f.row_bytes(k)?;
+    if row.len() != need {
+        return Err(invalid(format!(
+            "N:M row is {} bytes, {k} inputs need {need}",
+            row.len()
+        )));
+    }
+    let bb = f.block_bytes();
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        for t in 0..f.groups_per_block() {
+            let mut prev: Option<usize> = None;
+            for r in 0..f.n {
+                let idx = index_of(f, blk, t * f.n + r);
+                if idx >= f.m || prev.is_some_and(|p| idx <= p) {
+                    return Err(invalid(format!(
+                        "N:M row: block {b} group {t}: index {idx} is out of order or >= {}",
+                        f.m
+                    )));
+                }
+                prev = Some(idx);
+            }
+        }
+    }
+    Ok(k / f.block_span())
+}
+
+/// Decodes a row of `out.len()` inputs to f32 (pruned positions are 0).
+pub fn decode_row(f: &NmFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
+    check_row(f, row, out.len())?;
+    let (s, bb) = (f.block_span(), f.block_bytes());
+    for (blk, ob) in row.chunks_exact(bb).zip(out.chunks_exact_mut(s)) {
+        ob.fill(0.0);
+        let d = scale_of(blk);
+        for j in 0..f.block_values() {
+            let pos = (j / f.n) * f.m + index_of(f, blk, j);
+            ob[pos] = d * value_of(f, blk, j) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// The kept positions of a row of `out.len()` inputs.
+pub fn kept_positions(f: &NmFormat, row: &[u8], out: &mut [bool]) -> Result<()> {
+    check_row(f, row, out.len())?;
+    let (s, bb) = (f.block_span(), f.block_bytes());
+    for (blk, ob) in row.chunks_exact(bb).zip(out.chunks_exact_mut(s)) {
+        ob.fill(false);
+        for j in 0..f.block_values() {
+            ob[(j / f.n) * f.m + index_of(f, blk, j)] = true;
+        }
+    }
+    Ok(())
+}
+
+/// The scale of every block of a row (for tests and tools).
+pub fn block_scales(f: &NmFormat, row: &[u8]) -> Vec<f32> {
+    row.chunks_exact(f.block_bytes()).map(scale_of).collect()
+}
+
+// ---- activations ---------------------------------------------------------------------------
+
+/// A row of activations quantized for one format: i8 in blocks of the format's span, one
+/// f32 scale per block. Reused across calls to avoid allocations.
+#[derive(Clone, Debug, Default)]
+pub struct NmActs {
+    span: usize,
+    q: Vec<i8>,
+    d: Vec<f32>,
+}
+
+impl NmActs {
+    pub fn new() -> NmActs {
+        NmActs::default()
+    }
+
+    /// Quantizes `x` for format `f` (`x.len()` a multiple of the block span).
+    pub fn quantize(&mut self, f: &NmFormat, x: &[f32]) -> Result<()> {
+        f.row_bytes(x.len())?;
+        let s = f.block_span();
+        self.span = s;
+        self.q.resize(x.len(), 0);
+        self.d.clear();
+        for (xb, qb) in x.chunks_exact(s).zip(self.q.chunks_exact_mut(s)) {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            for (o, &v) in qb.iter_mut().zip(xb) {
+                // NaN becomes 0; the clamp only matters for non-finite input.
+                *o = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
+            }
+            self.d.push(amax / 127.0);
+        }
+        Ok(())
+    }
+
+    /// Inputs in the row.
+    pub fn len(&self) -> usize {
+        self.q.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// The quantized values.
+    pub fn values(&self) -> &[i8] {
+        &self.q
+    }
+
+    /// The block scales.
+    pub fn scales(&self) -> &[f32] {
+        &self.d
+    }
+
+    /// The activations the kernels see, as f32 (`d * q`).
+    pub fn decoded(&self) -> Vec<f32> {
+        if self.span == 0 {
+            return Vec::new();
+        }
+        self.q
+            .chunks_exact(self.span)
+            .zip(&self.d)
+            .flat_map(|(qb, &d)| qb.iter().map(move |&q| d * q as f32))
+            .collect()
+    }
+}
+
+// ---- kernels -------------------------------------------------------------------------------
+
+/// One row: the caller guarantees `row.len() == f.row_bytes(a.len())`, that `a` was quantized
+/// for `f`, and that the CPU has the kernel's features.
+type DotFn = unsafe fn(&NmFormat, &[u8], &NmActs) -> f32;
+/// Four rows sharing the activation loads; same contract for every row.
+type Rows4Fn = unsafe fn(&NmFormat, [&[u8]; 4], &NmActs) -> [f32; 4];
+
+/// The portable kernel: per block, the exact integer dot of the kept values and the
+/// activations at their positions, times `d_w * d_x`, summed in block order.
+pub fn generic_dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
+    let (s, bb) = (f.block_span(), f.block_bytes());
+    let mut sum = 0f32;
+    for ((blk, xq), &dx) in row.chunks_exact(bb).zip(a.q.chunks_exact(s)).zip(&a.d) {
+        let mut isum = 0i32;
+        for j in 0..f.block_values() {
+            let pos = (j / f.n) * f.m + index_of(f, blk, j);
+            let x = xq.get(pos).copied().unwrap_or(0) as i32;
+            isum += value_of(f, blk, j) * x;
+        }
+        sum += isum as f32 * (scale_of(blk) * dx);
+    }
+    sum
+}
+
+unsafe fn generic_dot_entry(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
+    generic_dot(f, row, a)
+}
+
+/// A matrix-vector kernel for one format, chosen for a CPU level.
+#[derive(Clone, Copy)]
+pub struct NmKernel {
+    /// Arch, op and format: `avx2_dot_nm24_q8`, `generic_dot_nm`.
+    pub name: &'static str,
+    pub level: Level,
+    pub format: NmFormat,
+    dot: DotFn,
+    rows4: Option<Rows4Fn>,
+}
+
+impl NmKernel {
+    /// The kernel for `f` at [`Level::selected`] (the best the CPU has, capped by
+    /// `SPARROW_KERNELS`).
+    pub fn get(f: NmFormat) -> Result<NmKernel> {
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        NmKernel::for_level(f, *LEVEL.get_or_init(Level::selected))
+    }
+
+    /// The kernel for `f` at `level` or the highest level below it that has one; a level the
+    /// CPU lacks gives the portable kernel.
+    pub fn for_level(f: NmFormat, level: Level) -> Result<NmKernel> {
+        f.check()?;
+        let generic = NmKernel {
+            name: "generic_dot_nm",
+            level: Level::Generic,
+            format: f,
+            dot: generic_dot_entry,
+            rows4: None,
+        };
+        if level == Level::Generic || !Level::detected().contains(&level) {
+            return Ok(generic);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = x86::kernel(f, level) {
+            return Ok(k);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(k) = arm::kernel(f, level) {
+            return Ok(k);
+        }
+        Ok(generic)
+    }
+
+    /// Whether the kernel has a four-row variant (used by [`NmKernel::matvec`]).
+    pub fn has_rows4(&self) -> bool {
+        self.rows4.is_some()
+    }
+
+    fn check(&self, row_len: usize, a: &NmActs) -> Result<()> {
+        let need = self.format.row_bytes(a.len())?;
+        if a.span != self.format.block_span() && !a.is_empty() {
+            return Err(invalid("N:M activations were quantized for another format"));
+        }
+        if row_len != need {
+            return Err(invalid(format!(
+                "N:M row is {row_len} bytes, {} inputs need {need}",
+                a.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// One row's dot product with the activations.
+    pub fn dot(&self, row: &[u8], a: &NmActs) -> Result<f32> {
+        self.check(row.len(), a)?;
+        // SAFETY: lengths checked above; the kernel's level was detected on this CPU.
+        Ok(unsafe { (self.dot)(&self.format, row, a) })
+    }
+
+    /// `y[r] = dot(row r, a)` for a matrix of `y.len()` rows stored one after the other.
+    pub fn matvec(&self, w: &[u8], a: &NmActs, y: &mut [f32]) -> Result<()> {
+        self.matvec_impl(w, a, y, true)
+    }
+
+    /// [`NmKernel::matvec`] one row at a time (no four-row variant), for comparisons.
+    pub fn matvec_by_row(&self, w: &[u8], a: &NmActs, y: &mut [f32]) -> Result<()> {
+        self.matvec_impl(w, a, y, false)
+    }
+
+    fn matvec_impl(&self, w: &[u8], a: &NmActs, y: &mut [f32], rows4: bool) -> Result<()> {
+        let rb = self.format.row_bytes(a.len())?;
+        self.check(rb, a)?;
+        if Some(w.len()) != rb.checked_mul(y.len()) {
+            return Err(invalid(format!(
+                "N:M matrix is {} bytes, {} rows of {rb} need {}",
+                w.len(),
+                y.len(),
+                rb.saturating_mul(y.len())
+            )));
+        }
+        if rb == 0 {
+            y.fill(0.0);
+            return Ok(());
+        }
+        let f = &self.format;
+        let mut done = 0;
+        if let (true, Some(r4)) = (rows4, self.rows4) {
+            for (quad, out) in w.chunks_exact(4 * rb).zip(y.chunks_exact_mut(4)) {
+                let rows = [
+                    &quad[..rb],
+                    &quad[rb..2 * rb],
+                    &quad[2 * rb..3 * rb],
+                    &quad[3 * rb..],
+                ];
+                // SAFETY: every row is rb bytes, checked against the activations above.
+                out.copy_from_slice(&unsafe { r4(f, rows, a) });
+                done += 4;
+            }
+        }
+        for (row, out) in w[done * rb..].chunks_exact(rb).zip(&mut y[done..]) {
+            // SAFETY: as above.
+            *out = unsafe { (self.dot)(f, row, a) };
+        }
+        Ok(())
+    }
+}
+
+/// `y = W x` for `y.len()` rows of `x.len()` inputs, with the kernel of [`NmKernel::get`].
+pub fn matvec(f: &NmFormat, w: &[u8], x: &[f32], y: &mut [f32]) -> Result<()> {
+    let k = NmKernel::get(*f)?;
+    let mut a = NmActs::new();
+    a.quantize(f, x)?;
+    k.matvec(w, &a, y)
+}
+
+/// The SIMD kernels' shape: 2:4 or 4:8 (32 kept values over 64 inputs per block, every
+/// 16-input chunk holding 8 of them).
+#[allow(dead_code)]
+fn simd_shape(f: &NmFormat) -> bool {
+    matches!((f.n, f.m), (2, 4) | (4, 8))
+}
+
+// ---- x86_64 --------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! AVX2 (+FMA, F16C) kernels for 2:4 and 4:8, and the same bodies with AVX-512 VNNI's
+    //! `vpdpbusd` (on 256-bit vectors) at `Level::Avx512`.
+    //!
+    //! Per block: the 64 activations are loaded as two vectors and rearranged into
+    //! `P = [x0..16 | x32..48]` and `Q = [x16..32 | x48..64]` (one `vperm2i128` each, shared by
+    //! the rows of a `rows4` call). Kept values 0..8 of a 128-bit lane come from P's lane and
+    //! 8..16 from Q's, so two `pshufb`s whose controls are the decoded in-chunk positions
+    //! (with 0x80, which gives 0, in the other half) and an OR give the 32 activations in the
+    //! kept values' order. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`, `madd` with
+    //! ones (or `vpdpbusd`), 8 exact i32 lanes, fused-multiply-added with `d_w * d_x`.
+    //!
+    //! Safety model: every function here is `unsafe` with `#[target_feature]`; [`kernel`]
+    //! returns them only for a level that `Level::detected` reported, and `NmKernel` calls them
+    //! only after checking the row and activation lengths.
+
+    use super::{NmActs, NmFormat, NmKernel};
+    use crate::kernels::Level;
+    use std::arch::x86_64::*;
+
+    /// In-chunk position offsets of the kept values of one 128-bit lane, plus 0x80 in the
+    /// half that the other shuffle fills (`q_half`: the control for Q).
+    const fn ctrl(n: usize, m: usize, q_half: bool) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let mut j = 0;
+        while j < 32 {
+            let goff = ((j / n) % (16 / m)) * m;
+            let second = j % 16 >= 8;
+            let zero = if q_half { !second } else { second };
+            out[j] = (goff + if zero { 0x80 } else { 0 }) as u8;
+            j += 1;
+        }
+        out
+    }
+    static CTRL24: [[u8; 32]; 2] = [ctrl(2, 4, false), ctrl(2, 4, true)];
+    static CTRL48: [[u8; 32]; 2] = [ctrl(4, 8, false), ctrl(4, 8, true)];
+
+    /// One bit plane (4 bytes at `p`) as one bit per byte: byte j gets bit j / 4 of byte j % 4.
+    #[inline(always)]
+    unsafe fn plane(p: *const u8) -> __m256i {
+        let v = _mm256_set1_epi32((p as *const i32).read_unaligned());
+        let s = _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_and_si256(s, _mm256_set1_epi8(1))
+    }
+
+    /// The two shuffle controls of a block whose planes start at `p`.
+    #[inline(always)]
+    unsafe fn controls<const M: usize>(p: *const u8) -> (__m256i, __m256i) {
+        let b1 = plane(p.add(4));
+        let mut idx = _mm256_add_epi8(plane(p), _mm256_add_epi8(b1, b1));
+        let c = if M == 8 {
+            idx = _mm256_add_epi8(idx, _mm256_slli_epi16::<2>(plane(p.add(8))));
+            &CTRL48
+        } else {
+            &CTRL24
+        };
+        let cp = _mm256_loadu_si256(c[0].as_ptr() as *const __m256i);
+        let cq = _mm256_loadu_si256(c[1].as_ptr() as *const __m256i);
+        (_mm256_add_epi8(idx, cp), _mm256_add_epi8(idx, cq))
+    }
+
+    #[inline(always)]
+    unsafe fn fp16(p: *const u8) -> f32 {
+        let h = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        let mut r = _mm256_extractf128_ps::<1>(x);
+        r = _mm_add_ps(r, _mm256_castps256_ps128(x));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
+    }
+
+    /// R rows of `nb` blocks of `bb` bytes against the activations `xq` (64 per block) and
+    /// their scales `xd`.
+    #[inline(always)]
+    unsafe fn body<const R: usize, const M: usize, const Q4: bool, const VNNI: bool>(
+        rows: [*const u8; R],
+        nb: usize,
+        bb: usize,
+        xq: *const i8,
+        xd: *const f32,
+    ) -> [f32; R] {
+        let voff = if M == 8 { 14 } else { 10 };
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let xa = _mm256_loadu_si256(xq.add(64 * b) as *const __m256i);
+            let xb = _mm256_loadu_si256(xq.add(64 * b + 32) as *const __m256i);
+            let p = _mm256_permute2x128_si256::<0x20>(xa, xb);
+            let q = _mm256_permute2x128_si256::<0x31>(xa, xb);
+            let dx = *xd.add(b);
+            let mut r = 0;
+            while r < R {
+                let blk = rows[r].add(b * bb);
+                let (cp, cq) = controls::<M>(blk.add(2));
+                let xg = _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq));
+                let w = if Q4 {
+                    let t = _mm_loadu_si128(blk.add(voff) as *const __m128i);
+                    let v = _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(t),
+                        _mm_srli_epi16::<4>(t),
+                    );
+                    let v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+                    _mm256_sub_epi8(v, _mm256_set1_epi8(8))
+                } else {
+                    _mm256_loadu_si256(blk.add(voff) as *const __m256i)
+                };
+                let ax = _mm256_sign_epi8(w, w);
+                let sy = _mm256_sign_epi8(xg, w);
+                let ip = if VNNI {
+                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                } else {
+                    _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
+                };
+                let d = _mm256_set1_ps(fp16(blk) * dx);
+                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r]);
+                r += 1;
+            }
+        }
+        let mut out = [0f32; R];
+        let mut r = 0;
+        while r < R {
+            out[r] = hsum(acc[r]);
+            r += 1;
+        }
+        out
+    }
+
+    macro_rules! variant {
+        ($name:ident, $m:literal, $q4:literal, $vnni:literal, $feat:literal) => {
+            mod $name {
+                use super::*;
+
+                #[target_feature(enable = $feat)]
+                pub(super) unsafe fn dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
+                    let nb = a.q.len() / 64;
+                    body::<1, $m, $q4, $vnni>(
+                        [row.as_ptr()],
+                        nb,
+                        f.block_bytes(),
+                        a.q.as_ptr(),
+                        a.d.as_ptr(),
+                    )[0]
+                }
+
+                #[target_feature(enable = $feat)]
+                pub(super) unsafe fn rows4(f: &NmFormat, rows: [&[u8]; 4], a: &NmActs) -> [f32; 4] {
+                    let nb = a.q.len() / 64;
+                    body::<4, $m, $q4, $vnni>(
+                        [
+                            rows[0].as_ptr(),
+                            rows[1].as_ptr(),
+                            rows[2].as_ptr(),
+                            rows[3].as_ptr(),
+                        ],
+                        nb,
+                        f.block_bytes(),
+                        a.q.as_ptr(),
+                        a.d.as_ptr(),
+                    )
+                }
+            }
+        };
+    }
+
+    variant!(nm24_q8, 4, false, false, "avx2,fma,f16c");
+    variant!(nm24_q4, 4, true, false, "avx2,fma,f16c");
+    variant!(nm48_q8, 8, false, false, "avx2,fma,f16c");
+    variant!(nm48_q4, 8, true, false, "avx2,fma,f16c");
+    variant!(
+        nm24_q8_vnni,
+        4,
+        false,
+        true,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
+    variant!(
+        nm24_q4_vnni,
+        4,
+        true,
+        true,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
+    variant!(
+        nm48_q8_vnni,
+        8,
+        false,
+        true,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
+    variant!(
+        nm48_q4_vnni,
+        8,
+        true,
+        true,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
+
+    /// The x86 kernel for `f` at `level` (which the CPU supports), if there is one.
+    pub(super) fn kernel(f: NmFormat, level: Level) -> Option<NmKernel> {
+        use super::NmValues::*;
+        if level < Level::Avx2 || !super::simd_shape(&f) {
+            return None;
+        }
+        let vnni = level >= Level::Avx512;
+        let (name, dot, rows4): (&'static str, super::DotFn, super::Rows4Fn) =
+            match (f.m, f.values, vnni) {
+                (4, Q8, false) => ("avx2_dot_nm24_q8", nm24_q8::dot, nm24_q8::rows4),
+                (4, Q4, false) => ("avx2_dot_nm24_q4", nm24_q4::dot, nm24_q4::rows4),
+                (8, Q8, false) => ("avx2_dot_nm48_q8", nm48_q8::dot, nm48_q8::rows4),
+                (8, Q4, false) => ("avx2_dot_nm48_q4", nm48_q4::dot, nm48_q4::rows4),
+                (4, Q8, true) => (
+                    "avx512_dot_nm24_q8_vnni",
+                    nm24_q8_vnni::dot,
+                    nm24_q8_vnni::rows4,
+                ),
+                (4, Q4, true) => (
+                    "avx512_dot_nm24_q4_vnni",
+                    nm24_q4_vnni::dot,
+                    nm24_q4_vnni::rows4,
+                ),
+                (8, Q8, true) => (
+                    "avx512_dot_nm48_q8_vnni",
+                    nm48_q8_vnni::dot,
+                    nm48_q8_vnni::rows4,
+                ),
+                (8, Q4, true) => (
+                    "avx512_dot_nm48_q4_vnni",
+                    nm48_q4_vnni::dot,
+                    nm48_q4_vnni::rows4,
+                ),
+                _ => return None,
+            };
+        Some(NmKernel {
+            name,
+            level: if vnni { Level::Avx512 } else { Level::Avx2 },
+            format: f,
+            dot,
+            rows4: Some(rows4),
+        })
+    }
+}
