@@ -1,0 +1,425 @@
+//! Group-sparse weights (`sparrow::sparse::group`): encoder and decoder round trips, every
+//! kernel of every level this CPU has against the portable kernel (bit for bit), the portable
+//! kernel against an f64 product of the decoded weights and activations, and hostile buffers.
+
+use proptest::prelude::*;
+use sparrow::kernels::Level;
+use sparrow::sparse::group::{
+    encode, prune, GroupActs, GroupFormat, GroupKernel, GroupMatrix, Values, CHUNK, HEADER_BYTES,
+};
+
+/// xorshift64*: reproducible values in [-1, 1).
+struct Rng(u64);
+
+impl Rng {
+    fn f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let u = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        u as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn fill(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f32()).collect()
+    }
+}
+
+fn formats() -> Vec<GroupFormat> {
+    let mut v = Vec::new();
+    for g in [4, 8, 16, 32] {
+        for values in [Values::Q4, Values::Q8] {
+            for sg in [1, 2, 4, 8] {
+                if let Ok(f) = GroupFormat::new(g, values).and_then(|f| f.with_scale_groups(sg)) {
+                    v.push(f);
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Pruned random weights and their encoding.
+fn pruned(
+    rows: usize,
+    cols: usize,
+    fmt: GroupFormat,
+    sparsity: f64,
+    seed: u64,
+) -> (Vec<f32>, Vec<u8>) {
+    let mut w = Rng(seed | 1).fill(rows * cols);
+    prune(&mut w, cols, fmt.g, sparsity).unwrap();
+    let bytes = encode(&w, rows, cols, fmt).unwrap();
+    (w, bytes)
+}
+
+/// Per-element ceiling of |w - decoded| for a weight whose scale block has largest magnitude
+/// `amax`: Q4 levels are within one step |d| = amax / 8 (half a step, except the level 16
+/// clamped to 15), Q8 within half a step amax / 127; the f16 rounding of d adds at most
+/// 2^-11 relative per step, times at most 8 (Q4) or 127 (Q8) steps.
+fn ceiling(values: Values, amax: f32) -> f32 {
+    match values {
+        Values::Q4 => amax / 8.0 * (1.0 + 8.0 / 2048.0) + 1e-7,
+        Values::Q8 => amax / 127.0 * (0.5 + 127.0 / 2048.0) + 1e-7,
+    }
+}
+
+/// Checks the decoded matrix against the pruned f32 weights: dropped groups exact zeros,
+/// stored values within the format's ceiling.
+fn check_round_trip(w: &[f32], m: &GroupMatrix) {
+    let fmt = m.format();
+    let (g, cols) = (fmt.g, m.cols());
+    let dec = m.decode();
+    assert_eq!(dec.len(), w.len());
+    for (row, drow) in w.chunks_exact(cols).zip(dec.chunks_exact(cols)) {
+        let stored: Vec<usize> = (0..cols / g)
+            .filter(|&i| row[i * g..(i + 1) * g].iter().any(|&v| v != 0.0))
+            .collect();
+        for i in 0..cols / g {
+            if !stored.contains(&i) {
+                assert!(drow[i * g..(i + 1) * g].iter().all(|&v| v == 0.0));
+            }
+        }
+        for blk in stored.chunks(fmt.scale_groups) {
+            let amax = blk
+                .iter()
+                .flat_map(|&i| &row[i * g..(i + 1) * g])
+                .fold(0.0f32, |m, v| m.max(v.abs()));
+            let lim = ceiling(fmt.values, amax);
+            for &i in blk {
+                for t in i * g..(i + 1) * g {
+                    let e = (row[t] - drow[t]).abs();
+                    assert!(
+                        e <= lim,
+                        "col {t}: {} vs {} (ceiling {lim})",
+                        row[t],
+                        drow[t]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Every kernel of every level the CPU has gives the portable kernel's bits; the portable
+/// kernel is within a rounding bound of the f64 product of what it multiplies.
+///
+/// The bound: each product term w * x reaches the result through the f32 scale product
+/// d_w * d_x (one rounding), the fused multiply-add into its lane accumulator (one per chunk
+/// of its lane, at most `chunks`), and the three additions of the final fold, all relative
+/// 2^-24 of at most the sum of |w x|; the lanes' integer sums and their f32 conversion are
+/// exact (|lane| <= 4 * 128 * 127 < 2^24). The reference itself rounds the activations
+/// q * d_x to f32 (one more). Hence (chunks + 5) * 2^-24 * sum |w x|, with 1 % slack.
+fn check_kernels(m: &GroupMatrix, x: &[f32]) {
+    let acts = GroupActs::new(x);
+    let mut want = vec![0.0f32; m.rows()];
+    GroupKernel::generic().matvec(m, &acts, &mut want).unwrap();
+    for level in Level::detected() {
+        let k = GroupKernel::for_level(level);
+        let mut got = vec![f32::NAN; m.rows()];
+        k.matvec(m, &acts, &mut got).unwrap();
+        for (r, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.to_bits(), b.to_bits(), "{} row {r}: {a} vs {b}", k.name);
+        }
+        // A share of the rows, as a thread computes it.
+        if m.rows() > 1 {
+            let mut part = vec![0.0f32; m.rows() - 1];
+            k.matvec_rows(m, &acts, 1, &mut part).unwrap();
+            assert_eq!(part, want[1..]);
+        }
+    }
+    let w = m.decode();
+    let xd = acts.dequantize();
+    let cols = m.cols();
+    for (r, row) in w.chunks_exact(cols).enumerate() {
+        let exact: f64 = row
+            .iter()
+            .zip(&xd)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum();
+        let mag: f64 = row
+            .iter()
+            .zip(&xd)
+            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+            .sum();
+        let stored = row
+            .chunks_exact(m.format().g)
+            .filter(|g| g.iter().any(|&v| v != 0.0))
+            .count();
+        let chunks = (stored * m.format().g).div_ceil(CHUNK) as f64;
+        let tol = (chunks + 5.0) * 2f64.powi(-24) * mag * 1.01 + 1e-30;
+        let err = (want[r] as f64 - exact).abs();
+        assert!(
+            err <= tol,
+            "row {r}: {} vs {exact} (tolerance {tol})",
+            want[r]
+        );
+    }
+}
+
+#[test]
+fn round_trip_every_format_and_sparsity() {
+    for (i, fmt) in formats().into_iter().enumerate() {
+        for s in [0.0, 0.5, 0.75, 1.0] {
+            let (w, bytes) = pruned(5, 192, fmt, s, 7 + i as u64);
+            let m = GroupMatrix::new(&bytes).unwrap();
+            assert_eq!(m.rows(), 5);
+            assert_eq!(m.cols(), 192);
+            assert_eq!(m.format(), fmt);
+            let groups = 192 / fmt.g;
+            let kept = groups - (s * groups as f64).round() as usize;
+            assert_eq!(m.stored_groups(), 5 * kept, "{fmt:?} at {s}");
+            check_round_trip(&w, &m);
+        }
+    }
+}
+
+#[test]
+fn byte_counts_at_g16() {
+    // W4, g = 16, a 576-wide row at 50 %: 18 groups of 8 bytes, 18 f16 scales, a 5-byte
+    // bitmap (36 groups); with a scale per 2 groups, 9 scales.
+    let f = GroupFormat::new(16, Values::Q4).unwrap();
+    assert_eq!(f.row_bytes(576, 18), 5 + 36 + 9 * 16);
+    assert_eq!(
+        f.with_scale_groups(2).unwrap().row_bytes(576, 18),
+        5 + 18 + 9 * 16
+    );
+    let (_, bytes) = pruned(3, 576, f, 0.5, 3);
+    assert_eq!(bytes.len(), HEADER_BYTES + 4 * 4 + 3 * (5 + 36 + 9 * 16));
+}
+
+#[test]
+fn kernels_agree_every_format_and_sparsity() {
+    for (i, fmt) in formats().into_iter().enumerate() {
+        for s in [0.0, 0.5, 0.75, 1.0] {
+            let (_, bytes) = pruned(9, 320, fmt, s, 100 + i as u64);
+            let m = GroupMatrix::new(&bytes).unwrap();
+            let x = Rng(55 + i as u64).fill(320);
+            check_kernels(&m, &x);
+        }
+    }
+}
+
+#[test]
+fn fully_pruned_rows_are_zero() {
+    let fmt = GroupFormat::new(16, Values::Q4).unwrap();
+    let (_, bytes) = pruned(4, 64, fmt, 1.0, 9);
+    let m = GroupMatrix::new(&bytes).unwrap();
+    let acts = GroupActs::new(&Rng(2).fill(64));
+    for level in Level::detected() {
+        let mut y = vec![1.0f32; 4];
+        GroupKernel::for_level(level)
+            .matvec(&m, &acts, &mut y)
+            .unwrap();
+        assert_eq!(y, vec![0.0; 4]);
+    }
+}
+
+/// A row whose stored weights fill a partial last chunk (g = 8, 3 groups: 24 of 32 weights)
+/// and a column count that is not a multiple of 32 (the activations are padded).
+#[test]
+fn tail_of_a_partial_chunk() {
+    for values in [Values::Q4, Values::Q8] {
+        let fmt = GroupFormat::new(8, values).unwrap();
+        let mut w = Rng(4).fill(2 * 40);
+        for row in w.chunks_exact_mut(40) {
+            row[8..16].fill(0.0);
+            row[24..32].fill(0.0);
+        }
+        let bytes = encode(&w, 2, 40, fmt).unwrap();
+        let m = GroupMatrix::new(&bytes).unwrap();
+        assert_eq!(m.stored_groups(), 6);
+        check_round_trip(&w, &m);
+        check_kernels(&m, &Rng(8).fill(40));
+    }
+}
+
+#[test]
+fn prune_drops_the_smallest_groups() {
+    let mut w: Vec<f32> = (0..32)
+        .map(|i| ((i / 4) as f32 + 1.0) * if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    // Groups of 4 with norms growing with the index; make group 5 the smallest.
+    w[20..24].fill(0.01);
+    prune(&mut w, 32, 4, 0.5).unwrap();
+    let zero: Vec<bool> = w
+        .chunks_exact(4)
+        .map(|g| g.iter().all(|&v| v == 0.0))
+        .collect();
+    assert_eq!(zero, [true, true, true, false, false, true, false, false]);
+    assert!(prune(&mut w, 32, 4, 1.5).is_err());
+    assert!(prune(&mut w, 30, 4, 0.5).is_err());
+    assert!(prune(&mut w, 32, 5, 0.5).is_err());
+}
+
+#[test]
+fn bad_formats_and_inputs_are_errors() {
+    assert!(GroupFormat::new(12, Values::Q4).is_err());
+    assert!(GroupFormat::new(32, Values::Q4)
+        .unwrap()
+        .with_scale_groups(2)
+        .is_err());
+    assert!(GroupFormat::new(16, Values::Q8)
+        .unwrap()
+        .with_scale_groups(3)
+        .is_err());
+    let fmt = GroupFormat::new(8, Values::Q4).unwrap();
+    assert!(encode(&[0.0; 12], 1, 12, fmt).is_err());
+    assert!(encode(&[0.0; 16], 2, 16, fmt).is_err());
+    assert!(encode(&[f32::NAN; 16], 1, 16, fmt).is_err());
+    let (_, bytes) = pruned(3, 64, fmt, 0.5, 1);
+    let m = GroupMatrix::new(&bytes).unwrap();
+    let k = GroupKernel::get();
+    let mut y = vec![0.0; 3];
+    assert!(k.matvec(&m, &GroupActs::new(&[0.5; 32]), &mut y).is_err());
+    assert!(k
+        .matvec(&m, &GroupActs::new(&[0.5; 64]), &mut y[..2])
+        .is_err());
+    assert!(k
+        .matvec_rows(&m, &GroupActs::new(&[0.5; 64]), 2, &mut y[..2])
+        .is_err());
+    assert!(k
+        .matvec_rows(&m, &GroupActs::new(&[0.5; 64]), usize::MAX, &mut y[..2])
+        .is_err());
+}
+
+#[track_caller]
+fn err(bytes: &[u8]) -> String {
+    match GroupMatrix::new(bytes) {
+        Ok(_) => panic!("accepted a bad buffer"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn hostile_headers_and_offsets_are_rejected() {
+    let fmt = GroupFormat::new(16, Values::Q4).unwrap();
+    let (_, good) = pruned(3, 64, fmt, 0.5, 11);
+    GroupMatrix::new(&good).unwrap();
+    let table = HEADER_BYTES + 16;
+    let patch = |at: usize, b: &[u8]| {
+        let mut v = good.clone();
+        v[at..at + b.len()].copy_from_slice(b);
+        v
+    };
+    assert!(err(&patch(0, b"SPG2")).contains("magic"));
+    assert!(err(&patch(4, &u32::MAX.to_le_bytes())).contains("offset table"));
+    assert!(err(&patch(4, &2u32.to_le_bytes())).contains("row 0 starts"));
+    assert!(err(&patch(8, &63u32.to_le_bytes())).contains("multiple"));
+    assert!(err(&patch(8, &0u32.to_le_bytes())).contains("multiple"));
+    assert!(err(&patch(8, &192u32.to_le_bytes())).contains("row 0"));
+    assert!(err(&patch(12, &[12])).contains("group size"));
+    assert!(err(&patch(13, &[2])).contains("value type"));
+    assert!(err(&patch(14, &[4])).contains("per scale"));
+    assert!(err(&patch(15, &[1])).contains("reserved"));
+    assert!(err(&patch(HEADER_BYTES, &0u32.to_le_bytes())).contains("row 0 starts"));
+    // Row 1 ends before it starts, and past the buffer.
+    let r1 = u32::from_le_bytes(good[HEADER_BYTES + 4..HEADER_BYTES + 8].try_into().unwrap());
+    assert!(err(&patch(HEADER_BYTES + 8, &(r1 - 1).to_le_bytes())).contains("row 1"));
+    assert!(err(&patch(HEADER_BYTES + 8, &u32::MAX.to_le_bytes())).contains("row 1"));
+    // A bitmap bit past the last group (4 groups: bits 4..8 unused).
+    assert!(err(&patch(table, &[0x13])).contains("past group"));
+    // A bitmap claiming one group more than the row holds bytes for.
+    let b0 = good[table];
+    let more = (0..4).map(|i| b0 | (1 << i)).find(|&b| b != b0).unwrap();
+    assert!(err(&patch(table, &[more])).contains("stored groups take"));
+    // A scale that is infinite or NaN.
+    assert!(err(&patch(table + 1, &[0x00, 0x7C])).contains("not finite"));
+    assert!(err(&patch(table + 1, &[0x01, 0x7E])).contains("not finite"));
+    // Extra bytes after the last row.
+    let mut longer = good.clone();
+    longer.push(0);
+    assert!(err(&longer).contains("rows end"));
+}
+
+#[test]
+fn every_truncation_is_rejected() {
+    let fmt = GroupFormat::new(8, Values::Q8)
+        .unwrap()
+        .with_scale_groups(2)
+        .unwrap();
+    let (_, good) = pruned(4, 96, fmt, 0.5, 12);
+    for len in 0..good.len() {
+        assert!(
+            GroupMatrix::new(&good[..len]).is_err(),
+            "prefix of {len} bytes"
+        );
+    }
+}
+
+/// Every single-byte corruption is either rejected, or (value bytes, in-range offsets) read
+/// as another valid matrix that every kernel runs on without a fault, giving the portable
+/// kernel's bits.
+#[test]
+fn corrupted_bytes_never_fault() {
+    for fmt in [
+        GroupFormat::new(4, Values::Q4).unwrap(),
+        GroupFormat::new(16, Values::Q8)
+            .unwrap()
+            .with_scale_groups(2)
+            .unwrap(),
+    ] {
+        let (_, good) = pruned(3, 64, fmt, 0.5, 13);
+        let x = Rng(3).fill(64);
+        let acts = GroupActs::new(&x);
+        for at in 0..good.len() {
+            for flip in [0x01u8, 0x80, 0xFF] {
+                let mut b = good.clone();
+                b[at] ^= flip;
+                if let Ok(m) = GroupMatrix::new(&b) {
+                    let _ = m.decode();
+                    let mut want = vec![0.0; m.rows()];
+                    GroupKernel::generic().matvec(&m, &acts, &mut want).unwrap();
+                    for level in Level::detected() {
+                        let mut y = vec![0.0; m.rows()];
+                        GroupKernel::for_level(level)
+                            .matvec(&m, &acts, &mut y)
+                            .unwrap();
+                        let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "byte {at} ^ {flip:#x}: {y:?} vs {want:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn selected_kernel_is_a_detected_level() {
+    let k = GroupKernel::get();
+    assert!(Level::detected().contains(&k.level), "{k:?}");
+    assert_eq!(
+        GroupKernel::for_level(Level::Generic).name,
+        "generic_matvec_group"
+    );
+}
+
+fn format_strategy() -> impl Strategy<Value = GroupFormat> {
+    (0usize..4, any::<bool>(), 0usize..4).prop_filter_map("scale groups", |(gi, q8, si)| {
+        let g = [4, 8, 16, 32][gi];
+        let v = if q8 { Values::Q8 } else { Values::Q4 };
+        GroupFormat::new(g, v).ok()?.with_scale_groups(1 << si).ok()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn prop_round_trip_and_kernels(
+        fmt in format_strategy(),
+        rows in 1usize..6,
+        groups in 1usize..40,
+        si in 0usize..4,
+        seed in any::<u64>(),
+    ) {
+        let cols = groups * fmt.g;
+        let s = [0.0, 0.5, 0.75, 1.0][si];
+        let (w, bytes) = pruned(rows, cols, fmt, s, seed);
+        let m = GroupMatrix::new(&bytes).unwrap();
+        let kept = groups - (s * groups as f64).round() as usize;
+        prop_assert_eq!(m.stored_groups(), rows * kept);
+        check_round_trip(&w, &m);
+        check_kernels(&m, &Rng(seed ^ 0x9e37_79b9).fill(cols));
+    }
+}
