@@ -1,2 +1,254 @@
-//! N:M sparse matrix-vector benchmarks (to be written).
-fn main() {}
+//! N:M sparse matrix-vector speed against the dense kernels of the same quant, single thread.
+//!
+//! `cargo bench -p sparrow --bench sparse_nm [FILTER]`
+//!
+//! One iteration is one matrix-vector product: the activation row is quantized (the sparse
+//! format's [`NmActs`], the dense entry's `quantize_act`) and every row's dot computed, with
+//! the kernels the runtime would pick ([`NmKernel::get`], [`KernelTable::get`]; the dense
+//! entry's `rows8` or `rows4` where it has one, as the matmul driver uses them). Criterion's
+//! throughput is the weight bytes, so it reports weight GB/s. After each shape a line per
+//! kernel gives the median time, the weight GB/s, its fraction of the one-core read bandwidth
+//! ([`measure_read_bandwidth`]`(1)`), and the ratios dense time / sparse time.
+//!
+//! Shapes are SmolLM2-135M's: `ffn_up 1536x576` and `ffn_down 576x1536` stay in the caches;
+//! `output 49152x576` is cycled over copies totalling 128 MiB so that every iteration streams
+//! its weights from memory. Weights are random, pruned by magnitude.
+
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use sparrow::kernels::bandwidth::measure_read_bandwidth;
+use sparrow::kernels::{DotKernel, KernelTable};
+use sparrow::quant::{self, GgmlType};
+use sparrow::sparse::nm::{encode_row, NmActs, NmFormat, NmKernel, NmValues};
+use std::cell::RefCell;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+struct Shape {
+    name: &'static str,
+    rows: usize,
+    cols: usize,
+    stream_bytes: usize,
+}
+
+const SHAPES: [Shape; 3] = [
+    Shape {
+        name: "ffn_up",
+        rows: 1536,
+        cols: 576,
+        stream_bytes: 0,
+    },
+    Shape {
+        name: "ffn_down",
+        rows: 576,
+        cols: 1536,
+        stream_bytes: 0,
+    },
+    Shape {
+        name: "output",
+        rows: 49152,
+        cols: 576,
+        stream_bytes: 128 << 20,
+    },
+];
+
+/// xorshift64*.
+struct Rng(u64);
+
+impl Rng {
+    fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let u = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+        u as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn fill(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32()).collect()
+    }
+}
+
+#[derive(Default)]
+struct Times(Vec<f64>);
+
+impl Times {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// Copies of a matrix totalling at least `stream_bytes` (one when 0).
+fn copies(w: Vec<u8>, stream_bytes: usize) -> Vec<Vec<u8>> {
+    let n = stream_bytes.div_ceil(w.len()).max(1);
+    let mut v: Vec<Vec<u8>> = (1..n).map(|_| w.clone()).collect();
+    v.push(w);
+    v
+}
+
+/// The dense product as the matmul driver runs it for one token.
+fn dense_matvec(k: &DotKernel, w: &[u8], rb: usize, x: &[f32], act: &mut [u8], y: &mut [f32]) {
+    (k.quantize_act)(x, act);
+    let mut done = 0;
+    if let Some(r8) = k.rows8 {
+        for (blk, out) in w.chunks_exact(8 * rb).zip(y.chunks_exact_mut(8)) {
+            let rows: [&[u8]; 8] = std::array::from_fn(|i| &blk[i * rb..(i + 1) * rb]);
+            out.copy_from_slice(&r8(rows, act));
+            done += 8;
+        }
+    } else if let Some(r4) = k.rows4 {
+        for (blk, out) in w.chunks_exact(4 * rb).zip(y.chunks_exact_mut(4)) {
+            let rows: [&[u8]; 4] = std::array::from_fn(|i| &blk[i * rb..(i + 1) * rb]);
+            out.copy_from_slice(&r4(rows, act));
+            done += 4;
+        }
+    }
+    for (row, o) in w[done * rb..].chunks_exact(rb).zip(&mut y[done..]) {
+        *o = (k.vec_dot)(row, act);
+    }
+}
+
+fn bench_sparse_nm(c: &mut Criterion) {
+    let bandwidth = measure_read_bandwidth(1);
+    let table = KernelTable::get();
+    eprintln!(
+        "read bandwidth, 1 thread: {:.2} GB/s; dense kernels at {}",
+        bandwidth / 1e9,
+        table.level().name()
+    );
+    let formats: Vec<NmFormat> = [
+        (2, 4, NmValues::Q8),
+        (4, 8, NmValues::Q8),
+        (2, 4, NmValues::Q4),
+        (4, 8, NmValues::Q4),
+    ]
+    .into_iter()
+    .map(|(n, m, v)| NmFormat::new(n, m, v).expect("valid format"))
+    .collect();
+    let mut rng = Rng(0x5eed_1234_abcd_9876);
+    let mut report = Vec::new();
+    for shape in &SHAPES {
+        let (rows, cols) = (shape.rows, shape.cols);
+        let f = rng.fill(rows * cols);
+        let x = rng.fill(cols);
+        let id = format!(
+            "nm/{} {rows}x{cols}{}",
+            shape.name,
+            if shape.stream_bytes > 0 {
+                " streamed"
+            } else {
+                ""
+            }
+        );
+        let mut g = c.benchmark_group(&id);
+        g.sample_size(10)
+            .sampling_mode(SamplingMode::Flat)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1));
+        // (name, weight bytes, median seconds)
+        let mut results: Vec<(String, usize, f64)> = Vec::new();
+
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
+            let Some(k) = table.dot(ty) else { continue };
+            let rb = ty.row_bytes(cols as u64).expect("whole blocks") as usize;
+            let mut w = vec![0u8; rows * rb];
+            quant::quantize(ty, &f, &mut w).expect("quantize");
+            let w_bytes = w.len();
+            let weights = copies(w, shape.stream_bytes);
+            let mut act = vec![0u8; k.act_row_bytes(cols).expect("whole blocks")];
+            let mut y = vec![0f32; rows];
+            let mut next = 0;
+            let times = RefCell::new(Times::default());
+            let name = format!("dense_{}", k.name);
+            g.throughput(Throughput::Bytes(w_bytes as u64));
+            g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        let wm = &weights[next];
+                        next = (next + 1) % weights.len();
+                        dense_matvec(k, wm, rb, black_box(&x), &mut act, &mut y);
+                        black_box(&mut y);
+                    }
+                    let d = t.elapsed();
+                    times
+                        .borrow_mut()
+                        .0
+                        .push(d.as_secs_f64() / iters.max(1) as f64);
+                    d
+                })
+            });
+            results.push((name, w_bytes, times.into_inner().median()));
+        }
+
+        for fm in &formats {
+            let kern = NmKernel::get(*fm).expect("kernel");
+            let rb = fm.row_bytes(cols).expect("cols a multiple of the span");
+            let mut w = vec![0u8; rows * rb];
+            for (src, dst) in f.chunks_exact(cols).zip(w.chunks_exact_mut(rb)) {
+                encode_row(fm, src, dst).expect("encode");
+            }
+            let w_bytes = w.len();
+            let weights = copies(w, shape.stream_bytes);
+            let mut acts = NmActs::new();
+            let mut y = vec![0f32; rows];
+            let mut next = 0;
+            let times = RefCell::new(Times::default());
+            let q = match fm.values {
+                NmValues::Q8 => "q8",
+                NmValues::Q4 => "q4",
+            };
+            let name = format!("nm{}{}_{q} {}", fm.n, fm.m, kern.name);
+            g.throughput(Throughput::Bytes(w_bytes as u64));
+            g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        let wm = &weights[next];
+                        next = (next + 1) % weights.len();
+                        acts.quantize(fm, black_box(&x)).expect("activations");
+                        kern.matvec(wm, &acts, &mut y).expect("matvec");
+                        black_box(&mut y);
+                    }
+                    let d = t.elapsed();
+                    times
+                        .borrow_mut()
+                        .0
+                        .push(d.as_secs_f64() / iters.max(1) as f64);
+                    d
+                })
+            });
+            results.push((name, w_bytes, times.into_inner().median()));
+        }
+        g.finish();
+
+        let dense = |ty: &str| {
+            results
+                .iter()
+                .find(|r| r.0.starts_with("dense_") && r.0.contains(ty))
+                .map_or(f64::NAN, |r| r.2)
+        };
+        let (dq8, dq4) = (dense("q8_0_q8_0"), dense("q4_0_q8_0"));
+        for (name, bytes, secs) in &results {
+            let gbs = *bytes as f64 / secs / 1e9;
+            let line = format!(
+                "  {id:<32} {name:<40} {:>9.1} us {gbs:>7.2} GB/s {:>6.1}% bw   q8_0/this {:>5.2}x  q4_0/this {:>5.2}x",
+                secs * 1e6,
+                100.0 * gbs * 1e9 / bandwidth,
+                dq8 / secs,
+                dq4 / secs,
+            );
+            eprintln!("{line}");
+            report.push(line);
+        }
+    }
+    eprintln!("summary:");
+    for l in report {
+        eprintln!("{l}");
+    }
+}
+
+criterion_group!(benches, bench_sparse_nm);
+criterion_main!(benches);
