@@ -856,3 +856,243 @@ mod x86 {
         })
     }
 }
+
+// ---- aarch64 -------------------------------------------------------------------------------
+
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    //! NEON kernels for 2:4 and 4:8, and the same bodies with `sdot` (FEAT_DotProd) at
+    //! `Level::Dotprod` and above.
+    //!
+    //! Per block: each bit plane is broadcast and shifted per byte (`ushl` by `-(j / 4)`) so
+    //! that byte j holds bit j / 4 of byte j % 4; the in-group indices plus the group offsets
+    //! index the block's 64 activations with two `tbl` over 32 bytes each (kept values 0..16
+    //! come from inputs 0..32, 16..32 from 32..64). The exact i32 dot of the 32 pairs lands
+    //! in 4 lanes (`smull` + pairwise adds, or `sdot`), which are fused-multiply-added with
+    //! `d_w * d_x` into 4 f32 lanes.
+    //!
+    //! Safety model: every function here is `unsafe`; the `sdot` ones carry
+    //! `#[target_feature(enable = "dotprod")]` and [`kernel`] returns them only at a level
+    //! that `Level::detected` reported; `NmKernel` checks the lengths before calling.
+
+    use super::{NmActs, NmFormat, NmKernel};
+    use crate::kernels::Level;
+    use std::arch::aarch64::*;
+    use std::arch::asm;
+
+    trait Isa {
+        /// `acc + [x0y0+..+x3y3, .., x12y12+..+x15y15]`, exact.
+        unsafe fn dot4(acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t;
+    }
+
+    struct Neon;
+    impl Isa for Neon {
+        #[inline(always)]
+        unsafe fn dot4(acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t {
+            let p0 = vpaddlq_s16(vmull_s8(vget_low_s8(x), vget_low_s8(y)));
+            let p1 = vpaddlq_s16(vmull_high_s8(x, y));
+            vaddq_s32(acc, vpaddq_s32(p0, p1))
+        }
+    }
+
+    /// `sdot` in inline assembly (no stable intrinsic); only inside dotprod functions.
+    struct Sdot;
+    impl Isa for Sdot {
+        #[inline(always)]
+        unsafe fn dot4(mut acc: int32x4_t, x: int8x16_t, y: int8x16_t) -> int32x4_t {
+            asm!(
+                "sdot {acc:v}.4s, {x:v}.16b, {y:v}.16b",
+                acc = inout(vreg) acc,
+                x = in(vreg) x,
+                y = in(vreg) y,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+            acc
+        }
+    }
+
+    /// f16 bits to f32 (`fcvt s, h`, base ARMv8).
+    #[inline(always)]
+    unsafe fn fp16(p: *const u8) -> f32 {
+        let h = (p as *const u16).read_unaligned();
+        let out: f32;
+        asm!(
+            "fcvt {o:s}, {i:h}",
+            o = lateout(vreg) out,
+            i = in(vreg) h as u32,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        out
+    }
+
+    const SH_LO: [i8; 16] = [0, 0, 0, 0, -1, -1, -1, -1, -2, -2, -2, -2, -3, -3, -3, -3];
+    const SH_HI: [i8; 16] = [
+        -4, -4, -4, -4, -5, -5, -5, -5, -6, -6, -6, -6, -7, -7, -7, -7,
+    ];
+
+    /// Table positions of kept values 0..16 of a half block: `(j / n) * m`.
+    const fn goff(n: usize, m: usize) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut j = 0;
+        while j < 16 {
+            out[j] = ((j / n) * m) as u8;
+            j += 1;
+        }
+        out
+    }
+    const G24: [u8; 16] = goff(2, 4);
+    const G48: [u8; 16] = goff(4, 8);
+
+    /// One bit plane (4 bytes at `p`): bit j / 4 of byte j % 4 in byte j, for j in 0..16 and
+    /// 16..32.
+    #[inline(always)]
+    unsafe fn plane(p: *const u8) -> (uint8x16_t, uint8x16_t) {
+        let v = vreinterpretq_u8_u32(vdupq_n_u32((p as *const u32).read_unaligned()));
+        let one = vdupq_n_u8(1);
+        (
+            vandq_u8(vshlq_u8(v, vld1q_s8(SH_LO.as_ptr())), one),
+            vandq_u8(vshlq_u8(v, vld1q_s8(SH_HI.as_ptr())), one),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn body<I: Isa, const R: usize, const M: usize, const Q4: bool>(
+        rows: [*const u8; R],
+        nb: usize,
+        bb: usize,
+        xq: *const i8,
+        xd: *const f32,
+    ) -> [f32; R] {
+        let voff = if M == 8 { 14 } else { 10 };
+        let g = vld1q_u8(if M == 8 { G48.as_ptr() } else { G24.as_ptr() });
+        let mut acc = [vdupq_n_f32(0.0); R];
+        for b in 0..nb {
+            let x = xq.add(64 * b);
+            let t0 = int8x16x2_t(vld1q_s8(x), vld1q_s8(x.add(16)));
+            let t1 = int8x16x2_t(vld1q_s8(x.add(32)), vld1q_s8(x.add(48)));
+            let dx = *xd.add(b);
+            let mut r = 0;
+            while r < R {
+                let blk = rows[r].add(b * bb);
+                let (a0, a1) = plane(blk.add(2));
+                let (b0, b1) = plane(blk.add(6));
+                let mut lo = vaddq_u8(a0, vaddq_u8(b0, b0));
+                let mut hi = vaddq_u8(a1, vaddq_u8(b1, b1));
+                if M == 8 {
+                    let (c0, c1) = plane(blk.add(10));
+                    lo = vaddq_u8(lo, vshlq_n_u8::<2>(c0));
+                    hi = vaddq_u8(hi, vshlq_n_u8::<2>(c1));
+                }
+                let xlo = vqtbl2q_s8(t0, vaddq_u8(lo, g));
+                let xhi = vqtbl2q_s8(t1, vaddq_u8(hi, g));
+                let (wlo, whi) = if Q4 {
+                    let v = vld1q_u8(blk.add(voff));
+                    let eight = vdupq_n_s8(8);
+                    (
+                        vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))), eight),
+                        vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight),
+                    )
+                } else {
+                    let w = blk.add(voff) as *const i8;
+                    (vld1q_s8(w), vld1q_s8(w.add(16)))
+                };
+                let ip = I::dot4(I::dot4(vdupq_n_s32(0), wlo, xlo), whi, xhi);
+                let d = vdupq_n_f32(fp16(blk) * dx);
+                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(ip), d);
+                r += 1;
+            }
+        }
+        let mut out = [0f32; R];
+        let mut r = 0;
+        while r < R {
+            out[r] = vaddvq_f32(acc[r]);
+            r += 1;
+        }
+        out
+    }
+
+    macro_rules! variant {
+        ($name:ident, $isa:ident, $m:literal, $q4:literal $(, $feat:literal)?) => {
+            mod $name {
+                use super::*;
+
+                $(#[target_feature(enable = $feat)])?
+                pub(super) unsafe fn dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
+                    let nb = a.q.len() / 64;
+                    let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
+                    body::<$isa, 1, $m, $q4>([row.as_ptr()], nb, f.block_bytes(), q, d)[0]
+                }
+
+                $(#[target_feature(enable = $feat)])?
+                pub(super) unsafe fn rows4(
+                    f: &NmFormat,
+                    rows: [&[u8]; 4],
+                    a: &NmActs,
+                ) -> [f32; 4] {
+                    let nb = a.q.len() / 64;
+                    let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
+                    let p = [
+                        rows[0].as_ptr(),
+                        rows[1].as_ptr(),
+                        rows[2].as_ptr(),
+                        rows[3].as_ptr(),
+                    ];
+                    body::<$isa, 4, $m, $q4>(p, nb, f.block_bytes(), q, d)
+                }
+            }
+        };
+    }
+
+    variant!(nm24_q8, Neon, 4, false);
+    variant!(nm24_q4, Neon, 4, true);
+    variant!(nm48_q8, Neon, 8, false);
+    variant!(nm48_q4, Neon, 8, true);
+    variant!(nm24_q8_sdot, Sdot, 4, false, "dotprod");
+    variant!(nm24_q4_sdot, Sdot, 4, true, "dotprod");
+    variant!(nm48_q8_sdot, Sdot, 8, false, "dotprod");
+    variant!(nm48_q4_sdot, Sdot, 8, true, "dotprod");
+
+    /// The aarch64 kernel for `f` at `level` (which the CPU supports), if there is one.
+    pub(super) fn kernel(f: NmFormat, level: Level) -> Option<NmKernel> {
+        use super::NmValues::*;
+        if level < Level::Neon || !super::simd_shape(&f) {
+            return None;
+        }
+        let sdot = level >= Level::Dotprod;
+        let (name, dot, rows4): (&'static str, super::DotFn, super::Rows4Fn) =
+            match (f.m, f.values, sdot) {
+                (4, Q8, false) => ("neon_dot_nm24_q8", nm24_q8::dot, nm24_q8::rows4),
+                (4, Q4, false) => ("neon_dot_nm24_q4", nm24_q4::dot, nm24_q4::rows4),
+                (8, Q8, false) => ("neon_dot_nm48_q8", nm48_q8::dot, nm48_q8::rows4),
+                (8, Q4, false) => ("neon_dot_nm48_q4", nm48_q4::dot, nm48_q4::rows4),
+                (4, Q8, true) => (
+                    "dotprod_dot_nm24_q8_sdot",
+                    nm24_q8_sdot::dot,
+                    nm24_q8_sdot::rows4,
+                ),
+                (4, Q4, true) => (
+                    "dotprod_dot_nm24_q4_sdot",
+                    nm24_q4_sdot::dot,
+                    nm24_q4_sdot::rows4,
+                ),
+                (8, Q8, true) => (
+                    "dotprod_dot_nm48_q8_sdot",
+                    nm48_q8_sdot::dot,
+                    nm48_q8_sdot::rows4,
+                ),
+                (8, Q4, true) => (
+                    "dotprod_dot_nm48_q4_sdot",
+                    nm48_q4_sdot::dot,
+                    nm48_q4_sdot::rows4,
+                ),
+                _ => return None,
+            };
+        Some(NmKernel {
+            name,
+            level: if sdot { Level::Dotprod } else { Level::Neon },
+            format: f,
+            dot,
+            rows4: Some(rows4),
+        })
+    }
+}
