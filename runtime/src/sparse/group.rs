@@ -665,36 +665,57 @@ impl Scratch {
     }
 }
 
-/// Fills `sc` for a row from its bitmap: the offsets and the activation scales of its stored
-/// groups, and zeros up to the next whole chunk. Returns the number of stored groups. The
-/// weight scales are multiplied in by the caller.
+/// Writes the activation offsets (column of the first weight) of a row's stored groups to
+/// `off`, then offset 0 up to the next whole chunk; returns the number of stored groups.
 #[inline(always)]
-fn decode_bitmap(bitmap: &[u8], g: usize, x: &GroupActs, sc: &mut Scratch) -> usize {
+fn decode_bitmap(bitmap: &[u8], g: usize, off: &mut [u32]) -> usize {
     let mut n = 0;
     let mut base = 0u32;
     let mut words = bitmap.chunks_exact(8);
-    let mut emit = |mut bits: u64, base: u32, n: &mut usize| {
+    for w in &mut words {
+        let mut bits = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
         while bits != 0 {
-            let o = (base + bits.trailing_zeros()) * g as u32;
-            sc.off[*n] = o;
-            sc.s[*n] = x.d[(o as usize) / CHUNK];
-            *n += 1;
+            off[n] = (base + bits.trailing_zeros()) * g as u32;
+            n += 1;
             bits &= bits - 1;
         }
-    };
-    for w in &mut words {
-        let bits = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        emit(bits, base, &mut n);
         base += 64;
     }
     let mut tail = [0u8; 8];
     tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    emit(u64::from_le_bytes(tail), base, &mut n);
+    let mut bits = u64::from_le_bytes(tail);
+    while bits != 0 {
+        off[n] = (base + bits.trailing_zeros()) * g as u32;
+        n += 1;
+        bits &= bits - 1;
+    }
     let per = CHUNK / g;
     let padded = n.div_ceil(per) * per;
-    sc.off[n..padded].fill(0);
-    sc.s[n..padded].fill(0.0);
+    off[n..padded].fill(0);
     n
+}
+
+/// The combined scale of every stored group of a row and of the padding up to the next whole
+/// chunk: s[k] = dx * dw, with dx = 0 for padding groups and dw = 0 for a padding group past
+/// the last scale block (the x86 kernels compute the same products in registers).
+#[inline(always)]
+fn group_scales(p: &RowParts, sg: usize, g: usize, n: usize, x: &GroupActs, sc: &mut Scratch) {
+    let per = CHUNK / g;
+    let nsc = p.scales.len() / 2;
+    for k in 0..n.div_ceil(per) * per {
+        let dx = if k < n {
+            x.d[sc.off[k] as usize / CHUNK]
+        } else {
+            0.0
+        };
+        let j = k / sg;
+        let dw = if j < nsc {
+            f16_to_f32([p.scales[2 * j], p.scales[2 * j + 1]])
+        } else {
+            0.0
+        };
+        sc.s[k] = dx * dw;
+    }
 }
 
 /// `hsum_float_8`'s order.
@@ -713,11 +734,8 @@ mod portable {
         let per = CHUNK / g;
         for (i, out) in y.iter_mut().enumerate() {
             let p = m.row(first + i);
-            let n = decode_bitmap(p.bitmap, g, x, &mut sc);
-            for (k, s) in sc.s[..n].iter_mut().enumerate() {
-                let j = 2 * (k / sg);
-                *s *= f16_to_f32([p.scales[j], p.scales[j + 1]]);
-            }
+            let n = decode_bitmap(p.bitmap, g, &mut sc.off);
+            group_scales(&p, sg, g, n, x, &mut sc);
             let mut acc = [0.0f32; 8];
             for c in 0..n.div_ceil(per) {
                 let w: [i32; CHUNK] = match m.fmt.values {
@@ -784,52 +802,88 @@ mod x86 {
         }
     }
 
-    /// The 8 lane scales of one chunk: lane l takes the scale of group 4l / G.
+    /// `v[idx[l]]` for the 8 lanes.
     #[inline(always)]
-    unsafe fn lane_scales<const G: usize>(s: *const f32) -> __m256 {
+    unsafe fn spread(v: __m256, idx: [i32; 8]) -> __m256 {
+        _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(idx.as_ptr() as *const __m256i))
+    }
+
+    /// The 8 lane scales of one chunk, lane l taking the scale of group 4l / G: the products
+    /// dx * dw of `group_scales`, computed in registers. `off` points at the chunk's group
+    /// offsets, `sp` at its `CHUNK / G / sg` f16 weight scales (zeros past the last one),
+    /// and the groups from `valid` on are padding (dx = 0).
+    #[inline(always)]
+    unsafe fn lane_scales<const G: usize>(
+        d: *const f32,
+        off: *const u32,
+        sp: *const u8,
+        sg: usize,
+        valid: usize,
+    ) -> __m256 {
+        let per = CHUNK / G;
+        let dx = |j: usize| {
+            if j < valid && j < per {
+                *d.add(*off.add(j) as usize / CHUNK)
+            } else {
+                0.0
+            }
+        };
+        let nsc = per / sg;
+        let h = match nsc {
+            1 => _mm_cvtsi32_si128(u16::from_le_bytes([*sp, *sp.add(1)]) as i32),
+            2 => _mm_cvtsi32_si128((sp as *const i32).read_unaligned()),
+            4 => _mm_loadl_epi64(sp as *const __m128i),
+            _ => _mm_loadu_si128(sp as *const __m128i),
+        };
+        let dw = _mm256_cvtph_ps(h);
+        if G == 32 {
+            let p = _mm_mul_ss(_mm_set_ss(dx(0)), _mm256_castps256_ps128(dw));
+            return _mm256_broadcastss_ps(p);
+        }
+        // Lane j: group j's dw, the scale j / sg.
+        let dw = match sg {
+            1 => dw,
+            2 => spread(dw, [0, 0, 1, 1, 2, 2, 3, 3]),
+            4 => spread(dw, [0, 0, 0, 0, 1, 1, 1, 1]),
+            _ => spread(dw, [0; 8]),
+        };
+        let dxv = _mm256_setr_ps(dx(0), dx(1), dx(2), dx(3), dx(4), dx(5), dx(6), dx(7));
+        let s = _mm256_mul_ps(dxv, dw);
         match G {
-            32 => _mm256_broadcast_ss(&*s),
-            16 => _mm256_permutevar8x32_ps(
-                _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(s as *const __m128i))),
-                _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-            ),
-            8 => _mm256_permutevar8x32_ps(
-                _mm256_castps128_ps256(_mm_loadu_ps(s)),
-                _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3),
-            ),
-            _ => _mm256_loadu_ps(s),
+            16 => spread(s, [0, 0, 0, 0, 1, 1, 1, 1]),
+            8 => spread(s, [0, 0, 1, 1, 2, 2, 3, 3]),
+            _ => s,
         }
     }
 
-    /// Multiplies the first `n` scales of `s` by the row's f16 weight scales.
+    /// One chunk: acc + its 8 lanes times their scales.
     #[inline(always)]
-    unsafe fn weight_scales(scales: &[u8], sg: usize, n: usize, s: &mut [f32]) {
-        if sg == 1 {
-            let mut k = 0;
-            while k + 8 <= n {
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(2 * k) as *const _));
-                let p = s.as_mut_ptr().add(k);
-                _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), d));
-                k += 8;
-            }
-            let mut tail = [0u8; 16];
-            tail[..2 * (n - k)].copy_from_slice(&scales[2 * k..2 * n]);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(tail.as_ptr() as *const _));
-            let p = s.as_mut_ptr().add(k);
-            // The padding past n holds 0 and one more chunk of room (Scratch::new).
-            _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), d));
+    unsafe fn step<const G: usize, const Q8: bool, const VNNI: bool>(
+        v: *const u8,
+        q: *const i8,
+        off: *const u32,
+        s: __m256,
+        acc: __m256,
+    ) -> __m256 {
+        let w = if Q8 {
+            _mm256_loadu_si256(v as *const __m256i)
         } else {
-            for (j, b) in scales.chunks_exact(2).enumerate() {
-                let d =
-                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                        u16::from_le_bytes([b[0], b[1]]) as i32,
-                    )));
-                let end = ((j + 1) * sg).min(n);
-                for v in &mut s[j * sg..end] {
-                    *v *= d;
-                }
-            }
-        }
+            let b = _mm_loadu_si128(v as *const __m128i);
+            let nib = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16::<4>(b), b),
+                _mm256_set1_epi8(0x0F),
+            );
+            _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+        };
+        let xv = gather::<G>(q, off);
+        let aw = _mm256_sign_epi8(w, w);
+        let sx = _mm256_sign_epi8(xv, w);
+        let lanes = if VNNI {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
+        } else {
+            _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(aw, sx))
+        };
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), s, acc)
     }
 
     #[inline(always)]
@@ -841,34 +895,31 @@ mod x86 {
     ) {
         let mut sc = Scratch::new(m);
         let per = CHUNK / G;
-        let q = x.q.as_ptr();
+        let sg = m.fmt.scale_groups;
+        let cb = m.fmt.values.chunk_bytes();
+        // f16 scale bytes per chunk.
+        let sb = 2 * per / sg;
+        let (q, d) = (x.q.as_ptr(), x.d.as_ptr());
         for (i, out) in y.iter_mut().enumerate() {
             let p = m.row(first + i);
-            let n = decode_bitmap(p.bitmap, G, x, &mut sc);
-            weight_scales(p.scales, m.fmt.scale_groups, n, &mut sc.s);
+            let n = decode_bitmap(p.bitmap, G, &mut sc.off);
             let mut acc = _mm256_setzero_ps();
             let v = p.values.as_ptr();
-            for c in 0..n.div_ceil(per) {
-                let w = if Q8 {
-                    _mm256_loadu_si256(v.add(CHUNK * c) as *const __m256i)
-                } else {
-                    let b = _mm_loadu_si128(v.add(16 * c) as *const __m128i);
-                    let nib = _mm256_and_si256(
-                        _mm256_set_m128i(_mm_srli_epi16::<4>(b), b),
-                        _mm256_set1_epi8(0x0F),
-                    );
-                    _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
-                };
-                let xv = gather::<G>(q, sc.off.as_ptr().add(c * per));
-                let aw = _mm256_sign_epi8(w, w);
-                let sx = _mm256_sign_epi8(xv, w);
-                let lanes = if VNNI {
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
-                } else {
-                    _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(aw, sx))
-                };
-                let s = lane_scales::<G>(sc.s.as_ptr().add(c * per));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), s, acc);
+            let off = sc.off.as_ptr();
+            let full = n / per;
+            for c in 0..full {
+                let o = off.add(c * per);
+                let s = lane_scales::<G>(d, o, p.scales.as_ptr().add(c * sb), sg, per);
+                acc = step::<G, Q8, VNNI>(v.add(c * cb), q, o, s, acc);
+            }
+            if n > full * per {
+                // The last chunk, partly padding: its scales copied after zeros.
+                let mut tail = [0u8; 16];
+                let rest = &p.scales[full * sb..];
+                tail[..rest.len()].copy_from_slice(rest);
+                let o = off.add(full * per);
+                let s = lane_scales::<G>(d, o, tail.as_ptr(), sg, n - full * per);
+                acc = step::<G, Q8, VNNI>(v.add(full * cb), q, o, s, acc);
             }
             let mut r = _mm256_extractf128_ps::<1>(acc);
             r = _mm_add_ps(r, _mm256_castps256_ps128(acc));
@@ -1030,11 +1081,8 @@ mod arm {
         let q = x.q.as_ptr();
         for (i, out) in y.iter_mut().enumerate() {
             let p = m.row(first + i);
-            let n = decode_bitmap(p.bitmap, G, x, &mut sc);
-            for (k, s) in sc.s[..n].iter_mut().enumerate() {
-                let j = 2 * (k / sg);
-                *s *= f16_to_f32([p.scales[j], p.scales[j + 1]]);
-            }
+            let n = decode_bitmap(p.bitmap, G, &mut sc.off);
+            group_scales(&p, sg, G, n, x, &mut sc);
             let mut acc0 = vdupq_n_f32(0.0);
             let mut acc1 = vdupq_n_f32(0.0);
             let v = p.values.as_ptr();
