@@ -681,17 +681,19 @@ fn decode_bitmap(bitmap: &[u8], g: usize, off: &mut [u32]) -> usize {
         }
         base += 64;
     }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    let mut bits = u64::from_le_bytes(tail);
+    // (A fold, not a copy into a buffer: a variable-length copy becomes a memcpy call.)
+    let mut bits = words
+        .remainder()
+        .iter()
+        .rev()
+        .fold(0u64, |a, &b| (a << 8) | b as u64);
     while bits != 0 {
         off[n] = (base + bits.trailing_zeros()) * g as u32;
         n += 1;
         bits &= bits - 1;
     }
-    let per = CHUNK / g;
-    let padded = n.div_ceil(per) * per;
-    off[n..padded].fill(0);
+    // Padding up to a whole chunk (at most 7 groups; `Scratch` has room for 8).
+    off[n..n + 8].copy_from_slice(&[0; 8]);
     n
 }
 
@@ -914,9 +916,12 @@ mod x86 {
             }
             if n > full * per {
                 // The last chunk, partly padding: its scales copied after zeros.
-                let mut tail = [0u8; 16];
                 let rest = &p.scales[full * sb..];
-                tail[..rest.len()].copy_from_slice(rest);
+                let tail = rest
+                    .iter()
+                    .rev()
+                    .fold(0u128, |a, &b| (a << 8) | b as u128)
+                    .to_le_bytes();
                 let o = off.add(full * per);
                 let s = lane_scales::<G>(d, o, tail.as_ptr(), sg, n - full * per);
                 acc = step::<G, Q8, VNNI>(v.add(full * cb), q, o, s, acc);
