@@ -139,10 +139,12 @@ fn layout_of_a_2_4_block() {
     w[3] = -127.0;
     let row = encoded(&f, &w);
     assert_eq!(&row[..2], &half::f16::from_f32(1.0).to_le_bytes());
-    // Index 1 (kept values 2t) and 3 (2t + 1): plane 0 all ones, plane 1 set for odd j.
-    // Odd j = 4a + b (b odd) is bit a of byte b: bytes 1 and 3.
-    assert_eq!(&row[2..6], &[0xFF; 4]);
-    assert_eq!(&row[6..10], &[0x00, 0xFF, 0x00, 0xFF]);
+    // Index 1 (kept values 2t) and 3 (2t + 1), in one digit plane: byte b holds values b,
+    // b + 8, b + 16, b + 24, all of b's parity, so 01010101 for even b and 11111111 for odd.
+    assert_eq!(
+        &row[2..10],
+        &[0x55, 0xFF, 0x55, 0xFF, 0x55, 0xFF, 0x55, 0xFF]
+    );
     assert_eq!(row[10] as i8, 1);
     assert_eq!(row[11] as i8, -127);
     assert_eq!(row[12] as i8, 2);
@@ -390,12 +392,11 @@ fn errors_not_panics() {
     let mut dec = vec![0f32; 128];
     assert!(decode_row(&f, &out, &mut dec[..64]).is_err());
     assert!(decode_row(&f, &out[..40], &mut dec).is_err());
-    // Two equal indices in group 0 (both 0): clear plane bits of kept values 0 and 1.
+    // Two equal indices in group 0 (both 0): clear the digits of kept values 0 and 1 (bits
+    // 0 and 1 of bytes 0 and 1 of the digit plane).
     let mut corrupt = out.clone();
-    for p in 0..2 {
-        corrupt[2 + p * 4] &= !1;
-        corrupt[2 + p * 4 + 1] &= !1;
-    }
+    corrupt[2] &= !3;
+    corrupt[3] &= !3;
     assert!(decode_row(&f, &corrupt, &mut dec).is_err());
     let mut kept = vec![false; 128];
     assert!(kept_positions(&f, &corrupt, &mut kept).is_err());

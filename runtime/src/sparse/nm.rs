@@ -11,13 +11,16 @@
 //! matrix is rows x row_bytes, readable in place at any byte offset (no alignment is assumed).
 //!
 //! Kept values are numbered `j = t * N + r` for the r-th kept input (in increasing position)
-//! of group t of the block. With `P = ceil(log2 M)` bits per in-group index (2 for 2:4, 3 for
-//! 4:8, 4 for M > 8; 0 for M = 1) and `L = ceil(B / 8)` bytes per bit plane (4 when B = 32):
+//! of group t of the block. Each has an in-group index of `P = ceil(log2 M)` bits (2 for 2:4,
+//! 3 for 4:8, 4 for M > 8, 0 for M = 1), stored in `P / 2` (rounded down) digit planes of
+//! 2 bits per value, `D = ceil(B / 4)` bytes each (8 when B = 32), then, when P is odd, one
+//! bit plane of `L = ceil(B / 8)` bytes (4 when B = 32) for the top bit:
 //!
 //! ```text
 //! byte 0..2              d       f16 scale, little-endian
-//! byte 2..2+P*L          planes  P bit planes of the in-group indices, plane 0 (lsb) first;
-//!                                bit p of index j is bit (j / L) of byte (j % L) of plane p
+//! then (P / 2) * D       digits  digit plane k (k = 0 first) holds bits 2k and 2k + 1 of
+//!                                index j in bits 2 (j / D) and 2 (j / D) + 1 of byte j % D
+//! then (P % 2) * L       top     bit P - 1 of index j in bit j / L of byte j % L
 //! then, Q8: B bytes      i8 q_j                      w = d * q_j
 //!       Q4: ceil(B/2)    level (0..15) of value j in the low nibble of byte j for
 //!                        j < ceil(B/2), else in the high nibble of byte j - ceil(B/2);
@@ -27,10 +30,13 @@
 //! 2:4 with Q8 values is 42 bytes per 64 inputs (dense Q8_0: 68), with Q4 26 (Q4_0: 36); 4:8
 //! is 46 and 30.
 //!
-//! The planes are transposed (value j in byte j % 4, bit j / 4 when B = 32) so that an AVX2
-//! kernel turns a plane into one index bit per byte with a broadcast, a per-dword shift by
-//! `0..8` and a mask (`vpsrlvd`), and NEON with a per-byte shift (`ushl`); the Q4 nibbles
-//! follow Q4_0 so that the 32 levels unpack the way Q4_0's do.
+//! The planes are transposed so that SIMD kernels decode them without a table: when B = 32, a
+//! digit plane is one u64 whose byte j % 8 holds index j's digit at bit 2 (j / 8), so an AVX2
+//! kernel broadcasts it, shifts the four qwords by 0, 2, 4, 6 (`vpsrlvq`) and masks with 3 to
+//! get the 32 digits one per byte (2:4 needs nothing else); the bit plane is one u32 whose
+//! byte j % 4 holds bit j / 4, undone by a per-dword shift by 0..8 (`vpsrlvd`). NEON does the
+//! same with per-byte shifts (`ushl`). The Q4 nibbles follow Q4_0 so that the 32 levels
+//! unpack the way Q4_0's do.
 //!
 //! # Kernels
 //!
@@ -126,8 +132,17 @@ impl NmFormat {
         self.block_values().div_ceil(8)
     }
 
+    /// Bytes per digit plane (D).
+    pub fn digit_bytes(&self) -> usize {
+        self.block_values().div_ceil(4)
+    }
+
+    fn top_offset(&self) -> usize {
+        2 + self.index_bits() / 2 * self.digit_bytes()
+    }
+
     fn values_offset(&self) -> usize {
-        2 + self.index_bits() * self.plane_bytes()
+        self.top_offset() + self.index_bits() % 2 * self.plane_bytes()
     }
 
     fn value_bytes(&self) -> usize {
@@ -164,21 +179,26 @@ impl NmFormat {
 /// In-group index of kept value `j` of a block.
 #[inline]
 fn index_of(f: &NmFormat, blk: &[u8], j: usize) -> usize {
-    let l = f.plane_bytes();
+    let (p, d, l) = (f.index_bits(), f.digit_bytes(), f.plane_bytes());
     let mut idx = 0;
-    for p in 0..f.index_bits() {
-        let byte = blk.get(2 + p * l + j % l).copied().unwrap_or(0);
-        idx |= (((byte >> (j / l)) & 1) as usize) << p;
+    for k in 0..p / 2 {
+        let byte = blk.get(2 + k * d + j % d).copied().unwrap_or(0);
+        idx |= (((byte >> (2 * (j / d))) & 3) as usize) << (2 * k);
+    }
+    if p % 2 == 1 {
+        let byte = blk.get(f.top_offset() + j % l).copied().unwrap_or(0);
+        idx |= (((byte >> (j / l)) & 1) as usize) << (p - 1);
     }
     idx
 }
 
 fn set_index(f: &NmFormat, blk: &mut [u8], j: usize, idx: usize) {
-    let l = f.plane_bytes();
-    for p in 0..f.index_bits() {
-        if (idx >> p) & 1 == 1 {
-            blk[2 + p * l + j % l] |= 1 << (j / l);
-        }
+    let (p, d, l) = (f.index_bits(), f.digit_bytes(), f.plane_bytes());
+    for k in 0..p / 2 {
+        blk[2 + k * d + j % d] |= (((idx >> (2 * k)) & 3) << (2 * (j / d))) as u8;
+    }
+    if p % 2 == 1 {
+        blk[f.top_offset() + j % l] |= (((idx >> (p - 1)) & 1) << (j / l)) as u8;
     }
 }
 
@@ -571,23 +591,25 @@ impl NmKernel {
             return Ok(());
         }
         let f = &self.format;
+        let row = |r: usize| &w[r * rb..(r + 1) * rb];
         let mut done = 0;
         if let (true, Some(r4)) = (rows4, self.rows4) {
-            for (quad, out) in w.chunks_exact(4 * rb).zip(y.chunks_exact_mut(4)) {
-                let rows = [
-                    &quad[..rb],
-                    &quad[rb..2 * rb],
-                    &quad[2 * rb..3 * rb],
-                    &quad[3 * rb..],
-                ];
+            // Four rows from the four quarters of the matrix: four sequential streams, which
+            // the hardware prefetchers follow (four neighbouring rows read side by side are
+            // not a stream to them; see kernels/matmul.rs).
+            let q = y.len() / 4;
+            for r in 0..q {
                 // SAFETY: every row is rb bytes, checked against the activations above.
-                out.copy_from_slice(&unsafe { r4(f, rows, a) });
-                done += 4;
+                let v = unsafe { r4(f, [row(r), row(r + q), row(r + 2 * q), row(r + 3 * q)], a) };
+                for (i, v) in v.into_iter().enumerate() {
+                    y[r + i * q] = v;
+                }
             }
+            done = 4 * q;
         }
-        for (row, out) in w[done * rb..].chunks_exact(rb).zip(&mut y[done..]) {
+        for (r, out) in y.iter_mut().enumerate().skip(done) {
             // SAFETY: as above.
-            *out = unsafe { (self.dot)(f, row, a) };
+            *out = unsafe { (self.dot)(f, row(r), a) };
         }
         Ok(())
     }
@@ -615,7 +637,8 @@ mod x86 {
     //! AVX2 (+FMA, F16C) kernels for 2:4 and 4:8, and the same bodies with AVX-512 VNNI's
     //! `vpdpbusd` (on 256-bit vectors) at `Level::Avx512`.
     //!
-    //! Per block: the 64 activations are loaded as two vectors and rearranged into
+    //! Per block: the index planes are decoded to one in-group index per byte (see the module
+    //! doc), the 64 activations are loaded as two vectors and rearranged into
     //! `P = [x0..16 | x32..48]` and `Q = [x16..32 | x48..64]` (one `vperm2i128` each, shared by
     //! the rows of a `rows4` call). Kept values 0..8 of a 128-bit lane come from P's lane and
     //! 8..16 from Q's, so two `pshufb`s whose controls are the decoded in-chunk positions
@@ -656,11 +679,18 @@ mod x86 {
         _mm256_and_si256(s, _mm256_set1_epi8(1))
     }
 
-    /// The two shuffle controls of a block whose planes start at `p`.
+    /// The low two bits of the 32 indices (one digit plane, 8 bytes at `p`), one per byte.
+    #[inline(always)]
+    unsafe fn digits(p: *const u8) -> __m256i {
+        let v = _mm256_set1_epi64x((p as *const i64).read_unaligned());
+        let s = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6));
+        _mm256_and_si256(s, _mm256_set1_epi8(3))
+    }
+
+    /// The two shuffle controls of a block whose index planes start at `p`.
     #[inline(always)]
     unsafe fn controls<const M: usize>(p: *const u8) -> (__m256i, __m256i) {
-        let b1 = plane(p.add(4));
-        let mut idx = _mm256_add_epi8(plane(p), _mm256_add_epi8(b1, b1));
+        let mut idx = digits(p);
         let c = if M == 8 {
             idx = _mm256_add_epi8(idx, _mm256_slli_epi16::<2>(plane(p.add(8))));
             &CTRL48
@@ -670,12 +700,6 @@ mod x86 {
         let cp = _mm256_loadu_si256(c[0].as_ptr() as *const __m256i);
         let cq = _mm256_loadu_si256(c[1].as_ptr() as *const __m256i);
         (_mm256_add_epi8(idx, cp), _mm256_add_epi8(idx, cq))
-    }
-
-    #[inline(always)]
-    unsafe fn fp16(p: *const u8) -> f32 {
-        let h = (p as *const u16).read_unaligned();
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
     }
 
     #[inline(always)]
@@ -704,7 +728,7 @@ mod x86 {
             let xb = _mm256_loadu_si256(xq.add(64 * b + 32) as *const __m256i);
             let p = _mm256_permute2x128_si256::<0x20>(xa, xb);
             let q = _mm256_permute2x128_si256::<0x31>(xa, xb);
-            let dx = *xd.add(b);
+            let dx = _mm256_set1_ps(*xd.add(b));
             let mut r = 0;
             while r < R {
                 let blk = rows[r].add(b * bb);
@@ -728,7 +752,8 @@ mod x86 {
                 } else {
                     _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
                 };
-                let d = _mm256_set1_ps(fp16(blk) * dx);
+                let dw = _mm256_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()));
+                let d = _mm256_mul_ps(dw, dx);
                 acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r]);
                 r += 1;
             }
@@ -864,8 +889,9 @@ mod arm {
     //! NEON kernels for 2:4 and 4:8, and the same bodies with `sdot` (FEAT_DotProd) at
     //! `Level::Dotprod` and above.
     //!
-    //! Per block: each bit plane is broadcast and shifted per byte (`ushl` by `-(j / 4)`) so
-    //! that byte j holds bit j / 4 of byte j % 4; the in-group indices plus the group offsets
+    //! Per block: the digit plane is broadcast and shifted per byte (`ushl` by `-2 (j / 8)`)
+    //! so that byte j holds the digit of value j, and so is 4:8's bit plane (`ushl` by
+    //! `-(j / 4)`); the in-group indices plus the group offsets
     //! index the block's 64 activations with two `tbl` over 32 bytes each (kept values 0..16
     //! come from inputs 0..32, 16..32 from 32..64). The exact i32 dot of the 32 pairs lands
     //! in 4 lanes (`smull` + pairwise adds, or `sdot`), which are fused-multiply-added with
@@ -955,6 +981,23 @@ mod arm {
         )
     }
 
+    const DSH_LO: [i8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, -2, -2, -2, -2, -2, -2, -2, -2];
+    const DSH_HI: [i8; 16] = [
+        -4, -4, -4, -4, -4, -4, -4, -4, -6, -6, -6, -6, -6, -6, -6, -6,
+    ];
+
+    /// One digit plane (8 bytes at `p`): the digit of value j (bits 2 (j / 8) of byte j % 8)
+    /// in byte j, for j in 0..16 and 16..32.
+    #[inline(always)]
+    unsafe fn digits(p: *const u8) -> (uint8x16_t, uint8x16_t) {
+        let v = vreinterpretq_u8_u64(vdupq_n_u64((p as *const u64).read_unaligned()));
+        let three = vdupq_n_u8(3);
+        (
+            vandq_u8(vshlq_u8(v, vld1q_s8(DSH_LO.as_ptr())), three),
+            vandq_u8(vshlq_u8(v, vld1q_s8(DSH_HI.as_ptr())), three),
+        )
+    }
+
     #[inline(always)]
     unsafe fn body<I: Isa, const R: usize, const M: usize, const Q4: bool>(
         rows: [*const u8; R],
@@ -974,10 +1017,7 @@ mod arm {
             let mut r = 0;
             while r < R {
                 let blk = rows[r].add(b * bb);
-                let (a0, a1) = plane(blk.add(2));
-                let (b0, b1) = plane(blk.add(6));
-                let mut lo = vaddq_u8(a0, vaddq_u8(b0, b0));
-                let mut hi = vaddq_u8(a1, vaddq_u8(b1, b1));
+                let (mut lo, mut hi) = digits(blk.add(2));
                 if M == 8 {
                     let (c0, c1) = plane(blk.add(10));
                     lo = vaddq_u8(lo, vshlq_n_u8::<2>(c0));
