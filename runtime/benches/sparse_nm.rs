@@ -2,10 +2,13 @@
 //!
 //! `cargo bench -p sparrow --bench sparse_nm [FILTER]`
 //!
-//! One iteration is one matrix-vector product: the activation row is quantized (the sparse
-//! format's [`NmActs`], the dense entry's `quantize_act`) and every row's dot computed, with
-//! the kernels the runtime would pick ([`NmKernel::get`], [`KernelTable::get`]; the dense
-//! entry's `rows8` or `rows4` where it has one, as the matmul driver uses them). Criterion's
+//! One iteration is one matrix-vector product, activation quantization included on both
+//! sides: the dense side is the model's own call, [`matmul`] on a one-thread pool for one
+//! token (it quantizes the row with the table entry's `quantize_act` and feeds the entry's
+//! `rows8` / `rows4` / `vec_dot` exactly as in a decode step); the sparse side quantizes the
+//! row ([`NmActs::quantize`], buffers reused) and runs [`NmKernel::matvec`] with the kernel
+//! of [`NmKernel::get`]. With `NM_BENCH_ALL=1` every variant the CPU can run
+//! ([`NmKernel::variants`]) is measured too. Criterion's
 //! throughput is the weight bytes, so it reports weight GB/s. After each shape a line per
 //! kernel gives the median time, the weight GB/s, its fraction of the one-core read bandwidth
 //! ([`measure_read_bandwidth`]`(1)`), and the ratios dense time / sparse time.
@@ -18,7 +21,7 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use sparrow::kernels::bandwidth::measure_read_bandwidth;
-use sparrow::kernels::{DotKernel, KernelTable};
+use sparrow::kernels::{matmul, KernelTable, MatmulScratch, ThreadPool};
 use sparrow::quant::{self, GgmlType};
 use sparrow::sparse::nm::{encode_row, NmActs, NmFormat, NmKernel, NmValues};
 use std::cell::RefCell;
@@ -88,40 +91,11 @@ fn copies(w: Vec<u8>, stream_bytes: usize) -> Vec<Vec<u8>> {
     v
 }
 
-/// The dense product as the matmul driver runs it for one token.
-fn dense_matvec(k: &DotKernel, w: &[u8], rb: usize, x: &[f32], act: &mut [u8], y: &mut [f32]) {
-    (k.quantize_act)(x, act);
-    let row = |r: usize| &w[r * rb..(r + 1) * rb];
-    let mut done = 0;
-    // As the matmul driver feeds them: eight (four) rows from the eighths (quarters) of the
-    // matrix, sequential streams for the prefetchers.
-    if let Some(r8) = k.rows8 {
-        let q = y.len() / 8;
-        for r in 0..q {
-            let v = r8(std::array::from_fn(|i| row(r + i * q)), act);
-            for (i, v) in v.into_iter().enumerate() {
-                y[r + i * q] = v;
-            }
-        }
-        done = 8 * q;
-    } else if let Some(r4) = k.rows4 {
-        let q = y.len() / 4;
-        for r in 0..q {
-            let v = r4(std::array::from_fn(|i| row(r + i * q)), act);
-            for (i, v) in v.into_iter().enumerate() {
-                y[r + i * q] = v;
-            }
-        }
-        done = 4 * q;
-    }
-    for (r, o) in y.iter_mut().enumerate().skip(done) {
-        *o = (k.vec_dot)(row(r), act);
-    }
-}
-
 fn bench_sparse_nm(c: &mut Criterion) {
     let bandwidth = measure_read_bandwidth(1);
     let table = KernelTable::get();
+    let pool = ThreadPool::new(1).expect("one-thread pool");
+    let all = std::env::var("NM_BENCH_ALL").is_ok_and(|v| v == "1");
     eprintln!(
         "read bandwidth, 1 thread: {:.2} GB/s; dense kernels at {}",
         bandwidth / 1e9,
@@ -166,7 +140,7 @@ fn bench_sparse_nm(c: &mut Criterion) {
             quant::quantize(ty, &f, &mut w).expect("quantize");
             let w_bytes = w.len();
             let weights = copies(w, shape.stream_bytes);
-            let mut act = vec![0u8; k.act_row_bytes(cols).expect("whole blocks")];
+            let mut scratch = MatmulScratch::default();
             let mut y = vec![0f32; rows];
             let mut next = 0;
             let times = RefCell::new(Times::default());
@@ -178,7 +152,18 @@ fn bench_sparse_nm(c: &mut Criterion) {
                     for _ in 0..iters {
                         let wm = &weights[next];
                         next = (next + 1) % weights.len();
-                        dense_matvec(k, wm, rb, black_box(&x), &mut act, &mut y);
+                        matmul(
+                            &pool,
+                            &mut scratch,
+                            ty,
+                            wm,
+                            rows,
+                            cols,
+                            black_box(&x),
+                            1,
+                            &mut y,
+                        )
+                        .expect("matmul");
                         black_box(&mut y);
                     }
                     let d = t.elapsed();
@@ -192,8 +177,18 @@ fn bench_sparse_nm(c: &mut Criterion) {
             results.push((name, w_bytes, times.into_inner().median()));
         }
 
-        for fm in &formats {
-            let kern = NmKernel::get(*fm).expect("kernel");
+        for (fm, kern) in formats.iter().flat_map(|fm| {
+            let best = NmKernel::get(*fm).expect("kernel");
+            let mut v = vec![(fm, best)];
+            if all {
+                for k in NmKernel::variants(*fm).expect("kernels") {
+                    if k.name != best.name && k.level != sparrow::kernels::Level::Generic {
+                        v.push((fm, k));
+                    }
+                }
+            }
+            v
+        }) {
             let rb = fm.row_bytes(cols).expect("cols a multiple of the span");
             let mut w = vec![0u8; rows * rb];
             for (src, dst) in f.chunks_exact(cols).zip(w.chunks_exact_mut(rb)) {

@@ -137,17 +137,29 @@ fn layout_of_a_2_4_block() {
         w[4 * t + 3] = -((t + 1) as f32);
     }
     w[3] = -127.0;
-    let row = encoded(&f, &w);
+    // Two blocks, the second twice the first: the head holds both scales, then the bodies.
+    let w2: Vec<f32> = w
+        .iter()
+        .chain(w.iter())
+        .enumerate()
+        .map(|(i, v)| if i < 64 { *v } else { 2.0 * v })
+        .collect();
+    let row = encoded(&f, &w2);
+    assert_eq!(row.len(), 2 * 42);
     assert_eq!(&row[..2], &half::f16::from_f32(1.0).to_le_bytes());
-    // Index 1 (kept values 2t) and 3 (2t + 1), in one digit plane: byte b holds values b,
-    // b + 8, b + 16, b + 24, all of b's parity, so 01010101 for even b and 11111111 for odd.
-    assert_eq!(
-        &row[2..10],
-        &[0x55, 0xFF, 0x55, 0xFF, 0x55, 0xFF, 0x55, 0xFF]
-    );
-    assert_eq!(row[10] as i8, 1);
-    assert_eq!(row[11] as i8, -127);
-    assert_eq!(row[12] as i8, 2);
+    assert_eq!(&row[2..4], &half::f16::from_f32(2.0).to_le_bytes());
+    for body in [&row[4..44], &row[44..84]] {
+        // Index 1 (kept values 2t) and 3 (2t + 1), in one digit plane: byte b holds values
+        // b, b + 8, b + 16, b + 24, all of b's parity, so 01010101 for even b and 11111111
+        // for odd.
+        assert_eq!(
+            &body[..8],
+            &[0x55, 0xFF, 0x55, 0xFF, 0x55, 0xFF, 0x55, 0xFF]
+        );
+        assert_eq!(body[8] as i8, 1);
+        assert_eq!(body[9] as i8, -127);
+        assert_eq!(body[10] as i8, 2);
+    }
 }
 
 #[test]
@@ -272,6 +284,8 @@ fn check_kernels(f: &NmFormat, k: usize, rows: usize, rng: &mut Rng) {
     for level in levels() {
         let kern = NmKernel::for_level(*f, level).unwrap();
         assert!(kern.level <= level, "{} at {level:?}", kern.name);
+    }
+    for kern in NmKernel::variants(*f).unwrap() {
         let mut y = vec![0f32; rows];
         kern.matvec(&w, &a, &mut y).unwrap();
         let mut y1 = vec![0f32; rows];
@@ -346,8 +360,7 @@ fn bug_extremes_of_values_and_activations() {
         let tol = Close::for_blocks(3);
         tol.check("generic", g, exact, scale);
         let w4: Vec<u8> = (0..rows).flat_map(|_| row.iter().copied()).collect();
-        for level in levels() {
-            let kern = NmKernel::for_level(f, level).unwrap();
+        for kern in NmKernel::variants(f).unwrap() {
             let mut y = vec![0f32; rows];
             kern.matvec(&w4, &a, &mut y).unwrap();
             for v in y {
@@ -393,10 +406,10 @@ fn errors_not_panics() {
     assert!(decode_row(&f, &out, &mut dec[..64]).is_err());
     assert!(decode_row(&f, &out[..40], &mut dec).is_err());
     // Two equal indices in group 0 (both 0): clear the digits of kept values 0 and 1 (bits
-    // 0 and 1 of bytes 0 and 1 of the digit plane).
+    // 0 and 1 of bytes 0 and 1 of the digit plane of block 0, after the head's 2 scales).
     let mut corrupt = out.clone();
-    corrupt[2] &= !3;
-    corrupt[3] &= !3;
+    corrupt[4] &= !3;
+    corrupt[5] &= !3;
     assert!(decode_row(&f, &corrupt, &mut dec).is_err());
     let mut kept = vec![false; 128];
     assert!(kept_positions(&f, &corrupt, &mut kept).is_err());
@@ -409,8 +422,7 @@ fn errors_not_panics() {
     let other = fmt(1, 4, NmValues::Q8);
     let mut a_other = NmActs::new();
     a_other.quantize(&other, &w).unwrap();
-    for level in levels() {
-        let kern = NmKernel::for_level(f, level).unwrap();
+    for kern in NmKernel::variants(f).unwrap() {
         assert!(kern.dot(&out[..41], &a).is_err());
         assert!(kern.dot(&out, &a_other).is_err());
         let mut y = vec![0f32; 3];
@@ -432,8 +444,7 @@ fn arbitrary_bytes_do_not_panic() {
         let bytes: Vec<u8> = (0..4 * rb).map(|_| rng.next() as u8).collect();
         let mut a = NmActs::new();
         a.quantize(&f, &rng.row(k)).unwrap();
-        for level in levels() {
-            let kern = NmKernel::for_level(f, level).unwrap();
+        for kern in NmKernel::variants(f).unwrap() {
             // A scale can be an f16 NaN or infinity, so the numbers are anything; the four-row
             // variant still computes what the one-row kernel does, row for row.
             let (mut y, mut y1) = (vec![0f32; 4], vec![0f32; 4]);

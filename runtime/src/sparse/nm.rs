@@ -137,8 +137,9 @@ impl NmFormat {
         self.block_values().div_ceil(4)
     }
 
+    /// Offset of the top-bit plane in a block's body (after the digit planes).
     fn top_offset(&self) -> usize {
-        2 + self.index_bits() / 2 * self.digit_bytes()
+        self.index_bits() / 2 * self.digit_bytes()
     }
 
     fn values_offset(&self) -> usize {
@@ -152,8 +153,13 @@ impl NmFormat {
         }
     }
 
-    /// Bytes per block.
+    /// Bytes per block: its f16 scale and its body.
     pub fn block_bytes(&self) -> usize {
+        2 + self.body_bytes()
+    }
+
+    /// Bytes of a block's body (index planes and values; the scale is in the row's head).
+    fn body_bytes(&self) -> usize {
         self.values_offset() + self.value_bytes()
     }
 
@@ -182,7 +188,7 @@ fn index_of(f: &NmFormat, blk: &[u8], j: usize) -> usize {
     let (p, d, l) = (f.index_bits(), f.digit_bytes(), f.plane_bytes());
     let mut idx = 0;
     for k in 0..p / 2 {
-        let byte = blk.get(2 + k * d + j % d).copied().unwrap_or(0);
+        let byte = blk.get(k * d + j % d).copied().unwrap_or(0);
         idx |= (((byte >> (2 * (j / d))) & 3) as usize) << (2 * k);
     }
     if p % 2 == 1 {
@@ -195,7 +201,7 @@ fn index_of(f: &NmFormat, blk: &[u8], j: usize) -> usize {
 fn set_index(f: &NmFormat, blk: &mut [u8], j: usize, idx: usize) {
     let (p, d, l) = (f.index_bits(), f.digit_bytes(), f.plane_bytes());
     for k in 0..p / 2 {
-        blk[2 + k * d + j % d] |= (((idx >> (2 * k)) & 3) << (2 * (j / d))) as u8;
+        blk[k * d + j % d] |= (((idx >> (2 * k)) & 3) << (2 * (j / d))) as u8;
     }
     if p % 2 == 1 {
         blk[f.top_offset() + j % l] |= (((idx >> (p - 1)) & 1) << (j / l)) as u8;
@@ -233,8 +239,17 @@ fn set_value(f: &NmFormat, blk: &mut [u8], j: usize, q: i32) {
     }
 }
 
-fn scale_of(blk: &[u8]) -> f32 {
-    f16_to_f32([blk[0], blk[1]])
+/// The scales (the row's head, 2 bytes per block) and the block bodies of a row whose length
+/// is a whole number of blocks.
+fn split_row<'a>(f: &NmFormat, row: &'a [u8]) -> (&'a [u8], std::slice::ChunksExact<'a, u8>) {
+    let nb = row.len() / f.block_bytes();
+    let (head, bodies) = row.split_at(2 * nb);
+    (head, bodies.chunks_exact(f.body_bytes()))
+}
+
+/// The f32 scales of a row's head.
+fn scales_of(head: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    head.chunks_exact(2).map(|h| f16_to_f32([h[0], h[1]]))
 }
 
 // ---- encoder and decoder -------------------------------------------------------------------
@@ -286,12 +301,14 @@ pub fn encode_row_with_mask(f: &NmFormat, w: &[f32], keep: &[bool], out: &mut [u
             )));
         }
     }
-    let (s, bb, bv) = (f.block_span(), f.block_bytes(), f.block_values());
+    let (s, bv) = (f.block_span(), f.block_values());
     let mut vals = vec![0f32; bv];
-    for ((wb, kb), blk) in w
+    let (head, bodies) = out.split_at_mut(2 * (w.len() / s));
+    for (((wb, kb), blk), dh) in w
         .chunks_exact(s)
         .zip(keep.chunks_exact(s))
-        .zip(out.chunks_exact_mut(bb))
+        .zip(bodies.chunks_exact_mut(f.body_bytes()))
+        .zip(head.chunks_exact_mut(2))
     {
         blk.fill(0);
         let mut j = 0;
@@ -303,7 +320,7 @@ pub fn encode_row_with_mask(f: &NmFormat, w: &[f32], keep: &[bool], out: &mut [u
             }
         }
         let d = quantize_block(f, &vals, blk)?;
-        blk[..2].copy_from_slice(&d);
+        dh.copy_from_slice(&d);
     }
     Ok(())
 }
@@ -347,8 +364,7 @@ fn check_row(f: &NmFormat, row: &[u8], k: usize) -> Result<usize> {
             row.len()
         )));
     }
-    let bb = f.block_bytes();
-    for (b, blk) in row.chunks_exact(bb).enumerate() {
+    for (b, blk) in split_row(f, row).1.enumerate() {
         for t in 0..f.groups_per_block() {
             let mut prev: Option<usize> = None;
             for r in 0..f.n {
@@ -369,10 +385,12 @@ fn check_row(f: &NmFormat, row: &[u8], k: usize) -> Result<usize> {
 /// Decodes a row of `out.len()` inputs to f32 (pruned positions are 0).
 pub fn decode_row(f: &NmFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
     check_row(f, row, out.len())?;
-    let (s, bb) = (f.block_span(), f.block_bytes());
-    for (blk, ob) in row.chunks_exact(bb).zip(out.chunks_exact_mut(s)) {
+    let (head, bodies) = split_row(f, row);
+    for ((blk, ob), d) in bodies
+        .zip(out.chunks_exact_mut(f.block_span()))
+        .zip(scales_of(head))
+    {
         ob.fill(0.0);
-        let d = scale_of(blk);
         for j in 0..f.block_values() {
             let pos = (j / f.n) * f.m + index_of(f, blk, j);
             ob[pos] = d * value_of(f, blk, j) as f32;
@@ -384,8 +402,10 @@ pub fn decode_row(f: &NmFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
 /// The kept positions of a row of `out.len()` inputs.
 pub fn kept_positions(f: &NmFormat, row: &[u8], out: &mut [bool]) -> Result<()> {
     check_row(f, row, out.len())?;
-    let (s, bb) = (f.block_span(), f.block_bytes());
-    for (blk, ob) in row.chunks_exact(bb).zip(out.chunks_exact_mut(s)) {
+    for (blk, ob) in split_row(f, row)
+        .1
+        .zip(out.chunks_exact_mut(f.block_span()))
+    {
         ob.fill(false);
         for j in 0..f.block_values() {
             ob[(j / f.n) * f.m + index_of(f, blk, j)] = true;
@@ -396,7 +416,7 @@ pub fn kept_positions(f: &NmFormat, row: &[u8], out: &mut [bool]) -> Result<()> 
 
 /// The scale of every block of a row (for tests and tools).
 pub fn block_scales(f: &NmFormat, row: &[u8]) -> Vec<f32> {
-    row.chunks_exact(f.block_bytes()).map(scale_of).collect()
+    scales_of(split_row(f, row).0).collect()
 }
 
 // ---- activations ---------------------------------------------------------------------------
@@ -406,7 +426,10 @@ pub fn block_scales(f: &NmFormat, row: &[u8]) -> Vec<f32> {
 #[derive(Clone, Debug, Default)]
 pub struct NmActs {
     span: usize,
+    /// Blocks in the row.
+    nb: usize,
     q: Vec<i8>,
+    /// The `nb` block scales, then zeros up to a multiple of 8.
     d: Vec<f32>,
 }
 
@@ -422,6 +445,7 @@ impl NmActs {
         self.span = s;
         self.q.resize(x.len(), 0);
         self.d.clear();
+        self.nb = x.len() / s;
         for (xb, qb) in x.chunks_exact(s).zip(self.q.chunks_exact_mut(s)) {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -431,6 +455,8 @@ impl NmActs {
             }
             self.d.push(amax / 127.0);
         }
+        // Zeros up to a multiple of 8, so that the x86 kernels load the scales 8 at a time.
+        self.d.resize(self.nb.div_ceil(8) * 8, 0.0);
         Ok(())
     }
 
@@ -450,7 +476,7 @@ impl NmActs {
 
     /// The block scales.
     pub fn scales(&self) -> &[f32] {
-        &self.d
+        &self.d[..self.nb]
     }
 
     /// The activations the kernels see, as f32 (`d * q`).
@@ -460,7 +486,7 @@ impl NmActs {
         }
         self.q
             .chunks_exact(self.span)
-            .zip(&self.d)
+            .zip(self.scales())
             .flat_map(|(qb, &d)| qb.iter().map(move |&q| d * q as f32))
             .collect()
     }
@@ -477,16 +503,21 @@ type Rows4Fn = unsafe fn(&NmFormat, [&[u8]; 4], &NmActs) -> [f32; 4];
 /// The portable kernel: per block, the exact integer dot of the kept values and the
 /// activations at their positions, times `d_w * d_x`, summed in block order.
 pub fn generic_dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
-    let (s, bb) = (f.block_span(), f.block_bytes());
+    let s = f.block_span();
+    let (head, bodies) = split_row(f, row);
     let mut sum = 0f32;
-    for ((blk, xq), &dx) in row.chunks_exact(bb).zip(a.q.chunks_exact(s)).zip(&a.d) {
+    for (((blk, xq), &dx), dw) in bodies
+        .zip(a.q.chunks_exact(s))
+        .zip(&a.d)
+        .zip(scales_of(head))
+    {
         let mut isum = 0i32;
         for j in 0..f.block_values() {
             let pos = (j / f.n) * f.m + index_of(f, blk, j);
             let x = xq.get(pos).copied().unwrap_or(0) as i32;
             isum += value_of(f, blk, j) * x;
         }
-        sum += isum as f32 * (scale_of(blk) * dx);
+        sum += isum as f32 * (dw * dx);
     }
     sum
 }
@@ -517,6 +548,29 @@ impl NmKernel {
     /// The kernel for `f` at `level` or the highest level below it that has one; a level the
     /// CPU lacks gives the portable kernel.
     pub fn for_level(f: NmFormat, level: Level) -> Result<NmKernel> {
+        NmKernel::for_level_with(f, level, true)
+    }
+
+    /// Every kernel for `f` that this CPU can run: [`NmKernel::for_level`] at each detected
+    /// level, and the variants that a level chooses between by CPU features outside the
+    /// level (x86: the AVX-512 kernels without VBMI), for tests and benchmarks.
+    #[doc(hidden)]
+    pub fn variants(f: NmFormat) -> Result<Vec<NmKernel>> {
+        let mut v: Vec<NmKernel> = Vec::new();
+        for level in Level::detected() {
+            for alt in [true, false] {
+                let k = NmKernel::for_level_with(f, level, alt)?;
+                if !v.iter().any(|o| o.name == k.name) {
+                    v.push(k);
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// `alt`: take the variants that need features beyond the level where the CPU has them.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn for_level_with(f: NmFormat, level: Level, alt: bool) -> Result<NmKernel> {
         f.check()?;
         let generic = NmKernel {
             name: "generic_dot_nm",
@@ -529,7 +583,7 @@ impl NmKernel {
             return Ok(generic);
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(k) = x86::kernel(f, level) {
+        if let Some(k) = x86::kernel(f, level, alt) {
             return Ok(k);
         }
         #[cfg(target_arch = "aarch64")]
@@ -634,25 +688,38 @@ fn simd_shape(f: &NmFormat) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2 (+FMA, F16C) kernels for 2:4 and 4:8, and the same bodies with AVX-512 VNNI's
-    //! `vpdpbusd` (on 256-bit vectors) at `Level::Avx512`.
+    //! AVX2 (+FMA, F16C) kernels for 2:4 and 4:8, the same bodies with AVX-512 VNNI's
+    //! `vpdpbusd` (on 256-bit vectors) at `Level::Avx512`, and there, where the CPU also has
+    //! AVX512-VBMI (checked here, on top of the level), a gather by `vpermi2b`.
     //!
     //! Per block: the index planes are decoded to one in-group index per byte (see the module
-    //! doc), the 64 activations are loaded as two vectors and rearranged into
+    //! doc). AVX2 and VNNI: the 64 activations are loaded as two vectors and rearranged into
     //! `P = [x0..16 | x32..48]` and `Q = [x16..32 | x48..64]` (one `vperm2i128` each, shared by
-    //! the rows of a `rows4` call). Kept values 0..8 of a 128-bit lane come from P's lane and
+    //! the rows of a `rows4` call); kept values 0..8 of a 128-bit lane come from P's lane and
     //! 8..16 from Q's, so two `pshufb`s whose controls are the decoded in-chunk positions
     //! (with 0x80, which gives 0, in the other half) and an OR give the 32 activations in the
-    //! kept values' order. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`, `madd` with
-    //! ones (or `vpdpbusd`), 8 exact i32 lanes, fused-multiply-added with `d_w * d_x`.
+    //! kept values' order. VBMI: the positions in the block (`(j / N) * M + index`, one
+    //! `vpternlogd` that masks the digits and ORs the group offsets) drive one `vpermi2b` over
+    //! the block's two activation vectors. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`,
+    //! `madd` with ones (or `vpdpbusd`), 8 exact i32 lanes, fused-multiply-added with
+    //! `d_w * d_x`, which is computed for 8 blocks at a time (one `vcvtph2ps` of the row head's
+    //! scales, one multiply by the activations' scales) and broadcast from the stack.
     //!
     //! Safety model: every function here is `unsafe` with `#[target_feature]`; [`kernel`]
-    //! returns them only for a level that `Level::detected` reported, and `NmKernel` calls them
-    //! only after checking the row and activation lengths.
+    //! returns them only for a level that `Level::detected` reported (and the VBMI ones only
+    //! where `is_x86_feature_detected!("avx512vbmi")` holds), and `NmKernel` calls them only
+    //! after checking the row and activation lengths.
 
     use super::{NmActs, NmFormat, NmKernel};
     use crate::kernels::Level;
     use std::arch::x86_64::*;
+
+    /// AVX2: `maddubs` + `madd`, `pshufb` gather.
+    const AVX2: u8 = 0;
+    /// AVX-512 VNNI on 256 bits: `vpdpbusd`, `pshufb` gather.
+    const VNNI: u8 = 1;
+    /// VNNI with AVX512-VBMI: `vpdpbusd`, `vpermi2b` gather.
+    const VBMI: u8 = 2;
 
     /// In-chunk position offsets of the kept values of one 128-bit lane, plus 0x80 in the
     /// half that the other shuffle fills (`q_half`: the control for Q).
@@ -671,6 +738,19 @@ mod x86 {
     static CTRL24: [[u8; 32]; 2] = [ctrl(2, 4, false), ctrl(2, 4, true)];
     static CTRL48: [[u8; 32]; 2] = [ctrl(4, 8, false), ctrl(4, 8, true)];
 
+    /// Block positions of the groups of kept values 0..32: `(j / n) * m`.
+    const fn goff(n: usize, m: usize) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let mut j = 0;
+        while j < 32 {
+            out[j] = ((j / n) * m) as u8;
+            j += 1;
+        }
+        out
+    }
+    static GOFF24: [u8; 32] = goff(2, 4);
+    static GOFF48: [u8; 32] = goff(4, 8);
+
     /// One bit plane (4 bytes at `p`) as one bit per byte: byte j gets bit j / 4 of byte j % 4.
     #[inline(always)]
     unsafe fn plane(p: *const u8) -> __m256i {
@@ -679,18 +759,18 @@ mod x86 {
         _mm256_and_si256(s, _mm256_set1_epi8(1))
     }
 
-    /// The low two bits of the 32 indices (one digit plane, 8 bytes at `p`), one per byte.
+    /// The digits of one digit plane (8 bytes at `p`), one per byte in bits 0 and 1, the
+    /// bits above them unspecified.
     #[inline(always)]
-    unsafe fn digits(p: *const u8) -> __m256i {
+    unsafe fn digits_raw(p: *const u8) -> __m256i {
         let v = _mm256_set1_epi64x((p as *const i64).read_unaligned());
-        let s = _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6));
-        _mm256_and_si256(s, _mm256_set1_epi8(3))
+        _mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6))
     }
 
     /// The two shuffle controls of a block whose index planes start at `p`.
     #[inline(always)]
     unsafe fn controls<const M: usize>(p: *const u8) -> (__m256i, __m256i) {
-        let mut idx = digits(p);
+        let mut idx = _mm256_and_si256(digits_raw(p), _mm256_set1_epi8(3));
         let c = if M == 8 {
             idx = _mm256_add_epi8(idx, _mm256_slli_epi16::<2>(plane(p.add(8))));
             &CTRL48
@@ -700,6 +780,24 @@ mod x86 {
         let cp = _mm256_loadu_si256(c[0].as_ptr() as *const __m256i);
         let cq = _mm256_loadu_si256(c[1].as_ptr() as *const __m256i);
         (_mm256_add_epi8(idx, cp), _mm256_add_epi8(idx, cq))
+    }
+
+    /// The block positions (0..64) of the 32 kept values of a block whose index planes start
+    /// at `p`, given `goff` = [`GOFF24`] or [`GOFF48`]; AVX-512 F + VL.
+    #[inline(always)]
+    unsafe fn positions<const M: usize>(p: *const u8, goff: __m256i) -> __m256i {
+        // (digits & 3) | goff
+        let pos = _mm256_ternarylogic_epi32::<0xEA>(digits_raw(p), _mm256_set1_epi8(3), goff);
+        if M == 8 {
+            // Bit j / 4 of byte j % 4 of the top plane to bit 2 of byte j: dword k rotated
+            // left by 2 - k (mod 32).
+            let t = _mm256_set1_epi32((p.add(8) as *const i32).read_unaligned());
+            let t = _mm256_rolv_epi32(t, _mm256_setr_epi32(2, 1, 0, 31, 30, 29, 28, 27));
+            // c ? t : pos, with c = bit 2 of every byte.
+            _mm256_ternarylogic_epi32::<0xD8>(pos, t, _mm256_set1_epi8(4))
+        } else {
+            pos
+        }
     }
 
     #[inline(always)]
@@ -712,51 +810,82 @@ mod x86 {
     }
 
     /// R rows of `nb` blocks of `bb` bytes against the activations `xq` (64 per block) and
-    /// their scales `xd`.
+    /// their scales `xd` (a multiple of 8 of them, zeros past `nb`).
     #[inline(always)]
-    unsafe fn body<const R: usize, const M: usize, const Q4: bool, const VNNI: bool>(
+    unsafe fn body<const R: usize, const M: usize, const Q4: bool, const ISA: u8>(
         rows: [*const u8; R],
         nb: usize,
         bb: usize,
         xq: *const i8,
         xd: *const f32,
     ) -> [f32; R] {
-        let voff = if M == 8 { 14 } else { 10 };
+        let voff = if M == 8 { 12 } else { 8 };
+        let sb = bb - 2;
+        let goff = _mm256_loadu_si256(if M == 8 {
+            GOFF48.as_ptr()
+        } else {
+            GOFF24.as_ptr()
+        } as *const __m256i);
         let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..nb {
-            let xa = _mm256_loadu_si256(xq.add(64 * b) as *const __m256i);
-            let xb = _mm256_loadu_si256(xq.add(64 * b + 32) as *const __m256i);
-            let p = _mm256_permute2x128_si256::<0x20>(xa, xb);
-            let q = _mm256_permute2x128_si256::<0x31>(xa, xb);
-            let dx = _mm256_set1_ps(*xd.add(b));
+        let mut dbuf = [[0f32; 8]; R];
+        let mut b0 = 0;
+        while b0 < nb {
+            // d_w * d_x of blocks b0..b0 + 8. The 16 bytes of scales past the row's head
+            // are still in the row (its head is 2 nb bytes of nb * bb, and bb >= 26), and
+            // the lanes past nb are never read.
+            let dx = _mm256_loadu_ps(xd.add(b0));
             let mut r = 0;
             while r < R {
-                let blk = rows[r].add(b * bb);
-                let (cp, cq) = controls::<M>(blk.add(2));
-                let xg = _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq));
-                let w = if Q4 {
-                    let t = _mm_loadu_si128(blk.add(voff) as *const __m128i);
-                    let v = _mm256_inserti128_si256::<1>(
-                        _mm256_castsi128_si256(t),
-                        _mm_srli_epi16::<4>(t),
-                    );
-                    let v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
-                    _mm256_sub_epi8(v, _mm256_set1_epi8(8))
-                } else {
-                    _mm256_loadu_si256(blk.add(voff) as *const __m256i)
-                };
-                let ax = _mm256_sign_epi8(w, w);
-                let sy = _mm256_sign_epi8(xg, w);
-                let ip = if VNNI {
-                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
-                } else {
-                    _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
-                };
-                let dw = _mm256_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()));
-                let d = _mm256_mul_ps(dw, dx);
-                acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r]);
+                let h = _mm_loadu_si128(rows[r].add(2 * b0) as *const __m128i);
+                let d = _mm256_mul_ps(_mm256_cvtph_ps(h), dx);
+                _mm256_storeu_ps(dbuf[r].as_mut_ptr(), d);
                 r += 1;
             }
+            let end = if nb - b0 < 8 { nb } else { b0 + 8 };
+            for b in b0..end {
+                let xa = _mm256_loadu_si256(xq.add(64 * b) as *const __m256i);
+                let xb = _mm256_loadu_si256(xq.add(64 * b + 32) as *const __m256i);
+                let (p, q) = if ISA == VBMI {
+                    (xa, xb)
+                } else {
+                    (
+                        _mm256_permute2x128_si256::<0x20>(xa, xb),
+                        _mm256_permute2x128_si256::<0x31>(xa, xb),
+                    )
+                };
+                let mut r = 0;
+                while r < R {
+                    let blk = rows[r].add(2 * nb + b * sb);
+                    let xg = if ISA == VBMI {
+                        _mm256_permutex2var_epi8(p, positions::<M>(blk, goff), q)
+                    } else {
+                        let (cp, cq) = controls::<M>(blk);
+                        _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq))
+                    };
+                    let w = if Q4 {
+                        let t = _mm_loadu_si128(blk.add(voff) as *const __m128i);
+                        let v = _mm256_inserti128_si256::<1>(
+                            _mm256_castsi128_si256(t),
+                            _mm_srli_epi16::<4>(t),
+                        );
+                        let v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+                        _mm256_sub_epi8(v, _mm256_set1_epi8(8))
+                    } else {
+                        _mm256_loadu_si256(blk.add(voff) as *const __m256i)
+                    };
+                    let ax = _mm256_sign_epi8(w, w);
+                    let sy = _mm256_sign_epi8(xg, w);
+                    let ip = if ISA == AVX2 {
+                        _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
+                    } else {
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                    };
+                    let d = _mm256_broadcast_ss(&dbuf[r][b - b0]);
+                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r]);
+                    r += 1;
+                }
+            }
+            b0 = end;
         }
         let mut out = [0f32; R];
         let mut r = 0;
@@ -768,14 +897,14 @@ mod x86 {
     }
 
     macro_rules! variant {
-        ($name:ident, $m:literal, $q4:literal, $vnni:literal, $feat:literal) => {
+        ($name:ident, $m:literal, $q4:literal, $isa:ident, $feat:literal) => {
             mod $name {
                 use super::*;
 
                 #[target_feature(enable = $feat)]
                 pub(super) unsafe fn dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
                     let nb = a.q.len() / 64;
-                    body::<1, $m, $q4, $vnni>(
+                    body::<1, $m, $q4, $isa>(
                         [row.as_ptr()],
                         nb,
                         f.block_bytes(),
@@ -787,7 +916,7 @@ mod x86 {
                 #[target_feature(enable = $feat)]
                 pub(super) unsafe fn rows4(f: &NmFormat, rows: [&[u8]; 4], a: &NmActs) -> [f32; 4] {
                     let nb = a.q.len() / 64;
-                    body::<4, $m, $q4, $vnni>(
+                    body::<4, $m, $q4, $isa>(
                         [
                             rows[0].as_ptr(),
                             rows[1].as_ptr(),
@@ -804,77 +933,141 @@ mod x86 {
         };
     }
 
-    variant!(nm24_q8, 4, false, false, "avx2,fma,f16c");
-    variant!(nm24_q4, 4, true, false, "avx2,fma,f16c");
-    variant!(nm48_q8, 8, false, false, "avx2,fma,f16c");
-    variant!(nm48_q4, 8, true, false, "avx2,fma,f16c");
+    const _: () = assert!(AVX2 != VNNI && VNNI != VBMI);
+
+    variant!(nm24_q8, 4, false, AVX2, "avx2,fma,f16c");
+    variant!(nm24_q4, 4, true, AVX2, "avx2,fma,f16c");
+    variant!(nm48_q8, 8, false, AVX2, "avx2,fma,f16c");
+    variant!(nm48_q4, 8, true, AVX2, "avx2,fma,f16c");
     variant!(
         nm24_q8_vnni,
         4,
         false,
-        true,
+        VNNI,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
     variant!(
         nm24_q4_vnni,
         4,
         true,
-        true,
+        VNNI,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
     variant!(
         nm48_q8_vnni,
         8,
         false,
-        true,
+        VNNI,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
     variant!(
         nm48_q4_vnni,
         8,
         true,
-        true,
+        VNNI,
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
     );
+    variant!(
+        nm24_q8_vbmi,
+        4,
+        false,
+        VBMI,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"
+    );
+    variant!(
+        nm24_q4_vbmi,
+        4,
+        true,
+        VBMI,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"
+    );
+    variant!(
+        nm48_q8_vbmi,
+        8,
+        false,
+        VBMI,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"
+    );
+    variant!(
+        nm48_q4_vbmi,
+        8,
+        true,
+        VBMI,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi"
+    );
 
-    /// The x86 kernel for `f` at `level` (which the CPU supports), if there is one.
-    pub(super) fn kernel(f: NmFormat, level: Level) -> Option<NmKernel> {
+    /// Whether the VBMI kernels may run at `Level::Avx512` (which the caller checked).
+    fn has_vbmi() -> bool {
+        is_x86_feature_detected!("avx512vbmi")
+    }
+
+    /// The x86 kernel for `f` at `level` (which the CPU supports), if there is one; with
+    /// `vbmi` false the AVX-512 level takes the `pshufb` gather even where the CPU has VBMI.
+    pub(super) fn kernel(f: NmFormat, level: Level, vbmi: bool) -> Option<NmKernel> {
         use super::NmValues::*;
         if level < Level::Avx2 || !super::simd_shape(&f) {
             return None;
         }
-        let vnni = level >= Level::Avx512;
-        let (name, dot, rows4): (&'static str, super::DotFn, super::Rows4Fn) =
-            match (f.m, f.values, vnni) {
-                (4, Q8, false) => ("avx2_dot_nm24_q8", nm24_q8::dot, nm24_q8::rows4),
-                (4, Q4, false) => ("avx2_dot_nm24_q4", nm24_q4::dot, nm24_q4::rows4),
-                (8, Q8, false) => ("avx2_dot_nm48_q8", nm48_q8::dot, nm48_q8::rows4),
-                (8, Q4, false) => ("avx2_dot_nm48_q4", nm48_q4::dot, nm48_q4::rows4),
-                (4, Q8, true) => (
-                    "avx512_dot_nm24_q8_vnni",
-                    nm24_q8_vnni::dot,
-                    nm24_q8_vnni::rows4,
-                ),
-                (4, Q4, true) => (
-                    "avx512_dot_nm24_q4_vnni",
-                    nm24_q4_vnni::dot,
-                    nm24_q4_vnni::rows4,
-                ),
-                (8, Q8, true) => (
-                    "avx512_dot_nm48_q8_vnni",
-                    nm48_q8_vnni::dot,
-                    nm48_q8_vnni::rows4,
-                ),
-                (8, Q4, true) => (
-                    "avx512_dot_nm48_q4_vnni",
-                    nm48_q4_vnni::dot,
-                    nm48_q4_vnni::rows4,
-                ),
-                _ => return None,
-            };
+        let isa = match level {
+            Level::Avx2 => AVX2,
+            _ if vbmi && has_vbmi() => VBMI,
+            _ => VNNI,
+        };
+        type Pair = (&'static str, super::DotFn, super::Rows4Fn);
+        let (name, dot, rows4): Pair = match (f.m, f.values, isa) {
+            (4, Q8, AVX2) => ("avx2_dot_nm24_q8", nm24_q8::dot, nm24_q8::rows4),
+            (4, Q4, AVX2) => ("avx2_dot_nm24_q4", nm24_q4::dot, nm24_q4::rows4),
+            (8, Q8, AVX2) => ("avx2_dot_nm48_q8", nm48_q8::dot, nm48_q8::rows4),
+            (8, Q4, AVX2) => ("avx2_dot_nm48_q4", nm48_q4::dot, nm48_q4::rows4),
+            (4, Q8, VNNI) => (
+                "avx512_dot_nm24_q8_vnni",
+                nm24_q8_vnni::dot,
+                nm24_q8_vnni::rows4,
+            ),
+            (4, Q4, VNNI) => (
+                "avx512_dot_nm24_q4_vnni",
+                nm24_q4_vnni::dot,
+                nm24_q4_vnni::rows4,
+            ),
+            (8, Q8, VNNI) => (
+                "avx512_dot_nm48_q8_vnni",
+                nm48_q8_vnni::dot,
+                nm48_q8_vnni::rows4,
+            ),
+            (8, Q4, VNNI) => (
+                "avx512_dot_nm48_q4_vnni",
+                nm48_q4_vnni::dot,
+                nm48_q4_vnni::rows4,
+            ),
+            (4, Q8, _) => (
+                "avx512_dot_nm24_q8_vbmi",
+                nm24_q8_vbmi::dot,
+                nm24_q8_vbmi::rows4,
+            ),
+            (4, Q4, _) => (
+                "avx512_dot_nm24_q4_vbmi",
+                nm24_q4_vbmi::dot,
+                nm24_q4_vbmi::rows4,
+            ),
+            (8, Q8, _) => (
+                "avx512_dot_nm48_q8_vbmi",
+                nm48_q8_vbmi::dot,
+                nm48_q8_vbmi::rows4,
+            ),
+            (8, Q4, _) => (
+                "avx512_dot_nm48_q4_vbmi",
+                nm48_q4_vbmi::dot,
+                nm48_q4_vbmi::rows4,
+            ),
+            _ => return None,
+        };
         Some(NmKernel {
             name,
-            level: if vnni { Level::Avx512 } else { Level::Avx2 },
+            level: if isa == AVX2 {
+                Level::Avx2
+            } else {
+                Level::Avx512
+            },
             format: f,
             dot,
             rows4: Some(rows4),
@@ -1006,7 +1199,8 @@ mod arm {
         xq: *const i8,
         xd: *const f32,
     ) -> [f32; R] {
-        let voff = if M == 8 { 14 } else { 10 };
+        let voff = if M == 8 { 12 } else { 8 };
+        let sb = bb - 2;
         let g = vld1q_u8(if M == 8 { G48.as_ptr() } else { G24.as_ptr() });
         let mut acc = [vdupq_n_f32(0.0); R];
         for b in 0..nb {
@@ -1016,10 +1210,10 @@ mod arm {
             let dx = *xd.add(b);
             let mut r = 0;
             while r < R {
-                let blk = rows[r].add(b * bb);
-                let (mut lo, mut hi) = digits(blk.add(2));
+                let blk = rows[r].add(2 * nb + b * sb);
+                let (mut lo, mut hi) = digits(blk);
                 if M == 8 {
-                    let (c0, c1) = plane(blk.add(10));
+                    let (c0, c1) = plane(blk.add(8));
                     lo = vaddq_u8(lo, vshlq_n_u8::<2>(c0));
                     hi = vaddq_u8(hi, vshlq_n_u8::<2>(c1));
                 }
@@ -1037,7 +1231,7 @@ mod arm {
                     (vld1q_s8(w), vld1q_s8(w.add(16)))
                 };
                 let ip = I::dot4(I::dot4(vdupq_n_s32(0), wlo, xlo), whi, xhi);
-                let d = vdupq_n_f32(fp16(blk) * dx);
+                let d = vdupq_n_f32(fp16(rows[r].add(2 * b)) * dx);
                 acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(ip), d);
                 r += 1;
             }
