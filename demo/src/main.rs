@@ -7,6 +7,7 @@ mod bench_switch;
 mod fetch;
 mod inspect;
 mod perplexity;
+mod prune;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -46,6 +47,8 @@ enum Cmd {
     BenchSwitch(bench_switch::BenchSwitchArgs),
     /// Perplexity over a text file, computed as llama.cpp's perplexity tool does.
     Perplexity(perplexity::PerplexityArgs),
+    /// Prune a dense model into an N:M sparse one (magnitude or Wanda).
+    Prune(prune::PruneArgs),
     /// Print the token ids of TEXT as a JSON array.
     Tokenize {
         #[arg(short, long)]
@@ -205,6 +208,7 @@ fn dispatch(cmd: Cmd) -> AnyResult {
         Cmd::Chat(a) => chat(a),
         Cmd::Bench(a) => bench::bench(a),
         Cmd::Perplexity(a) => perplexity::run(a),
+        Cmd::Prune(a) => prune::run(a),
         Cmd::Adapter(c) => adapter::dispatch(c),
         Cmd::BenchSwitch(a) => bench_switch::bench_switch(a),
         Cmd::Tokenize {

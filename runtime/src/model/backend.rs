@@ -9,6 +9,7 @@
 use super::config::Config;
 use crate::adapter::side::Side;
 use crate::gguf::TensorInfo;
+use crate::sparse::store::SparseMatrix;
 use crate::Result;
 use std::sync::Arc;
 
@@ -23,8 +24,14 @@ pub trait Backend {
     fn name(&self) -> String;
     fn threads(&self) -> usize;
 
-    /// Prepares a weight. `data` is the tensor's bytes, `offset` where they start in `host`.
-    fn load_weight(&mut self, info: &TensorInfo, offset: usize) -> Result<Self::Weight>;
+    /// Prepares a weight. `data` is the tensor's bytes, `offset` where they start in `host`;
+    /// `sparse` describes a sparse matrix (stored as raw bytes, see `sparse::store`).
+    fn load_weight(
+        &mut self,
+        info: &TensorInfo,
+        offset: usize,
+        sparse: Option<SparseMatrix>,
+    ) -> Result<Self::Weight>;
     /// Sets (or clears) the terms computed beside weight `w` in every later product
     /// (unfused LoRA, sparse residuals of fused adapters).
     fn set_side(&mut self, w: &mut Self::Weight, side: Option<Arc<Side>>);

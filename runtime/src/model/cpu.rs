@@ -12,8 +12,10 @@ use crate::gguf::TensorInfo;
 use crate::kernels::attn::{self, KvRows, SumOrder};
 use crate::kernels::{self, math, MatmulScratch, ThreadPool};
 use crate::quant::{self, GgmlType};
+use crate::sparse::{self, matmul::SparseScratch, store::SparseMatrix};
 use crate::{Error, Result};
 use half::f16;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A weight as a view: its type, shape and byte range in the mapping.
@@ -26,6 +28,8 @@ pub struct CpuWeight {
     pub range: std::ops::Range<usize>,
     /// Terms added beside the product (unfused LoRA, residuals).
     pub side: Option<Arc<Side>>,
+    /// A sparse matrix (then `ty` is the storage type, I8).
+    pub sparse: Option<SparseMatrix>,
 }
 
 impl CpuWeight {
@@ -108,6 +112,10 @@ pub struct CpuKv {
 pub struct CpuBackend {
     pool: ThreadPool,
     scratch: MatmulScratch,
+    sparse_scratch: SparseScratch,
+    /// Sums of squared inputs per column of every matrix product, by weight name (the
+    /// calibration statistics of Wanda pruning); collected only while `Some`.
+    input_sq: Option<HashMap<String, Vec<f64>>>,
     tmp: Vec<f32>,
     kv_type: KvType,
 }
@@ -121,9 +129,24 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool: ThreadPool::new(threads)?,
             scratch: MatmulScratch::default(),
+            sparse_scratch: SparseScratch::default(),
+            input_sq: None,
             tmp: Vec::new(),
             kv_type,
         })
+    }
+}
+
+impl CpuBackend {
+    /// Starts (or, with `false`, stops and discards) collecting the sum of squared inputs
+    /// per column of every matrix product.
+    pub fn collect_input_stats(&mut self, on: bool) {
+        self.input_sq = on.then(HashMap::new);
+    }
+
+    /// The statistics collected so far, by weight name (empty when not collecting).
+    pub fn input_stats(&self) -> HashMap<String, Vec<f64>> {
+        self.input_sq.clone().unwrap_or_default()
     }
 }
 
@@ -148,9 +171,16 @@ impl Backend for CpuBackend {
         self.pool.threads()
     }
 
-    fn load_weight(&mut self, info: &TensorInfo, offset: usize) -> Result<CpuWeight> {
-        let cols = info.row_len() as usize;
-        let rows = info.n_rows() as usize;
+    fn load_weight(
+        &mut self,
+        info: &TensorInfo,
+        offset: usize,
+        sparse: Option<SparseMatrix>,
+    ) -> Result<CpuWeight> {
+        let (rows, cols) = match &sparse {
+            Some(s) => (s.rows, s.cols),
+            None => (info.n_rows() as usize, info.row_len() as usize),
+        };
         Ok(CpuWeight {
             name: info.name.clone(),
             ty: info.ty,
@@ -158,6 +188,7 @@ impl Backend for CpuBackend {
             cols,
             range: offset..offset + info.n_bytes as usize,
             side: None,
+            sparse,
         })
     }
 
@@ -240,17 +271,38 @@ impl Backend for CpuBackend {
         n: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        kernels::matmul(
-            &self.pool,
-            &mut self.scratch,
-            w.ty,
-            w.bytes(host)?,
-            w.rows,
-            w.cols,
-            x,
-            n,
-            out,
-        )
+        if let Some(stats) = &mut self.input_sq {
+            let sq = stats
+                .entry(w.name.clone())
+                .or_insert_with(|| vec![0.0; w.cols]);
+            for xr in x.chunks_exact(w.cols).take(n) {
+                for (s, &v) in sq.iter_mut().zip(xr) {
+                    *s += (v as f64) * (v as f64);
+                }
+            }
+        }
+        match &w.sparse {
+            Some(s) => sparse::matmul::matmul(
+                &self.pool,
+                &mut self.sparse_scratch,
+                s,
+                w.bytes(host)?,
+                x,
+                n,
+                out,
+            ),
+            None => kernels::matmul(
+                &self.pool,
+                &mut self.scratch,
+                w.ty,
+                w.bytes(host)?,
+                w.rows,
+                w.cols,
+                x,
+                n,
+                out,
+            ),
+        }
         .map_err(|e| Error::tensor(&w.name, e.to_string()))?;
         if let Some(side) = &w.side {
             side.add_to(x, n, w.rows, w.cols, out, &mut self.tmp);

@@ -36,6 +36,25 @@ fn load<B: Backend>(b: &mut B, f: &GgufFile, name: &str, shape: &[usize]) -> Res
         .tensor(name)
         .ok_or_else(|| Error::tensor(name, "missing from the model file"))?;
     let want: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    if let Some(sp) = crate::sparse::store::read(f.metadata(), t)? {
+        if name == "token_embd.weight" {
+            return Err(Error::tensor(
+                name,
+                "the embeddings must be dense, not sparse",
+            ));
+        }
+        if want != [sp.cols as u64, sp.rows as u64] {
+            return Err(Error::tensor(
+                name,
+                format!(
+                    "sparse matrix of {} rows x {} inputs, expected {want:?} (inputs, rows)",
+                    sp.rows, sp.cols
+                ),
+            ));
+        }
+        let range = f.range(t)?;
+        return b.load_weight(t, range.start, Some(sp));
+    }
     // A trailing dimension of 1 is the same tensor (some writers emit it).
     let mut got = t.shape.clone();
     while got.len() > want.len() && got.last() == Some(&1) {
@@ -54,7 +73,7 @@ fn load<B: Backend>(b: &mut B, f: &GgufFile, name: &str, shape: &[usize]) -> Res
         ));
     }
     let range = f.range(t)?;
-    b.load_weight(t, range.start)
+    b.load_weight(t, range.start, None)
 }
 
 fn load_opt<B: Backend>(

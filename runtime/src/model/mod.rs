@@ -247,6 +247,10 @@ impl<B: Backend> Model<B> {
         &self.file
     }
 
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
     pub fn backend(&self) -> &B {
         &self.backend
     }

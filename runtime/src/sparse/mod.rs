@@ -12,4 +12,7 @@
 //! product of the decoded weights.
 
 pub mod group;
+pub mod matmul;
 pub mod nm;
+pub mod prune;
+pub mod store;

@@ -1,0 +1,81 @@
+//! Matrix products with sparse weights, split over the thread pool by rows as the dense
+//! `kernels::matmul` splits them: each token's activations are quantized once, then every
+//! task runs the encoding's matrix-vector kernel over its share of the rows.
+
+use super::nm::{NmActs, NmKernel};
+use super::store::{Encoding, SparseMatrix};
+use crate::kernels::{DisjointOut, ThreadPool};
+use crate::{Error, Result};
+
+/// Activations quantized for a sparse kernel, kept between calls.
+#[derive(Default)]
+pub struct SparseScratch {
+    nm: Vec<NmActs>,
+}
+
+/// Rows per task: four tasks per thread, at least 16 rows.
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    rows.div_ceil((threads * 4).max(1)).max(16).min(rows.max(1))
+}
+
+/// `out` ([n, rows], row-major) = `x` ([n, cols]) times the transpose of the sparse matrix
+/// `w` (`s.rows` rows of `s.cols` inputs, raw bytes).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    pool: &ThreadPool,
+    scratch: &mut SparseScratch,
+    s: &SparseMatrix,
+    w: &[u8],
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let (rows, cols) = (s.rows, s.cols);
+    let rb = s.row_bytes()?;
+    if Some(w.len()) != rb.checked_mul(rows) || x.len() < n * cols || out.len() < n * rows {
+        return Err(Error::InvalidArgument(format!(
+            "sparse matmul shapes: weights {} bytes for {rows} rows of {rb}, x {} for [{n}, \
+             {cols}], out {} for [{n}, {rows}]",
+            w.len(),
+            x.len(),
+            out.len()
+        )));
+    }
+    match s.encoding {
+        Encoding::Nm(f) => {
+            let k = NmKernel::get(f)?;
+            scratch.nm.resize_with(n, NmActs::new);
+            for (a, xr) in scratch.nm.iter_mut().zip(x.chunks_exact(cols)) {
+                a.quantize(&f, xr)?;
+            }
+            let acts = &scratch.nm[..n];
+            let per = rows_per_task(rows, pool.threads());
+            let dst = DisjointOut::new(out);
+            let failed = std::sync::Mutex::new(None);
+            pool.run(rows.div_ceil(per), |task| {
+                let r0 = task * per;
+                let r1 = (r0 + per).min(rows);
+                let mut y = [0.0f32; 64];
+                for (t, a) in acts.iter().enumerate() {
+                    let mut r = r0;
+                    while r < r1 {
+                        let e = (r + y.len()).min(r1);
+                        let ys = &mut y[..e - r];
+                        if let Err(err) = k.matvec(&w[r * rb..e * rb], a, ys) {
+                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                            return;
+                        }
+                        // SAFETY: tasks own disjoint row ranges, so no two write the same
+                        // element.
+                        unsafe { dst.write(t * rows + r, ys) };
+                        r = e;
+                    }
+                }
+            });
+            match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+    }
+}
