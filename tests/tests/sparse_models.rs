@@ -238,3 +238,22 @@ fn pruning_and_loading_refuse_what_does_not_fit() {
         assert!(e.contains("blk.0.ffn_up.weight") && e.contains(says), "{e}");
     }
 }
+
+/// Adapters are not fused into sparse matrices (yet): a clear refusal, the model unchanged.
+#[test]
+fn adapters_on_sparse_bases_are_refused_clearly() {
+    let sparse = tmp("adapter-base.gguf");
+    prune_file(
+        &GgufFile::open(tiny()).unwrap(),
+        &sparse,
+        &options(2, 4, NmValues::Q8),
+        |_, _, _| {},
+    )
+    .unwrap();
+    let mut m = Model::open(&sparse, &ModelOptions::default()).unwrap();
+    let before = m.file().bytes().to_vec();
+    let a = sparrow::adapter::Adapter::load(fixtures().join("adapters/shira")).unwrap();
+    let e = m.apply_adapter(&a, 1.0).unwrap_err().to_string();
+    assert!(e.contains("sparse (pruned) matrix"), "{e}");
+    assert!(m.file().bytes() == &before[..], "a refused adapter changed the model");
+}

@@ -337,6 +337,12 @@ impl Adapter {
                 ))
             }
         })?;
+        if crate::sparse::store::read(base.metadata(), info)?.is_some() {
+            return Err(err(format!(
+                "target `{name}`: tensor `{gguf_name}` of the base is a sparse (pruned) matrix; \
+                 adapters are not fused into sparse matrices yet"
+            )));
+        }
         if !edit::supported(info.ty) {
             return Err(err(format!(
                 "target `{name}`: base tensor type {} cannot be patched",
