@@ -804,69 +804,176 @@ mod x86 {
         }
     }
 
+    /// For each byte value, the positions of its set bits in increasing order (unused slots
+    /// 0), one per byte: the `vpermd` index that compresses 8 lanes by a bitmap byte.
+    static COMPRESS: [u64; 256] = compress_table();
+
+    const fn compress_table() -> [u64; 256] {
+        let mut t = [0u64; 256];
+        let mut v = 0;
+        while v < 256 {
+            let (mut n, mut b, mut e) = (0, 0, 0u64);
+            while b < 8 {
+                if (v >> b) & 1 == 1 {
+                    e |= (b as u64) << (8 * n);
+                    n += 1;
+                }
+                b += 1;
+            }
+            t[v] = e;
+            v += 1;
+        }
+        t
+    }
+
+    /// Set bits of each byte value (no `popcnt`: it is not among the detected features).
+    static ONES: [u8; 256] = ones_table();
+
+    const fn ones_table() -> [u8; 256] {
+        let mut t = [0u8; 256];
+        let mut v = 0;
+        while v < 256 {
+            t[v] = (v as u32).count_ones() as u8;
+            v += 1;
+        }
+        t
+    }
+
+    /// Rows decoded into scratch at once, their chunk steps interleaved (independent
+    /// accumulator chains; each row still sums in the one order of the module doc).
+    const R: usize = 4;
+
+    /// One row's scratch: the activation offset and the combined scale of every stored group,
+    /// then padding up to the next whole chunk (offset 0, scale 0 * dw as `group_scales`).
+    struct Lane {
+        off: Vec<u32>,
+        s: Vec<f32>,
+    }
+
+    /// A decoded row: its value chunks, scratch and chunk count.
+    #[derive(Clone, Copy)]
+    struct Prep {
+        v: *const u8,
+        off: *const u32,
+        s: *const f32,
+        chunks: usize,
+    }
+
+    /// Decodes row `r` into `lane`, one bitmap byte (8 groups) at a time with no branch on
+    /// the bits: the byte's `vpermd` index compresses the 8 groups' offsets and activation
+    /// scales (`dxg[k]`: group k's, 0 past the last group) to the stored ones, whose weight
+    /// scales are the next 8 f16 of the row; the products are stored without being read
+    /// back (a load spanning the overlapping stores would stall).
+    #[inline(always)]
+    unsafe fn prepare<const G: usize>(
+        m: &GroupMatrix,
+        r: usize,
+        dxg: *const f32,
+        lane: &mut Lane,
+    ) -> Prep {
+        let per = CHUNK / G;
+        let sg = m.fmt.scale_groups;
+        let lg = sg.trailing_zeros();
+        let b = m.bytes.as_ptr();
+        let offsets = b.add(HEADER_BYTES + 4 * r) as *const u32;
+        let (start, end) = (
+            offsets.read_unaligned() as usize,
+            offsets.add(1).read_unaligned() as usize,
+        );
+        let bm = b.add(start);
+        let nb = bitmap_bytes(m.cols / G);
+        let sp = bm.add(nb);
+        // The 16 bytes of f16 scales from scale j on: they start inside the scales or at
+        // their end, and end inside the row when it stores a group (its values take at least
+        // 16 bytes). Only a row without groups needs the clamp (the buffer holds its 16-byte
+        // header before any row); what it reads then is never used.
+        let last = b.add(end - 16);
+        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let off = lane.off.as_mut_ptr();
+        let s = lane.s.as_mut_ptr();
+        let g = G as i32;
+        let mut o = _mm256_setr_epi32(0, g, 2 * g, 3 * g, 4 * g, 5 * g, 6 * g, 7 * g);
+        let step = _mm256_set1_epi32(8 * g);
+        let mut n = 0usize;
+        for i in 0..nb {
+            let byte = *bm.add(i) as usize;
+            let perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                COMPRESS.as_ptr().add(byte) as *const __m128i
+            ));
+            _mm256_storeu_si256(
+                off.add(n) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(o, perm),
+            );
+            let dx = _mm256_permutevar8x32_ps(_mm256_loadu_ps(dxg.add(8 * i)), perm);
+            // Lanes past the byte's groups are overwritten by the next store.
+            _mm256_storeu_ps(s.add(n), _mm256_mul_ps(dx, weight_scales(sp, last, n, lg)));
+            n += ONES[byte] as usize;
+            o = _mm256_add_epi32(o, step);
+        }
+        // Padding up to the next whole chunk: offset 0, scale 0 * dw with dw the last scale
+        // block's while it lasts, then 0 (as `group_scales`).
+        let nsc = (n + sg - 1) >> lg;
+        let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(((nsc << lg) - n) as i32), iota);
+        let pad = _mm256_and_ps(weight_scales(sp, last, n, lg), _mm256_castsi256_ps(keep));
+        _mm256_storeu_si256(off.add(n) as *mut __m256i, _mm256_setzero_si256());
+        _mm256_storeu_ps(s.add(n), _mm256_mul_ps(_mm256_setzero_ps(), pad));
+        Prep {
+            v: sp.add(2 * nsc),
+            off,
+            s,
+            chunks: n.div_ceil(per),
+        }
+    }
+
+    /// The weight scales of stored groups n..n + 8 (scale (n + j) >> lg for lane j, lg the
+    /// log2 of the scale groups), read as 16 bytes of f16 from `sp`'s scale n >> lg, or from
+    /// `last` where that is after it (see `prepare`).
+    #[inline(always)]
+    unsafe fn weight_scales(sp: *const u8, last: *const u8, n: usize, lg: u32) -> __m256 {
+        let p = sp.add(2 * (n >> lg));
+        let p = if p < last { p } else { last };
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        if lg == 0 {
+            dw
+        } else {
+            let j = _mm256_add_epi32(
+                _mm256_set1_epi32((n & ((1 << lg) - 1)) as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            );
+            _mm256_permutevar8x32_ps(dw, _mm256_srl_epi32(j, _mm_cvtsi32_si128(lg as i32)))
+        }
+    }
+
     /// `v[idx[l]]` for the 8 lanes.
     #[inline(always)]
     unsafe fn spread(v: __m256, idx: [i32; 8]) -> __m256 {
         _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(idx.as_ptr() as *const __m256i))
     }
 
-    /// The 8 lane scales of one chunk, lane l taking the scale of group 4l / G: the products
-    /// dx * dw of `group_scales`, computed in registers. `off` points at the chunk's group
-    /// offsets, `sp` at its `CHUNK / G / sg` f16 weight scales (zeros past the last one),
-    /// and the groups from `valid` on are padding (dx = 0).
+    /// The 8 lane scales of chunk c, lane l taking the scale of group 4l / G.
     #[inline(always)]
-    unsafe fn lane_scales<const G: usize>(
-        d: *const f32,
-        off: *const u32,
-        sp: *const u8,
-        sg: usize,
-        valid: usize,
-    ) -> __m256 {
-        let per = CHUNK / G;
-        let dx = |j: usize| {
-            if j < valid && j < per {
-                *d.add(*off.add(j) as usize / CHUNK)
-            } else {
-                0.0
-            }
-        };
-        let nsc = per / sg;
-        let h = match nsc {
-            1 => _mm_cvtsi32_si128(u16::from_le_bytes([*sp, *sp.add(1)]) as i32),
-            2 => _mm_cvtsi32_si128((sp as *const i32).read_unaligned()),
-            4 => _mm_loadl_epi64(sp as *const __m128i),
-            _ => _mm_loadu_si128(sp as *const __m128i),
-        };
-        let dw = _mm256_cvtph_ps(h);
-        if G == 32 {
-            let p = _mm_mul_ss(_mm_set_ss(dx(0)), _mm256_castps256_ps128(dw));
-            return _mm256_broadcastss_ps(p);
-        }
-        // Lane j: group j's dw, the scale j / sg.
-        let dw = match sg {
-            1 => dw,
-            2 => spread(dw, [0, 0, 1, 1, 2, 2, 3, 3]),
-            4 => spread(dw, [0, 0, 0, 0, 1, 1, 1, 1]),
-            _ => spread(dw, [0; 8]),
-        };
-        let dxv = _mm256_setr_ps(dx(0), dx(1), dx(2), dx(3), dx(4), dx(5), dx(6), dx(7));
-        let s = _mm256_mul_ps(dxv, dw);
+    unsafe fn lane_scales<const G: usize>(s: *const f32) -> __m256 {
         match G {
-            16 => spread(s, [0, 0, 0, 0, 1, 1, 1, 1]),
-            8 => spread(s, [0, 0, 1, 1, 2, 2, 3, 3]),
-            _ => s,
+            32 => _mm256_broadcast_ss(&*s),
+            16 => _mm256_set_m128(_mm_broadcast_ss(&*s.add(1)), _mm_broadcast_ss(&*s)),
+            8 => spread(
+                _mm256_castps128_ps256(_mm_loadu_ps(s)),
+                [0, 0, 1, 1, 2, 2, 3, 3],
+            ),
+            _ => _mm256_loadu_ps(s),
         }
     }
 
     /// One chunk: acc + its 8 lanes times their scales.
     #[inline(always)]
     unsafe fn step<const G: usize, const Q8: bool, const VNNI: bool>(
-        v: *const u8,
+        p: &Prep,
         q: *const i8,
-        off: *const u32,
-        s: __m256,
+        c: usize,
         acc: __m256,
     ) -> __m256 {
+        let per = CHUNK / G;
+        let v = p.v.add(c * if Q8 { CHUNK } else { CHUNK / 2 });
         let w = if Q8 {
             _mm256_loadu_si256(v as *const __m256i)
         } else {
@@ -877,7 +984,7 @@ mod x86 {
             );
             _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
         };
-        let xv = gather::<G>(q, off);
+        let xv = gather::<G>(q, p.off.add(c * per));
         let aw = _mm256_sign_epi8(w, w);
         let sx = _mm256_sign_epi8(xv, w);
         let lanes = if VNNI {
@@ -885,7 +992,18 @@ mod x86 {
         } else {
             _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(aw, sx))
         };
+        let s = lane_scales::<G>(p.s.add(c * per));
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), s, acc)
+    }
+
+    /// `hsum_float_8`'s order.
+    #[inline(always)]
+    unsafe fn fold(acc: __m256) -> f32 {
+        let mut r = _mm256_extractf128_ps::<1>(acc);
+        r = _mm_add_ps(r, _mm256_castps256_ps128(acc));
+        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        r = _mm_add_ss(r, _mm_movehdup_ps(r));
+        _mm_cvtss_f32(r)
     }
 
     #[inline(always)]
@@ -895,42 +1013,66 @@ mod x86 {
         first: usize,
         y: &mut [f32],
     ) {
-        let mut sc = Scratch::new(m);
-        let per = CHUNK / G;
-        let sg = m.fmt.scale_groups;
-        let cb = m.fmt.values.chunk_bytes();
-        // f16 scale bytes per chunk.
-        let sb = 2 * per / sg;
-        let (q, d) = (x.q.as_ptr(), x.d.as_ptr());
-        for (i, out) in y.iter_mut().enumerate() {
-            let p = m.row(first + i);
-            let n = decode_bitmap(p.bitmap, G, &mut sc.off);
-            let mut acc = _mm256_setzero_ps();
-            let v = p.values.as_ptr();
-            let off = sc.off.as_ptr();
-            let full = n / per;
-            for c in 0..full {
-                let o = off.add(c * per);
-                let s = lane_scales::<G>(d, o, p.scales.as_ptr().add(c * sb), sg, per);
-                acc = step::<G, Q8, VNNI>(v.add(c * cb), q, o, s, acc);
+        let nb = bitmap_bytes(m.cols / G);
+        let size = 8 * nb + 16;
+        // Group k's activation scale; 0 for the bitmap's unused bits (never selected).
+        let dxg: Vec<f32> = (0..8 * nb)
+            .map(|k| {
+                if k < m.cols / G {
+                    x.d[k * G / CHUNK]
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut lanes: Vec<Lane> = (0..R)
+            .map(|_| Lane {
+                off: vec![0; size],
+                s: vec![0.0; size],
+            })
+            .collect();
+        let q = x.q.as_ptr();
+        let d = dxg.as_ptr();
+        let mut blocks = y.chunks_exact_mut(R);
+        let mut r = first;
+        for out in &mut blocks {
+            let [l0, l1, l2, l3] = &mut lanes[..] else {
+                return;
+            };
+            let p = [
+                prepare::<G>(m, r, d, l0),
+                prepare::<G>(m, r + 1, d, l1),
+                prepare::<G>(m, r + 2, d, l2),
+                prepare::<G>(m, r + 3, d, l3),
+            ];
+            let common = p[0]
+                .chunks
+                .min(p[1].chunks)
+                .min(p[2].chunks)
+                .min(p[3].chunks);
+            let mut a = [_mm256_setzero_ps(); R];
+            for c in 0..common {
+                a[0] = step::<G, Q8, VNNI>(&p[0], q, c, a[0]);
+                a[1] = step::<G, Q8, VNNI>(&p[1], q, c, a[1]);
+                a[2] = step::<G, Q8, VNNI>(&p[2], q, c, a[2]);
+                a[3] = step::<G, Q8, VNNI>(&p[3], q, c, a[3]);
             }
-            if n > full * per {
-                // The last chunk, partly padding: its scales copied after zeros.
-                let rest = &p.scales[full * sb..];
-                let tail = rest
-                    .iter()
-                    .rev()
-                    .fold(0u128, |a, &b| (a << 8) | b as u128)
-                    .to_le_bytes();
-                let o = off.add(full * per);
-                let s = lane_scales::<G>(d, o, tail.as_ptr(), sg, n - full * per);
-                acc = step::<G, Q8, VNNI>(v.add(full * cb), q, o, s, acc);
+            for t in 0..R {
+                for c in common..p[t].chunks {
+                    a[t] = step::<G, Q8, VNNI>(&p[t], q, c, a[t]);
+                }
+                out[t] = fold(a[t]);
             }
-            let mut r = _mm256_extractf128_ps::<1>(acc);
-            r = _mm_add_ps(r, _mm256_castps256_ps128(acc));
-            r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            r = _mm_add_ss(r, _mm_movehdup_ps(r));
-            *out = _mm_cvtss_f32(r);
+            r += R;
+        }
+        for out in blocks.into_remainder() {
+            let p = prepare::<G>(m, r, d, &mut lanes[0]);
+            let mut a = _mm256_setzero_ps();
+            for c in 0..p.chunks {
+                a = step::<G, Q8, VNNI>(&p, q, c, a);
+            }
+            *out = fold(a);
+            r += 1;
         }
     }
 
