@@ -766,9 +766,14 @@ mod portable {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2 and AVX-512 VNNI kernels: one chunk per step, its 32 products summed into 8 exact
-    //! i32 lanes (`maddubs` + `madd`, or `vpdpbusd`, on |w| and x signed like w), converted
-    //! and fused-multiply-added with the lanes' scales into 8 f32 accumulators.
+    //! AVX2 and AVX-512 VNNI kernels. Four rows at a time are first decoded into scratch
+    //! (`prepare`: each bitmap byte compresses 8 groups' activation offsets and scales with
+    //! one `vpermd` from a 256-entry table, no branch on the bits; the scales dx * dw are
+    //! multiplied in registers and stored once), then their chunks are stepped interleaved,
+    //! four independent accumulator chains: one chunk per step, its 32 products summed into 8
+    //! exact i32 lanes (`maddubs` + `madd`, or `vpdpbusd`, on |w| and x signed like w),
+    //! converted and fused-multiply-added with the lanes' scales into 8 f32 accumulators.
+    //! Each row still sums in the module doc's order, so the bits are the portable kernel's.
     //!
     //! Safety model: the bodies are `unsafe` `#[inline(always)]` generics, instantiated inside
     //! `#[target_feature]` functions whose safe wrappers are only handed out by
