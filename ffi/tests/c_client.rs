@@ -49,17 +49,19 @@ fn tool(name: &str, install: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("`{name}` is not installed; it is needed here ({install})"))
 }
 
-/// Compiles the client once per test binary run; returns its path.
-fn client() -> PathBuf {
-    compile("client")
+/// Compiles the client for the test `tag`; returns its path.
+fn client(tag: &str) -> PathBuf {
+    compile("client", tag)
 }
 
-/// Compiles tests/c/NAME.c against the header and the library; returns the program's path.
-fn compile(name: &str) -> PathBuf {
+/// Compiles tests/c/NAME.c against the header and the library into a program of its own for
+/// the test `tag` (tests run in parallel in one process: a shared path would be rewritten
+/// by one while another runs it); returns the program's path.
+fn compile(name: &str, tag: &str) -> PathBuf {
     let gcc = tool("gcc", "apt-get install gcc");
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_client");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let exe = out_dir.join(format!("{name}-{}", std::process::id()));
+    let exe = out_dir.join(format!("{name}-{tag}-{}", std::process::id()));
     let lib = lib_dir();
     let ffi = repo().join("ffi");
     let st = Command::new(gcc)
@@ -80,8 +82,9 @@ fn compile(name: &str) -> PathBuf {
 }
 
 /// The client's arguments: models, adapters, and a file that is not a model.
-fn client_args() -> Vec<PathBuf> {
-    let not_a_model = Path::new(env!("CARGO_TARGET_TMPDIR")).join("not-a-model.gguf");
+fn client_args(tag: &str) -> Vec<PathBuf> {
+    let not_a_model =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("not-a-model-{tag}.gguf"));
     std::fs::write(&not_a_model, b"this is not a GGUF file\n").unwrap();
     vec![
         fixture("tiny/tiny-llama.f32.gguf"),
@@ -142,9 +145,9 @@ fn printed(stdout: &str, label: &str) -> Vec<u32> {
 
 #[test]
 fn c_client_runs_the_whole_flow() {
-    let exe = client();
+    let exe = client("flow");
     let o = Command::new(&exe)
-        .args(client_args())
+        .args(client_args("flow"))
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
@@ -179,7 +182,7 @@ fn c_client_runs_the_whole_flow() {
 #[test]
 fn c_client_is_clean_under_valgrind() {
     let valgrind = tool("valgrind", "apt-get install valgrind");
-    let exe = client();
+    let exe = client("valgrind");
     let o = Command::new(valgrind)
         .args([
             "--error-exitcode=99",
@@ -189,7 +192,7 @@ fn c_client_is_clean_under_valgrind() {
             "--track-origins=yes",
         ])
         .arg(&exe)
-        .args(client_args())
+        .args(client_args("valgrind"))
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
@@ -218,7 +221,7 @@ fn readme_c_example_runs() {
         readme.contains(&format!("```c\n{src}```")),
         "README.md's C example differs from ffi/tests/c/readme_example.c"
     );
-    let exe = compile("readme_example");
+    let exe = compile("readme_example", "readme");
     let o = Command::new(&exe)
         .arg(fixture("tiny/tiny-llama.f32.gguf"))
         .arg(fixture("adapters/lora_plain.lora.f32.gguf"))
