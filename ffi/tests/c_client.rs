@@ -4,50 +4,11 @@
 //! which must report no error and no definitely lost byte. Both tests fail (not skip) when
 //! gcc or valgrind is missing.
 
-use sparrow::adapter::Adapter;
-use sparrow::generate::{generate, GenerateOptions};
-use sparrow::model::{Model, ModelOptions};
-use sparrow::sample::SamplerConfig;
-use sparrow::tokenizer::Tokenizer;
+mod common;
+
+use common::{fixture, lib_dir, printed, repo, runtime_greedy, show, tool};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    repo().join("tests/fixtures").join(rel)
-}
-
-/// The folder with the cdylib that cargo built for this test run: target/<profile>/deps,
-/// beside this test (cargo test does not refresh the copy in target/<profile>). The client
-/// finds it through its rpath; LD_LIBRARY_PATH, which cargo sets to folders that include
-/// target/<profile>, is removed from its environment so that the stale copy is not found
-/// first.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().to_path_buf();
-    let lib = dir.join(format!(
-        "{}sparrow_ffi{}",
-        std::env::consts::DLL_PREFIX,
-        std::env::consts::DLL_SUFFIX
-    ));
-    assert!(lib.exists(), "{} was not built", lib.display());
-    dir
-}
-
-fn tool(name: &str, install: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| panic!("`{name}` is not installed; it is needed here ({install})"))
-}
+use std::process::Command;
 
 /// Compiles the client for the test `tag`; returns its path.
 fn client(tag: &str) -> PathBuf {
@@ -94,53 +55,6 @@ fn client_args(tag: &str) -> Vec<PathBuf> {
         fixture("adapters/shira"),
         not_a_model,
     ]
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Greedy token ids after "The little bird" from the Rust runtime, with `adapters` fused.
-fn runtime_greedy(adapters: &[&str]) -> Vec<u32> {
-    let mut m = Model::open(
-        fixture("tiny/tiny-llama.f32.gguf"),
-        &ModelOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    for a in adapters {
-        let a = Adapter::load(fixture(a)).unwrap();
-        m.apply_adapter(&a, 1.0).unwrap();
-    }
-    let tok = Tokenizer::from_metadata(m.file().metadata()).unwrap();
-    let prompt = tok.encode("The little bird", true, true).unwrap();
-    let mut s = m.new_session(128).unwrap();
-    let opts = GenerateOptions {
-        max_tokens: 12,
-        sampler: SamplerConfig::greedy(),
-        stop: Vec::new(),
-        stop_at_eog: false,
-    };
-    generate(&mut m, &mut s, &tok, &prompt, &opts, |_| true)
-        .unwrap()
-        .tokens
-}
-
-fn printed(stdout: &str, label: &str) -> Vec<u32> {
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{label}:")))
-        .unwrap_or_else(|| panic!("the client printed no `{label}:` line"));
-    line.split_whitespace()
-        .map(|t| t.parse().unwrap())
-        .collect()
 }
 
 #[test]

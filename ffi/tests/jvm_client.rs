@@ -5,40 +5,22 @@
 //! stale handles, a Rust panic surfacing as a Java exception). Its greedy tokens are compared
 //! with the Rust runtime's. Fails (never skips) when kotlinc or java is missing.
 
-use sparrow::adapter::Adapter;
-use sparrow::generate::{generate, GenerateOptions};
-use sparrow::model::{Model, ModelOptions};
-use sparrow::sample::SamplerConfig;
-use sparrow::tokenizer::Tokenizer;
+mod common;
+
+use common::{fixture, printed, repo, runtime_greedy, show};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 const INSTALL: &str = "apt-get install -y kotlin openjdk-17-jdk-headless";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    repo().join("tests/fixtures").join(rel)
-}
-
-/// The folder with the cdylib that cargo built for this test run: target/<profile>/deps,
-/// beside this test (cargo test does not refresh the copy in target/<profile>). The JVM gets
-/// it as java.library.path; LD_LIBRARY_PATH, which cargo sets to folders that include
-/// target/<profile>, is removed from its environment so that the stale copy is not found.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().to_path_buf();
+/// [`common::lib_dir`], checked for the JNI entry points.
+fn jni_lib_dir() -> PathBuf {
+    let dir = common::lib_dir();
     let lib = dir.join(format!(
         "{}sparrow_ffi{}",
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     ));
-    assert!(lib.exists(), "{} was not built", lib.display());
     let bytes = std::fs::read(&lib).unwrap();
     let symbol = b"Java_dev_sparrow_Native_modelOpen";
     assert!(
@@ -49,32 +31,10 @@ fn lib_dir() -> PathBuf {
     dir
 }
 
-fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
-        panic!(
-            "`{name}` is not installed; the JVM tests of the Android library need it ({INSTALL})"
-        )
-    })
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// Compiles the library's Kotlin sources and the client into one jar (with the Kotlin
 /// runtime); returns its path.
 fn client_jar() -> PathBuf {
-    let kotlinc = tool("kotlinc");
+    let kotlinc = common::tool("kotlinc", INSTALL);
     let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("jvm_client");
     std::fs::create_dir_all(&out_dir).unwrap();
     let jar = out_dir.join(format!("client-{}.jar", std::process::id()));
@@ -95,48 +55,10 @@ fn client_jar() -> PathBuf {
     jar
 }
 
-/// Greedy token ids after "The little bird" from the Rust runtime, with `adapters` fused.
-fn runtime_greedy(adapters: &[&str]) -> Vec<u32> {
-    let mut m = Model::open(
-        fixture("tiny/tiny-llama.f32.gguf"),
-        &ModelOptions {
-            threads: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    for a in adapters {
-        let a = Adapter::load(fixture(a)).unwrap();
-        m.apply_adapter(&a, 1.0).unwrap();
-    }
-    let tok = Tokenizer::from_metadata(m.file().metadata()).unwrap();
-    let prompt = tok.encode("The little bird", true, true).unwrap();
-    let mut s = m.new_session(128).unwrap();
-    let opts = GenerateOptions {
-        max_tokens: 12,
-        sampler: SamplerConfig::greedy(),
-        stop: Vec::new(),
-        stop_at_eog: false,
-    };
-    generate(&mut m, &mut s, &tok, &prompt, &opts, |_| true)
-        .unwrap()
-        .tokens
-}
-
-fn printed(stdout: &str, label: &str) -> Vec<u32> {
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{label}:")))
-        .unwrap_or_else(|| panic!("the client printed no `{label}:` line"));
-    line.split_whitespace()
-        .map(|t| t.parse().unwrap())
-        .collect()
-}
-
 #[test]
 fn jvm_client_runs_the_whole_flow() {
-    let java = tool("java");
-    let lib = lib_dir();
+    let java = common::tool("java", INSTALL);
+    let lib = jni_lib_dir();
     let jar = client_jar();
     let not_a_model = Path::new(env!("CARGO_TARGET_TMPDIR")).join("jvm-not-a-model.gguf");
     std::fs::write(&not_a_model, b"this is not a GGUF file\n").unwrap();
