@@ -4,8 +4,7 @@ use crate::AnyResult;
 use clap::{Args, ValueEnum};
 use sparrow::gguf::GgufFile;
 use sparrow::model::{Logits, Model, ModelOptions};
-use sparrow::sparse::nm::NmValues;
-use sparrow::sparse::prune::{prune_file, Method, PruneOptions};
+use sparrow::sparse::prune::{prune_file, Method, PruneOptions, Structure};
 use sparrow::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
@@ -101,21 +100,19 @@ fn calibrate(
 }
 
 pub fn run(a: PruneArgs) -> AnyResult {
-    let (n, m) = match (&a.nm, a.group) {
-        (Some(nm), None) => parse_nm(nm)?,
-        (None, Some(_)) => {
-            return Err(
-                "--group: group-sparse models are not written yet (the encoding and \
-                        kernels exist in sparrow::sparse::group, models cannot load them); \
-                        use --nm"
-                    .into(),
-            )
+    let structure = match (&a.nm, a.group, a.sparsity) {
+        (Some(nm), None, None) => {
+            let (n, m) = parse_nm(nm)?;
+            Structure::Nm { n, m }
         }
+        (None, Some(g), Some(s)) => Structure::Group {
+            g,
+            sparsity: s as f64,
+        },
+        (None, Some(_), None) => return Err("--group needs --sparsity S (e.g. 0.5)".into()),
+        (Some(_), _, Some(_)) => return Err("--sparsity goes with --group, not --nm".into()),
         _ => return Err("give exactly one of --nm N:M and --group G".into()),
     };
-    if a.sparsity.is_some() {
-        return Err("--sparsity goes with --group".into());
-    }
     let method = match a.method {
         MethodArg::Magnitude => Method::Magnitude,
         MethodArg::Wanda => Method::Wanda,
@@ -131,12 +128,8 @@ pub fn run(a: PruneArgs) -> AnyResult {
     };
     let src = GgufFile::open(&a.model)?;
     let o = PruneOptions {
-        n,
-        m,
-        values: a.values.map(|v| match v {
-            ValuesArg::Q8 => NmValues::Q8,
-            ValuesArg::Q4 => NmValues::Q4,
-        }),
+        structure,
+        q8: a.values.map(|v| matches!(v, ValuesArg::Q8)),
         method,
         tensors: a.tensors.clone(),
         input_sq,
@@ -151,8 +144,12 @@ pub fn run(a: PruneArgs) -> AnyResult {
         bar.set_message(name.to_string());
     })?;
     bar.finish_and_clear();
+    let how = match structure {
+        Structure::Nm { n, m } => format!("{n}:{m}"),
+        Structure::Group { g, sparsity } => format!("{:.0}% in groups of {g}", sparsity * 100.0),
+    };
     println!(
-        "{}: {} matrices pruned {n}:{m}, {:.1} MB -> {:.1} MB",
+        "{}: {} matrices pruned {how}, {:.1} MB -> {:.1} MB",
         a.output.display(),
         r.tensors,
         r.dense_bytes as f64 / 1e6,

@@ -6,8 +6,9 @@
 use sparrow::gguf::{GgufFile, GgufWriter};
 use sparrow::model::{Logits, Model, ModelOptions};
 use sparrow::quant::GgmlType;
+use sparrow::sparse::group::GroupMatrix;
 use sparrow::sparse::nm::{self, NmValues};
-use sparrow::sparse::prune::{prune_file, Method, PruneOptions};
+use sparrow::sparse::prune::{prune_file, Method, PruneOptions, Structure};
 use sparrow::sparse::store::{self, Encoding};
 use sparrow_tests::fixtures;
 use std::borrow::Cow;
@@ -26,9 +27,8 @@ fn tmp(name: &str) -> PathBuf {
 
 fn options(n: usize, m: usize, values: NmValues) -> PruneOptions {
     PruneOptions {
-        n,
-        m,
-        values: Some(values),
+        structure: Structure::Nm { n, m },
+        q8: Some(values == NmValues::Q8),
         method: Method::Magnitude,
         tensors: Vec::new(),
         input_sq: None,
@@ -52,15 +52,21 @@ fn decoded_copy(sparse: &Path, out: &Path) {
                 dense.push(None);
             }
             Some(s) => {
-                let Encoding::Nm(fmt) = s.encoding;
                 let data = f.tensor_data(t).unwrap();
-                let rb = s.row_bytes().unwrap();
-                let mut row = vec![0.0f32; s.cols];
-                let mut bytes = Vec::with_capacity(s.rows * s.cols * 4);
-                for r in data.chunks_exact(rb) {
-                    nm::decode_row(&fmt, r, &mut row).unwrap();
-                    bytes.extend(row.iter().flat_map(|v| v.to_le_bytes()));
-                }
+                let decoded: Vec<f32> = match s.encoding {
+                    Encoding::Nm(fmt) => {
+                        let rb = s.row_bytes().unwrap();
+                        let mut row = vec![0.0f32; s.cols];
+                        let mut all = Vec::with_capacity(s.rows * s.cols);
+                        for r in data.chunks_exact(rb) {
+                            nm::decode_row(&fmt, r, &mut row).unwrap();
+                            all.extend_from_slice(&row);
+                        }
+                        all
+                    }
+                    Encoding::Group(_) => GroupMatrix::new(data).unwrap().decode(),
+                };
+                let bytes: Vec<u8> = decoded.iter().flat_map(|v| v.to_le_bytes()).collect();
                 w.add_tensor(&t.name, &[s.cols as u64, s.rows as u64], GgmlType::F32)
                     .unwrap();
                 dense.push(Some(bytes));
@@ -91,32 +97,35 @@ fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
 fn pruned_models_run_as_their_decoded_dense_twins() {
     let tokens: Vec<u32> = vec![316, 278, 283, 450, 366, 267, 298, 259, 267, 269, 73, 348];
     let dense = logits(&tiny(), &tokens);
-    for (n, m, values) in [
-        (2, 4, NmValues::Q8),
-        (4, 8, NmValues::Q8),
-        (2, 4, NmValues::Q4),
+    let group = |g, sparsity, q8| PruneOptions {
+        structure: Structure::Group { g, sparsity },
+        q8: Some(q8),
+        ..options(2, 4, NmValues::Q8)
+    };
+    for (label, o) in [
+        ("2:4 q8", options(2, 4, NmValues::Q8)),
+        ("4:8 q8", options(4, 8, NmValues::Q8)),
+        ("2:4 q4", options(2, 4, NmValues::Q4)),
+        ("g16 50% q8", group(16, 0.5, true)),
+        ("g16 50% q4", group(16, 0.5, false)),
+        ("g8 75% q8", group(8, 0.75, true)),
     ] {
-        let sparse = tmp(&format!("tiny-{n}-{m}-{values:?}.gguf"));
-        let r = prune_file(
-            &GgufFile::open(tiny()).unwrap(),
-            &sparse,
-            &options(n, m, values),
-            |_, _, _| {},
-        )
-        .unwrap();
+        let file = label.replace([' ', ':', '%'], "_");
+        let sparse = tmp(&format!("tiny-{file}.gguf"));
+        let r = prune_file(&GgufFile::open(tiny()).unwrap(), &sparse, &o, |_, _, _| {}).unwrap();
         assert_eq!(
             r.tensors,
             7 * 2,
             "every attention and MLP matrix of both blocks"
         );
-        let twin = tmp(&format!("twin-{n}-{m}-{values:?}.gguf"));
+        let twin = tmp(&format!("twin-{file}.gguf"));
         decoded_copy(&sparse, &twin);
         let got = logits(&sparse, &tokens);
         let want = logits(&twin, &tokens);
         // The sparse kernels quantize activations to int8 per 64 inputs (up to 1/254 of a
         // block's largest input per element); through two blocks of this random model that
-        // moves the largest logit error to 2.0-2.2% of the logits' spread (measured for the
-        // three formats). Pruning itself moves them by about 90% of the spread, so a wrong
+        // moves the largest logit error to 0.6-2.2% of the logits' spread (measured for the
+        // six formats; group-sparse activations are quantized per 32 inputs). Pruning itself moves them by about 90% of the spread, so a wrong
         // index, value or scale cannot hide under 5%.
         let moved = dense
             .iter()
@@ -127,10 +136,10 @@ fn pruned_models_run_as_their_decoded_dense_twins() {
             .iter()
             .zip(&want)
             .fold(0.0f32, |a, (g, w)| a.max((g - w).abs()));
-        eprintln!("{n}:{m} {values:?}: error {err}, moved {moved}, spread {spread}");
+        eprintln!("{label}: error {err}, moved {moved}, spread {spread}");
         assert!(
             err < 0.05 * spread,
-            "{n}:{m} {values:?}: max logit error {err} against the decoded twin (spread {spread})"
+            "{label}: max logit error {err} against the decoded twin (spread {spread})"
         );
         assert!(moved > 0.5 * spread, "pruning changed little ({moved})");
     }
@@ -157,7 +166,9 @@ fn wanda_keeps_the_weights_of_loud_inputs() {
     let f = GgufFile::open(&out).unwrap();
     let t = f.tensor("blk.0.ffn_up.weight").unwrap();
     let s = store::read(f.metadata(), t).unwrap().unwrap();
-    let Encoding::Nm(fmt) = s.encoding;
+    let Encoding::Nm(fmt) = s.encoding else {
+        panic!("an N:M matrix was expected")
+    };
     let rb = s.row_bytes().unwrap();
     let mut keep = vec![false; s.cols];
     for row in f.tensor_data(t).unwrap().chunks_exact(rb) {
@@ -239,6 +250,55 @@ fn pruning_and_loading_refuse_what_does_not_fit() {
     }
 }
 
+/// A group-sparse buffer whose metadata or bytes disagree is refused at load.
+#[test]
+fn contradictory_group_sparse_tensors_are_refused() {
+    let src = GgufFile::open(tiny()).unwrap();
+    let sparse = tmp("group-base.gguf");
+    let o = PruneOptions {
+        structure: Structure::Group {
+            g: 16,
+            sparsity: 0.5,
+        },
+        q8: Some(true),
+        ..options(2, 4, NmValues::Q8)
+    };
+    prune_file(&src, &sparse, &o, |_, _, _| {}).unwrap();
+    let f = GgufFile::open(&sparse).unwrap();
+    let name = "blk.1.ffn_down.weight";
+    for (label, meta, corrupt) in [
+        ("rows", Some(("rows", sparrow::gguf::Value::U64(3))), false),
+        ("g", Some(("g", sparrow::gguf::Value::U32(8))), false),
+        ("magic", None, true),
+    ] {
+        let mut w = GgufWriter::new();
+        for (k, v) in f.metadata().iter() {
+            w.set(k, v.clone());
+        }
+        if let Some((k, v)) = meta {
+            w.set(format!("sparrow.sparse.{name}.{k}"), v);
+        }
+        for t in f.tensors() {
+            w.add_tensor(&t.name, &t.shape, t.ty).unwrap();
+        }
+        let bad = tmp(&format!("group-bad-{label}.gguf"));
+        w.write_file(&bad, |i, _| {
+            let t = &f.tensors()[i];
+            let mut b = f.tensor_data(t)?.to_vec();
+            if corrupt && t.name == name {
+                b[0] ^= 0xff;
+            }
+            Ok(Cow::Owned(b))
+        })
+        .unwrap();
+        let e = match Model::open(&bad, &ModelOptions::default()) {
+            Ok(_) => panic!("a contradictory group-sparse tensor ({label}) loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(name), "{label}: {e}");
+    }
+}
+
 /// Adapters are not fused into sparse matrices (yet): a clear refusal, the model unchanged.
 #[test]
 fn adapters_on_sparse_bases_are_refused_clearly() {
@@ -255,5 +315,8 @@ fn adapters_on_sparse_bases_are_refused_clearly() {
     let a = sparrow::adapter::Adapter::load(fixtures().join("adapters/shira")).unwrap();
     let e = m.apply_adapter(&a, 1.0).unwrap_err().to_string();
     assert!(e.contains("sparse (pruned) matrix"), "{e}");
-    assert!(m.file().bytes() == &before[..], "a refused adapter changed the model");
+    assert!(
+        m.file().bytes() == &before[..],
+        "a refused adapter changed the model"
+    );
 }

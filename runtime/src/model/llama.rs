@@ -52,6 +52,7 @@ fn load<B: Backend>(b: &mut B, f: &GgufFile, name: &str, shape: &[usize]) -> Res
                 ),
             ));
         }
+        sp.check_bytes(name, f.tensor_data(t)?)?;
         let range = f.range(t)?;
         return b.load_weight(t, range.start, Some(sp));
     }

@@ -2,6 +2,7 @@
 //! `kernels::matmul` splits them: each token's activations are quantized once, then every
 //! task runs the encoding's matrix-vector kernel over its share of the rows.
 
+use super::group::{GroupActs, GroupKernel, GroupMatrix};
 use super::nm::{NmActs, NmKernel};
 use super::store::{Encoding, SparseMatrix};
 use crate::kernels::{DisjointOut, ThreadPool};
@@ -31,25 +32,68 @@ pub fn matmul(
     out: &mut [f32],
 ) -> Result<()> {
     let (rows, cols) = (s.rows, s.cols);
-    let rb = s.row_bytes()?;
-    if Some(w.len()) != rb.checked_mul(rows) || x.len() < n * cols || out.len() < n * rows {
+    if x.len() < n * cols || out.len() < n * rows {
         return Err(Error::InvalidArgument(format!(
-            "sparse matmul shapes: weights {} bytes for {rows} rows of {rb}, x {} for [{n}, \
-             {cols}], out {} for [{n}, {rows}]",
-            w.len(),
+            "sparse matmul shapes: x {} for [{n}, {cols}], out {} for [{n}, {rows}]",
             x.len(),
             out.len()
         )));
     }
+    let per = rows_per_task(rows, pool.threads());
     match s.encoding {
+        Encoding::Group(_) => {
+            // Validated at load; the view is rebuilt (and the buffer checked again) per call.
+            let m = GroupMatrix::new(w)?;
+            if m.rows() != rows || m.cols() != cols {
+                return Err(Error::InvalidArgument(format!(
+                    "group-sparse matrix is {} x {}, expected {rows} x {cols}",
+                    m.rows(),
+                    m.cols()
+                )));
+            }
+            let k = GroupKernel::get();
+            let acts: Vec<GroupActs> = x.chunks_exact(cols).take(n).map(GroupActs::new).collect();
+            let dst = DisjointOut::new(out);
+            let failed = std::sync::Mutex::new(None);
+            pool.run(rows.div_ceil(per), |task| {
+                let r0 = task * per;
+                let r1 = (r0 + per).min(rows);
+                let mut y = [0.0f32; 64];
+                for (t, a) in acts.iter().enumerate() {
+                    let mut r = r0;
+                    while r < r1 {
+                        let e = (r + y.len()).min(r1);
+                        let ys = &mut y[..e - r];
+                        if let Err(err) = k.matvec_rows(&m, a, r, ys) {
+                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                            return;
+                        }
+                        // SAFETY: tasks own disjoint row ranges, so no two write the same
+                        // element.
+                        unsafe { dst.write(t * rows + r, ys) };
+                        r = e;
+                    }
+                }
+            });
+            match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
         Encoding::Nm(f) => {
+            let rb = s.row_bytes()?;
+            if Some(w.len()) != rb.checked_mul(rows) {
+                return Err(Error::InvalidArgument(format!(
+                    "N:M matrix is {} bytes, {rows} rows of {rb} expected",
+                    w.len()
+                )));
+            }
             let k = NmKernel::get(f)?;
             scratch.nm.resize_with(n, NmActs::new);
             for (a, xr) in scratch.nm.iter_mut().zip(x.chunks_exact(cols)) {
                 a.quantize(&f, xr)?;
             }
             let acts = &scratch.nm[..n];
-            let per = rows_per_task(rows, pool.threads());
             let dst = DisjointOut::new(out);
             let failed = std::sync::Mutex::new(None);
             pool.run(rows.div_ceil(per), |task| {

@@ -1,10 +1,13 @@
 //! Pruning a dense model into a sparse one: every chosen matrix is decoded to f32, scored,
-//! and re-encoded N:M (the N best-scored weights of every group of M inputs are kept).
+//! and re-encoded N:M (the N best-scored weights of every group of M inputs are kept) or
+//! group-sparse (the groups of g inputs with the smallest score norm are removed, a
+//! fraction S of each row).
 //!
 //! Scores: magnitude |w|, or Wanda (Sun et al. 2023): |w_ij| * ||x_j||, the weight times
 //! the L2 norm of its input over calibration tokens, so that weights fed by large
 //! activations survive. Other tensors are copied unchanged.
 
+use super::group::{self, GroupFormat, Values};
 use super::nm::{self, NmFormat, NmValues};
 use super::store::{self, Encoding, SparseMatrix};
 use crate::gguf::{GgufFile, GgufWriter, TensorInfo};
@@ -32,12 +35,21 @@ pub const DEFAULT_TENSORS: [&str; 7] = [
     "blk.*.ffn_down.weight",
 ];
 
+/// The sparsity pattern.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Structure {
+    /// N kept in every M consecutive inputs.
+    Nm { n: usize, m: usize },
+    /// Groups of `g` consecutive inputs; a fraction `sparsity` of each row's groups removed.
+    Group { g: usize, sparsity: f64 },
+}
+
 #[derive(Clone, Debug)]
 pub struct PruneOptions {
-    pub n: usize,
-    pub m: usize,
-    /// Value precision; `None`: Q8 for sources of 6 bits or more, Q4 below.
-    pub values: Option<NmValues>,
+    pub structure: Structure,
+    /// Value precision, Q8 (`true`) or Q4; `None`: Q8 for sources of 6 bits or more, Q4
+    /// below.
+    pub q8: Option<bool>,
     pub method: Method,
     /// Glob patterns (`*` matches any run of characters) of the tensors to prune.
     pub tensors: Vec<String>,
@@ -68,12 +80,9 @@ pub fn glob(pattern: &str, name: &str) -> bool {
     }
 }
 
-fn default_values(ty: GgmlType) -> NmValues {
+fn default_q8(ty: GgmlType) -> bool {
     use GgmlType::*;
-    match ty {
-        F32 | F16 | BF16 | Q8_0 | Q8_1 | Q6_K | Q8_K => NmValues::Q8,
-        _ => NmValues::Q4,
-    }
+    matches!(ty, F32 | F16 | BF16 | Q8_0 | Q8_1 | Q6_K | Q8_K)
 }
 
 /// Prunes the matrices of `src` chosen by `o` and writes the model to `dst`.
@@ -100,10 +109,20 @@ pub fn prune_file(
             w.set(k, v.clone());
         }
     }
-    // The plan: for every tensor, its sparse description if it is pruned.
-    let mut plan: Vec<Option<SparseMatrix>> = Vec::new();
+    if let Structure::Group { sparsity, .. } = o.structure {
+        if !(0.0..=1.0).contains(&sparsity) {
+            return Err(Error::InvalidArgument(format!(
+                "group sparsity {sparsity} is not in [0, 1]"
+            )));
+        }
+    }
+    // The plan: for every tensor, its encoded bytes if it is pruned (group-sparse sizes are
+    // known only once encoded, and the writer lays out every tensor before any data).
+    let mut plan: Vec<Option<Vec<u8>>> = Vec::new();
     let mut report = PruneReport::default();
-    for t in src.tensors() {
+    let n_tensors = src.tensors().len();
+    for (i, t) in src.tensors().iter().enumerate() {
+        progress(i, n_tensors, &t.name);
         if store::read(src.metadata(), t)?.is_some() {
             return Err(Error::tensor(
                 &t.name,
@@ -128,85 +147,114 @@ pub fn prune_file(
                 format!("cannot prune a {} tensor of shape {:?}", t.ty, t.shape),
             ));
         }
-        let f = NmFormat::new(o.n, o.m, o.values.unwrap_or_else(|| default_values(t.ty)))?;
+        let q8 = o.q8.unwrap_or_else(|| default_q8(t.ty));
+        let encoding = match o.structure {
+            Structure::Nm { n, m } => {
+                let v = if q8 { NmValues::Q8 } else { NmValues::Q4 };
+                Encoding::Nm(NmFormat::new(n, m, v)?)
+            }
+            Structure::Group { g, .. } => {
+                let v = if q8 { Values::Q8 } else { Values::Q4 };
+                Encoding::Group(GroupFormat::new(g, v)?)
+            }
+        };
         let s = SparseMatrix {
-            encoding: Encoding::Nm(f),
+            encoding,
             rows: t.shape[1] as usize,
             cols: t.shape[0] as usize,
         };
-        s.row_bytes()
-            .map_err(|e| Error::tensor(&t.name, e.to_string()))?;
-        if let Some(sq) = &o.input_sq {
-            match sq.get(&t.name) {
-                Some(v) if v.len() == s.cols => {}
+        let norms = match &o.input_sq {
+            None => None,
+            Some(sq) => match sq.get(&t.name) {
+                Some(v) if v.len() == s.cols => Some(v),
                 _ => {
                     return Err(Error::tensor(
                         &t.name,
                         "no calibration statistics for this matrix (Wanda)",
                     ))
                 }
-            }
-        }
-        store::declare(&mut w, &t.name, &s)?;
+            },
+        };
+        let bytes = prune_tensor(t, src.tensor_data(t)?, &s, o, norms).map_err(|e| match e {
+            Error::Tensor { .. } => e,
+            e => Error::tensor(&t.name, e.to_string()),
+        })?;
+        store::declare(&mut w, &t.name, &s, bytes.len())?;
         report.tensors += 1;
         report.dense_bytes += t.n_bytes;
-        report.sparse_bytes += (s.row_bytes()? * s.rows) as u64;
-        plan.push(Some(s));
+        report.sparse_bytes += bytes.len() as u64;
+        plan.push(Some(bytes));
     }
     if report.tensors == 0 {
         return Err(Error::InvalidArgument(format!(
             "no tensor matches {patterns:?}"
         )));
     }
-    let n = src.tensors().len();
-    w.write_file(dst, |i, _| {
-        let t = &src.tensors()[i];
-        progress(i, n, &t.name);
-        let data = src.tensor_data(t)?;
-        match &plan[i] {
-            None => Ok(Cow::Owned(data.to_vec())),
-            Some(s) => {
-                let norms = o.input_sq.as_ref().and_then(|m| m.get(&t.name));
-                prune_tensor(t, data, s, o.method, norms).map(Cow::Owned)
-            }
-        }
+    w.write_file(dst, |i, _| match &plan[i] {
+        Some(b) => Ok(Cow::Borrowed(b.as_slice())),
+        None => Ok(Cow::Owned(src.tensor_data(&src.tensors()[i])?.to_vec())),
     })?;
     Ok(report)
 }
 
-/// Decodes, scores and N:M-encodes one matrix.
+/// Decodes, scores and encodes one matrix.
 fn prune_tensor(
     t: &TensorInfo,
     data: &[u8],
     s: &SparseMatrix,
-    method: Method,
+    o: &PruneOptions,
     input_sq: Option<&Vec<f64>>,
 ) -> Result<Vec<u8>> {
-    let Encoding::Nm(f) = s.encoding;
     let mut dense = vec![0.0f32; s.rows * s.cols];
-    quant::dequantize(t.ty, data, &mut dense).map_err(|e| Error::tensor(&t.name, e.to_string()))?;
-    let rb = s.row_bytes()?;
-    let mut out = vec![0u8; rb * s.rows];
-    let col_norm: Option<Vec<f32>> = match method {
+    quant::dequantize(t.ty, data, &mut dense)?;
+    let col_norm: Option<Vec<f32>> = match o.method {
         Method::Magnitude => None,
         Method::Wanda => input_sq.map(|v| v.iter().map(|&q| q.sqrt() as f32).collect()),
     };
-    let mut keep = vec![false; s.cols];
-    let mut score = vec![0.0f32; s.cols];
-    for (row, o) in dense.chunks_exact(s.cols).zip(out.chunks_exact_mut(rb)) {
-        match &col_norm {
-            None => nm::encode_row(&f, row, o),
-            Some(norm) => {
-                for ((sc, w), n) in score.iter_mut().zip(row).zip(norm) {
-                    *sc = w.abs() * n;
+    match (s.encoding, o.structure) {
+        (Encoding::Nm(f), _) => {
+            let rb = s.row_bytes()?;
+            let mut out = vec![0u8; rb * s.rows];
+            let mut keep = vec![false; s.cols];
+            let mut score = vec![0.0f32; s.cols];
+            for (row, o) in dense.chunks_exact(s.cols).zip(out.chunks_exact_mut(rb)) {
+                match &col_norm {
+                    None => nm::encode_row(&f, row, o)?,
+                    Some(norm) => {
+                        for ((sc, w), n) in score.iter_mut().zip(row).zip(norm) {
+                            *sc = w.abs() * n;
+                        }
+                        keep_best(&score, f.n, f.m, &mut keep);
+                        nm::encode_row_with_mask(&f, row, &keep, o)?
+                    }
                 }
-                keep_best(&score, f.n, f.m, &mut keep);
-                nm::encode_row_with_mask(&f, row, &keep, o)
             }
+            Ok(out)
         }
-        .map_err(|e| Error::tensor(&t.name, e.to_string()))?;
+        (Encoding::Group(f), Structure::Group { g, sparsity }) => {
+            match &col_norm {
+                None => group::prune(&mut dense, s.cols, g, sparsity)?,
+                Some(norm) => {
+                    // Groups ranked by the L2 norm of their Wanda scores: prune a scaled copy,
+                    // then zero the same groups of the weights.
+                    let mut scaled: Vec<f32> = dense
+                        .chunks_exact(s.cols)
+                        .flat_map(|row| row.iter().zip(norm).map(|(w, n)| w * n))
+                        .collect();
+                    group::prune(&mut scaled, s.cols, g, sparsity)?;
+                    for (gw, gs) in dense.chunks_mut(g).zip(scaled.chunks(g)) {
+                        if gs.iter().all(|&v| v == 0.0) {
+                            gw.fill(0.0);
+                        }
+                    }
+                }
+            }
+            group::encode(&dense, s.rows, s.cols, f)
+        }
+        (Encoding::Group(_), Structure::Nm { .. }) => Err(Error::InvalidArgument(
+            "internal: a group encoding planned for N:M pruning".into(),
+        )),
     }
-    Ok(out)
 }
 
 /// Marks the `n` highest scores of every group of `m` (ties to the lower position).

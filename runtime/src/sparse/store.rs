@@ -12,8 +12,14 @@
 //! | `sparrow.sparse.NAME.values` | string | `"q8"` or `"q4"` |
 //! | `sparrow.sparse.NAME.cols` | u64 | logical inputs per row |
 //!
-//! and the file carries `sparrow.sparse.version` = 1.
+//! A group-sparse matrix is the I8 tensor `NAME` of shape `[n_bytes]` holding the encoded
+//! buffer of `sparse::group` (header, row offsets, rows), with `.encoding` = `"group"`,
+//! `.g` (u32), `.values` (`"q8"` or `"q4"`), `.scale_groups` (u32), `.rows` and `.cols`
+//! (u64); the buffer's own header must agree, and the whole buffer is validated at load.
+//!
+//! The file carries `sparrow.sparse.version` = 1.
 
+use super::group::{GroupFormat, GroupMatrix, Values};
 use super::nm::{NmFormat, NmValues};
 use crate::gguf::{GgufWriter, Metadata, TensorInfo, Value};
 use crate::quant::GgmlType;
@@ -25,6 +31,7 @@ pub const VERSION: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Encoding {
     Nm(NmFormat),
+    Group(GroupFormat),
 }
 
 /// A sparse matrix as a file describes it.
@@ -36,11 +43,49 @@ pub struct SparseMatrix {
 }
 
 impl SparseMatrix {
-    /// Bytes of one row.
+    /// Bytes of one row (N:M rows have a fixed size; group-sparse rows do not).
     pub fn row_bytes(&self) -> Result<usize> {
         match self.encoding {
             Encoding::Nm(f) => f.row_bytes(self.cols),
+            Encoding::Group(_) => Err(Error::InvalidArgument(
+                "group-sparse rows have no fixed size".into(),
+            )),
         }
+    }
+
+    /// Checks the stored bytes of the matrix where the encoding can be checked once (the
+    /// group-sparse buffer: header, offsets, every row); N:M rows are safe to read whatever
+    /// their bytes.
+    pub fn check_bytes(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        match self.encoding {
+            Encoding::Nm(_) => Ok(()),
+            Encoding::Group(f) => {
+                let m = GroupMatrix::new(bytes).map_err(|e| Error::tensor(name, e.to_string()))?;
+                if m.rows() != self.rows || m.cols() != self.cols || m.format() != f {
+                    return Err(Error::tensor(
+                        name,
+                        format!(
+                            "group-sparse buffer holds {} x {} {:?}, the metadata says {} x {} \
+                             {f:?}",
+                            m.rows(),
+                            m.cols(),
+                            m.format(),
+                            self.rows,
+                            self.cols
+                        ),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn values_name(q8: bool) -> &'static str {
+    if q8 {
+        "q8"
+    } else {
+        "q4"
     }
 }
 
@@ -79,6 +124,38 @@ pub fn read(md: &Metadata, t: &TensorInfo) -> Result<Option<SparseMatrix>> {
                 _ => return Err(bad(format!("N:M {n}:{m} out of range"))),
             }
         }
+        Some("group") => {
+            let small = |k: &str| -> Result<usize> {
+                usize::try_from(md.u64(&key(&t.name, k))?)
+                    .ok()
+                    .filter(|&v| v <= 64)
+                    .ok_or_else(|| bad(format!("{k} out of range")))
+            };
+            let values = match md.str(&key(&t.name, "values"))? {
+                "q8" => Values::Q8,
+                "q4" => Values::Q4,
+                v => return Err(bad(format!("unknown group values `{v}` (q8 or q4)"))),
+            };
+            let f = GroupFormat::new(small("g")?, values)
+                .and_then(|f| f.with_scale_groups(small("scale_groups")?))
+                .map_err(|e| bad(e.to_string()))?;
+            let dim = |k: &str| -> Result<usize> {
+                usize::try_from(md.u64(&key(&t.name, k))?)
+                    .map_err(|_| bad(format!("{k} too large")))
+            };
+            let (rows, cols) = (dim("rows")?, dim("cols")?);
+            if t.ty != GgmlType::I8 || t.shape.len() != 1 {
+                return Err(bad(format!(
+                    "stored as {} {:?}, expected a one-dimensional I8 buffer",
+                    t.ty, t.shape
+                )));
+            }
+            return Ok(Some(SparseMatrix {
+                encoding: Encoding::Group(f),
+                rows,
+                cols,
+            }));
+        }
         other => return Err(bad(format!("unknown encoding {other:?}"))),
     };
     let cols = usize::try_from(md.u64(&key(&t.name, "cols"))?)
@@ -99,22 +176,29 @@ pub fn read(md: &Metadata, t: &TensorInfo) -> Result<Option<SparseMatrix>> {
     Ok(Some(SparseMatrix { rows, ..s }))
 }
 
-/// Declares the sparse tensor `name` in `w` (tensor and metadata).
-pub fn declare(w: &mut GgufWriter, name: &str, s: &SparseMatrix) -> Result<()> {
-    let row_bytes = s.row_bytes()?;
+/// Declares the sparse tensor `name` in `w` (tensor and metadata); `n_bytes` is the size of
+/// a group-sparse buffer (N:M sizes follow from the shape).
+pub fn declare(w: &mut GgufWriter, name: &str, s: &SparseMatrix, n_bytes: usize) -> Result<()> {
     w.set("sparrow.sparse.version", Value::U32(VERSION));
+    w.set(key(name, "cols"), Value::U64(s.cols as u64));
     match s.encoding {
         Encoding::Nm(f) => {
             w.set(key(name, "encoding"), Value::String("nm".into()));
             w.set(key(name, "n"), Value::U32(f.n as u32));
             w.set(key(name, "m"), Value::U32(f.m as u32));
-            let v = match f.values {
-                NmValues::Q8 => "q8",
-                NmValues::Q4 => "q4",
-            };
+            let v = values_name(f.values == NmValues::Q8);
             w.set(key(name, "values"), Value::String(v.into()));
+            let row_bytes = s.row_bytes()?;
+            w.add_tensor(name, &[row_bytes as u64, s.rows as u64], GgmlType::I8)
+        }
+        Encoding::Group(f) => {
+            w.set(key(name, "encoding"), Value::String("group".into()));
+            w.set(key(name, "g"), Value::U32(f.g as u32));
+            let v = values_name(f.values == Values::Q8);
+            w.set(key(name, "values"), Value::String(v.into()));
+            w.set(key(name, "scale_groups"), Value::U32(f.scale_groups as u32));
+            w.set(key(name, "rows"), Value::U64(s.rows as u64));
+            w.add_tensor(name, &[n_bytes as u64], GgmlType::I8)
         }
     }
-    w.set(key(name, "cols"), Value::U64(s.cols as u64));
-    w.add_tensor(name, &[row_bytes as u64, s.rows as u64], GgmlType::I8)
 }
