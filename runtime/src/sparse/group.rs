@@ -310,9 +310,25 @@ struct RowParts<'a> {
 }
 
 impl<'a> GroupMatrix<'a> {
-    /// Validates `bytes` (header, offsets, every row's length against its bitmap, scales
-    /// finite) and returns a view of them.
-    pub fn new(bytes: &'a [u8]) -> Result<GroupMatrix<'a>> {
+    /// A view of `bytes` that [`GroupMatrix::new`] accepted before, without validating the
+    /// rows again: a model validates each matrix once at load and then multiplies by it on
+    /// every token. The header is still checked.
+    ///
+    /// # Safety
+    /// `GroupMatrix::new(bytes)` must have succeeded on these same bytes, and they must not
+    /// have changed since (the kernels read rows through the offset table unchecked).
+    pub unsafe fn new_validated(bytes: &'a [u8]) -> Result<GroupMatrix<'a>> {
+        let h = Self::header(bytes)?;
+        Ok(GroupMatrix {
+            bytes,
+            rows: h.0,
+            cols: h.1,
+            fmt: h.2,
+        })
+    }
+
+    /// The header's rows, columns and format, checked.
+    fn header(bytes: &[u8]) -> Result<(usize, usize, GroupFormat)> {
         if bytes.len() < HEADER_BYTES {
             return Err(invalid(format!(
                 "{} bytes, shorter than the {HEADER_BYTES}-byte header",
@@ -344,6 +360,13 @@ impl<'a> GroupMatrix<'a> {
                 fmt.g
             )));
         }
+        Ok((rows, cols, fmt))
+    }
+
+    /// Validates `bytes` (header, offsets, every row's length against its bitmap, scales
+    /// finite) and returns a view of them.
+    pub fn new(bytes: &'a [u8]) -> Result<GroupMatrix<'a>> {
+        let (rows, cols, fmt) = Self::header(bytes)?;
         let table = rows
             .checked_add(1)
             .and_then(|n| n.checked_mul(4))

@@ -21,8 +21,11 @@ fn rows_per_task(rows: usize, threads: usize) -> usize {
 
 /// `out` ([n, rows], row-major) = `x` ([n, cols]) times the transpose of the sparse matrix
 /// `w` (`s.rows` rows of `s.cols` inputs, raw bytes).
+///
+/// A group-sparse `w` must have passed [`SparseMatrix::check_bytes`] and be unchanged since
+/// (it is not validated again on every product).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(
+pub(crate) fn matmul(
     pool: &ThreadPool,
     scratch: &mut SparseScratch,
     s: &SparseMatrix,
@@ -42,8 +45,11 @@ pub fn matmul(
     let per = rows_per_task(rows, pool.threads());
     match s.encoding {
         Encoding::Group(_) => {
-            // Validated at load; the view is rebuilt (and the buffer checked again) per call.
-            let m = GroupMatrix::new(w)?;
+            // SAFETY: the model validated these bytes with GroupMatrix::new at load
+            // (SparseMatrix::check_bytes), and the bytes of sparse matrices are never written
+            // afterwards: adapters refuse sparse targets, and moving pages to anonymous memory
+            // copies them unchanged.
+            let m = unsafe { GroupMatrix::new_validated(w)? };
             if m.rows() != rows || m.cols() != cols {
                 return Err(Error::InvalidArgument(format!(
                     "group-sparse matrix is {} x {}, expected {rows} x {cols}",
@@ -58,21 +64,16 @@ pub fn matmul(
             pool.run(rows.div_ceil(per), |task| {
                 let r0 = task * per;
                 let r1 = (r0 + per).min(rows);
-                let mut y = [0.0f32; 64];
+                // One kernel call per token and task: the kernel prepares per-call tables
+                // (activation scales per group) that smaller calls would rebuild.
+                let mut y = vec![0.0f32; r1 - r0];
                 for (t, a) in acts.iter().enumerate() {
-                    let mut r = r0;
-                    while r < r1 {
-                        let e = (r + y.len()).min(r1);
-                        let ys = &mut y[..e - r];
-                        if let Err(err) = k.matvec_rows(&m, a, r, ys) {
-                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
-                            return;
-                        }
-                        // SAFETY: tasks own disjoint row ranges, so no two write the same
-                        // element.
-                        unsafe { dst.write(t * rows + r, ys) };
-                        r = e;
+                    if let Err(err) = k.matvec_rows(&m, a, r0, &mut y) {
+                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                        return;
                     }
+                    // SAFETY: tasks own disjoint row ranges, so no two write the same element.
+                    unsafe { dst.write(t * rows + r0, &y) };
                 }
             });
             match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
