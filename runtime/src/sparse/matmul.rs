@@ -42,7 +42,6 @@ pub(crate) fn matmul(
             out.len()
         )));
     }
-    let per = rows_per_task(rows, pool.threads());
     match s.encoding {
         Encoding::Group(_) => {
             // SAFETY: the model validated these bytes with GroupMatrix::new at load
@@ -59,27 +58,11 @@ pub(crate) fn matmul(
             }
             let k = GroupKernel::get();
             let acts: Vec<GroupActs> = x.chunks_exact(cols).take(n).map(GroupActs::new).collect();
-            let dst = DisjointOut::new(out);
-            let failed = std::sync::Mutex::new(None);
-            pool.run(rows.div_ceil(per), |task| {
-                let r0 = task * per;
-                let r1 = (r0 + per).min(rows);
-                // One kernel call per token and task: the kernel prepares per-call tables
-                // (activation scales per group) that smaller calls would rebuild.
-                let mut y = vec![0.0f32; r1 - r0];
-                for (t, a) in acts.iter().enumerate() {
-                    if let Err(err) = k.matvec_rows(&m, a, r0, &mut y) {
-                        *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
-                        return;
-                    }
-                    // SAFETY: tasks own disjoint row ranges, so no two write the same element.
-                    unsafe { dst.write(t * rows + r0, &y) };
-                }
-            });
-            match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
+            // One kernel call per token and task: the kernel prepares per-call tables
+            // (activation scales per group) that smaller calls would rebuild.
+            by_rows(pool, rows, n, out, |t, r0, y| {
+                k.matvec_rows(&m, &acts[t], r0, y)
+            })
         }
         Encoding::Nm(f) => {
             let rb = s.row_bytes()?;
@@ -95,32 +78,41 @@ pub(crate) fn matmul(
                 a.quantize(&f, xr)?;
             }
             let acts = &scratch.nm[..n];
-            let dst = DisjointOut::new(out);
-            let failed = std::sync::Mutex::new(None);
-            pool.run(rows.div_ceil(per), |task| {
-                let r0 = task * per;
-                let r1 = (r0 + per).min(rows);
-                let mut y = [0.0f32; 64];
-                for (t, a) in acts.iter().enumerate() {
-                    let mut r = r0;
-                    while r < r1 {
-                        let e = (r + y.len()).min(r1);
-                        let ys = &mut y[..e - r];
-                        if let Err(err) = k.matvec(&w[r * rb..e * rb], a, ys) {
-                            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
-                            return;
-                        }
-                        // SAFETY: tasks own disjoint row ranges, so no two write the same
-                        // element.
-                        unsafe { dst.write(t * rows + r, ys) };
-                        r = e;
-                    }
-                }
-            });
-            match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
+            by_rows(pool, rows, n, out, |t, r0, y| {
+                k.matvec(&w[r0 * rb..(r0 + y.len()) * rb], &acts[t], y)
+            })
         }
+    }
+}
+
+/// Runs `rows_of(t, r0, y)` (rows `r0..r0 + y.len()` of token `t` into `y`) over the pool,
+/// each task owning a range of rows for every token, and gathers the results into `out`
+/// ([n, rows]). The first error of any task is returned.
+fn by_rows(
+    pool: &ThreadPool,
+    rows: usize,
+    n: usize,
+    out: &mut [f32],
+    rows_of: impl Fn(usize, usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let per = rows_per_task(rows, pool.threads());
+    let dst = DisjointOut::new(out);
+    let failed = std::sync::Mutex::new(None);
+    pool.run(rows.div_ceil(per), |task| {
+        let r0 = task * per;
+        let r1 = (r0 + per).min(rows);
+        let mut y = vec![0.0f32; r1 - r0];
+        for t in 0..n {
+            if let Err(err) = rows_of(t, r0, &mut y) {
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                return;
+            }
+            // SAFETY: tasks own disjoint row ranges, so no two write the same element.
+            unsafe { dst.write(t * rows + r0, &y) };
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
