@@ -11,6 +11,8 @@
 //! from f32 rows, a reference decoder back to f32, and kernels checked against the dense
 //! product of the decoded weights.
 
+#[cfg(target_arch = "aarch64")]
+mod arm;
 pub mod group;
 pub mod matmul;
 pub mod nm;
