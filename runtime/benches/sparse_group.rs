@@ -15,6 +15,9 @@
 //! table gives the median time, the weight GB/s, the fraction of the measured single-core
 //! read bandwidth, and the ratio dense / sparse (W4 against Q4_0, Q8 against Q8_0).
 
+mod common;
+
+use common::{Rng, Shape, SHAPES};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use sparrow::kernels::bandwidth::measure_read_bandwidth;
 use sparrow::kernels::{DotKernel, KernelTable};
@@ -26,35 +29,6 @@ use std::cell::RefCell;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-struct Shape {
-    name: &'static str,
-    rows: usize,
-    cols: usize,
-    /// Cycle over copies of the matrix totalling at least this many bytes (0: one copy).
-    stream_bytes: usize,
-}
-
-const SHAPES: [Shape; 3] = [
-    Shape {
-        name: "ffn_up",
-        rows: 1536,
-        cols: 576,
-        stream_bytes: 0,
-    },
-    Shape {
-        name: "ffn_down",
-        rows: 576,
-        cols: 1536,
-        stream_bytes: 0,
-    },
-    Shape {
-        name: "output",
-        rows: 49152,
-        cols: 576,
-        stream_bytes: 128 << 20,
-    },
-];
-
 /// The sparse cases: (label, group size, values, scale groups, sparsity).
 const CASES: [(&str, usize, Values, usize, f64); 7] = [
     ("w4 g16 50%", 16, Values::Q4, 1, 0.5),
@@ -65,23 +39,6 @@ const CASES: [(&str, usize, Values, usize, f64); 7] = [
     ("q8 g16 50%", 16, Values::Q8, 1, 0.5),
     ("q8 g32 50%", 32, Values::Q8, 1, 0.5),
 ];
-
-/// xorshift64*: reproducible values in [-1, 1).
-struct Rng(u64);
-
-impl Rng {
-    fn fill(&mut self, n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                self.0 ^= self.0 >> 12;
-                self.0 ^= self.0 << 25;
-                self.0 ^= self.0 >> 27;
-                let u = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-                u as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-}
 
 #[derive(Default)]
 struct Times(Vec<f64>);
