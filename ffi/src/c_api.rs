@@ -179,6 +179,32 @@ fn adapter_of(p: *const SparrowAdapter, arg: &str) -> FfiResult<Arc<core::Adapte
     core::ADAPTERS.get(p as usize)
 }
 
+/// The two-call list output: writes `items.len()` to `*n` (not null), then the items to
+/// `out` if `capacity` holds them (`out` may be null for an empty list), else
+/// `SPARROW_ERR_BUFFER_TOO_SMALL`.
+unsafe fn write_list<T: Copy>(
+    items: &[T],
+    out: *mut T,
+    capacity: usize,
+    n: *mut usize,
+    what: &str,
+) -> FfiResult<()> {
+    n.write(items.len());
+    if items.len() > capacity {
+        return Err(Failure::new(
+            SPARROW_ERR_BUFFER_TOO_SMALL,
+            format!("{} {what} do not fit in capacity {capacity}", items.len()),
+        ));
+    }
+    if !items.is_empty() {
+        if out.is_null() {
+            return Err(null(what));
+        }
+        std::ptr::copy_nonoverlapping(items.as_ptr(), out, items.len());
+    }
+    Ok(())
+}
+
 /// Writes `v` to `out` if `out` is not null.
 unsafe fn put<T>(out: *mut T, v: T) {
     if !out.is_null() {
@@ -293,20 +319,7 @@ pub unsafe extern "C" fn sparrow_tokenize(
             return Err(null("n_tokens"));
         }
         let ids = core::tokenize(&m, text, add_special, parse_special)?;
-        n_tokens.write(ids.len());
-        if ids.len() > capacity {
-            return Err(Failure::new(
-                SPARROW_ERR_BUFFER_TOO_SMALL,
-                format!("{} tokens do not fit in capacity {capacity}", ids.len()),
-            ));
-        }
-        if !ids.is_empty() {
-            if tokens.is_null() {
-                return Err(null("tokens"));
-            }
-            std::ptr::copy_nonoverlapping(ids.as_ptr(), tokens, ids.len());
-        }
-        Ok(())
+        write_list(&ids, tokens, capacity, n_tokens, "tokens")
     })
 }
 
@@ -609,20 +622,10 @@ pub unsafe extern "C" fn sparrow_model_applied_adapters(
         if n_adapters.is_null() {
             return Err(null("n_adapters"));
         }
-        let ids = core::applied_adapters(&m)?;
-        n_adapters.write(ids.len());
-        if ids.len() > capacity {
-            return Err(Failure::new(
-                SPARROW_ERR_BUFFER_TOO_SMALL,
-                format!("{} adapters do not fit in capacity {capacity}", ids.len()),
-            ));
-        }
-        if !ids.is_empty() && adapters.is_null() {
-            return Err(null("adapters"));
-        }
-        for (i, id) in ids.into_iter().enumerate() {
-            adapters.add(i).write(id as *mut SparrowAdapter);
-        }
-        Ok(())
+        let ids: Vec<*mut SparrowAdapter> = core::applied_adapters(&m)?
+            .into_iter()
+            .map(|id| id as *mut SparrowAdapter)
+            .collect();
+        write_list(&ids, adapters, capacity, n_adapters, "adapters")
     })
 }
