@@ -234,15 +234,15 @@ fn inspect(path: &Path, all: bool) -> AnyResult {
     for (k, v) in &a.info {
         println!("  {k:<12} {v}");
     }
-    let stored: usize = a.targets.iter().map(|t| t.stored()).sum();
+    let stored: usize = a.targets().iter().map(|t| t.stored()).sum();
     println!(
         "  targets      {} tensors, {} parameters stored",
-        a.targets.len(),
+        a.targets().len(),
         stored
     );
     println!();
     println!("  {:<44} {:>12} {:>10}  delta", "target", "shape", "stored");
-    for t in a.targets.iter().take(if all { usize::MAX } else { 20 }) {
+    for t in a.targets().iter().take(if all { usize::MAX } else { 20 }) {
         let shape = if t.rows == 0 {
             "(from base)".to_string()
         } else {
@@ -258,8 +258,8 @@ fn inspect(path: &Path, all: bool) -> AnyResult {
         };
         println!("  {:<44} {:>12} {:>10}  {what}", t.name, shape, t.stored());
     }
-    if !all && a.targets.len() > 20 {
-        println!("  ... {} more (--all)", a.targets.len() - 20);
+    if !all && a.targets().len() > 20 {
+        println!("  ... {} more (--all)", a.targets().len() - 20);
     }
     Ok(())
 }
@@ -288,7 +288,7 @@ fn convert(
         if let Some(b) = &base_file {
             a = a.bind(b)?;
             a.base_hash = Some(sparrow::adapter::base_shape_hash(b));
-        } else if a.targets.iter().any(|t| matches!(t.delta, Delta::Coo(_))) {
+        } else if a.targets().iter().any(|t| matches!(t.delta, Delta::Coo(_))) {
             return Err("PEFT SHiRA files store no weight shapes: give --base BASE_MODEL".into());
         }
         if a.kind() == Kind::Lora {
@@ -312,11 +312,11 @@ fn convert(
         base_shape_hash: adapter.base_hash.clone(),
     };
     sdelta::write(output, &adapter, &opts)?;
-    let nnz: usize = adapter.targets.iter().map(|t| t.stored()).sum();
+    let nnz: usize = adapter.targets().iter().map(|t| t.stored()).sum();
     eprintln!(
         "wrote {} ({} tensors, {nnz} entries)",
         output.display(),
-        adapter.targets.len()
+        adapter.targets().len()
     );
     if !kept.is_empty() {
         let total = lowrank::total(&kept);
@@ -380,8 +380,8 @@ fn synth_cmd(
     eprintln!(
         "wrote {} ({} tensors, {} parameters stored, {} weights touched)",
         output.display(),
-        a.targets.len(),
-        a.targets.iter().map(|t| t.stored()).sum::<usize>(),
+        a.targets().len(),
+        a.targets().iter().map(|t| t.stored()).sum::<usize>(),
         a.touched()
     );
     Ok(())
@@ -572,7 +572,7 @@ fn weight_loss(
     after: &[u8],
 ) -> AnyResult<f64> {
     let (mut err2, mut norm2) = (0f64, 0f64);
-    for t in &a.targets {
+    for t in a.targets() {
         let info = base.tensor(&t.name).ok_or("target vanished")?;
         let r = base.range(info)?;
         let n = t.rows * t.cols;

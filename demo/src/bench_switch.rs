@@ -14,11 +14,18 @@
 //!    `decode_tokens_per_s` is the median with the adapter fused, and
 //!    `unpatched_decode_tokens_per_s` the median with it removed, on the same (now
 //!    copied-on-write) pages; the unapply and apply of those rounds give `unapply_ms` and
-//!    `apply_ms` (medians). For a LoRA, `apply_ms` is the time to fuse it;
+//!    `apply_ms` (medians). `first_apply_ms` is the apply before those rounds: the edit of
+//!    the weights, plus keeping the bytes it wrote when the patch fits the model's budget of
+//!    compiled patches (`compiled_bytes` after it; see `sparrow::adapter::stack::Stack`),
+//!    in which case the later applies copy those bytes in. For a LoRA, `fuse_ms` is
+//!    `first_apply_ms`;
 //! 3. for a LoRA: decode with it unfused (`unfused_decode_tokens_per_s`).
 //!
 //! Then, with all adapters loaded in one model: `switch_ms`, the median over R rounds of
-//! replacing the previous adapter of the list (cyclically) by this one (unapply + apply).
+//! replacing the previous adapter of the list (cyclically) by this one (unapply + apply);
+//! `first_switch_ms` is the first of those rounds (the new adapter is edited in and
+//! compiled), and `edit_switch_ms` the median of the same rounds on a model that compiles
+//! nothing (every switch edits).
 
 use clap::Args;
 use serde_json::json;
@@ -174,7 +181,10 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
         let mut m = open()?;
         decode_rate(&mut m, &prompt, a.gen_tokens, 1)?;
         let pristine = decode_rate(&mut m, &prompt, a.gen_tokens, a.reps)?;
+        let t = Instant::now();
         let mut id = m.apply_adapter(ad, *scale)?;
+        let first_apply = ms(t);
+        let compiled = m.compiled_patch_bytes();
         let entry = &m.applied_adapters()[0];
         let (stats, undo_bytes) = (entry.stats, entry.undo_bytes());
         let (mut applies, mut unapplies) = (Vec::new(), Vec::new());
@@ -203,6 +213,8 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
             "kind": ad.kind().name(),
             "scale": scale,
             "load_ms": load_ms,
+            "first_apply_ms": first_apply,
+            "compiled_bytes": compiled,
             "apply_ms": median(&applies),
             "unapply_ms": median(&unapplies),
             "decode_tokens_per_s": median(&fused),
@@ -219,24 +231,36 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
         }));
     }
 
-    // Switching: previous adapter of the list -> this one, in one model.
-    let mut m = open()?;
-    decode_rate(&mut m, &prompt, a.gen_tokens, 1)?;
-    let n = adapters.len();
-    let mut switch = vec![Vec::new(); n];
-    let mut id = m.apply_adapter(&adapters[n - 1].0, adapters[n - 1].1)?;
-    for _ in 0..a.reps {
-        for (i, (ad, scale, _)) in adapters.iter().enumerate() {
-            let t = Instant::now();
-            id = m.switch_adapter(id, ad, *scale)?;
-            switch[i].push(ms(t));
+    // Switching: previous adapter of the list -> this one, in one model; once with compiled
+    // patches (the first round edits and compiles, later ones replay) and once editing
+    // every time.
+    let switch_rounds = |budget: Option<usize>| -> AnyResult<Vec<Vec<f64>>> {
+        let mut m = open()?;
+        if let Some(b) = budget {
+            m.set_compiled_patch_budget(b);
         }
-    }
-    m.unapply_adapter(id)?;
-    for (row, s) in rows.iter_mut().zip(&switch) {
+        decode_rate(&mut m, &prompt, a.gen_tokens, 1)?;
+        let n = adapters.len();
+        let mut switch = vec![Vec::new(); n];
+        let mut id = m.apply_adapter(&adapters[n - 1].0, adapters[n - 1].1)?;
+        for _ in 0..a.reps {
+            for (i, (ad, scale, _)) in adapters.iter().enumerate() {
+                let t = Instant::now();
+                id = m.switch_adapter(id, ad, *scale)?;
+                switch[i].push(ms(t));
+            }
+        }
+        m.unapply_adapter(id)?;
+        Ok(switch)
+    };
+    let compiled = switch_rounds(None)?;
+    let edited = switch_rounds(Some(0))?;
+    for ((row, s), e) in rows.iter_mut().zip(&compiled).zip(&edited) {
         row["switch_ms"] = json!(median(s));
+        row["first_switch_ms"] = json!(s[0]);
+        row["edit_switch_ms"] = json!(median(e));
         if row["kind"] == "lora" {
-            row["fuse_ms"] = row["apply_ms"].clone();
+            row["fuse_ms"] = row["first_apply_ms"].clone();
         }
     }
 
@@ -258,12 +282,15 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
         a.reps
     );
     println!(
-        "{:<36} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "{:<36} {:>6} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "adapter",
         "kind",
+        "1st apply",
         "apply ms",
         "unapply",
         "switch",
+        "1st switch",
+        "edit sw",
         "fused",
         "removed",
         "unfused",
@@ -273,12 +300,15 @@ pub fn bench_switch(a: BenchSwitchArgs) -> AnyResult {
     for r in v["adapters"].as_array().into_iter().flatten() {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:<36} {:>6} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>8.1} {:>8} {:>8.1} {:>8.1}",
+            "{:<36} {:>6} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>8.2} {:>8.1} {:>8.1} {:>8} {:>8.1} {:>8.1}",
             r["path"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
+            f("first_apply_ms"),
             f("apply_ms"),
             f("unapply_ms"),
             f("switch_ms"),
+            f("first_switch_ms"),
+            f("edit_switch_ms"),
             f("decode_tokens_per_s"),
             f("unpatched_decode_tokens_per_s"),
             r["unfused_decode_tokens_per_s"]

@@ -307,10 +307,19 @@ fn synth_and_bench_switch() {
     assert_eq!(rows[0]["kind"], "sparse");
     assert_eq!(rows[1]["kind"], "lora");
     for r in rows {
-        for k in ["apply_ms", "unapply_ms", "switch_ms", "decode_tokens_per_s"] {
+        for k in [
+            "apply_ms",
+            "first_apply_ms",
+            "unapply_ms",
+            "switch_ms",
+            "first_switch_ms",
+            "edit_switch_ms",
+            "decode_tokens_per_s",
+        ] {
             assert!(r[k].as_f64().is_some_and(|x| x > 0.0), "{k}: {r}");
         }
         assert!(r["rss_added_bytes"].as_u64().is_some(), "{r}");
+        assert!(r["compiled_bytes"].as_u64().is_some_and(|b| b > 0), "{r}");
         assert!(r["path"].as_str().is_some());
     }
     assert!(rows[1]["unfused_decode_tokens_per_s"].as_f64().is_some());

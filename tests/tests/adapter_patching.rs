@@ -110,18 +110,33 @@ proptest! {
         let mut stack = Stack::default();
         // Hashes before each entry of the stack, to check LIFO restores every state.
         let mut states: Vec<(u64, Vec<Vec<u8>>)> = Vec::new();
+        // Hashes after each list of (adapter, scale) fused onto the bare base: the first
+        // time by editing, later by replaying the compiled patch; both must agree.
+        let mut bare: HashMap<Vec<(usize, u32)>, Vec<Vec<u8>>> = HashMap::new();
+        let mut on_bare = |key: Vec<(usize, u32)>, got: Vec<Vec<u8>>| match bare.get(&key) {
+            Some(want) => assert_eq!(&got, want, "{key:?} fused on the bare base again"),
+            None => {
+                bare.insert(key, got);
+            }
+        };
         let mut changed = false;
         for op in ops {
             let before = tensor_hashes(&f);
             match op {
                 Op::Apply(i, s) => {
                     let id = stack.apply(&mut f, &[(&adapters[i], s)], Default::default()).unwrap();
+                    if states.is_empty() {
+                        on_bare(vec![(i, s.to_bits())], tensor_hashes(&f));
+                    }
                     states.push((id, before));
                 }
                 Op::Compose(i, j, s) => {
                     let id = stack
                         .apply(&mut f, &[(&adapters[i], s), (&adapters[j], 1.0)], Default::default())
                         .unwrap();
+                    if states.is_empty() {
+                        on_bare(vec![(i, s.to_bits()), (j, 1f32.to_bits())], tensor_hashes(&f));
+                    }
                     states.push((id, before));
                 }
                 Op::Unapply => {
@@ -133,6 +148,9 @@ proptest! {
                 Op::Switch(i, s) => {
                     if let Some((id, below)) = states.pop() {
                         let new = stack.switch(&mut f, id, &adapters[i], s).unwrap();
+                        if states.is_empty() {
+                            on_bare(vec![(i, s.to_bits())], tensor_hashes(&f));
+                        }
                         states.push((new, below));
                     }
                 }
@@ -144,6 +162,102 @@ proptest! {
         prop_assert_eq!(tensor_hashes(&f), original);
         let _ = changed;
     }
+}
+
+/// A patch fused onto the bare base again is replayed from the bytes its first apply wrote
+/// (see `Stack`'s compiled patches): for every type, every adapter of the pool, blocks
+/// re-encoded or not (scale 40), by apply and by switch, the bytes are those of an edit in
+/// a stack that compiles nothing; and unapplying a replayed patch restores the base.
+#[test]
+fn replayed_patches_write_what_the_edit_wrote() {
+    for scale in [1.0f32, 40.0] {
+        let mut f = GgufFile::open(all_types_file()).unwrap();
+        let adapters = pool(&f);
+        let original = tensor_hashes(&f);
+        let mut plain = Stack::with_compiled_budget(0);
+        let edited: Vec<Vec<Vec<u8>>> = adapters
+            .iter()
+            .map(|a| {
+                let id = plain
+                    .apply(&mut f, &[(a, scale)], Default::default())
+                    .unwrap();
+                let h = tensor_hashes(&f);
+                plain.unapply(&mut f, id).unwrap();
+                h
+            })
+            .collect();
+        assert_eq!(plain.compiled_bytes(), 0);
+        assert_eq!(tensor_hashes(&f), original);
+
+        let mut stack = Stack::default();
+        for (a, want) in adapters.iter().zip(&edited) {
+            let before = stack.compiled_bytes();
+            let id = stack
+                .apply(&mut f, &[(a, scale)], Default::default())
+                .unwrap();
+            assert!(stack.compiled_bytes() > before, "the first apply compiles");
+            assert_eq!(&tensor_hashes(&f), want);
+            stack.unapply(&mut f, id).unwrap();
+            let held = stack.compiled_bytes();
+            let id = stack
+                .apply(&mut f, &[(a, scale)], Default::default())
+                .unwrap();
+            assert_eq!(stack.compiled_bytes(), held, "the second apply replays");
+            assert_eq!(&tensor_hashes(&f), want, "replayed");
+            stack.unapply(&mut f, id).unwrap();
+            assert_eq!(tensor_hashes(&f), original);
+        }
+        let mut id = stack
+            .apply(&mut f, &[(&adapters[0], scale)], Default::default())
+            .unwrap();
+        for (i, want) in [1, 2, 3, 0, 2].into_iter().map(|i| (i, &edited[i])) {
+            id = stack.switch(&mut f, id, &adapters[i], scale).unwrap();
+            assert_eq!(&tensor_hashes(&f), want, "switched to {i}");
+        }
+        stack.unapply(&mut f, id).unwrap();
+        assert_eq!(tensor_hashes(&f), original);
+    }
+}
+
+/// The compiled patches stay within their budget, the least recently used going first, and
+/// a patch on top of another adapter is never compiled (its base bytes are not the base's).
+#[test]
+fn compiled_patches_keep_to_their_budget() {
+    let mut f = GgufFile::open(all_types_file()).unwrap();
+    let adapters = pool(&f);
+    let one = {
+        let mut s = Stack::default();
+        let id = s
+            .apply(&mut f, &[(&adapters[1], 1.0)], Default::default())
+            .unwrap();
+        s.unapply(&mut f, id).unwrap();
+        s.compiled_bytes()
+    };
+    assert!(one > 0);
+    let mut stack = Stack::with_compiled_budget(one + one / 2);
+    for scale in [1.0f32, 2.0, 3.0] {
+        let id = stack
+            .apply(&mut f, &[(&adapters[1], scale)], Default::default())
+            .unwrap();
+        stack.unapply(&mut f, id).unwrap();
+        assert!(stack.compiled_bytes() <= one + one / 2);
+    }
+    let base = stack
+        .apply(&mut f, &[(&adapters[0], 1.0)], Default::default())
+        .unwrap();
+    let held = stack.compiled_bytes();
+    let top = stack
+        .apply(&mut f, &[(&adapters[3], 1.0)], Default::default())
+        .unwrap();
+    assert_eq!(
+        stack.compiled_bytes(),
+        held,
+        "nothing compiled on top of an adapter"
+    );
+    stack.unapply(&mut f, top).unwrap();
+    stack.unapply(&mut f, base).unwrap();
+    stack.set_compiled_budget(0);
+    assert_eq!(stack.compiled_bytes(), 0);
 }
 
 /// Applying any adapter of the pool changes every tensor type (the patcher writes all of
@@ -216,16 +330,7 @@ fn write_sdelta(
     targets: Vec<Target>,
     hash: Option<String>,
 ) -> PathBuf {
-    let a = Adapter {
-        source: name.into(),
-        format: Format::SparseDelta,
-        names,
-        targets,
-        default_scale: 1.0,
-        info: vec![],
-        base_hash: None,
-        base_arch: None,
-    };
+    let a = Adapter::new(name.into(), Format::SparseDelta, names, targets);
     let p = tmp(name);
     sdelta::write(
         &p,

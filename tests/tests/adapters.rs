@@ -192,9 +192,9 @@ fn fine_tuned_minus_base_round_trips_through_a_sparse_delta() {
     let back = Adapter::load(&tmp).unwrap();
     std::fs::remove_file(&tmp).unwrap();
     // The file lists tensors by name; compare in that order.
-    let mut want = a.targets.clone();
+    let mut want = a.targets().to_vec();
     want.sort_by(|x, y| x.name.cmp(&y.name));
-    assert_eq!(back.targets, want);
+    assert_eq!(back.targets(), want);
     fused_vs_adapter("f32", &back, &hf_merged("shira"), F32_EXACT);
 }
 
@@ -365,7 +365,7 @@ fn residuals_complete_the_merge_on_quantized_bases() {
             entry.residuals().map(|(n, _, _, r)| (n, r)).collect();
         let mut worst = 0f32;
         let mut n_res = 0;
-        for t in &a.targets {
+        for t in a.targets() {
             let Delta::Sparse(d) = &t.delta else {
                 unreachable!()
             };

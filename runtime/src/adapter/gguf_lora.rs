@@ -106,6 +106,7 @@ pub fn load(path: &Path) -> Result<Adapter> {
         info.push(("general.architecture".into(), a.clone()));
     }
     Ok(Adapter {
+        uid: super::new_uid(),
         source: path.to_path_buf(),
         format: Format::GgufLora,
         names: NameScheme::Gguf,

@@ -115,6 +115,7 @@ pub fn lora_to_sparse(a: &Adapter, density: f64) -> Result<(Adapter, Vec<Kept>)>
         Adapter {
             format: Format::SparseDelta,
             targets,
+            uid: super::new_uid(),
             ..a.clone()
         },
         report,
@@ -192,6 +193,7 @@ pub fn diff_models(
             info: Vec::new(),
             base_hash: Some(super::base_shape_hash(base)),
             base_arch: None,
+            uid: super::new_uid(),
         },
         report,
     ))

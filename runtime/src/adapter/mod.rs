@@ -150,7 +150,11 @@ pub struct Adapter {
     pub source: PathBuf,
     pub format: Format,
     pub names: NameScheme,
-    pub targets: Vec<Target>,
+    /// The deltas. Not public, so that an adapter cannot change after it is made: its
+    /// [`Adapter::uid`] names its contents (see [`stack::Stack`]'s compiled patches).
+    pub(crate) targets: Vec<Target>,
+    /// See [`Adapter::uid`].
+    pub(crate) uid: u64,
     /// Scale the adapter asks for when the user gives none (sparse delta `default_scale`).
     pub default_scale: f32,
     /// Free-form facts for `sparrow adapter inspect` (config keys, base model name).
@@ -161,7 +165,47 @@ pub struct Adapter {
     pub base_arch: Option<String>,
 }
 
+/// A number no other adapter made in this process has.
+pub(crate) fn new_uid() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Adapter {
+    /// An adapter made in code (for example to write it with [`sdelta::write`]): default
+    /// scale 1, no facts, no base fingerprint.
+    pub fn new(
+        source: PathBuf,
+        format: Format,
+        names: NameScheme,
+        targets: Vec<Target>,
+    ) -> Adapter {
+        Adapter {
+            source,
+            format,
+            names,
+            targets,
+            uid: new_uid(),
+            default_scale: 1.0,
+            info: Vec::new(),
+            base_hash: None,
+            base_arch: None,
+        }
+    }
+
+    /// The deltas, one per target tensor.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Identifies this adapter's contents within the process. Adapters read or made
+    /// separately have different ids even when their contents are equal; a clone, and the
+    /// adapter [`Adapter::bind`] makes for a base, keep the id (binding to one base always
+    /// gives the same deltas).
+    pub fn uid(&self) -> u64 {
+        self.uid
+    }
+
     /// Reads an adapter, choosing the reader by what `path` is: a folder with
     /// `adapter_config.json` (PEFT), a `.gguf` file (GGUF LoRA) or a safetensors file with
     /// `format = sparse_delta` metadata.

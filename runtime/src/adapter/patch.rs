@@ -142,7 +142,7 @@ impl std::ops::AddAssign for Stats {
 }
 
 /// Options of an apply.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Options {
     pub requant: Requant,
     /// Keep what requantization drops as a sparse residual per tensor (see
@@ -210,6 +210,54 @@ pub fn restore(map: &mut [u8], undo: &Undo) {
         .par_iter()
         .zip(slices)
         .for_each(|(t, bytes)| t.log.restore(bytes, t.block_bytes));
+}
+
+/// A patch kept with the bytes it wrote ([`compile`]), so that it can be made again on the
+/// same base bytes by copying ([`replay`]) instead of editing blocks. Replaying writes
+/// exactly what the original apply wrote, and its undo log restores the base as usual.
+pub struct Compiled {
+    undo: Undo,
+    redo: Vec<edit::Redo>,
+    stats: Stats,
+}
+
+impl Compiled {
+    pub fn undo(&self) -> &Undo {
+        &self.undo
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Heap bytes held: the undo log and the new bytes.
+    pub fn bytes(&self) -> usize {
+        self.undo.bytes() + self.redo.iter().map(|r| r.len_bytes()).sum::<usize>()
+    }
+}
+
+/// Keeps what the apply that returned `undo` wrote into `map`; call it right after that
+/// apply. Apply-time residuals are not kept: compile only patches made without them.
+pub fn compile(map: &[u8], undo: Undo, stats: Stats) -> Compiled {
+    let redo = undo
+        .tensors
+        .par_iter()
+        .map(|t| t.log.capture(&map[t.start..t.end()], t.block_bytes))
+        .collect();
+    Compiled { undo, redo, stats }
+}
+
+/// Makes the patch of `c` again by copying its new bytes. `map` must hold the bytes the
+/// patch was compiled on (the base, in [`super::stack::Stack`]'s use).
+pub fn replay(map: &mut [u8], c: &Compiled) {
+    let ranges = c.undo.tensors.iter().map(|t| t.start..t.end());
+    let slices = disjoint(map, ranges);
+    c.undo
+        .tensors
+        .par_iter()
+        .zip(&c.redo)
+        .zip(slices)
+        .for_each(|((t, r), bytes)| t.log.redo(bytes, t.block_bytes, r));
 }
 
 /// Splits `map` into the mutable sub-slices `ranges` (disjoint, in any order), returned in

@@ -113,6 +113,7 @@ pub fn load(dir: &Path) -> Result<Adapter> {
         }
     };
     Ok(Adapter {
+        uid: super::new_uid(),
         source: dir.to_path_buf(),
         format: if peft_type == "LORA" {
             Format::PeftLora

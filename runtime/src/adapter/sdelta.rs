@@ -147,6 +147,7 @@ pub fn load(path: &Path) -> Result<Adapter> {
         .collect();
     info.sort();
     Ok(Adapter {
+        uid: super::new_uid(),
         source: path.to_path_buf(),
         format: Format::SparseDelta,
         names,

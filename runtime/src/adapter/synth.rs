@@ -131,6 +131,7 @@ pub fn synth(base: &GgufFile, spec: Spec, seed: u64, source: &Path) -> Result<Ad
         Spec::Lora { rank } => (Format::GgufLora, format!("lora rank {rank}")),
     };
     Ok(Adapter {
+        uid: super::new_uid(),
         source: source.to_path_buf(),
         format,
         names: NameScheme::Gguf,

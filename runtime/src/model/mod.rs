@@ -234,6 +234,19 @@ impl<B: Backend> Model<B> {
         Ok(id)
     }
 
+    /// Sets how many bytes this model may keep in compiled patches, so that fusing an
+    /// adapter again (on the bare base) is a copy rather than an edit; see
+    /// [`crate::adapter::stack::Stack`]. The default is
+    /// [`crate::adapter::stack::DEFAULT_COMPILED_BUDGET`]; 0 turns it off.
+    pub fn set_compiled_patch_budget(&mut self, bytes: usize) {
+        self.adapters.set_compiled_budget(bytes);
+    }
+
+    /// Heap bytes held by compiled patches now.
+    pub fn compiled_patch_bytes(&self) -> usize {
+        self.adapters.compiled_bytes()
+    }
+
     /// The adapters fused now, oldest first.
     pub fn applied_adapters(&self) -> &[Applied] {
         self.adapters.applied()

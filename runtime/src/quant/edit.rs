@@ -524,7 +524,32 @@ impl BlockLog {
 
     /// Writes the saved bytes back into `tensor` (blocks of `block_bytes`).
     pub fn restore(&self, tensor: &mut [u8], block_bytes: usize) {
-        for (k, (&o, &v)) in self.byte_at.iter().zip(&self.byte_old).enumerate() {
+        self.write(tensor, block_bytes, &self.byte_old, &self.saved);
+    }
+
+    /// What the logged bytes of `tensor` hold now. Taken right after the patch that made
+    /// the log, it is what [`BlockLog::redo`] writes to make that patch again.
+    pub fn capture(&self, tensor: &[u8], block_bytes: usize) -> Redo {
+        let mut saved = Vec::with_capacity(self.saved.len());
+        for &(first, n) in &self.runs {
+            let s = first as usize * block_bytes;
+            saved.extend_from_slice(&tensor[s..s + n as usize * block_bytes]);
+        }
+        Redo {
+            byte_new: self.byte_at.iter().map(|&o| tensor[o as usize]).collect(),
+            saved_new: saved,
+        }
+    }
+
+    /// Writes the values of `redo` (see [`BlockLog::capture`]) at the logged places.
+    pub fn redo(&self, tensor: &mut [u8], block_bytes: usize, redo: &Redo) {
+        self.write(tensor, block_bytes, &redo.byte_new, &redo.saved_new);
+    }
+
+    /// Writes `bytes` (one per single-byte entry) and `saved` (the blocks of the runs, in
+    /// order) at the places the log names.
+    fn write(&self, tensor: &mut [u8], block_bytes: usize, bytes: &[u8], saved: &[u8]) {
+        for (k, (&o, &v)) in self.byte_at.iter().zip(bytes).enumerate() {
             // Scattered single bytes: ask for the line of an entry some entries ahead.
             if let Some(&next) = self.byte_at.get(k + 16) {
                 prefetch_write(&tensor[next as usize..next as usize + 1]);
@@ -535,36 +560,45 @@ impl BlockLog {
         macro_rules! by_size {
             ($($n:literal)*) => {
                 match block_bytes {
-                    $($n => self.restore_n::<$n>(tensor),)*
-                    _ => self.restore_any(tensor, block_bytes),
+                    $($n => self.write_runs::<$n>(tensor, $n, saved),)*
+                    _ => self.write_runs::<0>(tensor, block_bytes, saved),
                 }
             };
         }
         by_size!(2 4 18 20 22 24 34 144 176 210)
     }
 
-    fn restore_n<const N: usize>(&self, tensor: &mut [u8]) {
+    /// Copies `saved` to the runs; `N` is `bb` when it is one of the common sizes (0
+    /// otherwise), so that a single block is copied with a few moves.
+    fn write_runs<const N: usize>(&self, tensor: &mut [u8], bb: usize, saved: &[u8]) {
         let mut at = 0;
         for &(first, n) in &self.runs {
-            let (s, len) = (first as usize * N, n as usize * N);
-            if n == 1 {
-                let src: &[u8; N] = self.saved[at..at + N].try_into().unwrap();
+            let (s, len) = (first as usize * bb, n as usize * bb);
+            if N != 0 && n == 1 {
+                let src: &[u8; N] = saved[at..at + N].try_into().unwrap();
                 let dst: &mut [u8; N] = (&mut tensor[s..s + N]).try_into().unwrap();
                 *dst = *src;
             } else {
-                tensor[s..s + len].copy_from_slice(&self.saved[at..at + len]);
+                tensor[s..s + len].copy_from_slice(&saved[at..at + len]);
             }
             at += len;
         }
     }
+}
 
-    fn restore_any(&self, tensor: &mut [u8], bb: usize) {
-        let mut at = 0;
-        for &(first, n) in &self.runs {
-            let (s, len) = (first as usize * bb, n as usize * bb);
-            tensor[s..s + len].copy_from_slice(&self.saved[at..at + len]);
-            at += len;
-        }
+/// The bytes a patch wrote at the places of its [`BlockLog`]: with the log, enough to make
+/// the patch again by copying.
+#[derive(Debug, Default)]
+pub struct Redo {
+    /// New value of each single-byte entry.
+    pub byte_new: Vec<u8>,
+    /// New bytes of the saved runs, in order.
+    pub saved_new: Vec<u8>,
+}
+
+impl Redo {
+    pub fn len_bytes(&self) -> usize {
+        self.byte_new.len() + self.saved_new.len()
     }
 }
 
