@@ -13,7 +13,12 @@
 //! decode path of the matmul driver); the faster of the two is the baseline. Sparse:
 //! `GroupKernel::get()` on random weights pruned by group magnitude. After each shape a
 //! table gives the median time, the weight GB/s, the fraction of the measured single-core
-//! read bandwidth, and the ratio dense / sparse (W4 against Q4_0, Q8 against Q8_0).
+//! read bandwidth, and the ratio dense / sparse (W4 against Q4_0, Q8 against Q8_0): from the
+//! criterion medians, and the median of 31 interleaved rounds (baseline and sparse kernel
+//! alternating, about 2 ms each), which the noise of a shared machine disturbs less.
+//!
+//! `SPARSE_GROUP_QUICK=1` skips criterion and reports the interleaved ratios, with the
+//! medians of a few bursts as times: a quick A/B while working on a kernel.
 
 mod common;
 
@@ -51,12 +56,23 @@ impl Times {
     }
 }
 
+/// One product on copy `c` of the matrix (the copies cycle for the streamed shape).
+type Run<'a> = Box<dyn FnMut(usize) + 'a>;
+
+/// A timed entry: name, weight bytes, copies, the run.
+struct Entry<'a> {
+    name: String,
+    bytes: usize,
+    copies: usize,
+    run: Run<'a>,
+}
+
 /// Runs `f(copy)` under criterion and returns the median seconds per iteration.
 fn time(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
     copies: usize,
-    mut f: impl FnMut(usize),
+    f: &mut Run,
 ) -> f64 {
     let times = RefCell::new(Times::default());
     let mut next = 0usize;
@@ -78,14 +94,35 @@ fn time(
     times.into_inner().median()
 }
 
+/// Seconds per product of `n` products in a row, cycling over the copies from `*next`.
+fn burst(e: &mut Entry, n: usize, next: &mut usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        (e.run)(*next % e.copies);
+        *next += 1;
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
+
+/// Median over 31 rounds of (baseline time / entry time), each round about 2 ms of each;
+/// also the two medians of the round times.
+fn interleaved(base: &mut Entry, e: &mut Entry) -> (f64, f64, f64) {
+    let (mut nb, mut ne) = (0, 0);
+    let probe = burst(base, 3, &mut nb).max(burst(e, 3, &mut ne));
+    let n = ((2e-3 / probe) as usize).clamp(1, 2000);
+    let (mut ratios, mut tb, mut te) = (Times::default(), Times::default(), Times::default());
+    for _ in 0..31 {
+        let b = burst(base, n, &mut nb);
+        let s = burst(e, n, &mut ne);
+        ratios.0.push(b / s);
+        tb.0.push(b);
+        te.0.push(s);
+    }
+    (ratios.median(), tb.median(), te.median())
+}
+
 /// Dense matrix-vector with the table's entry: `vec_dot` per row, and `rows8` if present.
-fn dense(
-    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    k: &DotKernel,
-    shape: &Shape,
-    w: &[f32],
-    x: &[f32],
-) -> Vec<(String, f64, usize)> {
+fn dense<'a>(k: &'a DotKernel, shape: &Shape, w: &[f32], x: &[f32]) -> Vec<Entry<'a>> {
     let (rows, cols) = (shape.rows, shape.cols);
     let (bs, ts) = k.weight_type.block_layout();
     let row_bytes = cols / bs * ts;
@@ -93,47 +130,61 @@ fn dense(
     let mut q = vec![0u8; bytes];
     quant::quantize(k.weight_type, w, &mut q).expect("quantize weights");
     let copies = shape.stream_bytes.div_ceil(bytes).max(1);
-    let mats: Vec<Vec<u8>> = (0..copies).map(|_| q.clone()).collect();
+    let mats: std::rc::Rc<Vec<Vec<u8>>> =
+        std::rc::Rc::new((0..copies).map(|_| q.clone()).collect());
     let mut act = vec![0u8; k.act_row_bytes(cols).expect("whole blocks")];
     (k.quantize_act)(x, &mut act);
-    let mut out = vec![0f32; rows];
+    let act = std::rc::Rc::new(act);
     let mut res = Vec::new();
-    let secs = time(g, k.name, copies, |c| {
-        for (o, row) in out.iter_mut().zip(mats[c].chunks_exact(row_bytes)) {
-            *o = (k.vec_dot)(row, &act);
-        }
-        black_box(&mut out);
-    });
-    res.push((k.name.to_string(), secs, bytes));
-    if let Some(rows8) = k.rows8 {
-        let name = format!("{}_rows8", k.name);
-        let secs = time(g, &name, copies, |c| {
-            let m = &mats[c];
-            for (r, o) in out.chunks_exact_mut(8).enumerate() {
-                let row = |i: usize| &m[(8 * r + i) * row_bytes..(8 * r + i + 1) * row_bytes];
-                let v = rows8(
-                    [
-                        row(0),
-                        row(1),
-                        row(2),
-                        row(3),
-                        row(4),
-                        row(5),
-                        row(6),
-                        row(7),
-                    ],
-                    &act,
-                );
-                o.copy_from_slice(&v);
-            }
-            black_box(&mut out);
+    {
+        let (mats, act) = (mats.clone(), act.clone());
+        let mut out = vec![0f32; rows];
+        res.push(Entry {
+            name: k.name.to_string(),
+            bytes,
+            copies,
+            run: Box::new(move |c| {
+                for (o, row) in out.iter_mut().zip(mats[c].chunks_exact(row_bytes)) {
+                    *o = (k.vec_dot)(row, &act);
+                }
+                black_box(&mut out);
+            }),
         });
-        res.push((name, secs, bytes));
+    }
+    if let Some(rows8) = k.rows8 {
+        let mut out = vec![0f32; rows];
+        res.push(Entry {
+            name: format!("{}_rows8", k.name),
+            bytes,
+            copies,
+            run: Box::new(move |c| {
+                let m = &mats[c];
+                for (r, o) in out.chunks_exact_mut(8).enumerate() {
+                    let row = |i: usize| &m[(8 * r + i) * row_bytes..(8 * r + i + 1) * row_bytes];
+                    let v = rows8(
+                        [
+                            row(0),
+                            row(1),
+                            row(2),
+                            row(3),
+                            row(4),
+                            row(5),
+                            row(6),
+                            row(7),
+                        ],
+                        &act,
+                    );
+                    o.copy_from_slice(&v);
+                }
+                black_box(&mut out);
+            }),
+        });
     }
     res
 }
 
 fn bench(c: &mut Criterion) {
+    let quick = std::env::var_os("SPARSE_GROUP_QUICK").is_some_and(|v| v != "0");
     let bandwidth = measure_read_bandwidth(1);
     let kernel = GroupKernel::get();
     let table = KernelTable::get();
@@ -143,6 +194,10 @@ fn bench(c: &mut Criterion) {
         kernel.name,
         table.level().name()
     );
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let mut rng = Rng(0x5eed_1234_abcd_9876);
     for shape in &SHAPES {
         let (rows, cols) = (shape.rows, shape.cols);
@@ -157,29 +212,15 @@ fn bench(c: &mut Criterion) {
                 ""
             }
         );
-        let mut g = c.benchmark_group(&id);
-        g.sample_size(10)
-            .sampling_mode(SamplingMode::Flat)
-            .warm_up_time(Duration::from_millis(300))
-            .measurement_time(Duration::from_secs(1));
-        // (label, seconds, weight bytes, dense baseline seconds)
-        let mut lines: Vec<(String, f64, usize, f64)> = Vec::new();
-        let mut best = |ty: GgmlType, g: &mut criterion::BenchmarkGroup<'_, _>| {
-            let Some(k) = table.dot(ty) else {
-                return f64::NAN;
-            };
-            let r = dense(g, k, shape, &w, &x);
-            let b = r.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
-            for (n, s, bytes) in r {
-                lines.push((n, s, bytes, b));
-            }
-            b
-        };
-        g.throughput(Throughput::Bytes((rows * cols / 32 * 18) as u64));
-        let q4 = best(GgmlType::Q4_0, &mut g);
-        let q8 = best(GgmlType::Q8_0, &mut g);
+        // The sparse matrices (copies for the streamed shape), skipping in quick mode the
+        // cases a filter leaves out.
         let acts = GroupActs::new(&x);
+        let mut encoded: Vec<(&str, Values, Vec<Vec<u8>>)> = Vec::new();
         for (label, gs, values, sg, s) in CASES {
+            let full = format!("{id}/{label}");
+            if quick && !filter.is_empty() && !filter.iter().any(|f| full.contains(f.as_str())) {
+                continue;
+            }
             let fmt = GroupFormat::new(gs, values)
                 .and_then(|f| f.with_scale_groups(sg))
                 .expect("format");
@@ -187,40 +228,124 @@ fn bench(c: &mut Criterion) {
             prune(&mut pw, cols, gs, s).expect("prune");
             let enc = encode(&pw, rows, cols, fmt).expect("encode");
             drop(pw);
-            let bytes = enc.len();
-            let copies = shape.stream_bytes.div_ceil(bytes).max(1);
-            let mats: Vec<Vec<u8>> = (0..copies).map(|_| enc.clone()).collect();
+            let copies = shape.stream_bytes.div_ceil(enc.len()).max(1);
+            encoded.push((label, values, (0..copies).map(|_| enc.clone()).collect()));
+        }
+        // The entries: dense Q4_0 and Q8_0 (each with rows8 where present), then the cases.
+        let mut entries: Vec<(Entry, Option<Values>)> = Vec::new();
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            if let Some(k) = table.dot(ty) {
+                let v = if ty == GgmlType::Q4_0 {
+                    Values::Q4
+                } else {
+                    Values::Q8
+                };
+                for e in dense(k, shape, &w, &x) {
+                    entries.push((e, Some(v)));
+                }
+            }
+        }
+        let dense_count = entries.len();
+        for (label, values, mats) in &encoded {
             let views: Vec<GroupMatrix> = mats
                 .iter()
                 .map(|m| GroupMatrix::new(m).expect("valid"))
                 .collect();
             let mut out = vec![0f32; rows];
-            g.throughput(Throughput::Bytes(bytes as u64));
-            let secs = time(&mut g, label, copies, |c| {
-                kernel
-                    .matvec(&views[c], &acts, &mut out)
-                    .expect("shapes match");
-                black_box(&mut out);
-            });
-            let base = if values == Values::Q4 { q4 } else { q8 };
-            lines.push((label.to_string(), secs, bytes, base));
+            let acts = &acts;
+            entries.push((
+                Entry {
+                    name: label.to_string(),
+                    bytes: mats[0].len(),
+                    copies: mats.len(),
+                    run: Box::new(move |c| {
+                        kernel
+                            .matvec(&views[c], acts, &mut out)
+                            .expect("shapes match");
+                        black_box(&mut out);
+                    }),
+                },
+                Some(*values),
+            ));
         }
-        g.finish();
+        // Criterion medians (NaN where skipped).
+        let mut secs = vec![f64::NAN; entries.len()];
+        if !quick {
+            let mut g = c.benchmark_group(&id);
+            g.sample_size(10)
+                .sampling_mode(SamplingMode::Flat)
+                .warm_up_time(Duration::from_millis(300))
+                .measurement_time(Duration::from_secs(1));
+            for (e, s) in entries.iter_mut().zip(&mut secs) {
+                let (e, _) = e;
+                g.throughput(Throughput::Bytes(e.bytes as u64));
+                *s = time(&mut g, &e.name, e.copies, &mut e.run);
+            }
+            g.finish();
+        }
+        // In quick mode the dense entries' times are medians of 15 bursts of about 2 ms.
+        if quick {
+            for i in 0..dense_count {
+                let e = &mut entries[i].0;
+                let mut next = 0;
+                let n = ((2e-3 / burst(e, 3, &mut next)) as usize).clamp(1, 2000);
+                let mut t = Times::default();
+                for _ in 0..15 {
+                    t.0.push(burst(e, n, &mut next));
+                }
+                secs[i] = t.median();
+            }
+        }
+        // The baseline of each value type: the faster dense entry.
+        let base_of = |v: Values, entries: &[(Entry, Option<Values>)], secs: &[f64]| {
+            (0..dense_count)
+                .filter(|&i| entries[i].1 == Some(v))
+                .min_by(|&a, &b| secs[a].total_cmp(&secs[b]))
+        };
+        let mut il = vec![(f64::NAN, f64::NAN, f64::NAN); entries.len()];
+        let skipped = |s: f64| !quick && s.is_nan();
+        for i in dense_count..entries.len() {
+            let Some(v) = entries[i].1 else { continue };
+            let Some(b) = base_of(v, &entries, &secs) else {
+                continue;
+            };
+            if skipped(secs[i]) || skipped(secs[b]) {
+                continue;
+            }
+            let (lo, hi) = entries.split_at_mut(i);
+            il[i] = interleaved(&mut lo[b].0, &mut hi[0].0);
+        }
         // A filter that skipped this shape left no times.
-        if lines.iter().all(|l| l.1.is_nan()) {
+        if (0..entries.len()).all(|i| secs[i].is_nan() && il[i].0.is_nan()) {
             continue;
         }
         eprintln!(
-            "  {id:<34} {:<28} {:>9} {:>9} {:>7} {:>11}",
-            "kernel", "us", "GB/s", "% bw", "dense/this"
+            "  {id:<34} {:<34} {:>9} {:>9} {:>7} {:>11} {:>12}",
+            "kernel", "us", "GB/s", "% bw", "dense/this", "interleaved"
         );
-        for (name, secs, bytes, base) in lines {
-            let gbs = bytes as f64 / secs / 1e9;
+        for i in 0..entries.len() {
+            let e = &entries[i].0;
+            let base = entries[i]
+                .1
+                .and_then(|v| base_of(v, &entries, &secs))
+                .map_or(f64::NAN, |b| secs[b]);
+            // In quick mode the sparse times are the interleaved rounds' medians.
+            let s = if quick && i >= dense_count {
+                il[i].2
+            } else {
+                secs[i]
+            };
+            if s.is_nan() {
+                continue;
+            }
+            let gbs = e.bytes as f64 / s / 1e9;
             eprintln!(
-                "  {id:<34} {name:<28} {:>9.1} {gbs:>9.2} {:>6.1}% {:>10.2}x",
-                secs * 1e6,
+                "  {id:<34} {:<34} {:>9.1} {gbs:>9.2} {:>6.1}% {:>10.2}x {:>11.2}x",
+                e.name,
+                s * 1e6,
                 100.0 * gbs * 1e9 / bandwidth,
-                base / secs
+                base / s,
+                il[i].0
             );
         }
     }

@@ -176,16 +176,24 @@ fn round_trip_every_format_and_sparsity() {
 
 #[test]
 fn byte_counts_at_g16() {
-    // W4, g = 16, a 576-wide row at 50 %: 18 groups of 8 bytes, 18 f16 scales, a 5-byte
-    // bitmap (36 groups); with a scale per 2 groups, 9 scales.
+    // W4, g = 16, a 576-wide row at 50 %: a 2-byte count, 18 one-byte group numbers (36
+    // groups), 18 f16 scales, 18 groups of 8 bytes; with a scale per 2 groups, 9 scales.
     let f = GroupFormat::new(16, Values::Q4).unwrap();
-    assert_eq!(f.row_bytes(576, 18), 5 + 36 + 9 * 16);
+    assert_eq!(f.row_bytes(576, 18), 2 + 18 + 36 + 9 * 16);
     assert_eq!(
         f.with_scale_groups(2).unwrap().row_bytes(576, 18),
-        5 + 18 + 9 * 16
+        2 + 18 + 18 + 9 * 16
     );
+    // 75 %: 9 groups, the last chunk half padding.
+    assert_eq!(f.row_bytes(576, 9), 2 + 9 + 18 + 5 * 16);
     let (_, bytes) = pruned(3, 576, f, 0.5, 3);
-    assert_eq!(bytes.len(), HEADER_BYTES + 4 * 4 + 3 * (5 + 36 + 9 * 16));
+    assert_eq!(
+        bytes.len(),
+        HEADER_BYTES + 4 * 4 + 3 * (2 + 18 + 36 + 9 * 16)
+    );
+    // Over 256 groups a row's group numbers take two bytes.
+    assert_eq!(f.row_bytes(16 * 257, 1), 2 + 2 + 2 + 16);
+    assert_eq!(f.row_bytes(16 * 256, 1), 2 + 1 + 2 + 16);
 }
 
 #[test]
@@ -231,6 +239,38 @@ fn tail_of_a_partial_chunk() {
         assert_eq!(m.stored_groups(), 6);
         check_round_trip(&w, &m);
         check_kernels(&m, &Rng(8).fill(40));
+    }
+}
+
+/// Rows of more than 256 groups (two-byte group numbers) and more than 64 activation blocks
+/// (the AVX-512 preparation gathers the activation scales instead of permuting registers);
+/// also 17..=64 blocks (two and four registers).
+#[test]
+fn wide_rows() {
+    for (i, (g, cols)) in [
+        (4, 4 * 300),
+        (16, 16 * 136),
+        (8, 8 * 260),
+        (32, 32 * 70),
+        (16, 800),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for values in [Values::Q4, Values::Q8] {
+            for sg in [1, 2] {
+                let Ok(fmt) = GroupFormat::new(g, values).and_then(|f| f.with_scale_groups(sg))
+                else {
+                    continue;
+                };
+                for s in [0.5, 0.75] {
+                    let (w, bytes) = pruned(6, cols, fmt, s, 40 + i as u64);
+                    let m = GroupMatrix::new(&bytes).unwrap();
+                    check_round_trip(&w, &m);
+                    check_kernels(&m, &Rng(90 + i as u64).fill(cols));
+                }
+            }
+        }
     }
 }
 
@@ -302,12 +342,18 @@ fn hostile_headers_and_offsets_are_rejected() {
         v[at..at + b.len()].copy_from_slice(b);
         v
     };
-    assert!(err(&patch(0, b"SPG2")).contains("magic"));
+    assert!(err(&patch(0, b"SPGX")).contains("magic"));
+    // The first layout (a bitmap per row) is named and refused.
+    let old = err(&patch(0, b"SPG1"));
+    assert!(old.contains("version 1") && old.contains("prune"), "{old}");
     assert!(err(&patch(4, &u32::MAX.to_le_bytes())).contains("offset table"));
     assert!(err(&patch(4, &2u32.to_le_bytes())).contains("row 0 starts"));
     assert!(err(&patch(8, &63u32.to_le_bytes())).contains("multiple"));
     assert!(err(&patch(8, &0u32.to_le_bytes())).contains("multiple"));
-    assert!(err(&patch(8, &192u32.to_le_bytes())).contains("row 0"));
+    // 16 * 65536 columns: one group more than a u16 count can hold.
+    assert!(err(&patch(8, &(16u32 << 16).to_le_bytes())).contains("more than 65535"));
+    // 16 * 257 columns: two-byte group numbers, so row 0's length no longer fits.
+    assert!(err(&patch(8, &(16u32 * 257).to_le_bytes())).contains("row 0"));
     assert!(err(&patch(12, &[12])).contains("group size"));
     assert!(err(&patch(13, &[2])).contains("value type"));
     assert!(err(&patch(14, &[4])).contains("per scale"));
@@ -317,19 +363,67 @@ fn hostile_headers_and_offsets_are_rejected() {
     let r1 = u32::from_le_bytes(good[HEADER_BYTES + 4..HEADER_BYTES + 8].try_into().unwrap());
     assert!(err(&patch(HEADER_BYTES + 8, &(r1 - 1).to_le_bytes())).contains("row 1"));
     assert!(err(&patch(HEADER_BYTES + 8, &u32::MAX.to_le_bytes())).contains("row 1"));
-    // A bitmap bit past the last group (4 groups: bits 4..8 unused).
-    assert!(err(&patch(table, &[0x13])).contains("past group"));
-    // A bitmap claiming one group more than the row holds bytes for.
-    let b0 = good[table];
-    let more = (0..4).map(|i| b0 | (1 << i)).find(|&b| b != b0).unwrap();
-    assert!(err(&patch(table, &[more])).contains("stored groups take"));
+    // Row 0 (4 groups, 2 stored): count, group numbers at +2, +3, scales at +4.
+    assert_eq!(good[table..table + 2], [2, 0]);
+    let (i0, i1) = (good[table + 2], good[table + 3]);
+    assert!(i0 < i1 && i1 < 4);
+    // More stored groups than the row has, and a count that disagrees with the row's length.
+    assert!(err(&patch(table, &[5, 0])).contains("the row has 4"));
+    assert!(err(&patch(table, &[0xFF, 0xFF])).contains("the row has 4"));
+    assert!(err(&patch(table, &[3, 0])).contains("stored groups take"));
+    assert!(err(&patch(table, &[1, 0])).contains("stored groups take"));
+    // Group numbers out of order, repeated, or past the last group.
+    assert!(err(&patch(table + 2, &[i1, i0])).contains("increase"));
+    assert!(err(&patch(table + 2, &[i1, i1])).contains("increase"));
+    assert!(err(&patch(table + 3, &[4])).contains("increase"));
+    assert!(err(&patch(table + 3, &[0xFF])).contains("increase"));
+    // A row shorter than its count.
+    let short = {
+        let mut v = good.clone();
+        v.truncate(table + 1);
+        v
+    };
+    assert!(GroupMatrix::new(&short).is_err());
     // A scale that is infinite or NaN.
-    assert!(err(&patch(table + 1, &[0x00, 0x7C])).contains("not finite"));
-    assert!(err(&patch(table + 1, &[0x01, 0x7E])).contains("not finite"));
+    assert!(err(&patch(table + 4, &[0x00, 0x7C])).contains("not finite"));
+    assert!(err(&patch(table + 4, &[0x01, 0x7E])).contains("not finite"));
     // Extra bytes after the last row.
     let mut longer = good.clone();
     longer.push(0);
     assert!(err(&longer).contains("rows end"));
+}
+
+/// A row of two bytes whose count says 0 is valid (an empty row); two-byte group numbers
+/// are checked as the one-byte ones.
+#[test]
+fn empty_rows_and_wide_group_numbers() {
+    let fmt = GroupFormat::new(4, Values::Q8).unwrap();
+    let cols = 4 * 300;
+    let mut w = Rng(5).fill(2 * cols);
+    // Row 0 empty, row 1 keeps groups 3 and 299.
+    w[..cols].fill(0.0);
+    for (i, v) in w[cols..].iter_mut().enumerate() {
+        if i / 4 != 3 && i / 4 != 299 {
+            *v = 0.0;
+        }
+    }
+    let good = encode(&w, 2, cols, fmt).unwrap();
+    let m = GroupMatrix::new(&good).unwrap();
+    assert_eq!(m.stored_groups(), 2);
+    check_kernels(&m, &Rng(6).fill(cols));
+    let table = HEADER_BYTES + 12;
+    assert_eq!(good[table..table + 2], [0, 0]);
+    let r1 = table + 2;
+    assert_eq!(good[r1..r1 + 6], [2, 0, 3, 0, 43, 1]);
+    let patch = |at: usize, b: &[u8]| {
+        let mut v = good.clone();
+        v[at..at + b.len()].copy_from_slice(b);
+        v
+    };
+    assert!(err(&patch(r1 + 4, &[44, 1])).contains("increase"));
+    assert!(err(&patch(r1 + 4, &[3, 0])).contains("increase"));
+    assert!(err(&patch(r1 + 2, &[44, 1])).contains("increase"));
+    GroupMatrix::new(&patch(r1 + 4, &[42, 1])).unwrap();
 }
 
 #[test]
@@ -360,14 +454,14 @@ fn corrupted_bytes_never_fault() {
             .unwrap(),
     ] {
         let (_, good) = pruned(3, 64, fmt, 0.5, 13);
-        let x = Rng(3).fill(64);
-        let acts = GroupActs::new(&x);
         for at in 0..good.len() {
             for flip in [0x01u8, 0x80, 0xFF] {
                 let mut b = good.clone();
                 b[at] ^= flip;
                 if let Ok(m) = GroupMatrix::new(&b) {
                     let _ = m.decode();
+                    // (A corrupted column count can still describe valid rows.)
+                    let acts = GroupActs::new(&Rng(3).fill(m.cols()));
                     let mut want = vec![0.0; m.rows()];
                     GroupKernel::generic().matvec(&m, &acts, &mut want).unwrap();
                     for level in Level::detected() {
@@ -421,5 +515,46 @@ proptest! {
         prop_assert_eq!(m.stored_groups(), rows * kept);
         check_round_trip(&w, &m);
         check_kernels(&m, &Rng(seed ^ 0x9e37_79b9).fill(cols));
+    }
+}
+
+/// A file's group-sparse tensor is read only with the layout key of this build: tensors of
+/// the bitmap layout (no key, or 1) are refused with a message that says to prune again.
+#[test]
+fn group_layout_key_is_checked() {
+    use sparrow::gguf::{Metadata, TensorInfo, Value};
+    use sparrow::quant::GgmlType;
+    use sparrow::sparse::group::LAYOUT_VERSION;
+    use sparrow::sparse::store::{read, Encoding};
+    let t = TensorInfo {
+        name: "w".into(),
+        shape: vec![100],
+        ty: GgmlType::I8,
+        offset: 0,
+        n_bytes: 100,
+    };
+    let md = |layout: Option<u32>| {
+        let mut md = Metadata::default();
+        md.insert("sparrow.sparse.version".into(), Value::U32(1));
+        if let Some(v) = layout {
+            md.insert("sparrow.sparse.w.layout".into(), Value::U32(v));
+        }
+        for (k, v) in [
+            ("encoding", Value::String("group".into())),
+            ("g", Value::U32(16)),
+            ("values", Value::String("q4".into())),
+            ("scale_groups", Value::U32(1)),
+            ("rows", Value::U64(2)),
+            ("cols", Value::U64(64)),
+        ] {
+            md.insert(format!("sparrow.sparse.w.{k}"), v);
+        }
+        md
+    };
+    let s = read(&md(Some(LAYOUT_VERSION)), &t).unwrap().unwrap();
+    assert!(matches!(s.encoding, Encoding::Group(_)));
+    for layout in [None, Some(1), Some(LAYOUT_VERSION + 1)] {
+        let e = read(&md(layout), &t).unwrap_err().to_string();
+        assert!(e.contains("layout") && e.contains("prune"), "{e}");
     }
 }

@@ -5,16 +5,16 @@
 //! GQSA's W4 with 50 % group sparsity is `GroupFormat::new(16, Values::Q4)` on a matrix pruned
 //! by [`prune`] at 0.5.
 //!
-//! # Byte layout
+//! # Byte layout (version 2, magic `SPG2`)
 //!
 //! All integers little-endian; nothing is aligned (every read is unaligned), so a matrix can
 //! be used in place at any offset of a memory map.
 //!
 //! ```text
 //! header (16 bytes)
-//!   0..4    magic  b"SPG1"
+//!   0..4    magic  b"SPG2"
 //!   4..8    rows   u32
-//!   8..12   cols   u32, a multiple of g (> 0)
+//!   8..12   cols   u32, a multiple of g (> 0), at most 65535 groups
 //!   12      g      4, 8, 16 or 32
 //!   13      values 0 = Q4, 1 = Q8
 //!   14      scale_groups  1, 2, 4 or 8 stored groups per scale, with g * scale_groups <= 32
@@ -24,10 +24,10 @@
 //!   u32 from the start of the buffer; offset[0] is the end of this table, offset[rows] the
 //!   buffer's length, row r is bytes offset[r]..offset[r + 1].
 //! row r, with G = cols / g groups of which n are stored:
-//!   bitmap  ceil(G / 8) bytes: bit i % 8 of byte i / 8 set <=> group i stored (unused high
-//!           bits of the last byte are 0)
+//!   n       u16
+//!   index   n group numbers, strictly increasing, each < G: u8 where G <= 256, else u16
 //!   scales  ceil(n / scale_groups) f16: scale s covers stored groups s*sg .. s*sg + sg - 1
-//!   values  ceil(n * g / 32) chunks; the stored groups' weights are concatenated in column
+//!   values  ceil(n * g / 32) chunks; the stored groups' weights are concatenated in index
 //!           order into one stream, cut into chunks of 32 weights (the last padded with
 //!           zeros, level 8 for Q4):
 //!             Q4 chunk, 16 bytes: byte j = weight j (low nibble) | weight 16 + j (high),
@@ -35,11 +35,14 @@
 //!             Q8 chunk, 32 bytes: weight j = i8 byte j; x = d * q
 //! ```
 //!
-//! A bitmap costs one bit per group where u16 group indices cost 16 bits per stored group: at
-//! g = 16 on a 576-wide row that is 5 bytes against 36 (50 %) or 18 (75 %), and decoding it is
-//! one `tzcnt` per stored group. Bytes per dense weight at g = 16, W4, per-group scales:
-//! 0.3125 at 50 % and 0.156 at 75 % (plus 5 + 4 bytes per row of bitmap and offset), against
-//! Q4_0's 0.5625; `scale_groups = 2` (32 weights per scale, as Q4_0) brings 50 % to 0.281.
+//! Version 1 (`SPG1`) kept a bitmap of the stored groups instead of the count and index:
+//! smaller (one bit per group), but every kernel had to decode it row by row (a `tzcnt` per
+//! stored group, or a compress per bitmap byte) and to walk all G bits whatever the sparsity.
+//! The index list is read 16 groups at a time with one widening load. Bytes per dense weight
+//! at g = 16, W4, per-group scales, 576 columns: 0.347 at 50 % and 0.189 at 75 % (count,
+//! index, scales and values with the last chunk padded; plus 4 bytes of row offset), against
+//! Q4_0's 0.5625;
+//! `scale_groups = 2` (32 weights per scale, as Q4_0) brings 50 % to 0.316.
 //!
 //! # Kernels
 //!
@@ -50,16 +53,17 @@
 //!
 //! ```text
 //! per row:    s[k] = dx[block of group k] * dw[k / scale_groups]   (f32; 0 for padding)
-//! per chunk:  lane l (0..8) = exact integer sum of weights 4l..4l+3 times their activations
-//!             acc[l] = fma(lane l, s[group of lane l], acc[l])
-//! end:        ((acc[0]+acc[4]) + (acc[2]+acc[6])) + ((acc[1]+acc[5]) + (acc[3]+acc[7]))
+//! per chunk c: lane l (0..8) = exact integer sum of weights 4l..4l+3 times their activations
+//!             A[l] = fma(lane l, s[group of lane l], A[l]), A = E for even c, O for odd c
+//! end:        t[l] = E[l] + O[l];  ((t[0]+t[4]) + (t[2]+t[6])) + ((t[1]+t[5]) + (t[3]+t[7]))
 //! ```
 //!
 //! (padding lanes of the last chunk take the activations of columns 0.. and the scale 0.)
+//! Two accumulator sets give each row two independent chains of fused multiply-adds.
 //! [`GroupKernel::for_level`] gives the kernel of a [`Level`]: portable Rust, AVX2 (+FMA,
-//! F16C), AVX-512 VNNI (`vpdpbusd` on 256-bit vectors), NEON, and NEON with `sdot`;
-//! [`GroupKernel::get`] the one of [`Level::selected`] (the CPU's best, capped by
-//! `SPARROW_KERNELS`).
+//! F16C), AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, rows prepared 16 groups at a time in
+//! 512-bit registers), NEON, and NEON with `sdot`; [`GroupKernel::get`] the one of
+//! [`Level::selected`] (the CPU's best, capped by `SPARROW_KERNELS`).
 
 use crate::error::{Error, Result};
 use crate::kernels::math::fma32;
@@ -67,11 +71,15 @@ use crate::kernels::Level;
 use crate::quant::util::{f16_to_f32, f32_to_f16};
 use std::sync::OnceLock;
 
-const MAGIC: &[u8; 4] = b"SPG1";
+const MAGIC: &[u8; 4] = b"SPG2";
+/// The byte layout's version (the `N` of its magic `SPGN`).
+pub const LAYOUT_VERSION: u32 = 2;
 /// Bytes of the header before the row offsets.
 pub const HEADER_BYTES: usize = 16;
 /// Weights per value chunk (and columns per activation block).
 pub const CHUNK: usize = 32;
+/// Most groups per row (the stored count is a u16).
+pub const MAX_GROUPS: usize = u16::MAX as usize;
 
 /// How the stored weights are quantized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,14 +158,30 @@ impl GroupFormat {
 
     /// Bytes of a row of `cols` columns with `n` stored groups.
     pub fn row_bytes(&self, cols: usize, n: usize) -> usize {
-        bitmap_bytes(cols / self.g)
+        2 + index_bytes(cols / self.g) * n
             + 2 * n.div_ceil(self.scale_groups)
             + (n * self.g).div_ceil(CHUNK) * self.values.chunk_bytes()
     }
 }
 
-fn bitmap_bytes(groups: usize) -> usize {
-    groups.div_ceil(8)
+/// Bytes of one group number in a row's index: 1 for up to 256 groups per row, else 2.
+fn index_bytes(groups: usize) -> usize {
+    if groups <= 256 {
+        1
+    } else {
+        2
+    }
+}
+
+/// Checks that `cols` columns form at most [`MAX_GROUPS`] groups of `g`.
+fn check_groups(cols: usize, g: usize) -> Result<()> {
+    if cols / g > MAX_GROUPS {
+        return Err(invalid(format!(
+            "{cols} columns make {} groups of {g}, more than {MAX_GROUPS}",
+            cols / g
+        )));
+    }
+    Ok(())
 }
 
 /// Magnitude pruning: in each row of `cols` weights, zeroes the `round(sparsity * groups)`
@@ -204,6 +228,7 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
     if u32::try_from(rows).is_err() || u32::try_from(cols).is_err() {
         return Err(invalid("more than 2^32 - 1 rows or columns"));
     }
+    check_groups(cols, g)?;
     if let Some(v) = w.iter().find(|v| !v.is_finite()) {
         return Err(invalid(format!("weight {v} is not finite")));
     }
@@ -214,7 +239,8 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
     out.extend_from_slice(&(cols as u32).to_le_bytes());
     out.extend_from_slice(&[g as u8, fmt.values.code(), fmt.scale_groups as u8, 0]);
     out.resize(table, 0);
-    let groups = cols / g;
+    let wide = index_bytes(cols / g) == 2;
+    let mut index: Vec<u16> = Vec::with_capacity(cols / g);
     let mut stream: Vec<f32> = Vec::with_capacity(cols);
     let mut levels: Vec<u8> = Vec::with_capacity(cols + CHUNK);
     for (r, row) in w.chunks_exact(cols).enumerate() {
@@ -224,16 +250,23 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
         }
         out[HEADER_BYTES + 4 * r..HEADER_BYTES + 4 * r + 4]
             .copy_from_slice(&(start as u32).to_le_bytes());
-        // Bitmap and the stream of stored weights.
-        let mut bitmap = vec![0u8; bitmap_bytes(groups)];
+        // Count, index and the stream of stored weights.
+        index.clear();
         stream.clear();
         for (i, grp) in row.chunks_exact(g).enumerate() {
             if grp.iter().any(|&v| v != 0.0) {
-                bitmap[i / 8] |= 1 << (i % 8);
+                index.push(i as u16);
                 stream.extend_from_slice(grp);
             }
         }
-        out.extend_from_slice(&bitmap);
+        out.extend_from_slice(&(index.len() as u16).to_le_bytes());
+        for &i in &index {
+            if wide {
+                out.extend_from_slice(&i.to_le_bytes());
+            } else {
+                out.push(i as u8);
+            }
+        }
         // Scales and levels, one scale block (scale_groups groups) at a time.
         levels.clear();
         for blk in stream.chunks(g * fmt.scale_groups) {
@@ -287,8 +320,9 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
     Ok(out)
 }
 
-/// A checked view of an encoded matrix (see the module doc): every offset, count and scale
-/// was validated by [`GroupMatrix::new`], so the kernels read it without further checks.
+/// A checked view of an encoded matrix (see the module doc): every offset, count, group
+/// number and scale was validated by [`GroupMatrix::new`], so the kernels read it without
+/// further checks.
 #[derive(Clone, Copy, Debug)]
 pub struct GroupMatrix<'a> {
     bytes: &'a [u8],
@@ -304,9 +338,31 @@ fn u32_at(b: &[u8], at: usize) -> Option<usize> {
 
 /// The parts of one row.
 struct RowParts<'a> {
-    bitmap: &'a [u8],
+    n: usize,
+    /// `n` group numbers of `wide` (2) or 1 byte.
+    index: &'a [u8],
+    wide: bool,
     scales: &'a [u8],
     values: &'a [u8],
+}
+
+impl RowParts<'_> {
+    /// Group number of stored group `k` (< n).
+    #[inline(always)]
+    fn group(&self, k: usize) -> usize {
+        if self.wide {
+            u16::from_le_bytes([self.index[2 * k], self.index[2 * k + 1]]) as usize
+        } else {
+            self.index[k] as usize
+        }
+    }
+
+    /// Weight scale of stored group `k`, for `sg` groups per scale.
+    #[inline(always)]
+    fn scale(&self, k: usize, sg: usize) -> f32 {
+        let j = k / sg;
+        f16_to_f32([self.scales[2 * j], self.scales[2 * j + 1]])
+    }
 }
 
 impl<'a> GroupMatrix<'a> {
@@ -336,7 +392,15 @@ impl<'a> GroupMatrix<'a> {
             )));
         }
         if &bytes[0..4] != MAGIC {
-            return Err(invalid("bad magic (want SPG1)"));
+            if &bytes[0..3] == b"SPG" && bytes[3].is_ascii_digit() {
+                return Err(invalid(format!(
+                    "layout version {} (magic {}) is not read by this build, which reads \
+                     version {LAYOUT_VERSION} (SPG2): prune the model again",
+                    bytes[3] as char,
+                    String::from_utf8_lossy(&bytes[0..4])
+                )));
+            }
+            return Err(invalid("bad magic (want SPG2)"));
         }
         let rows = u32_at(bytes, 4).ok_or_else(|| invalid("truncated header"))?;
         let cols = u32_at(bytes, 8).ok_or_else(|| invalid("truncated header"))?;
@@ -360,11 +424,12 @@ impl<'a> GroupMatrix<'a> {
                 fmt.g
             )));
         }
+        check_groups(cols, fmt.g)?;
         Ok((rows, cols, fmt))
     }
 
-    /// Validates `bytes` (header, offsets, every row's length against its bitmap, scales
-    /// finite) and returns a view of them.
+    /// Validates `bytes` (header, offsets, every row's count, group numbers and length,
+    /// scales finite) and returns a view of them.
     pub fn new(bytes: &'a [u8]) -> Result<GroupMatrix<'a>> {
         let (rows, cols, fmt) = Self::header(bytes)?;
         let table = rows
@@ -379,7 +444,7 @@ impl<'a> GroupMatrix<'a> {
                 ))
             })?;
         let groups = cols / fmt.g;
-        let nb = bitmap_bytes(groups);
+        let ib = index_bytes(groups);
         let mut prev = table;
         let first = u32_at(bytes, HEADER_BYTES).unwrap_or(0);
         if first != table {
@@ -396,17 +461,18 @@ impl<'a> GroupMatrix<'a> {
                 )));
             }
             let row = &bytes[prev..end];
-            if row.len() < nb {
+            if row.len() < 2 {
                 return Err(invalid(format!(
-                    "row {r}: {} bytes, shorter than its {nb}-byte bitmap",
+                    "row {r}: {} bytes, shorter than its 2-byte group count",
                     row.len()
                 )));
             }
-            let bitmap = &row[..nb];
-            if groups % 8 != 0 && bitmap[nb - 1] >> (groups % 8) != 0 {
-                return Err(invalid(format!("row {r}: bitmap bits past group {groups}")));
+            let n = u16::from_le_bytes([row[0], row[1]]) as usize;
+            if n > groups {
+                return Err(invalid(format!(
+                    "row {r}: {n} stored groups, the row has {groups}"
+                )));
             }
-            let n: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
             let want = fmt.row_bytes(cols, n);
             if row.len() != want {
                 return Err(invalid(format!(
@@ -414,8 +480,19 @@ impl<'a> GroupMatrix<'a> {
                     row.len()
                 )));
             }
-            let nsc = n.div_ceil(fmt.scale_groups);
-            for s in row[nb..nb + 2 * nsc].chunks_exact(2) {
+            let p = Self::parts(row, n, ib == 2, fmt.scale_groups);
+            let mut next = 0;
+            for k in 0..n {
+                let i = p.group(k);
+                if i < next || i >= groups {
+                    return Err(invalid(format!(
+                        "row {r}: stored group {k} is group {i}, not in {next}..{groups} \
+                         (group numbers increase and are below the row's group count)"
+                    )));
+                }
+                next = i + 1;
+            }
+            for s in p.scales.chunks_exact(2) {
                 let d = f16_to_f32([s[0], s[1]]);
                 if !d.is_finite() {
                     return Err(invalid(format!("row {r}: scale {d} is not finite")));
@@ -456,15 +533,7 @@ impl<'a> GroupMatrix<'a> {
 
     /// Stored groups over all rows.
     pub fn stored_groups(&self) -> usize {
-        (0..self.rows)
-            .map(|r| {
-                self.row(r)
-                    .bitmap
-                    .iter()
-                    .map(|b| b.count_ones() as usize)
-                    .sum::<usize>()
-            })
-            .sum()
+        (0..self.rows).map(|r| self.row(r).n).sum()
     }
 
     fn offset(&self, i: usize) -> usize {
@@ -472,17 +541,24 @@ impl<'a> GroupMatrix<'a> {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
     }
 
-    fn row(&self, r: usize) -> RowParts<'a> {
-        let row = &self.bytes[self.offset(r)..self.offset(r + 1)];
-        let nb = bitmap_bytes(self.cols / self.fmt.g);
-        let (bitmap, rest) = row.split_at(nb);
-        let n: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
-        let (scales, values) = rest.split_at(2 * n.div_ceil(self.fmt.scale_groups));
+    /// Splits a row of `n` stored groups whose length was checked against `row_bytes`.
+    fn parts(row: &[u8], n: usize, wide: bool, sg: usize) -> RowParts<'_> {
+        let (index, rest) = row[2..].split_at(if wide { 2 * n } else { n });
+        let (scales, values) = rest.split_at(2 * n.div_ceil(sg));
         RowParts {
-            bitmap,
+            n,
+            index,
+            wide,
             scales,
             values,
         }
+    }
+
+    fn row(&self, r: usize) -> RowParts<'a> {
+        let row = &self.bytes[self.offset(r)..self.offset(r + 1)];
+        let n = u16::from_le_bytes([row[0], row[1]]) as usize;
+        let wide = index_bytes(self.cols / self.fmt.g) == 2;
+        Self::parts(row, n, wide, self.fmt.scale_groups)
     }
 
     /// The weights as f32, row-major (dropped groups are zeros).
@@ -491,12 +567,9 @@ impl<'a> GroupMatrix<'a> {
         let mut out = vec![0.0f32; self.rows * self.cols];
         for (r, dst) in out.chunks_exact_mut(self.cols).enumerate() {
             let p = self.row(r);
-            let mut k = 0;
-            for i in 0..self.cols / g {
-                if p.bitmap[i / 8] >> (i % 8) & 1 == 0 {
-                    continue;
-                }
-                let d = f16_to_f32([p.scales[2 * (k / sg)], p.scales[2 * (k / sg) + 1]]);
+            for k in 0..p.n {
+                let i = p.group(k);
+                let d = p.scale(k, sg);
                 for t in 0..g {
                     let e = k * g + t;
                     let (c, j) = (e / CHUNK, e % CHUNK);
@@ -509,7 +582,6 @@ impl<'a> GroupMatrix<'a> {
                     };
                     dst[i * g + t] = q as f32 * d;
                 }
-                k += 1;
             }
         }
         out
@@ -523,6 +595,10 @@ pub struct GroupActs {
     cols: usize,
     q: Vec<i8>,
     d: Vec<f32>,
+    /// -8 times the sum of each 4 consecutive activations (the Q4 kernels multiply unsigned
+    /// levels q and add this back for the q - 8 they stand for): 4 bytes per 4 columns, so
+    /// a group's corrections lie at the same byte offset as its activations.
+    corr: Vec<i32>,
 }
 
 impl GroupActs {
@@ -538,10 +614,15 @@ impl GroupActs {
                 *o = (v * id).round_ties_even() as i8;
             }
         }
+        let corr = q
+            .chunks_exact(4)
+            .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
         GroupActs {
             cols: x.len(),
             q,
             d,
+            corr,
         }
     }
 
@@ -680,7 +761,8 @@ struct Scratch {
 
 impl Scratch {
     fn new(m: &GroupMatrix) -> Scratch {
-        let n = m.cols / m.fmt.g + CHUNK / 4;
+        // Groups rounded up to 16 (the x86 kernels prepare 16 at a time), then 16 of padding.
+        let n = (m.cols / m.fmt.g).div_ceil(16) * 16 + 16;
         Scratch {
             off: vec![0; n],
             s: vec![0.0; n],
@@ -688,65 +770,26 @@ impl Scratch {
     }
 }
 
-/// Writes the activation offsets (column of the first weight) of a row's stored groups to
-/// `off`, then offset 0 up to the next whole chunk; returns the number of stored groups.
+/// Fills `sc` for row `p`: for each stored group k its activation offset (column of its
+/// first weight) and combined scale s[k] = dx * dw, then offset 0 and scale 0 for the 8
+/// groups after (the padding up to a whole chunk is at most 7).
 #[inline(always)]
-fn decode_bitmap(bitmap: &[u8], g: usize, off: &mut [u32]) -> usize {
-    let mut n = 0;
-    let mut base = 0u32;
-    let mut words = bitmap.chunks_exact(8);
-    for w in &mut words {
-        let mut bits = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        while bits != 0 {
-            off[n] = (base + bits.trailing_zeros()) * g as u32;
-            n += 1;
-            bits &= bits - 1;
-        }
-        base += 64;
+fn prepare_row(p: &RowParts, g: usize, sg: usize, x: &GroupActs, sc: &mut Scratch) {
+    for k in 0..p.n {
+        let o = p.group(k) * g;
+        sc.off[k] = o as u32;
+        sc.s[k] = x.d[o / CHUNK] * p.scale(k, sg);
     }
-    // (A fold, not a copy into a buffer: a variable-length copy becomes a memcpy call.)
-    let mut bits = words
-        .remainder()
-        .iter()
-        .rev()
-        .fold(0u64, |a, &b| (a << 8) | b as u64);
-    while bits != 0 {
-        off[n] = (base + bits.trailing_zeros()) * g as u32;
-        n += 1;
-        bits &= bits - 1;
-    }
-    // Padding up to a whole chunk (at most 7 groups; `Scratch` has room for 8).
-    off[n..n + 8].copy_from_slice(&[0; 8]);
-    n
+    sc.off[p.n..p.n + 8].copy_from_slice(&[0; 8]);
+    sc.s[p.n..p.n + 8].copy_from_slice(&[0.0; 8]);
 }
 
-/// The combined scale of every stored group of a row and of the padding up to the next whole
-/// chunk: s[k] = dx * dw, with dx = 0 for padding groups and dw = 0 for a padding group past
-/// the last scale block (the x86 kernels compute the same products in registers).
-#[inline(always)]
-fn group_scales(p: &RowParts, sg: usize, g: usize, n: usize, x: &GroupActs, sc: &mut Scratch) {
-    let per = CHUNK / g;
-    let nsc = p.scales.len() / 2;
-    for k in 0..n.div_ceil(per) * per {
-        let dx = if k < n {
-            x.d[sc.off[k] as usize / CHUNK]
-        } else {
-            0.0
-        };
-        let j = k / sg;
-        let dw = if j < nsc {
-            f16_to_f32([p.scales[2 * j], p.scales[2 * j + 1]])
-        } else {
-            0.0
-        };
-        sc.s[k] = dx * dw;
-    }
-}
-
+/// The end of the module doc's order: the two accumulator sets added lane by lane, then
 /// `hsum_float_8`'s order.
 #[inline(always)]
-fn hsum8(a: &[f32; 8]) -> f32 {
-    let r: [f32; 4] = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+fn fold(e: &[f32; 8], o: &[f32; 8]) -> f32 {
+    let t: [f32; 8] = std::array::from_fn(|l| e[l] + o[l]);
+    let r: [f32; 4] = [t[0] + t[4], t[1] + t[5], t[2] + t[6], t[3] + t[7]];
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
@@ -759,10 +802,9 @@ mod portable {
         let per = CHUNK / g;
         for (i, out) in y.iter_mut().enumerate() {
             let p = m.row(first + i);
-            let n = decode_bitmap(p.bitmap, g, &mut sc.off);
-            group_scales(&p, sg, g, n, x, &mut sc);
-            let mut acc = [0.0f32; 8];
-            for c in 0..n.div_ceil(per) {
+            prepare_row(&p, g, sg, x, &mut sc);
+            let mut acc = [[0.0f32; 8]; 2];
+            for c in 0..(p.n * g).div_ceil(CHUNK) {
                 let w: [i32; CHUNK] = match m.fmt.values {
                     Values::Q4 => {
                         let b = &p.values[16 * c..16 * c + 16];
@@ -775,34 +817,38 @@ mod portable {
                         std::array::from_fn(|j| b[j] as i8 as i32)
                     }
                 };
-                for (l, a) in acc.iter_mut().enumerate() {
+                for (l, a) in acc[c % 2].iter_mut().enumerate() {
                     let k = c * per + 4 * l / g;
                     let o = sc.off[k] as usize + (4 * l) % g;
                     let lane: i32 = (0..4).map(|t| w[4 * l + t] * x.q[o + t] as i32).sum();
                     *a = fma32(lane as f32, sc.s[k], *a);
                 }
             }
-            *out = hsum8(&acc);
+            *out = fold(&acc[0], &acc[1]);
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    //! AVX2 and AVX-512 VNNI kernels. Four rows at a time are first decoded into scratch
-    //! (`prepare`: each bitmap byte compresses 8 groups' activation offsets and scales with
-    //! one `vpermd` from a 256-entry table, no branch on the bits; the scales dx * dw are
-    //! multiplied in registers and stored once), then their chunks are stepped interleaved,
-    //! four independent accumulator chains: one chunk per step, its 32 products summed into 8
-    //! exact i32 lanes (`maddubs` + `madd`, or `vpdpbusd`, on |w| and x signed like w),
-    //! converted and fused-multiply-added with the lanes' scales into 8 f32 accumulators.
-    //! Each row still sums in the module doc's order, so the bits are the portable kernel's.
+    //! AVX2 and AVX-512 VNNI kernels. A row is first prepared into scratch: its stored
+    //! groups' activation offsets and combined scales dx * dw (AVX-512: 16 groups at a time
+    //! from one widening load of the index, dx picked from registers by `vpermt2ps`; AVX2:
+    //! one group at a time). Then its chunks are stepped, even and odd chunks into two
+    //! accumulators: the 32 products of a chunk summed into 8 exact i32 lanes, converted and
+    //! fused-multiply-added with the lanes' scales. Q4 levels enter unsigned (`vpdpbusd` or
+    //! `maddubs` + `madd` against the signed activations), the lanes starting from the
+    //! activations' -8 * sum corrections, gathered with the same offsets; Q8 uses |w| and x
+    //! signed like w. Each row sums in the module doc's order, so the bits are the portable
+    //! kernel's.
     //!
     //! Safety model: the bodies are `unsafe` `#[inline(always)]` generics, instantiated inside
     //! `#[target_feature]` functions whose safe wrappers are only handed out by
     //! `GroupKernel::for_level` for a level that `Level::detected` reported. Every pointer
-    //! read stays inside the row (lengths validated by `GroupMatrix::new`) or the activations
-    //! (offsets are groups of the row, below `cols`; the padded length is a multiple of 32).
+    //! read stays inside the row (lengths, counts and group numbers validated by
+    //! `GroupMatrix::new`; reads of the index and scales are masked to the row's count) or
+    //! the activations (offsets are groups of the row, below `cols`; the padded length is a
+    //! multiple of 32, and `corr` has one byte per padded column).
     use super::*;
     use std::arch::x86_64::*;
 
@@ -832,143 +878,161 @@ mod x86 {
         }
     }
 
-    /// For each byte value, the positions of its set bits in increasing order (unused slots
-    /// 0), one per byte: the `vpermd` index that compresses 8 lanes by a bitmap byte.
-    static COMPRESS: [u64; 256] = compress_table();
-
-    const fn compress_table() -> [u64; 256] {
-        let mut t = [0u64; 256];
-        let mut v = 0;
-        while v < 256 {
-            let (mut n, mut b, mut e) = (0, 0, 0u64);
-            while b < 8 {
-                if (v >> b) & 1 == 1 {
-                    e |= (b as u64) << (8 * n);
-                    n += 1;
-                }
-                b += 1;
-            }
-            t[v] = e;
-            v += 1;
-        }
-        t
-    }
-
-    /// Set bits of each byte value (no `popcnt`: it is not among the detected features).
-    static ONES: [u8; 256] = ones_table();
-
-    const fn ones_table() -> [u8; 256] {
-        let mut t = [0u8; 256];
-        let mut v = 0;
-        while v < 256 {
-            t[v] = (v as u32).count_ones() as u8;
-            v += 1;
-        }
-        t
-    }
-
-    /// Rows decoded into scratch at once, their chunk steps interleaved (independent
-    /// accumulator chains; each row still sums in the one order of the module doc).
-    const R: usize = 4;
-
-    /// One row's scratch: the activation offset and the combined scale of every stored group,
-    /// then padding up to the next whole chunk (offset 0, scale 0 * dw as `group_scales`).
-    struct Lane {
-        off: Vec<u32>,
-        s: Vec<f32>,
-    }
-
-    /// A decoded row: its value chunks, scratch and chunk count.
+    /// A row's parts as pointers.
     #[derive(Clone, Copy)]
-    struct Prep {
-        v: *const u8,
-        off: *const u32,
-        s: *const f32,
-        chunks: usize,
+    struct Row {
+        n: usize,
+        index: *const u8,
+        scales: *const u8,
+        values: *const u8,
     }
 
-    /// Decodes row `r` into `lane`, one bitmap byte (8 groups) at a time with no branch on
-    /// the bits: the byte's `vpermd` index compresses the 8 groups' offsets and activation
-    /// scales (`dxg[k]`: group k's, 0 past the last group) to the stored ones, whose weight
-    /// scales are the next 8 f16 of the row; the products are stored without being read
-    /// back (a load spanning the overlapping stores would stall).
+    /// Row `r` of `m` (validated: the offsets and the count agree with the row's length).
     #[inline(always)]
-    unsafe fn prepare<const G: usize>(
-        m: &GroupMatrix,
-        r: usize,
-        dxg: *const f32,
-        lane: &mut Lane,
-    ) -> Prep {
-        let per = CHUNK / G;
-        let sg = m.fmt.scale_groups;
-        let lg = sg.trailing_zeros();
+    unsafe fn row_at(m: &GroupMatrix, r: usize, wide: bool, lg: u32) -> Row {
         let b = m.bytes.as_ptr();
-        let offsets = b.add(HEADER_BYTES + 4 * r) as *const u32;
-        let (start, end) = (
-            offsets.read_unaligned() as usize,
-            offsets.add(1).read_unaligned() as usize,
-        );
-        let bm = b.add(start);
-        let nb = bitmap_bytes(m.cols / G);
-        let sp = bm.add(nb);
-        // The 16 bytes of f16 scales from scale j on: they start inside the scales or at
-        // their end, and end inside the row when it stores a group (its values take at least
-        // 16 bytes). Only a row without groups needs the clamp (the buffer holds its 16-byte
-        // header before any row); what it reads then is never used.
-        let last = b.add(end - 16);
-        let iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let off = lane.off.as_mut_ptr();
-        let s = lane.s.as_mut_ptr();
-        let g = G as i32;
-        let mut o = _mm256_setr_epi32(0, g, 2 * g, 3 * g, 4 * g, 5 * g, 6 * g, 7 * g);
-        let step = _mm256_set1_epi32(8 * g);
-        let mut n = 0usize;
-        for i in 0..nb {
-            let byte = *bm.add(i) as usize;
-            let perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                COMPRESS.as_ptr().add(byte) as *const __m128i
-            ));
-            _mm256_storeu_si256(
-                off.add(n) as *mut __m256i,
-                _mm256_permutevar8x32_epi32(o, perm),
-            );
-            let dx = _mm256_permutevar8x32_ps(_mm256_loadu_ps(dxg.add(8 * i)), perm);
-            // Lanes past the byte's groups are overwritten by the next store.
-            _mm256_storeu_ps(s.add(n), _mm256_mul_ps(dx, weight_scales(sp, last, n, lg)));
-            n += ONES[byte] as usize;
-            o = _mm256_add_epi32(o, step);
-        }
-        // Padding up to the next whole chunk: offset 0, scale 0 * dw with dw the last scale
-        // block's while it lasts, then 0 (as `group_scales`).
-        let nsc = (n + sg - 1) >> lg;
-        let keep = _mm256_cmpgt_epi32(_mm256_set1_epi32(((nsc << lg) - n) as i32), iota);
-        let pad = _mm256_and_ps(weight_scales(sp, last, n, lg), _mm256_castsi256_ps(keep));
-        _mm256_storeu_si256(off.add(n) as *mut __m256i, _mm256_setzero_si256());
-        _mm256_storeu_ps(s.add(n), _mm256_mul_ps(_mm256_setzero_ps(), pad));
-        Prep {
-            v: sp.add(2 * nsc),
-            off,
-            s,
-            chunks: n.div_ceil(per),
+        let start = u32::from_le((b.add(HEADER_BYTES + 4 * r) as *const u32).read_unaligned());
+        let p = b.add(start as usize);
+        let n = u16::from_le((p as *const u16).read_unaligned()) as usize;
+        let index = p.add(2);
+        let scales = index.add(if wide { 2 * n } else { n });
+        let values = scales.add(2 * ((n + (1 << lg) - 1) >> lg));
+        Row {
+            n,
+            index,
+            scales,
+            values,
         }
     }
 
-    /// The weight scales of stored groups n..n + 8 (scale (n + j) >> lg for lane j, lg the
-    /// log2 of the scale groups), read as 16 bytes of f16 from `sp`'s scale n >> lg, or from
-    /// `last` where that is after it (see `prepare`).
+    /// Writes a row's activation offsets and combined scales to scratch (`prepare_row`'s
+    /// values), then offset 0 and scale 0 for at least the 8 groups after.
+    trait Prepare {
+        unsafe fn prepare<const G: usize>(&self, row: &Row, off: *mut u32, s: *mut f32);
+    }
+
+    /// One group at a time (AVX2 with F16C).
+    struct Scalar {
+        d: *const f32,
+        wide: bool,
+        lg: u32,
+    }
+
+    impl Prepare for Scalar {
+        #[inline(always)]
+        unsafe fn prepare<const G: usize>(&self, row: &Row, off: *mut u32, s: *mut f32) {
+            for k in 0..row.n {
+                let i = if self.wide {
+                    u16::from_le((row.index.add(2 * k) as *const u16).read_unaligned()) as usize
+                } else {
+                    *row.index.add(k) as usize
+                };
+                let o = i * G;
+                *off.add(k) = o as u32;
+                let h = (row.scales.add(2 * (k >> self.lg)) as *const u16).read_unaligned();
+                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le(h) as i32)));
+                *s.add(k) = *self.d.add(o / CHUNK) * dw;
+            }
+            _mm256_storeu_si256(off.add(row.n) as *mut __m256i, _mm256_setzero_si256());
+            _mm256_storeu_ps(s.add(row.n), _mm256_setzero_ps());
+        }
+    }
+
+    /// Sixteen groups at a time (AVX-512): the index widened to 16 lanes by one masked load,
+    /// the activation scales picked by block from up to 64 held in registers (a gather past
+    /// that), the f16 weight scales converted 16 at a time.
+    struct Wide {
+        dx: [__m512; 4],
+        blocks: usize,
+        d: *const f32,
+        wide: bool,
+        lg: u32,
+    }
+
+    impl Wide {
+        #[inline(always)]
+        unsafe fn new(x: &GroupActs, wide: bool, lg: u32) -> Wide {
+            let mut t = [0.0f32; 64];
+            let blocks = x.d.len();
+            if blocks <= 64 {
+                t[..blocks].copy_from_slice(&x.d);
+            }
+            Wide {
+                dx: [
+                    _mm512_loadu_ps(t.as_ptr()),
+                    _mm512_loadu_ps(t.as_ptr().add(16)),
+                    _mm512_loadu_ps(t.as_ptr().add(32)),
+                    _mm512_loadu_ps(t.as_ptr().add(48)),
+                ],
+                blocks,
+                d: x.d.as_ptr(),
+                wide,
+                lg,
+            }
+        }
+
+        /// dx of each lane's block (< `blocks` in the lanes of `m`).
+        #[inline(always)]
+        unsafe fn dx(&self, blk: __m512i, m: __mmask16) -> __m512 {
+            if self.blocks <= 16 {
+                _mm512_permutexvar_ps(blk, self.dx[0])
+            } else if self.blocks <= 32 {
+                _mm512_permutex2var_ps(self.dx[0], blk, self.dx[1])
+            } else if self.blocks <= 64 {
+                let lo = _mm512_permutex2var_ps(self.dx[0], blk, self.dx[1]);
+                let hi = _mm512_permutex2var_ps(self.dx[2], blk, self.dx[3]);
+                let upper = _mm512_test_epi32_mask(blk, _mm512_set1_epi32(32));
+                _mm512_mask_blend_ps(upper, lo, hi)
+            } else {
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, blk, self.d)
+            }
+        }
+    }
+
+    /// The mask of the first `n` (at most 16) lanes.
     #[inline(always)]
-    unsafe fn weight_scales(sp: *const u8, last: *const u8, n: usize, lg: u32) -> __m256 {
-        let p = sp.add(2 * (n >> lg));
-        let p = if p < last { p } else { last };
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-        if lg == 0 {
-            dw
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xFFFF
         } else {
-            let j = _mm256_add_epi32(
-                _mm256_set1_epi32((n & ((1 << lg) - 1)) as i32),
-                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-            );
-            _mm256_permutevar8x32_ps(dw, _mm256_srl_epi32(j, _mm_cvtsi32_si128(lg as i32)))
+            (1u16 << n) - 1
+        }
+    }
+
+    impl Prepare for Wide {
+        #[inline(always)]
+        unsafe fn prepare<const G: usize>(&self, row: &Row, off: *mut u32, s: *mut f32) {
+            let to_col = _mm_cvtsi32_si128(G.trailing_zeros() as i32);
+            let to_blk = _mm_cvtsi32_si128(5 - G.trailing_zeros() as i32);
+            let lg = _mm_cvtsi32_si128(self.lg as i32);
+            let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let nsc = (row.n + (1 << self.lg) - 1) >> self.lg;
+            let mut j = 0;
+            while j < row.n {
+                let m = lanes(row.n - j);
+                let idx = if self.wide {
+                    let p = row.index.add(2 * j) as *const i16;
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p))
+                } else {
+                    let p = row.index.add(j) as *const i8;
+                    _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p))
+                };
+                _mm512_storeu_si512(off.add(j) as *mut __m512i, _mm512_sll_epi32(idx, to_col));
+                let dx = self.dx(_mm512_srl_epi32(idx, to_blk), m);
+                let dw = if self.lg == 0 {
+                    let p = row.scales.add(2 * j) as *const i16;
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p))
+                } else {
+                    let f = j >> self.lg;
+                    let p = row.scales.add(2 * f) as *const i16;
+                    let h = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(nsc - f), p));
+                    _mm512_permutexvar_ps(_mm512_srl_epi32(iota, lg), h)
+                };
+                _mm512_storeu_ps(s.add(j), _mm512_maskz_mul_ps(m, dx, dw));
+                j += 16;
+            }
+            _mm512_storeu_si512(off.add(j) as *mut __m512i, _mm512_setzero_si512());
+            _mm512_storeu_ps(s.add(j), _mm512_setzero_ps());
         }
     }
 
@@ -978,7 +1042,7 @@ mod x86 {
         _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(idx.as_ptr() as *const __m256i))
     }
 
-    /// The 8 lane scales of chunk c, lane l taking the scale of group 4l / G.
+    /// The 8 lane scales of a chunk, lane l taking the scale of group 4l / G.
     #[inline(always)]
     unsafe fn lane_scales<const G: usize>(s: *const f32) -> __m256 {
         match G {
@@ -992,41 +1056,49 @@ mod x86 {
         }
     }
 
-    /// One chunk: acc + its 8 lanes times their scales.
+    /// One chunk (values `v`, its groups' offsets and scales from `off` and `s`): acc + its 8
+    /// lanes times their scales.
     #[inline(always)]
     unsafe fn step<const G: usize, const Q8: bool, const VNNI: bool>(
-        p: &Prep,
+        v: *const u8,
         q: *const i8,
-        c: usize,
+        corr: *const i8,
+        off: *const u32,
+        s: *const f32,
         acc: __m256,
     ) -> __m256 {
-        let per = CHUNK / G;
-        let v = p.v.add(c * if Q8 { CHUNK } else { CHUNK / 2 });
-        let w = if Q8 {
-            _mm256_loadu_si256(v as *const __m256i)
+        let xv = gather::<G>(q, off);
+        let lanes = if Q8 {
+            let w = _mm256_loadu_si256(v as *const __m256i);
+            let aw = _mm256_sign_epi8(w, w);
+            let sx = _mm256_sign_epi8(xv, w);
+            if VNNI {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
+            } else {
+                _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(aw, sx))
+            }
         } else {
-            let b = _mm_loadu_si128(v as *const __m128i);
-            let nib = _mm256_and_si256(
-                _mm256_set_m128i(_mm_srli_epi16::<4>(b), b),
+            // Unsigned levels: low nibbles in the low half, high nibbles in the high half.
+            let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(v as *const __m128i));
+            let w = _mm256_and_si256(
+                _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
                 _mm256_set1_epi8(0x0F),
             );
-            _mm256_sub_epi8(nib, _mm256_set1_epi8(8))
+            let c = gather::<G>(corr, off);
+            if VNNI {
+                _mm256_dpbusd_epi32(c, w, xv)
+            } else {
+                let p = _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(w, xv));
+                _mm256_add_epi32(p, c)
+            }
         };
-        let xv = gather::<G>(q, p.off.add(c * per));
-        let aw = _mm256_sign_epi8(w, w);
-        let sx = _mm256_sign_epi8(xv, w);
-        let lanes = if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
-        } else {
-            _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(aw, sx))
-        };
-        let s = lane_scales::<G>(p.s.add(c * per));
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), s, acc)
+        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), lane_scales::<G>(s), acc)
     }
 
-    /// `hsum_float_8`'s order.
+    /// The module doc's end: e + o lane by lane, then `hsum_float_8`'s order.
     #[inline(always)]
-    unsafe fn fold(acc: __m256) -> f32 {
+    unsafe fn fold(e: __m256, o: __m256) -> f32 {
+        let acc = _mm256_add_ps(e, o);
         let mut r = _mm256_extractf128_ps::<1>(acc);
         r = _mm_add_ps(r, _mm256_castps256_ps128(acc));
         r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -1035,73 +1107,77 @@ mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn body<const G: usize, const Q8: bool, const VNNI: bool>(
+    unsafe fn body<P: Prepare, const G: usize, const Q8: bool, const VNNI: bool>(
         m: &GroupMatrix,
         x: &GroupActs,
         first: usize,
         y: &mut [f32],
+        p: &P,
+        wide: bool,
+        lg: u32,
     ) {
-        let nb = bitmap_bytes(m.cols / G);
-        let size = 8 * nb + 16;
-        // Group k's activation scale; 0 for the bitmap's unused bits (never selected).
-        let dxg: Vec<f32> = (0..8 * nb)
-            .map(|k| {
-                if k < m.cols / G {
-                    x.d[k * G / CHUNK]
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mut lanes: Vec<Lane> = (0..R)
-            .map(|_| Lane {
-                off: vec![0; size],
-                s: vec![0.0; size],
-            })
-            .collect();
+        // Two scratch buffers: row i + 1 is prepared before row i is stepped, so the step's
+        // narrow loads do not wait on the preparation's wide stores just before them.
+        let mut sc = [Scratch::new(m), Scratch::new(m)];
+        let bufs = [
+            (sc[0].off.as_mut_ptr(), sc[0].s.as_mut_ptr()),
+            (sc[1].off.as_mut_ptr(), sc[1].s.as_mut_ptr()),
+        ];
         let q = x.q.as_ptr();
-        let d = dxg.as_ptr();
-        let mut blocks = y.chunks_exact_mut(R);
-        let mut r = first;
-        for out in &mut blocks {
-            let [l0, l1, l2, l3] = &mut lanes[..] else {
-                return;
-            };
-            let p = [
-                prepare::<G>(m, r, d, l0),
-                prepare::<G>(m, r + 1, d, l1),
-                prepare::<G>(m, r + 2, d, l2),
-                prepare::<G>(m, r + 3, d, l3),
-            ];
-            let common = p[0]
-                .chunks
-                .min(p[1].chunks)
-                .min(p[2].chunks)
-                .min(p[3].chunks);
-            let mut a = [_mm256_setzero_ps(); R];
-            for c in 0..common {
-                a[0] = step::<G, Q8, VNNI>(&p[0], q, c, a[0]);
-                a[1] = step::<G, Q8, VNNI>(&p[1], q, c, a[1]);
-                a[2] = step::<G, Q8, VNNI>(&p[2], q, c, a[2]);
-                a[3] = step::<G, Q8, VNNI>(&p[3], q, c, a[3]);
+        let corr = x.corr.as_ptr() as *const i8;
+        let cb = if Q8 { CHUNK } else { CHUNK / 2 };
+        let per = CHUNK / G;
+        let Some(_) = y.first() else {
+            return;
+        };
+        let mut next = row_at(m, first, wide, lg);
+        p.prepare::<G>(&next, bufs[0].0, bufs[0].1);
+        for (i, out) in y.iter_mut().enumerate() {
+            let row = next;
+            if first + i + 1 < m.rows {
+                next = row_at(m, first + i + 1, wide, lg);
+                let (off, s) = bufs[(i + 1) % 2];
+                p.prepare::<G>(&next, off, s);
             }
-            for t in 0..R {
-                for c in common..p[t].chunks {
-                    a[t] = step::<G, Q8, VNNI>(&p[t], q, c, a[t]);
-                }
-                out[t] = fold(a[t]);
+            let (off, s) = bufs[i % 2];
+            let chunks = (row.n * G).div_ceil(CHUNK);
+            let v = row.values;
+            let mut e = _mm256_setzero_ps();
+            let mut o = _mm256_setzero_ps();
+            let mut c = 0;
+            while c + 2 <= chunks {
+                e = step::<G, Q8, VNNI>(
+                    v.add(c * cb),
+                    q,
+                    corr,
+                    off.add(c * per),
+                    s.add(c * per),
+                    e,
+                );
+                let d = c + 1;
+                o = step::<G, Q8, VNNI>(
+                    v.add(d * cb),
+                    q,
+                    corr,
+                    off.add(d * per),
+                    s.add(d * per),
+                    o,
+                );
+                c += 2;
             }
-            r += R;
+            if c < chunks {
+                e = step::<G, Q8, VNNI>(
+                    v.add(c * cb),
+                    q,
+                    corr,
+                    off.add(c * per),
+                    s.add(c * per),
+                    e,
+                );
+            }
+            *out = fold(e, o);
         }
-        for out in blocks.into_remainder() {
-            let p = prepare::<G>(m, r, d, &mut lanes[0]);
-            let mut a = _mm256_setzero_ps();
-            for c in 0..p.chunks {
-                a = step::<G, Q8, VNNI>(&p, q, c, a);
-            }
-            *out = fold(a);
-            r += 1;
-        }
+        drop(sc);
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1111,7 +1187,14 @@ mod x86 {
         first: usize,
         y: &mut [f32],
     ) {
-        body::<G, Q8, false>(m, x, first, y)
+        let wide = index_bytes(m.cols / G) == 2;
+        let lg = m.fmt.scale_groups.trailing_zeros();
+        let p = Scalar {
+            d: x.d.as_ptr(),
+            wide,
+            lg,
+        };
+        body::<Scalar, G, Q8, false>(m, x, first, y, &p, wide, lg)
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -1121,7 +1204,10 @@ mod x86 {
         first: usize,
         y: &mut [f32],
     ) {
-        body::<G, Q8, true>(m, x, first, y)
+        let wide = index_bytes(m.cols / G) == 2;
+        let lg = m.fmt.scale_groups.trailing_zeros();
+        let p = Wide::new(x, wide, lg);
+        body::<Wide, G, Q8, true>(m, x, first, y, &p, wide, lg)
     }
 
     pub(super) fn rows_avx2(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
@@ -1165,8 +1251,9 @@ mod x86 {
 #[cfg(target_arch = "aarch64")]
 mod arm {
     //! NEON kernels, and `sdot` ones where the CPU has the dot product extension: the same
-    //! chunk steps as the x86 kernels, the 8 lanes as two `int32x4_t` (bytes 0..16, 16..32)
-    //! and two `float32x4_t` accumulators, folded in `hsum_float_8`'s order.
+    //! chunk steps as the x86 kernels (rows prepared by `prepare_row`), the 8 lanes as two
+    //! `int32x4_t` (bytes 0..16, 16..32), even and odd chunks into two pairs of
+    //! `float32x4_t` accumulators, folded in the module doc's order.
     //!
     //! Safety model: as the x86 module; the `sdot` bodies are only instantiated inside a
     //! `#[target_feature(enable = "dotprod")]` function, handed out only at `Level::Dotprod`.
@@ -1212,6 +1299,39 @@ mod arm {
         }
     }
 
+    /// One chunk `c` of values `v`: (a0, a1) + its lanes times their scales.
+    #[inline(always)]
+    unsafe fn step<I: Isa, const G: usize, const Q8: bool>(
+        v: *const u8,
+        q: *const i8,
+        sc: &Scratch,
+        c: usize,
+        (a0, a1): (float32x4_t, float32x4_t),
+    ) -> (float32x4_t, float32x4_t) {
+        let per = CHUNK / G;
+        let (w0, w1) = if Q8 {
+            (
+                vld1q_s8(v.add(CHUNK * c) as *const i8),
+                vld1q_s8(v.add(CHUNK * c + 16) as *const i8),
+            )
+        } else {
+            let b = vld1q_u8(v.add(16 * c));
+            let eight = vdupq_n_s8(8);
+            (
+                vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(0x0F))), eight),
+                vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(b)), eight),
+            )
+        };
+        let (x0, x1) = gather::<G>(q, sc.off.as_ptr().add(c * per));
+        let l0 = I::dot4(vdupq_n_s32(0), w0, x0);
+        let l1 = I::dot4(vdupq_n_s32(0), w1, x1);
+        let (s0, s1) = lane_scales::<G>(sc.s.as_ptr().add(c * per));
+        (
+            vfmaq_f32(a0, vcvtq_f32_s32(l0), s0),
+            vfmaq_f32(a1, vcvtq_f32_s32(l1), s1),
+        )
+    }
+
     #[inline(always)]
     unsafe fn body<I: Isa, const G: usize, const Q8: bool>(
         m: &GroupMatrix,
@@ -1220,38 +1340,25 @@ mod arm {
         y: &mut [f32],
     ) {
         let mut sc = Scratch::new(m);
-        let per = CHUNK / G;
         let sg = m.fmt.scale_groups;
         let q = x.q.as_ptr();
         for (i, out) in y.iter_mut().enumerate() {
             let p = m.row(first + i);
-            let n = decode_bitmap(p.bitmap, G, &mut sc.off);
-            group_scales(&p, sg, G, n, x, &mut sc);
-            let mut acc0 = vdupq_n_f32(0.0);
-            let mut acc1 = vdupq_n_f32(0.0);
+            prepare_row(&p, G, sg, x, &mut sc);
+            let zero = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+            let (mut e, mut o) = (zero, zero);
             let v = p.values.as_ptr();
-            for c in 0..n.div_ceil(per) {
-                let (w0, w1) = if Q8 {
-                    (
-                        vld1q_s8(v.add(CHUNK * c) as *const i8),
-                        vld1q_s8(v.add(CHUNK * c + 16) as *const i8),
-                    )
-                } else {
-                    let b = vld1q_u8(v.add(16 * c));
-                    let eight = vdupq_n_s8(8);
-                    (
-                        vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(0x0F))), eight),
-                        vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(b)), eight),
-                    )
-                };
-                let (x0, x1) = gather::<G>(q, sc.off.as_ptr().add(c * per));
-                let l0 = I::dot4(vdupq_n_s32(0), w0, x0);
-                let l1 = I::dot4(vdupq_n_s32(0), w1, x1);
-                let (s0, s1) = lane_scales::<G>(sc.s.as_ptr().add(c * per));
-                acc0 = vfmaq_f32(acc0, vcvtq_f32_s32(l0), s0);
-                acc1 = vfmaq_f32(acc1, vcvtq_f32_s32(l1), s1);
+            let chunks = (p.n * G).div_ceil(CHUNK);
+            let mut c = 0;
+            while c + 2 <= chunks {
+                e = step::<I, G, Q8>(v, q, &sc, c, e);
+                o = step::<I, G, Q8>(v, q, &sc, c + 1, o);
+                c += 2;
             }
-            let r = vaddq_f32(acc0, acc1);
+            if c < chunks {
+                e = step::<I, G, Q8>(v, q, &sc, c, e);
+            }
+            let r = vaddq_f32(vaddq_f32(e.0, o.0), vaddq_f32(e.1, o.1));
             let a: [f32; 4] = std::mem::transmute(r);
             *out = (a[0] + a[2]) + (a[1] + a[3]);
         }

@@ -15,11 +15,14 @@
 //! A group-sparse matrix is the I8 tensor `NAME` of shape `[n_bytes]` holding the encoded
 //! buffer of `sparse::group` (header, row offsets, rows), with `.encoding` = `"group"`,
 //! `.g` (u32), `.values` (`"q8"` or `"q4"`), `.scale_groups` (u32), `.rows` and `.cols`
-//! (u64); the buffer's own header must agree, and the whole buffer is validated at load.
+//! (u64), and `.layout` (u32) = the buffer layout's version, [`group::LAYOUT_VERSION`] (2: a
+//! count and index per row; tensors of layout 1, a bitmap per row and no key, are refused
+//! with a message to prune again); the buffer's own header must agree, and the whole buffer
+//! is validated at load.
 //!
 //! The file carries `sparrow.sparse.version` = 1.
 
-use super::group::{GroupFormat, GroupMatrix, Values};
+use super::group::{self, GroupFormat, GroupMatrix, Values};
 use super::nm::{NmFormat, NmValues};
 use crate::gguf::{GgufWriter, Metadata, TensorInfo, Value};
 use crate::quant::GgmlType;
@@ -125,6 +128,15 @@ pub fn read(md: &Metadata, t: &TensorInfo) -> Result<Option<SparseMatrix>> {
             }
         }
         Some("group") => {
+            let layout = md.get(&key(&t.name, "layout")).and_then(Value::as_u64);
+            if layout != Some(group::LAYOUT_VERSION as u64) {
+                return Err(bad(format!(
+                    "group-sparse byte layout {}; this build reads layout {} (a file from an \
+                     older build: prune the dense model again)",
+                    layout.map_or("1 (no layout key)".to_string(), |l| l.to_string()),
+                    group::LAYOUT_VERSION
+                )));
+            }
             let small = |k: &str| -> Result<usize> {
                 usize::try_from(md.u64(&key(&t.name, k))?)
                     .ok()
@@ -192,6 +204,7 @@ pub fn declare(w: &mut GgufWriter, name: &str, s: &SparseMatrix, n_bytes: usize)
             w.add_tensor(name, &[row_bytes as u64, s.rows as u64], GgmlType::I8)
         }
         Encoding::Group(f) => {
+            w.set(key(name, "layout"), Value::U32(group::LAYOUT_VERSION));
             w.set(key(name, "encoding"), Value::String("group".into()));
             w.set(key(name, "g"), Value::U32(f.g as u32));
             let v = values_name(f.values == Values::Q8);
