@@ -115,15 +115,15 @@ fn levels() -> Vec<Level> {
 fn row_bytes_of_the_fast_formats() {
     let q8 = fmt(2, 4, NmValues::Q8);
     assert_eq!(q8.block_span(), 64);
-    assert_eq!(q8.block_bytes(), 42);
-    assert_eq!(q8.row_bytes(576).unwrap(), 9 * 42);
-    assert_eq!(fmt(2, 4, NmValues::Q4).block_bytes(), 26);
-    assert_eq!(fmt(4, 8, NmValues::Q8).block_bytes(), 46);
-    assert_eq!(fmt(4, 8, NmValues::Q4).block_bytes(), 30);
+    assert_eq!(q8.block_bytes(), 44);
+    assert_eq!(q8.row_bytes(576).unwrap(), 9 * 44);
+    assert_eq!(fmt(2, 4, NmValues::Q4).block_bytes(), 28);
+    assert_eq!(fmt(4, 8, NmValues::Q8).block_bytes(), 48);
+    assert_eq!(fmt(4, 8, NmValues::Q4).block_bytes(), 32);
     // 3:7: 10 groups, 30 values over 70 inputs, 3 planes of 4 bytes.
     let f = fmt(3, 7, NmValues::Q4);
     assert_eq!((f.block_values(), f.block_span()), (30, 70));
-    assert_eq!(f.block_bytes(), 2 + 12 + 15);
+    assert_eq!(f.block_bytes(), 4 + 12 + 15);
 }
 
 /// The layout drawn in the module doc, byte for byte, on a hand-made 2:4 block.
@@ -137,7 +137,8 @@ fn layout_of_a_2_4_block() {
         w[4 * t + 3] = -((t + 1) as f32);
     }
     w[3] = -127.0;
-    // Two blocks, the second twice the first: the head holds both scales, then the bodies.
+    // Two blocks, the second twice the first: the head holds both scales and both value
+    // sums, then the bodies.
     let w2: Vec<f32> = w
         .iter()
         .chain(w.iter())
@@ -145,10 +146,14 @@ fn layout_of_a_2_4_block() {
         .map(|(i, v)| if i < 64 { *v } else { 2.0 * v })
         .collect();
     let row = encoded(&f, &w2);
-    assert_eq!(row.len(), 2 * 42);
+    assert_eq!(row.len(), 2 * 44);
     assert_eq!(&row[..2], &half::f16::from_f32(1.0).to_le_bytes());
     assert_eq!(&row[2..4], &half::f16::from_f32(2.0).to_le_bytes());
-    for body in [&row[4..44], &row[44..84]] {
+    // Values t + 1 and -(t + 1) cancel but for group 0's -127 in place of -1: sum -126 in
+    // both blocks (the second block's levels are the first's, at twice the scale).
+    assert_eq!(&row[4..6], &(-126i16).to_le_bytes());
+    assert_eq!(&row[6..8], &(-126i16).to_le_bytes());
+    for body in [&row[8..48], &row[48..88]] {
         // Index 1 (kept values 2t) and 3 (2t + 1), in one digit plane: byte b holds values
         // b, b + 8, b + 16, b + 24, all of b's parity, so 01010101 for even b and 11111111
         // for odd.
@@ -406,11 +411,17 @@ fn errors_not_panics() {
     assert!(decode_row(&f, &out, &mut dec[..64]).is_err());
     assert!(decode_row(&f, &out[..40], &mut dec).is_err());
     // Two equal indices in group 0 (both 0): clear the digits of kept values 0 and 1 (bits
-    // 0 and 1 of bytes 0 and 1 of the digit plane of block 0, after the head's 2 scales).
+    // 0 and 1 of bytes 0 and 1 of the digit plane of block 0, after the head's 2 scales and
+    // 2 sums).
     let mut corrupt = out.clone();
-    corrupt[4] &= !3;
-    corrupt[5] &= !3;
+    corrupt[8] &= !3;
+    corrupt[9] &= !3;
     assert!(decode_row(&f, &corrupt, &mut dec).is_err());
+    // A stored value sum that is not the sum of the block's values.
+    let mut bad_sum = out.clone();
+    bad_sum[4] ^= 1;
+    assert!(decode_row(&f, &bad_sum, &mut dec).is_err());
+    assert!(kept_positions(&f, &bad_sum, &mut [false; 128]).is_err());
     let mut kept = vec![false; 128];
     assert!(kept_positions(&f, &corrupt, &mut kept).is_err());
 
@@ -472,5 +483,48 @@ proptest! {
         let f = fmt(nm.0, nm.1, if q4 { NmValues::Q4 } else { NmValues::Q8 });
         let mut rng = Rng(seed | 1);
         check_kernels(&f, blocks * f.block_span(), rows, &mut rng);
+    }
+}
+
+/// The activation quantizer (SIMD where the CPU has it) against the portable formula: the
+/// same scale, and every value rounded ties-to-even, NaN to 0, clamped to +-127; with exact
+/// ties, infinities, NaN, zero blocks and subnormals.
+#[test]
+fn activations_quantize_as_the_formula_says() {
+    let mut rng = Rng(0xacac_1234);
+    for f in [fmt(2, 4, NmValues::Q8), fmt(3, 7, NmValues::Q4)] {
+        let s = f.block_span();
+        let mut x = rng.row(6 * s);
+        // Block 1: exact ties (amax 127 makes id 1).
+        for (i, v) in x[s..2 * s].iter_mut().enumerate() {
+            *v = (i as f32 - 32.0) + 0.5;
+        }
+        x[s] = 127.0;
+        // Block 2 zeros, block 3 NaN and an infinity, block 4 subnormals, block 5 NaN only.
+        x[2 * s..3 * s].fill(0.0);
+        x[3 * s + 1] = f32::NAN;
+        x[3 * s + 5] = f32::NEG_INFINITY;
+        x[4 * s..5 * s].fill(1e-40);
+        x[4 * s + 3] = -3e-39;
+        x[5 * s + 7] = f32::NAN;
+        let mut a = NmActs::new();
+        a.quantize(&f, &x).unwrap();
+        for (b, xb) in x.chunks_exact(s).enumerate() {
+            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            assert_eq!(
+                a.scales()[b].to_bits(),
+                (amax / 127.0).to_bits(),
+                "block {b}"
+            );
+            for (i, &v) in xb.iter().enumerate() {
+                let want = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
+                assert_eq!(
+                    a.values()[b * s + i],
+                    want,
+                    "{f:?} block {b} value {i} ({v})"
+                );
+            }
+        }
     }
 }

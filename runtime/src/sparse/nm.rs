@@ -4,21 +4,27 @@
 //!
 //! # Byte layout
 //!
+//! Layout 2 (the `sparrow.sparse.NAME.layout` of a stored matrix, see `sparse::store`;
+//! layout 1 had no value sums).
+//!
 //! A row of K inputs is a sequence of blocks, each covering `G` consecutive groups, where
 //! `G = 32 / N` rounded down (so a block holds `B = G * N` kept values: 32 whenever N divides
 //! 32, e.g. 2:4 and 4:8) and spans `S = G * M` inputs (64 for 2:4 and 4:8). K must be a
 //! multiple of S. Every block has the same size, so a row is `K / S * block_bytes` bytes and a
 //! matrix is rows x row_bytes, readable in place at any byte offset (no alignment is assumed).
+//! The row starts with a head: the `K / S` block scales d (f16, little-endian), then the
+//! `K / S` value sums (i16, little-endian: the sum of the block's signed quantized values,
+//! `q_j` or `level - 8`, which the `vpdpbusd` kernels need, see below); then come the block
+//! bodies.
 //!
 //! Kept values are numbered `j = t * N + r` for the r-th kept input (in increasing position)
 //! of group t of the block. Each has an in-group index of `P = ceil(log2 M)` bits (2 for 2:4,
 //! 3 for 4:8, 4 for M > 8, 0 for M = 1), stored in `P / 2` (rounded down) digit planes of
 //! 2 bits per value, `D = ceil(B / 4)` bytes each (8 when B = 32), then, when P is odd, one
-//! bit plane of `L = ceil(B / 8)` bytes (4 when B = 32) for the top bit:
+//! bit plane of `L = ceil(B / 8)` bytes (4 when B = 32) for the top bit. A block body:
 //!
 //! ```text
-//! byte 0..2              d       f16 scale, little-endian
-//! then (P / 2) * D       digits  digit plane k (k = 0 first) holds bits 2k and 2k + 1 of
+//! (P / 2) * D            digits  digit plane k (k = 0 first) holds bits 2k and 2k + 1 of
 //!                                index j in bits 2 (j / D) and 2 (j / D) + 1 of byte j % D
 //! then (P % 2) * L       top     bit P - 1 of index j in bit j / L of byte j % L
 //! then, Q8: B bytes      i8 q_j                      w = d * q_j
@@ -27,8 +33,8 @@
 //!                                                    w = d * (level - 8)
 //! ```
 //!
-//! 2:4 with Q8 values is 42 bytes per 64 inputs (dense Q8_0: 68), with Q4 26 (Q4_0: 36); 4:8
-//! is 46 and 30.
+//! With its scale and sum, a 2:4 block with Q8 values is 44 bytes per 64 inputs (dense Q8_0:
+//! 68), with Q4 28 (Q4_0: 36); 4:8 is 48 and 32.
 //!
 //! The planes are transposed so that SIMD kernels decode them without a table: when B = 32, a
 //! digit plane is one u64 whose byte j % 8 holds index j's digit at bit 2 (j / 8), so an AVX2
@@ -42,21 +48,28 @@
 //!
 //! `y[r] = dot(row r, x)`: the activations are quantized once per call ([`NmActs`]) to i8 in
 //! blocks of S inputs, one f32 scale per block (`127 / amax`, ties to even, as
-//! `kernels/act.rs` does for Q8_0). Per block, the kept weights are multiplied by the
-//! activations at their positions in exact i32 arithmetic; the block's sum is scaled by
+//! `kernels/act.rs` does for Q8_0; AVX2 where the CPU has it, with the same results), and
+//! kept also biased to u8 (`q + 128`) for `vpdpbusd`, whose first operand is unsigned: its
+//! kernels compute `sum (q_x + 128) w - 128 sum_b` exactly with the stored sum, where the
+//! others move the weights' signs onto the activations. Per block, the kept weights are
+//! multiplied by the activations at their positions in exact i32 arithmetic; the block's sum is scaled by
 //! `d_w * d_x` and accumulated in f32. The SIMD kernels gather the activations a block needs
 //! with byte shuffles (`pshufb` on x86, `tbl` on aarch64) driven by the decoded indices, and
 //! accumulate in 8 (x86) or 4 (aarch64) f32 lanes: they differ from the portable kernel only
 //! in the order of the f32 additions (the integer parts are exact), which the tests bound.
 //!
 //! Kernels read rows they did not validate (a memory-mapped model), so no byte pattern makes
-//! them panic or read outside the row; a corrupt row (an index >= M or indices not strictly
-//! increasing within a group) gives an unspecified number. [`decode_row`] and
-//! [`kept_positions`] check the indices and report such rows as errors.
+//! them panic or read outside the row; a corrupt row (an index >= M, indices not strictly
+//! increasing within a group, or a value sum that is not the sum of the values) gives an
+//! unspecified number. [`decode_row`] and [`kept_positions`] check the indices and the sums
+//! and report such rows as errors.
 
 use crate::error::{Error, Result};
 use crate::kernels::Level;
 use crate::quant::util::{f16_to_f32, f32_to_f16};
+
+/// The byte layout this build reads and writes (stored as `sparrow.sparse.NAME.layout`).
+pub const LAYOUT: u32 = 2;
 
 /// Largest M supported (indices fit in 4 bits).
 pub const MAX_M: usize = 16;
@@ -153,12 +166,13 @@ impl NmFormat {
         }
     }
 
-    /// Bytes per block: its f16 scale and its body.
+    /// Bytes per block: its f16 scale, its value sum and its body.
     pub fn block_bytes(&self) -> usize {
-        2 + self.body_bytes()
+        4 + self.body_bytes()
     }
 
-    /// Bytes of a block's body (index planes and values; the scale is in the row's head).
+    /// Bytes of a block's body (index planes and values; scale and sum are in the row's
+    /// head).
     fn body_bytes(&self) -> usize {
         self.values_offset() + self.value_bytes()
     }
@@ -239,12 +253,16 @@ fn set_value(f: &NmFormat, blk: &mut [u8], j: usize, q: i32) {
     }
 }
 
-/// The scales (the row's head, 2 bytes per block) and the block bodies of a row whose length
-/// is a whole number of blocks.
-fn split_row<'a>(f: &NmFormat, row: &'a [u8]) -> (&'a [u8], std::slice::ChunksExact<'a, u8>) {
+/// The scales (2 bytes per block), the value sums (2 bytes per block) and the block bodies
+/// of a row whose length is a whole number of blocks.
+fn split_row<'a>(
+    f: &NmFormat,
+    row: &'a [u8],
+) -> (&'a [u8], &'a [u8], std::slice::ChunksExact<'a, u8>) {
     let nb = row.len() / f.block_bytes();
-    let (head, bodies) = row.split_at(2 * nb);
-    (head, bodies.chunks_exact(f.body_bytes()))
+    let (head, bodies) = row.split_at(4 * nb);
+    let (scales, sums) = head.split_at(2 * nb);
+    (scales, sums, bodies.chunks_exact(f.body_bytes()))
 }
 
 /// The f32 scales of a row's head.
@@ -303,12 +321,15 @@ pub fn encode_row_with_mask(f: &NmFormat, w: &[f32], keep: &[bool], out: &mut [u
     }
     let (s, bv) = (f.block_span(), f.block_values());
     let mut vals = vec![0f32; bv];
-    let (head, bodies) = out.split_at_mut(2 * (w.len() / s));
-    for (((wb, kb), blk), dh) in w
+    let nb = w.len() / s;
+    let (head, bodies) = out.split_at_mut(4 * nb);
+    let (scales, sums) = head.split_at_mut(2 * nb);
+    for ((((wb, kb), blk), dh), sh) in w
         .chunks_exact(s)
         .zip(keep.chunks_exact(s))
         .zip(bodies.chunks_exact_mut(f.body_bytes()))
-        .zip(head.chunks_exact_mut(2))
+        .zip(scales.chunks_exact_mut(2))
+        .zip(sums.chunks_exact_mut(2))
     {
         blk.fill(0);
         let mut j = 0;
@@ -321,8 +342,17 @@ pub fn encode_row_with_mask(f: &NmFormat, w: &[f32], keep: &[bool], out: &mut [u
         }
         let d = quantize_block(f, &vals, blk)?;
         dh.copy_from_slice(&d);
+        sh.copy_from_slice(&block_sum(f, blk).to_le_bytes());
     }
     Ok(())
+}
+
+/// The sum of a block's signed quantized values (`q_j`, or `level - 8`), as stored in the
+/// row's head: |sum| <= 32 * 127 fits an i16.
+fn block_sum(f: &NmFormat, blk: &[u8]) -> i16 {
+    (0..f.block_values())
+        .map(|j| value_of(f, blk, j))
+        .sum::<i32>() as i16
 }
 
 /// Quantizes the kept values of a block into `blk`, returns the f16 scale. The levels are
@@ -364,7 +394,14 @@ fn check_row(f: &NmFormat, row: &[u8], k: usize) -> Result<usize> {
             row.len()
         )));
     }
-    for (b, blk) in split_row(f, row).1.enumerate() {
+    let (_, sums, bodies) = split_row(f, row);
+    for ((b, blk), sh) in bodies.enumerate().zip(sums.chunks_exact(2)) {
+        let (stored, sum) = (i16::from_le_bytes([sh[0], sh[1]]), block_sum(f, blk));
+        if stored != sum {
+            return Err(invalid(format!(
+                "N:M row: block {b}: stored value sum {stored}, the values sum to {sum}"
+            )));
+        }
         for t in 0..f.groups_per_block() {
             let mut prev: Option<usize> = None;
             for r in 0..f.n {
@@ -385,7 +422,7 @@ fn check_row(f: &NmFormat, row: &[u8], k: usize) -> Result<usize> {
 /// Decodes a row of `out.len()` inputs to f32 (pruned positions are 0).
 pub fn decode_row(f: &NmFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
     check_row(f, row, out.len())?;
-    let (head, bodies) = split_row(f, row);
+    let (head, _, bodies) = split_row(f, row);
     for ((blk, ob), d) in bodies
         .zip(out.chunks_exact_mut(f.block_span()))
         .zip(scales_of(head))
@@ -403,7 +440,7 @@ pub fn decode_row(f: &NmFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
 pub fn kept_positions(f: &NmFormat, row: &[u8], out: &mut [bool]) -> Result<()> {
     check_row(f, row, out.len())?;
     for (blk, ob) in split_row(f, row)
-        .1
+        .2
         .zip(out.chunks_exact_mut(f.block_span()))
     {
         ob.fill(false);
@@ -429,6 +466,8 @@ pub struct NmActs {
     /// Blocks in the row.
     nb: usize,
     q: Vec<i8>,
+    /// The same values biased to unsigned (`q + 128`), for `vpdpbusd`.
+    u: Vec<u8>,
     /// The `nb` block scales, then zeros up to a multiple of 8.
     d: Vec<f32>,
 }
@@ -444,14 +483,26 @@ impl NmActs {
         let s = f.block_span();
         self.span = s;
         self.q.resize(x.len(), 0);
+        self.u.resize(x.len(), 0);
         self.d.clear();
         self.nb = x.len() / s;
-        for (xb, qb) in x.chunks_exact(s).zip(self.q.chunks_exact_mut(s)) {
+        for ((xb, qb), ub) in x
+            .chunks_exact(s)
+            .zip(self.q.chunks_exact_mut(s))
+            .zip(self.u.chunks_exact_mut(s))
+        {
+            #[cfg(target_arch = "x86_64")]
+            if s == 64 && x86::has_avx2() {
+                // SAFETY: AVX2 was detected; the chunks are 64 long.
+                self.d.push(unsafe { x86::quantize64(xb, qb, ub) });
+                continue;
+            }
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            for (o, &v) in qb.iter_mut().zip(xb) {
+            for ((o, u), &v) in qb.iter_mut().zip(ub.iter_mut()).zip(xb) {
                 // NaN becomes 0; the clamp only matters for non-finite input.
                 *o = ((v * id).round_ties_even() as i32).clamp(-127, 127) as i8;
+                *u = *o as u8 ^ 0x80;
             }
             self.d.push(amax / 127.0);
         }
@@ -504,7 +555,7 @@ type Rows4Fn = unsafe fn(&NmFormat, [&[u8]; 4], &NmActs) -> [f32; 4];
 /// activations at their positions, times `d_w * d_x`, summed in block order.
 pub fn generic_dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
     let s = f.block_span();
-    let (head, bodies) = split_row(f, row);
+    let (head, _, bodies) = split_row(f, row);
     let mut sum = 0f32;
     for (((blk, xq), &dx), dw) in bodies
         .zip(a.q.chunks_exact(s))
@@ -800,6 +851,70 @@ mod x86 {
         }
     }
 
+    /// Whether the CPU has what [`quantize64`] needs (checked once).
+    pub(super) fn has_avx2() -> bool {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+
+    /// One block of 64 activations quantized exactly as the portable loop of
+    /// [`NmActs::quantize`] does (the same amax, `127 / amax` and product; ties to even;
+    /// NaN to 0; clamped to +-127), into `q` and, biased by 128, `u`; returns the scale.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize64(x: &[f32], q: &mut [i8], u: &mut [u8]) -> f32 {
+        debug_assert!(x.len() == 64 && q.len() == 64 && u.len() == 64);
+        let p = x.as_ptr();
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+        let mut m = _mm256_setzero_ps();
+        for k in 0..8 {
+            // max(|v|, m) returns m when |v| is NaN, as f32::max ignores NaN.
+            m = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(p.add(8 * k)), abs), m);
+        }
+        let mut m4 = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+        let mut i32s = [_mm256_setzero_si256(); 8];
+        for (k, o) in i32s.iter_mut().enumerate() {
+            let y = _mm256_mul_ps(_mm256_loadu_ps(p.add(8 * k)), id);
+            // NaN to 0, then the clamp (before rounding: the same result for +-127).
+            let y = _mm256_and_ps(y, _mm256_cmp_ps::<_CMP_ORD_Q>(y, y));
+            let y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+            *o = _mm256_cvtps_epi32(_mm256_round_ps::<
+                { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+            >(y));
+        }
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for h in 0..2 {
+            let a = _mm256_packs_epi32(i32s[4 * h], i32s[4 * h + 1]);
+            let b = _mm256_packs_epi32(i32s[4 * h + 2], i32s[4 * h + 3]);
+            let v = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+            _mm256_storeu_si256(q.as_mut_ptr().add(32 * h) as *mut __m256i, v);
+            let v = _mm256_xor_si256(v, _mm256_set1_epi8(0x80u8 as i8));
+            _mm256_storeu_si256(u.as_mut_ptr().add(32 * h) as *mut __m256i, v);
+        }
+        amax / 127.0
+    }
+
+    /// `_mm256_permutex2var_epi8(p, idx, q)` as the 256-bit `vpermi2b` itself: LLVM turns
+    /// the intrinsic into a 512-bit `vpermb` over the concatenated table, which Zen 4 runs
+    /// as two halves.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vbmi")]
+    #[inline]
+    unsafe fn vpermi2b(p: __m256i, idx: __m256i, q: __m256i) -> __m256i {
+        let mut r = idx;
+        std::arch::asm!(
+            "vpermi2b {r}, {p}, {q}",
+            r = inout(ymm_reg) r,
+            p = in(ymm_reg) p,
+            q = in(ymm_reg) q,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+        r
+    }
+
     #[inline(always)]
     unsafe fn hsum(x: __m256) -> f32 {
         let mut r = _mm256_extractf128_ps::<1>(x);
@@ -809,8 +924,9 @@ mod x86 {
         _mm_cvtss_f32(r)
     }
 
-    /// R rows of `nb` blocks of `bb` bytes against the activations `xq` (64 per block) and
-    /// their scales `xd` (a multiple of 8 of them, zeros past `nb`).
+    /// R rows of `nb` blocks of `bb` bytes against the activations `xq` (64 per block; AVX2:
+    /// the i8 values, VNNI and VBMI: biased to u8, `q + 128`) and their scales `xd` (a
+    /// multiple of 8 of them, zeros past `nb`).
     #[inline(always)]
     unsafe fn body<const R: usize, const M: usize, const Q4: bool, const ISA: u8>(
         rows: [*const u8; R],
@@ -820,27 +936,42 @@ mod x86 {
         xd: *const f32,
     ) -> [f32; R] {
         let voff = if M == 8 { 12 } else { 8 };
-        let sb = bb - 2;
+        let sb = bb - 4;
         let goff = _mm256_loadu_si256(if M == 8 {
             GOFF48.as_ptr()
         } else {
             GOFF24.as_ptr()
         } as *const __m256i);
         let mut acc = [_mm256_setzero_ps(); R];
-        let mut dbuf = [[0f32; 8]; R];
+        // Per row, 8 blocks' d_w * d_x, then (VNNI, VBMI) their corrections -16 * sum_b.
+        let mut dbuf = [[0f32; 16]; R];
         let mut b0 = 0;
         while b0 < nb {
-            // d_w * d_x of blocks b0..b0 + 8. The 16 bytes of scales past the row's head
-            // are still in the row (its head is 2 nb bytes of nb * bb, and bb >= 26), and
-            // the lanes past nb are never read.
+            // d_w * d_x of blocks b0..b0 + 8, and the sums' corrections. The 16 bytes of
+            // scales and of sums past b0 are still in the row (its head is 4 nb bytes of
+            // nb * bb, and bb >= 28), and the lanes past nb are never read.
             let dx = _mm256_loadu_ps(xd.add(b0));
             let mut r = 0;
             while r < R {
                 let h = _mm_loadu_si128(rows[r].add(2 * b0) as *const __m128i);
                 let d = _mm256_mul_ps(_mm256_cvtph_ps(h), dx);
                 _mm256_storeu_ps(dbuf[r].as_mut_ptr(), d);
+                if ISA != AVX2 {
+                    // The biased activations add 128 * sum_b to the block's dot; every one
+                    // of the 8 lanes starts at -16 * sum_b, which takes it back exactly.
+                    let s = _mm_loadu_si128(rows[r].add(2 * nb + 2 * b0) as *const __m128i);
+                    let c = _mm256_sub_epi32(
+                        _mm256_setzero_si256(),
+                        _mm256_slli_epi32::<4>(_mm256_cvtepi16_epi32(s)),
+                    );
+                    _mm256_storeu_si256(dbuf[r].as_mut_ptr().add(8) as *mut __m256i, c);
+                }
                 r += 1;
             }
+            // Through an opaque pointer so that the broadcasts below load from memory
+            // (`vbroadcastss m32`, no shuffle uop); LLVM otherwise keeps the buffer in
+            // registers and spends two shuffles per block and row.
+            let dp = std::hint::black_box(dbuf.as_ptr() as *const f32);
             let end = if nb - b0 < 8 { nb } else { b0 + 8 };
             for b in b0..end {
                 let xa = _mm256_loadu_si256(xq.add(64 * b) as *const __m256i);
@@ -855,32 +986,36 @@ mod x86 {
                 };
                 let mut r = 0;
                 while r < R {
-                    let blk = rows[r].add(2 * nb + b * sb);
+                    let blk = rows[r].add(4 * nb + b * sb);
                     let xg = if ISA == VBMI {
-                        _mm256_permutex2var_epi8(p, positions::<M>(blk, goff), q)
+                        vpermi2b(p, positions::<M>(blk, goff), q)
                     } else {
                         let (cp, cq) = controls::<M>(blk);
                         _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq))
                     };
                     let w = if Q4 {
-                        let t = _mm_loadu_si128(blk.add(voff) as *const __m128i);
-                        let v = _mm256_inserti128_si256::<1>(
-                            _mm256_castsi128_si256(t),
-                            _mm_srli_epi16::<4>(t),
-                        );
+                        // The 16 bytes in both halves (a broadcast load), the high half
+                        // shifted by 4: levels 0..16 low, 16..32 high.
+                        let t = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                            blk.add(voff) as *const __m128i
+                        ));
+                        let v = _mm256_srlv_epi64(t, _mm256_setr_epi64x(0, 0, 4, 4));
                         let v = _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
                         _mm256_sub_epi8(v, _mm256_set1_epi8(8))
                     } else {
                         _mm256_loadu_si256(blk.add(voff) as *const __m256i)
                     };
-                    let ax = _mm256_sign_epi8(w, w);
-                    let sy = _mm256_sign_epi8(xg, w);
                     let ip = if ISA == AVX2 {
+                        let ax = _mm256_sign_epi8(w, w);
+                        let sy = _mm256_sign_epi8(xg, w);
                         _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
                     } else {
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy)
+                        // u8 (x + 128) times i8 w, from -16 sum_b in every lane: exact.
+                        let c =
+                            _mm256_set1_epi32((dp.add(16 * r + 8 + b - b0) as *const i32).read());
+                        _mm256_dpbusd_epi32(c, xg, w)
                     };
-                    let d = _mm256_broadcast_ss(&dbuf[r][b - b0]);
+                    let d = _mm256_broadcast_ss(&*dp.add(16 * r + b - b0));
                     acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r]);
                     r += 1;
                 }
@@ -896,6 +1031,16 @@ mod x86 {
         out
     }
 
+    /// The activation bytes the `ISA` body takes: i8 for AVX2, biased u8 for `vpdpbusd`.
+    #[inline(always)]
+    fn acts<const ISA: u8>(a: &NmActs) -> *const i8 {
+        if ISA == AVX2 {
+            a.q.as_ptr()
+        } else {
+            a.u.as_ptr() as *const i8
+        }
+    }
+
     macro_rules! variant {
         ($name:ident, $m:literal, $q4:literal, $isa:ident, $feat:literal) => {
             mod $name {
@@ -908,7 +1053,7 @@ mod x86 {
                         [row.as_ptr()],
                         nb,
                         f.block_bytes(),
-                        a.q.as_ptr(),
+                        acts::<$isa>(a),
                         a.d.as_ptr(),
                     )[0]
                 }
@@ -925,7 +1070,7 @@ mod x86 {
                         ],
                         nb,
                         f.block_bytes(),
-                        a.q.as_ptr(),
+                        acts::<$isa>(a),
                         a.d.as_ptr(),
                     )
                 }
@@ -1171,7 +1316,7 @@ mod arm {
         xd: *const f32,
     ) -> [f32; R] {
         let voff = if M == 8 { 12 } else { 8 };
-        let sb = bb - 2;
+        let sb = bb - 4;
         let g = vld1q_u8(if M == 8 { G48.as_ptr() } else { G24.as_ptr() });
         let mut acc = [vdupq_n_f32(0.0); R];
         for b in 0..nb {
@@ -1181,7 +1326,7 @@ mod arm {
             let dx = *xd.add(b);
             let mut r = 0;
             while r < R {
-                let blk = rows[r].add(2 * nb + b * sb);
+                let blk = rows[r].add(4 * nb + b * sb);
                 let (mut lo, mut hi) = digits(blk);
                 if M == 8 {
                     let (c0, c1) = plane(blk.add(8));
