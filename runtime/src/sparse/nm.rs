@@ -728,6 +728,16 @@ pub fn matvec(f: &NmFormat, w: &[u8], x: &[f32], y: &mut [f32]) -> Result<()> {
     k.matvec(w, &a, y)
 }
 
+/// [`NmFormat::block_bytes`] of a SIMD kernel's format (2:4 or 4:8, `m` 4 or 8) as a
+/// constant: the general one divides, which costs more than a short row's kernel call.
+#[allow(dead_code)]
+#[inline(always)]
+fn simd_block_bytes(f: &NmFormat, m: usize, q4: bool) -> usize {
+    let bb = 4 + if m == 8 { 12 } else { 8 } + if q4 { 16 } else { 32 };
+    debug_assert_eq!(bb, f.block_bytes());
+    bb
+}
+
 /// The SIMD kernels' shape: 2:4 or 4:8 (32 kept values over 64 inputs per block, every
 /// 16-input chunk holding 8 of them).
 #[allow(dead_code)]
@@ -1052,7 +1062,7 @@ mod x86 {
                     body::<1, $m, $q4, $isa>(
                         [row.as_ptr()],
                         nb,
-                        f.block_bytes(),
+                        crate::sparse::nm::simd_block_bytes(f, $m, $q4),
                         acts::<$isa>(a),
                         a.d.as_ptr(),
                     )[0]
@@ -1069,7 +1079,7 @@ mod x86 {
                             rows[3].as_ptr(),
                         ],
                         nb,
-                        f.block_bytes(),
+                        crate::sparse::nm::simd_block_bytes(f, $m, $q4),
                         acts::<$isa>(a),
                         a.d.as_ptr(),
                     )
@@ -1370,7 +1380,8 @@ mod arm {
                 pub(super) unsafe fn dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
                     let nb = a.q.len() / 64;
                     let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
-                    body::<$isa, 1, $m, $q4>([row.as_ptr()], nb, f.block_bytes(), q, d)[0]
+                    let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
+                    body::<$isa, 1, $m, $q4>([row.as_ptr()], nb, bb, q, d)[0]
                 }
 
                 $(#[target_feature(enable = $feat)])?
@@ -1387,7 +1398,8 @@ mod arm {
                         rows[2].as_ptr(),
                         rows[3].as_ptr(),
                     ];
-                    body::<$isa, 4, $m, $q4>(p, nb, f.block_bytes(), q, d)
+                    let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
+                    body::<$isa, 4, $m, $q4>(p, nb, bb, q, d)
                 }
             }
         };
