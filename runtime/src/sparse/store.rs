@@ -11,6 +11,7 @@
 //! | `sparrow.sparse.NAME.n`, `.m` | u32 | N and M |
 //! | `sparrow.sparse.NAME.values` | string | `"q8"` or `"q4"` |
 //! | `sparrow.sparse.NAME.cols` | u64 | logical inputs per row |
+//! | `sparrow.sparse.NAME.layout` | u32 | byte layout, [`super::nm::LAYOUT`] (2) |
 //!
 //! A group-sparse matrix is the I8 tensor `NAME` of shape `[n_bytes]` holding the encoded
 //! buffer of `sparse::group` (header, row offsets, rows), with `.encoding` = `"group"`,
@@ -23,7 +24,7 @@
 //! The file carries `sparrow.sparse.version` = 1.
 
 use super::group::{self, GroupFormat, GroupMatrix, Values};
-use super::nm::{NmFormat, NmValues};
+use super::nm::{NmFormat, NmValues, LAYOUT as NM_LAYOUT};
 use crate::gguf::{GgufWriter, Metadata, TensorInfo, Value};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
@@ -112,6 +113,14 @@ pub fn read(md: &Metadata, t: &TensorInfo) -> Result<Option<SparseMatrix>> {
     }
     let encoding = match enc.as_str() {
         Some("nm") => {
+            let layout = md.get(&key(&t.name, "layout")).and_then(Value::as_u64);
+            if layout != Some(NM_LAYOUT as u64) {
+                return Err(bad(format!(
+                    "N:M byte layout {}; this build reads layout {NM_LAYOUT} (a file from an \
+                     older build: prune the dense model again)",
+                    layout.map_or("1 (no layout key)".to_string(), |l| l.to_string())
+                )));
+            }
             let n = md.u64(&key(&t.name, "n"))?;
             let m = md.u64(&key(&t.name, "m"))?;
             let values = match md.str(&key(&t.name, "values"))? {
@@ -196,6 +205,7 @@ pub fn declare(w: &mut GgufWriter, name: &str, s: &SparseMatrix, n_bytes: usize)
     match s.encoding {
         Encoding::Nm(f) => {
             w.set(key(name, "encoding"), Value::String("nm".into()));
+            w.set(key(name, "layout"), Value::U32(NM_LAYOUT));
             w.set(key(name, "n"), Value::U32(f.n as u32));
             w.set(key(name, "m"), Value::U32(f.m as u32));
             let v = values_name(f.values == NmValues::Q8);
