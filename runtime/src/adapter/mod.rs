@@ -263,7 +263,7 @@ impl Adapter {
                     let name = names::hf_to_gguf(&t.name)
                         .ok_or_else(|| err(format!("module `{}` has no GGUF tensor", t.name)))?;
                     let info = self.find(base, &t.name, &name)?;
-                    let (rows, cols) = (info.n_rows() as usize, info.row_len() as usize);
+                    let (rows, cols) = base_shape(base, info)?;
                     let delta = match &t.delta {
                         Delta::Coo(c) => Delta::Sparse(peft::coo_to_sparse(
                             &self.source,
@@ -273,7 +273,7 @@ impl Adapter {
                             cols,
                         )?),
                         d => {
-                            self.check_shape(t, &name, info)?;
+                            self.check_shape(base, t, &name, info)?;
                             d.clone()
                         }
                     };
@@ -315,7 +315,7 @@ impl Adapter {
                 return Err(err(format!("two deltas for tensor `{}`", t.name)));
             }
             let info = self.find(base, &t.name, &t.name)?;
-            self.check_shape(t, &t.name, info)?;
+            self.check_shape(base, t, &t.name, info)?;
             if t.rows * t.cols > u32::MAX as usize + 1 {
                 return Err(err(format!(
                     "`{}` has more than 2^32 elements, which this build cannot patch",
@@ -382,10 +382,8 @@ impl Adapter {
             }
         })?;
         if crate::sparse::store::read(base.metadata(), info)?.is_some() {
-            return Err(err(format!(
-                "target `{name}`: tensor `{gguf_name}` of the base is a sparse (pruned) matrix; \
-                 adapters are not fused into sparse matrices yet"
-            )));
+            // Patched by the rule of `sparse::edit` (pruned positions stay pruned).
+            return Ok(info);
         }
         if !edit::supported(info.ty) {
             return Err(err(format!(
@@ -398,12 +396,13 @@ impl Adapter {
 
     fn check_shape(
         &self,
+        base: &GgufFile,
         t: &Target,
         gguf_name: &str,
         info: &crate::gguf::TensorInfo,
     ) -> Result<()> {
-        let (rows, cols) = (info.n_rows() as usize, info.row_len() as usize);
-        if info.shape.len() > 2 || (t.rows, t.cols) != (rows, cols) {
+        let (rows, cols) = base_shape(base, info)?;
+        if (t.rows, t.cols) != (rows, cols) {
             return Err(Error::adapter(
                 &self.source,
                 format!(
@@ -463,8 +462,24 @@ fn reorder_rows(d: Delta, order: RowOrder, rows: usize, cols: usize) -> Delta {
     }
 }
 
+/// The (rows, columns) of a base matrix: of the weights it stands for, for a sparse matrix
+/// (whose GGUF shape is that of its bytes). A matrix must be 1-D or 2-D.
+pub fn base_shape(base: &GgufFile, info: &crate::gguf::TensorInfo) -> Result<(usize, usize)> {
+    if let Some(m) = crate::sparse::store::read(base.metadata(), info)? {
+        return Ok((m.rows, m.cols));
+    }
+    if info.shape.len() > 2 {
+        return Err(Error::tensor(
+            &info.name,
+            format!("{}-D tensors are not adapter targets", info.shape.len()),
+        ));
+    }
+    Ok((info.n_rows() as usize, info.row_len() as usize))
+}
+
 /// A fingerprint of a model's tensor names and shapes (not types or values, so every
-/// quantization of one model shares it): FNV-1a 64 over `name:dims;` in file order.
+/// quantization of one model shares it, and so does a pruned one: a sparse matrix counts
+/// with the shape of the weights it stands for): FNV-1a 64 over `name:dims;` in file order.
 pub fn base_shape_hash(base: &GgufFile) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut eat = |b: &[u8]| {
@@ -476,7 +491,11 @@ pub fn base_shape_hash(base: &GgufFile) -> String {
     for t in base.tensors() {
         eat(t.name.as_bytes());
         eat(b":");
-        for d in &t.shape {
+        let logical = match crate::sparse::store::read(base.metadata(), t) {
+            Ok(Some(m)) => vec![m.cols as u64, m.rows as u64],
+            _ => t.shape.clone(),
+        };
+        for d in &logical {
             eat(d.to_string().as_bytes());
             eat(b",");
         }

@@ -13,6 +13,7 @@ use super::{Adapter, Delta, LowRank, SparseDelta};
 use crate::gguf::GgufFile;
 use crate::quant::edit::{self, BlockLog, Outcome, Requant};
 use crate::quant::GgmlType;
+use crate::sparse::store::SparseMatrix;
 use crate::{Error, Result};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -31,6 +32,9 @@ pub struct TensorPlan<'a> {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
+    /// The encoding of a sparse (pruned) base matrix, edited by [`crate::sparse::edit`]'s
+    /// rule instead of block by block.
+    pub sparse: Option<SparseMatrix>,
     pub parts: Vec<Part<'a>>,
 }
 
@@ -59,6 +63,7 @@ pub fn plan<'a>(file: &GgufFile, adapters: &[(&'a Adapter, f32)]) -> Result<Vec<
                 name: t.name.clone(),
                 range: file.range(info)?,
                 ty: info.ty,
+                sparse: crate::sparse::store::read(file.metadata(), info)?,
                 rows: t.rows,
                 cols: t.cols,
                 parts: vec![Part {
@@ -130,6 +135,8 @@ pub struct Stats {
     pub blocks: usize,
     /// Blocks re-encoded from scratch because the delta left their grid.
     pub reencoded: usize,
+    /// Deltas at pruned positions of sparse matrices, dropped (see [`crate::sparse::edit`]).
+    pub dropped: usize,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -138,6 +145,7 @@ impl std::ops::AddAssign for Stats {
         self.elements += o.elements;
         self.blocks += o.blocks;
         self.reencoded += o.reencoded;
+        self.dropped += o.dropped;
     }
 }
 
@@ -150,8 +158,10 @@ pub struct Options {
     pub residual: bool,
 }
 
-/// Patches `map` (the whole model mapping) with `plans`. Cannot fail: [`plan`] did every
-/// check.
+/// Patches `map` (the whole model mapping) with `plans`, in parallel over tensors. [`plan`]
+/// did every check that can be made up front; what remains is a sparse row that does not
+/// decode or a sum its encoding cannot hold, found while editing: then every tensor is
+/// restored and the error returned, so that an apply happens completely or not at all.
 ///
 /// `spare` holds logs of earlier, undone patches by tensor offset: their buffers are reused,
 /// so that a switch does not allocate (and have the kernel zero) tens of megabytes each time.
@@ -160,23 +170,13 @@ pub fn apply(
     plans: &[TensorPlan<'_>],
     o: Options,
     spare: &mut Spare,
-) -> (Undo, Stats) {
-    patch_all(map, plans, o, spare)
-}
-
-/// Patches every tensor of `plans` in parallel.
-fn patch_all(
-    map: &mut [u8],
-    plans: &[TensorPlan<'_>],
-    o: Options,
-    spare: &mut Spare,
-) -> (Undo, Stats) {
+) -> Result<(Undo, Stats)> {
     let slices = disjoint(map, plans.iter().map(|p| p.range.clone()));
     let logs: Vec<BlockLog> = plans
         .iter()
         .map(|p| take_spare(spare, p.range.start))
         .collect();
-    let results: Vec<(TensorUndo, Stats)> = plans
+    let results: Vec<(TensorUndo, Stats, Option<Error>)> = plans
         .par_iter()
         .zip(slices)
         .zip(logs)
@@ -184,11 +184,17 @@ fn patch_all(
         .collect();
     let mut stats = Stats::default();
     let mut undo = Undo::default();
-    for (u, s) in results {
+    let mut failed = None;
+    for (u, s, e) in results {
         stats += s;
         undo.tensors.push(u);
+        failed = failed.or(e);
     }
-    (undo, stats)
+    if let Some(e) = failed {
+        restore(map, &undo);
+        return Err(e);
+    }
+    Ok((undo, stats))
 }
 
 /// Block logs of undone patches, by the mapping offset of their tensor.
@@ -239,23 +245,31 @@ impl Compiled {
 /// Keeps what the apply that returned `undo` wrote into `map`; call it right after that
 /// apply. Apply-time residuals are not kept: compile only patches made without them.
 pub fn compile(map: &[u8], undo: Undo, stats: Stats) -> Compiled {
-    let redo = undo
-        .tensors
+    let redo = capture(map, &undo);
+    Compiled { undo, redo, stats }
+}
+
+/// What the places logged in `undo` hold now in `map` (see [`edit::BlockLog::capture`]).
+pub fn capture(map: &[u8], undo: &Undo) -> Vec<edit::Redo> {
+    undo.tensors
         .par_iter()
         .map(|t| t.log.capture(&map[t.start..t.end()], t.block_bytes))
-        .collect();
-    Compiled { undo, redo, stats }
+        .collect()
 }
 
 /// Makes the patch of `c` again by copying its new bytes. `map` must hold the bytes the
 /// patch was compiled on (the base, in [`super::stack::Stack`]'s use).
 pub fn replay(map: &mut [u8], c: &Compiled) {
-    let ranges = c.undo.tensors.iter().map(|t| t.start..t.end());
+    redo(map, &c.undo, &c.redo);
+}
+
+/// Writes `redo` (from [`capture`]) at the places logged in `undo`.
+pub fn redo(map: &mut [u8], undo: &Undo, redo: &[edit::Redo]) {
+    let ranges = undo.tensors.iter().map(|t| t.start..t.end());
     let slices = disjoint(map, ranges);
-    c.undo
-        .tensors
+    undo.tensors
         .par_iter()
-        .zip(&c.redo)
+        .zip(redo)
         .zip(slices)
         .for_each(|((t, r), bytes)| t.log.redo(bytes, t.block_bytes, r));
 }
@@ -284,8 +298,23 @@ fn disjoint(map: &mut [u8], ranges: impl Iterator<Item = Range<usize>>) -> Vec<&
         .collect()
 }
 
-/// Patches one tensor.
+/// Patches one tensor. On an error (sparse tensors only) the log holds what was changed
+/// before it, so that restoring undoes the partial patch.
 fn patch_tensor(
+    p: &TensorPlan<'_>,
+    bytes: &mut [u8],
+    o: Options,
+    log: BlockLog,
+) -> (TensorUndo, Stats, Option<Error>) {
+    if let Some(m) = &p.sparse {
+        return patch_sparse(p, m, bytes, o, log);
+    }
+    let (u, st) = patch_dense(p, bytes, o, log);
+    (u, st, None)
+}
+
+/// Patches one tensor of a block format (or floats).
+fn patch_dense(
     p: &TensorPlan<'_>,
     bytes: &mut [u8],
     o: Options,
@@ -305,22 +334,7 @@ fn patch_tensor(
         tensors: 1,
         ..Stats::default()
     };
-    let low_rank: Vec<(&LowRank, f32)> = p
-        .parts
-        .iter()
-        .filter_map(|q| match q.delta {
-            Delta::LowRank(l) => Some((l, q.scale)),
-            _ => None,
-        })
-        .collect();
-    let sparse: Vec<(&SparseDelta, f32)> = p
-        .parts
-        .iter()
-        .filter_map(|q| match q.delta {
-            Delta::Sparse(s) => Some((s, q.scale)),
-            _ => None,
-        })
-        .collect();
+    let (low_rank, sparse) = split_parts(p);
     let residual = o.residual.then_some(&mut u.residual);
 
     if low_rank.is_empty() {
@@ -383,6 +397,92 @@ fn patch_tensor(
         }
     }
     (u, st)
+}
+
+/// Patches a sparse (pruned) matrix row by row ([`crate::sparse::edit::add_to_row`]): each
+/// touched row is edited, then the bytes that changed are logged one by one (a row's scales
+/// and values are in different places, and mostly a byte or two change).
+fn patch_sparse(
+    p: &TensorPlan<'_>,
+    m: &SparseMatrix,
+    bytes: &mut [u8],
+    o: Options,
+    log: BlockLog,
+) -> (TensorUndo, Stats, Option<Error>) {
+    let mut u = TensorUndo {
+        name: p.name.clone(),
+        rows: p.rows,
+        cols: p.cols,
+        residual: Vec::new(),
+        start: p.range.start,
+        block_bytes: 1,
+        log,
+    };
+    let mut st = Stats {
+        tensors: 1,
+        ..Stats::default()
+    };
+    let fail = |u, st, e: Error| (u, st, Some(Error::tensor(&p.name, e.to_string())));
+    let ranges = match crate::sparse::edit::row_ranges(m, bytes) {
+        Ok(r) => r,
+        Err(e) => return fail(u, st, e),
+    };
+    let (low_rank, sparse) = split_parts(p);
+    let merged = merged_sparse(&sparse);
+    let cols = p.cols;
+    let (mut delta, mut acc) = (vec![0f32; cols], Vec::new());
+    let mut scratch = crate::sparse::edit::RowScratch::default();
+    let (mut old, mut local) = (Vec::new(), Vec::new());
+    let mut si = 0;
+    for (r, range) in ranges.into_iter().enumerate() {
+        let row_end = ((r + 1) * cols) as u32;
+        let first = si;
+        while si < merged.0.len() && merged.0[si] < row_end {
+            si += 1;
+        }
+        if low_rank.is_empty() && si == first {
+            continue;
+        }
+        dense_row(&low_rank, r, cols, &mut delta, &mut acc);
+        for k in first..si {
+            delta[merged.0[k] as usize - r * cols] += merged.1[k];
+        }
+        let row = &mut bytes[range.clone()];
+        old.clear();
+        old.extend_from_slice(row);
+        local.clear();
+        let keep = o.residual.then_some(&mut local);
+        match crate::sparse::edit::add_to_row(m, row, &delta, &mut scratch, keep) {
+            Ok(dropped) => st.dropped += dropped,
+            Err(e) => return fail(u, st, e),
+        }
+        for (k, (&a, &b)) in old.iter().zip(row.iter()).enumerate() {
+            if a != b {
+                u.log.byte_at.push((range.start + k) as u32);
+                u.log.byte_old.push(a);
+            }
+        }
+        let at = (r * cols) as u32;
+        u.residual.extend(local.iter().map(|&(c, v)| (at + c, v)));
+        st.elements += delta.iter().filter(|&&d| d != 0.0).count();
+        st.blocks += 1;
+    }
+    (u, st, None)
+}
+
+/// The low-rank and the sparse deltas of a plan, each with its scale.
+#[allow(clippy::type_complexity)]
+fn split_parts<'a>(p: &TensorPlan<'a>) -> (Vec<(&'a LowRank, f32)>, Vec<(&'a SparseDelta, f32)>) {
+    let mut low_rank = Vec::new();
+    let mut sparse = Vec::new();
+    for q in &p.parts {
+        match q.delta {
+            Delta::LowRank(l) => low_rank.push((l, q.scale)),
+            Delta::Sparse(s) => sparse.push((s, q.scale)),
+            Delta::Coo(_) => {}
+        }
+    }
+    (low_rank, sparse)
 }
 
 /// Several sparse deltas summed into one (indices, scaled values), sorted.

@@ -185,11 +185,12 @@ impl Stack {
             .map(|(a, s)| format!("{}:{s}", a.source.display()))
             .collect::<Vec<_>>()
             .join(" + ");
-        Ok(self.fuse(file, &plans, key, o, label))
+        self.fuse(file, &plans, key, o, label)
     }
 
     /// Fuses planned (checked) adapters as a new entry: replays their compiled patch when
     /// one fits (bare base, default options), else edits and, on the bare base, compiles.
+    /// On an error (see [`patch::apply`]) the file is unchanged.
     fn fuse(
         &mut self,
         file: &mut GgufFile,
@@ -197,7 +198,7 @@ impl Stack {
         key: Key,
         o: Options,
         label: String,
-    ) -> u64 {
+    ) -> Result<u64> {
         make_private(file, plans);
         let bare = self.applied.is_empty() && o == Options::default();
         let (undo, stats) = match self.compiled.get(&key).filter(|_| bare) {
@@ -206,7 +207,7 @@ impl Stack {
                 (Log::Compiled(c.clone()), c.stats())
             }
             None => {
-                let (undo, stats) = patch::apply(file.bytes_mut(), plans, o, &mut self.spare);
+                let (undo, stats) = patch::apply(file.bytes_mut(), plans, o, &mut self.spare)?;
                 if bare && self.compiled.may_keep(undo.bytes()) {
                     let c = Arc::new(patch::compile(file.bytes(), undo, stats));
                     self.compiled.insert(key, c.clone());
@@ -224,7 +225,7 @@ impl Stack {
             stats,
             undo,
         });
-        id
+        Ok(id)
     }
 
     /// Removes entry `id`, which must be the last applied, restoring the bytes it overwrote.
@@ -284,12 +285,27 @@ impl Stack {
         self.check_top(id)?;
         let to = bound.as_ref().unwrap_or(to);
         let plans = patch::plan(file, &[(to, scale)])?;
+        // Editing sparse matrices can still fail (see `patch::apply`); keep what the current
+        // entry wrote, to put it back then.
+        let fallible = plans.iter().any(|p| p.sparse.is_some());
         let old = self.applied.pop().expect("checked");
+        let written = fallible.then(|| patch::capture(file.bytes(), old.undo.undo()));
         patch::restore(file.bytes_mut(), old.undo.undo());
-        self.recycle(old.undo);
         let label = format!("{}:{scale}", to.source.display());
         let key = vec![(to.uid, scale.to_bits())];
-        Ok(self.fuse(file, &plans, key, Options::default(), label))
+        match self.fuse(file, &plans, key, Options::default(), label) {
+            Ok(new_id) => {
+                self.recycle(old.undo);
+                Ok(new_id)
+            }
+            Err(e) => {
+                if let Some(w) = written {
+                    patch::redo(file.bytes_mut(), old.undo.undo(), &w);
+                }
+                self.applied.push(old);
+                Err(e)
+            }
+        }
     }
 
     /// A stack whose compiled patches (see [`Cache`]) may hold `bytes` in all; 0 turns

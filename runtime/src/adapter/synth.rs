@@ -61,10 +61,29 @@ fn linear_tensors(base: &GgufFile) -> Vec<&crate::gguf::TensorInfo> {
         .collect()
 }
 
+/// Root mean square of a base matrix's weights (a sparse one's pruned zeros included).
 fn rms(base: &GgufFile, t: &crate::gguf::TensorInfo) -> Result<f32> {
-    let mut v = vec![0f32; t.n_elements() as usize];
-    quant::dequantize(t.ty, base.tensor_data(t)?, &mut v)
-        .map_err(|e| Error::tensor(&t.name, e.to_string()))?;
+    let v = match crate::sparse::store::read(base.metadata(), t)? {
+        Some(m) => {
+            use crate::sparse::edit;
+            let bytes = base.tensor_data(t)?;
+            let mut v = vec![0f32; m.rows * m.cols];
+            let mut keep = vec![false; m.cols];
+            let ranges =
+                edit::row_ranges(&m, bytes).map_err(|e| Error::tensor(&t.name, e.to_string()))?;
+            for (row, r) in v.chunks_exact_mut(m.cols).zip(ranges) {
+                edit::decode_row(&m, &bytes[r], row, &mut keep)
+                    .map_err(|e| Error::tensor(&t.name, e.to_string()))?;
+            }
+            v
+        }
+        None => {
+            let mut v = vec![0f32; t.n_elements() as usize];
+            quant::dequantize(t.ty, base.tensor_data(t)?, &mut v)
+                .map_err(|e| Error::tensor(&t.name, e.to_string()))?;
+            v
+        }
+    };
     let s: f64 = v.iter().map(|&x| (x as f64) * (x as f64)).sum();
     Ok((s / v.len().max(1) as f64).sqrt() as f32)
 }
@@ -80,7 +99,7 @@ pub fn synth(base: &GgufFile, spec: Spec, seed: u64, source: &Path) -> Result<Ad
     }
     let mut targets = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let (rows, cols) = (t.n_rows() as usize, t.row_len() as usize);
+        let (rows, cols) = super::base_shape(base, t)?;
         let rms = rms(base, t)?;
         let delta = match spec {
             Spec::Sparse { density } => {

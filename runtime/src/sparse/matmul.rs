@@ -45,9 +45,10 @@ pub(crate) fn matmul(
     match s.encoding {
         Encoding::Group(_) => {
             // SAFETY: the model validated these bytes with GroupMatrix::new at load
-            // (SparseMatrix::check_bytes), and the bytes of sparse matrices are never written
-            // afterwards: adapters refuse sparse targets, and moving pages to anonymous memory
-            // copies them unchanged.
+            // (SparseMatrix::check_bytes). What writes them afterwards keeps them valid:
+            // fused adapters (sparse::edit) rewrite only scales, always finite, and levels,
+            // never a count, group number or offset; unapplying restores the loaded bytes;
+            // moving pages to anonymous memory copies them unchanged.
             let m = unsafe { GroupMatrix::new_validated(w)? };
             if m.rows() != rows || m.cols() != cols {
                 return Err(Error::InvalidArgument(format!(

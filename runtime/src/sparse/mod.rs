@@ -13,6 +13,7 @@
 
 #[cfg(target_arch = "aarch64")]
 mod arm;
+pub mod edit;
 pub mod group;
 pub mod matmul;
 pub mod nm;
