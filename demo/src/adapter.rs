@@ -111,6 +111,18 @@ pub fn apply_args(m: &mut Model, a: &AdapterArgs) -> AnyResult {
             "adapter {}: fused into {} tensors, {} elements, {} blocks ({} re-encoded) in {ms:.1} ms",
             e.label, st.tensors, st.elements, st.blocks, st.reencoded
         );
+        if st.dropped > 0 {
+            eprintln!(
+                "adapter {}: {} deltas fall on pruned positions of sparse matrices; {}",
+                e.label,
+                st.dropped,
+                if a.exact {
+                    "they are kept beside the weights (--exact)"
+                } else {
+                    "they are dropped (the pattern stays sparse; --exact keeps them)"
+                }
+            );
+        }
     }
     Ok(())
 }

@@ -131,7 +131,7 @@ pub struct Stats {
     pub tensors: usize,
     /// Elements given a delta.
     pub elements: usize,
-    /// Blocks changed (and saved).
+    /// Blocks changed (and saved); for a sparse matrix, rows edited.
     pub blocks: usize,
     /// Blocks re-encoded from scratch because the delta left their grid.
     pub reencoded: usize,
