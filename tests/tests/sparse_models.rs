@@ -299,6 +299,19 @@ fn contradictory_group_sparse_tensors_are_refused() {
     }
 }
 
+/// The tiny model pruned 2:4 with Q8 values, as `tmp(name)`.
+fn pruned_2_4(name: &str) -> PathBuf {
+    let path = tmp(name);
+    prune_file(
+        &GgufFile::open(tiny()).unwrap(),
+        &path,
+        &options(2, 4, NmValues::Q8),
+        |_, _, _| {},
+    )
+    .unwrap();
+    path
+}
+
 /// A sparse matrix of a model file decoded by the encoding's own decoder: (weights, kept
 /// positions), row-major. For group-sparse matrices a position is kept when its group is
 /// stored with a nonzero weight (the pruned tiny models hold random weights).
@@ -487,14 +500,7 @@ fn residuals_make_adapters_on_sparse_bases_exact() {
     let tokens: Vec<u32> = vec![316, 278, 283, 450, 366, 267, 298, 259, 267, 269, 73, 348];
     let shira = sparrow::adapter::Adapter::load(fixtures().join("adapters/shira")).unwrap();
     let scale = 20.0f32;
-    let sparse = tmp("residual-base.gguf");
-    prune_file(
-        &GgufFile::open(tiny()).unwrap(),
-        &sparse,
-        &options(2, 4, NmValues::Q8),
-        |_, _, _| {},
-    )
-    .unwrap();
+    let sparse = pruned_2_4("residual-base.gguf");
     let twin = tmp("residual-twin.gguf");
     decoded_copy(&sparse, &twin);
     let mut m = Model::open(&sparse, &ModelOptions::default()).unwrap();
@@ -560,14 +566,7 @@ fn residuals_make_adapters_on_sparse_bases_exact() {
 /// place before the switch included.
 #[test]
 fn a_bad_sparse_row_undoes_the_whole_apply() {
-    let sparse = tmp("bad-row-base.gguf");
-    prune_file(
-        &GgufFile::open(tiny()).unwrap(),
-        &sparse,
-        &options(2, 4, NmValues::Q8),
-        |_, _, _| {},
-    )
-    .unwrap();
+    let sparse = pruned_2_4("bad-row-base.gguf");
     // Row 3 of one matrix: every byte 0xFF, so its 2:4 indices are 3, 3 (not increasing).
     let name = "blk.1.ffn_down.weight";
     let mut bytes = std::fs::read(&sparse).unwrap();

@@ -90,6 +90,19 @@ struct TensorUndo {
 }
 
 impl TensorUndo {
+    /// An empty undo of plan `p`'s tensor, logging into `log` in units of `block_bytes`.
+    fn new(p: &TensorPlan<'_>, block_bytes: usize, log: BlockLog) -> TensorUndo {
+        TensorUndo {
+            name: p.name.clone(),
+            rows: p.rows,
+            cols: p.cols,
+            residual: Vec::new(),
+            start: p.range.start,
+            block_bytes,
+            log,
+        }
+    }
+
     /// End of the last saved block in the mapping.
     fn end(&self) -> usize {
         self.start + self.log.end_block(self.block_bytes) * self.block_bytes
@@ -321,15 +334,7 @@ fn patch_dense(
     log: BlockLog,
 ) -> (TensorUndo, Stats) {
     let (bs, bb) = p.ty.block_layout();
-    let mut u = TensorUndo {
-        name: p.name.clone(),
-        rows: p.rows,
-        cols: p.cols,
-        residual: Vec::new(),
-        start: p.range.start,
-        block_bytes: bb,
-        log,
-    };
+    let mut u = TensorUndo::new(p, bb, log);
     let mut st = Stats {
         tensors: 1,
         ..Stats::default()
@@ -409,15 +414,7 @@ fn patch_sparse(
     o: Options,
     log: BlockLog,
 ) -> (TensorUndo, Stats, Option<Error>) {
-    let mut u = TensorUndo {
-        name: p.name.clone(),
-        rows: p.rows,
-        cols: p.cols,
-        residual: Vec::new(),
-        start: p.range.start,
-        block_bytes: 1,
-        log,
-    };
+    let mut u = TensorUndo::new(p, 1, log);
     let mut st = Stats {
         tensors: 1,
         ..Stats::default()
