@@ -608,3 +608,46 @@ fn a_bad_sparse_row_undoes_the_whole_apply() {
     m.unapply_adapter(m.applied_adapters()[0].id).unwrap();
     assert!(m.file().bytes() == &pristine[..]);
 }
+
+/// Files of an older byte layout (no `.layout` key: layout 1, before the N:M value sums and
+/// the group-sparse count and index) are refused at load with a message naming the layout,
+/// for both encodings.
+#[test]
+fn older_byte_layouts_are_refused() {
+    let group = PruneOptions {
+        structure: Structure::Group {
+            g: 16,
+            sparsity: 0.5,
+        },
+        q8: Some(true),
+        ..options(2, 4, NmValues::Q8)
+    };
+    for (label, o) in [("nm", options(2, 4, NmValues::Q8)), ("group", group)] {
+        let new = tmp(&format!("layout-new-{label}.gguf"));
+        prune_file(&GgufFile::open(tiny()).unwrap(), &new, &o, |_, _, _| {}).unwrap();
+        let f = GgufFile::open(&new).unwrap();
+        let mut w = GgufWriter::new();
+        let mut dropped = 0;
+        for (k, v) in f.metadata().iter() {
+            if k.starts_with("sparrow.sparse.") && k.ends_with(".layout") {
+                dropped += 1;
+            } else {
+                w.set(k, v.clone());
+            }
+        }
+        assert!(dropped > 0, "{label}: no layout key written");
+        for t in f.tensors() {
+            w.add_tensor(&t.name, &t.shape, t.ty).unwrap();
+        }
+        let old = tmp(&format!("layout-old-{label}.gguf"));
+        w.write_file(&old, |i, _| {
+            Ok(Cow::Owned(f.tensor_data(&f.tensors()[i])?.to_vec()))
+        })
+        .unwrap();
+        let e = match Model::open(&old, &ModelOptions::default()) {
+            Ok(_) => panic!("{label}: a layout-1 file loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("layout 1 (no layout key)"), "{label}: {e}");
+    }
+}
