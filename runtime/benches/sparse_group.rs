@@ -15,7 +15,8 @@
 //! table gives the median time, the weight GB/s, the fraction of the measured single-core
 //! read bandwidth, and the ratio dense / sparse (W4 against Q4_0, Q8 against Q8_0): from the
 //! criterion medians, and the median of 31 interleaved rounds (baseline and sparse kernel
-//! alternating, about 2 ms each), which the noise of a shared machine disturbs less.
+//! alternating, about 2 ms each), which the noise of a shared machine disturbs less, and the
+//! ratio of the two kernels' fastest rounds ("best").
 //!
 //! `SPARSE_GROUP_QUICK=1` skips criterion and reports the interleaved ratios, with the
 //! medians of a few bursts as times: a quick A/B while working on a kernel.
@@ -105,8 +106,8 @@ fn burst(e: &mut Entry, n: usize, next: &mut usize) -> f64 {
 }
 
 /// Median over 31 rounds of (baseline time / entry time), each round about 2 ms of each;
-/// also the two medians of the round times.
-fn interleaved(base: &mut Entry, e: &mut Entry) -> (f64, f64, f64) {
+/// also the medians of the round times and the ratio of their minimums.
+fn interleaved(base: &mut Entry, e: &mut Entry) -> (f64, f64, f64, f64) {
     let (mut nb, mut ne) = (0, 0);
     let probe = burst(base, 3, &mut nb).max(burst(e, 3, &mut ne));
     let n = ((2e-3 / probe) as usize).clamp(1, 2000);
@@ -118,7 +119,13 @@ fn interleaved(base: &mut Entry, e: &mut Entry) -> (f64, f64, f64) {
         tb.0.push(b);
         te.0.push(s);
     }
-    (ratios.median(), tb.median(), te.median())
+    let min = |t: &Times| t.0.iter().copied().fold(f64::INFINITY, f64::min);
+    (
+        ratios.median(),
+        tb.median(),
+        te.median(),
+        min(&tb) / min(&te),
+    )
 }
 
 /// Dense matrix-vector with the table's entry: `vec_dot` per row, and `rows8` if present.
@@ -302,7 +309,7 @@ fn bench(c: &mut Criterion) {
                 .filter(|&i| entries[i].1 == Some(v))
                 .min_by(|&a, &b| secs[a].total_cmp(&secs[b]))
         };
-        let mut il = vec![(f64::NAN, f64::NAN, f64::NAN); entries.len()];
+        let mut il = vec![(f64::NAN, f64::NAN, f64::NAN, f64::NAN); entries.len()];
         let skipped = |s: f64| !quick && s.is_nan();
         for i in dense_count..entries.len() {
             let Some(v) = entries[i].1 else { continue };
@@ -320,8 +327,8 @@ fn bench(c: &mut Criterion) {
             continue;
         }
         eprintln!(
-            "  {id:<34} {:<34} {:>9} {:>9} {:>7} {:>11} {:>12}",
-            "kernel", "us", "GB/s", "% bw", "dense/this", "interleaved"
+            "  {id:<34} {:<34} {:>9} {:>9} {:>7} {:>11} {:>12} {:>9}",
+            "kernel", "us", "GB/s", "% bw", "dense/this", "interleaved", "best"
         );
         for i in 0..entries.len() {
             let e = &entries[i].0;
@@ -340,12 +347,13 @@ fn bench(c: &mut Criterion) {
             }
             let gbs = e.bytes as f64 / s / 1e9;
             eprintln!(
-                "  {id:<34} {:<34} {:>9.1} {gbs:>9.2} {:>6.1}% {:>10.2}x {:>11.2}x",
+                "  {id:<34} {:<34} {:>9.1} {gbs:>9.2} {:>6.1}% {:>10.2}x {:>11.2}x {:>8.2}x",
                 e.name,
                 s * 1e6,
                 100.0 * gbs * 1e9 / bandwidth,
                 base / s,
-                il[i].0
+                il[i].0,
+                il[i].3
             );
         }
     }

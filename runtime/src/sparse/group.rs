@@ -41,8 +41,7 @@
 //! The index list is read 16 groups at a time with one widening load. Bytes per dense weight
 //! at g = 16, W4, per-group scales, 576 columns: 0.347 at 50 % and 0.189 at 75 % (count,
 //! index, scales and values with the last chunk padded; plus 4 bytes of row offset), against
-//! Q4_0's 0.5625;
-//! `scale_groups = 2` (32 weights per scale, as Q4_0) brings 50 % to 0.316.
+//! Q4_0's 0.5625; `scale_groups = 2` (32 weights per scale, as Q4_0) brings 50 % to 0.316.
 //!
 //! # Kernels
 //!
@@ -595,10 +594,6 @@ pub struct GroupActs {
     cols: usize,
     q: Vec<i8>,
     d: Vec<f32>,
-    /// -8 times the sum of each 4 consecutive activations (the Q4 kernels multiply unsigned
-    /// levels q and add this back for the q - 8 they stand for): 4 bytes per 4 columns, so
-    /// a group's corrections lie at the same byte offset as its activations.
-    corr: Vec<i32>,
 }
 
 impl GroupActs {
@@ -614,15 +609,10 @@ impl GroupActs {
                 *o = (v * id).round_ties_even() as i8;
             }
         }
-        let corr = q
-            .chunks_exact(4)
-            .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>())
-            .collect();
         GroupActs {
             cols: x.len(),
             q,
             d,
-            corr,
         }
     }
 
@@ -833,50 +823,26 @@ mod portable {
 mod x86 {
     //! AVX2 and AVX-512 VNNI kernels. A row is first prepared into scratch: its stored
     //! groups' activation offsets and combined scales dx * dw (AVX-512: 16 groups at a time
-    //! from one widening load of the index, dx picked from registers by `vpermt2ps`; AVX2:
-    //! one group at a time). Then its chunks are stepped, even and odd chunks into two
+    //! from one widening masked load of the index, dx picked from registers by `vpermt2ps`;
+    //! AVX2: one group at a time). Then its chunks are stepped, even and odd chunks into two
     //! accumulators: the 32 products of a chunk summed into 8 exact i32 lanes, converted and
-    //! fused-multiply-added with the lanes' scales. Q4 levels enter unsigned (`vpdpbusd` or
-    //! `maddubs` + `madd` against the signed activations), the lanes starting from the
-    //! activations' -8 * sum corrections, gathered with the same offsets; Q8 uses |w| and x
-    //! signed like w. Each row sums in the module doc's order, so the bits are the portable
-    //! kernel's.
+    //! fused-multiply-added with the lanes' scales. Q4 levels enter unsigned (`vpdpbusd`, or
+    //! `maddubs` + `madd`, against the signed activations) and 8 * sum of x is subtracted
+    //! (the same instruction with 8 for the levels); Q8 uses |w| and x signed like w. Rows go
+    //! two at a time, their chains interleaved, and the next two are prepared (into two other
+    //! buffers) before these are stepped. Each row sums in the module doc's order, so the
+    //! bits are the portable kernel's.
     //!
     //! Safety model: the bodies are `unsafe` `#[inline(always)]` generics, instantiated inside
     //! `#[target_feature]` functions whose safe wrappers are only handed out by
-    //! `GroupKernel::for_level` for a level that `Level::detected` reported. Every pointer
-    //! read stays inside the row (lengths, counts and group numbers validated by
-    //! `GroupMatrix::new`; reads of the index and scales are masked to the row's count) or
-    //! the activations (offsets are groups of the row, below `cols`; the padded length is a
-    //! multiple of 32, and `corr` has one byte per padded column).
+    //! `GroupKernel::for_level` for a level that `Level::detected` reported (no closures in
+    //! them: a closure does not inherit the target features). Every pointer read stays inside
+    //! the row (lengths, counts and group numbers validated by `GroupMatrix::new`; reads of
+    //! the index and scales are masked to the row's count) or the activations (offsets are
+    //! groups of the row, below `cols`, or 0 for padding; the padded length is a multiple of
+    //! 32).
     use super::*;
     use std::arch::x86_64::*;
-
-    /// The activations of one chunk's groups: `CHUNK / G` runs of G bytes.
-    #[inline(always)]
-    unsafe fn gather<const G: usize>(q: *const i8, off: *const u32) -> __m256i {
-        let at = |k: usize| q.add(*off.add(k) as usize);
-        match G {
-            32 => _mm256_loadu_si256(at(0) as *const __m256i),
-            16 => _mm256_loadu2_m128i(at(1) as *const __m128i, at(0) as *const __m128i),
-            8 => _mm256_setr_epi64x(
-                (at(0) as *const i64).read_unaligned(),
-                (at(1) as *const i64).read_unaligned(),
-                (at(2) as *const i64).read_unaligned(),
-                (at(3) as *const i64).read_unaligned(),
-            ),
-            _ => _mm256_setr_epi32(
-                (at(0) as *const i32).read_unaligned(),
-                (at(1) as *const i32).read_unaligned(),
-                (at(2) as *const i32).read_unaligned(),
-                (at(3) as *const i32).read_unaligned(),
-                (at(4) as *const i32).read_unaligned(),
-                (at(5) as *const i32).read_unaligned(),
-                (at(6) as *const i32).read_unaligned(),
-                (at(7) as *const i32).read_unaligned(),
-            ),
-        }
-    }
 
     /// A row's parts as pointers.
     #[derive(Clone, Copy)]
@@ -1042,60 +1008,35 @@ mod x86 {
         _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(idx.as_ptr() as *const __m256i))
     }
 
-    /// The 8 lane scales of a chunk, lane l taking the scale of group 4l / G.
-    #[inline(always)]
-    unsafe fn lane_scales<const G: usize>(s: *const f32) -> __m256 {
-        match G {
-            32 => _mm256_broadcast_ss(&*s),
-            16 => _mm256_set_m128(_mm_broadcast_ss(&*s.add(1)), _mm_broadcast_ss(&*s)),
-            8 => spread(
-                _mm256_castps128_ps256(_mm_loadu_ps(s)),
-                [0, 0, 1, 1, 2, 2, 3, 3],
-            ),
-            _ => _mm256_loadu_ps(s),
+    /// Scratch memory in cache lines (the AVX-512 preparation stores whole 64-byte vectors).
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    struct Line([u32; 16]);
+
+    /// A row's scratch: activation offsets and combined scales of its stored groups, with
+    /// room for 16 groups of padding after the groups rounded up to 16.
+    struct Buf {
+        mem: Vec<Line>,
+        lines: usize,
+    }
+
+    impl Buf {
+        fn new(groups: usize) -> Buf {
+            let lines = groups.div_ceil(16) + 1;
+            Buf {
+                mem: vec![Line([0; 16]); 2 * lines],
+                lines,
+            }
+        }
+
+        fn ptrs(&mut self) -> (*mut u32, *mut f32) {
+            let p = self.mem.as_mut_ptr() as *mut u32;
+            // SAFETY: `mem` holds 2 * lines lines of 16 u32.
+            (p, unsafe { p.add(16 * self.lines) } as *mut f32)
         }
     }
 
-    /// One chunk (values `v`, its groups' offsets and scales from `off` and `s`): acc + its 8
-    /// lanes times their scales.
-    #[inline(always)]
-    unsafe fn step<const G: usize, const Q8: bool, const VNNI: bool>(
-        v: *const u8,
-        q: *const i8,
-        corr: *const i8,
-        off: *const u32,
-        s: *const f32,
-        acc: __m256,
-    ) -> __m256 {
-        let xv = gather::<G>(q, off);
-        let lanes = if Q8 {
-            let w = _mm256_loadu_si256(v as *const __m256i);
-            let aw = _mm256_sign_epi8(w, w);
-            let sx = _mm256_sign_epi8(xv, w);
-            if VNNI {
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx)
-            } else {
-                _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(aw, sx))
-            }
-        } else {
-            // Unsigned levels: low nibbles in the low half, high nibbles in the high half.
-            let b = _mm256_broadcastsi128_si256(_mm_loadu_si128(v as *const __m128i));
-            let w = _mm256_and_si256(
-                _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
-                _mm256_set1_epi8(0x0F),
-            );
-            let c = gather::<G>(corr, off);
-            if VNNI {
-                _mm256_dpbusd_epi32(c, w, xv)
-            } else {
-                let p = _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(w, xv));
-                _mm256_add_epi32(p, c)
-            }
-        };
-        _mm256_fmadd_ps(_mm256_cvtepi32_ps(lanes), lane_scales::<G>(s), acc)
-    }
-
-    /// The module doc's end: e + o lane by lane, then `hsum_float_8`'s order.
+    /// The module doc's end for one row: e + o lane by lane, then `hsum_float_8`'s order.
     #[inline(always)]
     unsafe fn fold(e: __m256, o: __m256) -> f32 {
         let acc = _mm256_add_ps(e, o);
@@ -1106,108 +1047,256 @@ mod x86 {
         _mm_cvtss_f32(r)
     }
 
-    #[inline(always)]
-    unsafe fn body<P: Prepare, const G: usize, const Q8: bool, const VNNI: bool>(
-        m: &GroupMatrix,
-        x: &GroupActs,
-        first: usize,
-        y: &mut [f32],
-        p: &P,
-        wide: bool,
-        lg: u32,
-    ) {
-        // Two scratch buffers: row i + 1 is prepared before row i is stepped, so the step's
-        // narrow loads do not wait on the preparation's wide stores just before them.
-        let mut sc = [Scratch::new(m), Scratch::new(m)];
-        let bufs = [
-            (sc[0].off.as_mut_ptr(), sc[0].s.as_mut_ptr()),
-            (sc[1].off.as_mut_ptr(), sc[1].s.as_mut_ptr()),
-        ];
-        let q = x.q.as_ptr();
-        let corr = x.corr.as_ptr() as *const i8;
-        let cb = if Q8 { CHUNK } else { CHUNK / 2 };
-        let per = CHUNK / G;
-        let Some(_) = y.first() else {
-            return;
-        };
-        let mut next = row_at(m, first, wide, lg);
-        p.prepare::<G>(&next, bufs[0].0, bufs[0].1);
-        for (i, out) in y.iter_mut().enumerate() {
-            let row = next;
-            if first + i + 1 < m.rows {
-                next = row_at(m, first + i + 1, wide, lg);
-                let (off, s) = bufs[(i + 1) % 2];
-                p.prepare::<G>(&next, off, s);
+    /// One chunk per 256-bit step (8 lanes), for AVX2 and for AVX-512 VNNI (`vpdpbusd` on
+    /// 256-bit vectors: on Zen 4, which splits 512-bit operations in two halves, a 512-bit
+    /// step over two chunks measured no faster, its lane inserts and permutes taking the
+    /// shuffle ports).
+    mod ymm {
+        use super::*;
+
+        /// The activations of one chunk's groups: `CHUNK / G` runs of G bytes.
+        #[inline(always)]
+        unsafe fn gather<const G: usize>(q: *const i8, off: *const u32) -> __m256i {
+            let at = |k: usize| q.add(*off.add(k) as usize);
+            match G {
+                32 => _mm256_loadu_si256(at(0) as *const __m256i),
+                16 => _mm256_blend_epi32::<0xF0>(
+                    _mm256_castsi128_si256(_mm_loadu_si128(at(0) as *const __m128i)),
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(at(1) as *const __m128i)),
+                ),
+                8 => {
+                    let b = |k: usize| _mm256_set1_epi64x((at(k) as *const i64).read_unaligned());
+                    let v = _mm256_blend_epi32::<0b0000_1100>(b(0), b(1));
+                    let v = _mm256_blend_epi32::<0b0011_0000>(v, b(2));
+                    _mm256_blend_epi32::<0b1100_0000>(v, b(3))
+                }
+                _ => _mm256_i32gather_epi32::<1>(
+                    q as *const i32,
+                    _mm256_loadu_si256(off as *const __m256i),
+                ),
             }
-            let (off, s) = bufs[i % 2];
-            let chunks = (row.n * G).div_ceil(CHUNK);
-            let v = row.values;
-            let mut e = _mm256_setzero_ps();
-            let mut o = _mm256_setzero_ps();
-            let mut c = 0;
-            while c + 2 <= chunks {
-                e = step::<G, Q8, VNNI>(
-                    v.add(c * cb),
-                    q,
-                    corr,
-                    off.add(c * per),
-                    s.add(c * per),
-                    e,
-                );
-                let d = c + 1;
-                o = step::<G, Q8, VNNI>(
-                    v.add(d * cb),
-                    q,
-                    corr,
-                    off.add(d * per),
-                    s.add(d * per),
-                    o,
-                );
-                c += 2;
-            }
-            if c < chunks {
-                e = step::<G, Q8, VNNI>(
-                    v.add(c * cb),
-                    q,
-                    corr,
-                    off.add(c * per),
-                    s.add(c * per),
-                    e,
-                );
-            }
-            *out = fold(e, o);
         }
-        drop(sc);
-    }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn avx2<const G: usize, const Q8: bool>(
-        m: &GroupMatrix,
-        x: &GroupActs,
-        first: usize,
-        y: &mut [f32],
-    ) {
-        let wide = index_bytes(m.cols / G) == 2;
-        let lg = m.fmt.scale_groups.trailing_zeros();
-        let p = Scalar {
-            d: x.d.as_ptr(),
-            wide,
-            lg,
-        };
-        body::<Scalar, G, Q8, false>(m, x, first, y, &p, wide, lg)
-    }
+        /// The 8 lane scales of a chunk, lane l taking the scale of group 4l / G.
+        #[inline(always)]
+        unsafe fn lane_scales<const G: usize>(s: *const f32) -> __m256 {
+            match G {
+                32 => _mm256_broadcast_ss(&*s),
+                16 => _mm256_blend_ps::<0xF0>(
+                    _mm256_broadcast_ss(&*s),
+                    _mm256_broadcast_ss(&*s.add(1)),
+                ),
+                8 => spread(
+                    _mm256_castps128_ps256(_mm_loadu_ps(s)),
+                    [0, 0, 1, 1, 2, 2, 3, 3],
+                ),
+                _ => _mm256_loadu_ps(s),
+            }
+        }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn vnni<const G: usize, const Q8: bool>(
-        m: &GroupMatrix,
-        x: &GroupActs,
-        first: usize,
-        y: &mut [f32],
-    ) {
-        let wide = index_bytes(m.cols / G) == 2;
-        let lg = m.fmt.scale_groups.trailing_zeros();
-        let p = Wide::new(x, wide, lg);
-        body::<Wide, G, Q8, true>(m, x, first, y, &p, wide, lg)
+        /// The 8 exact lane sums of `w` (unsigned) times `x` (signed); without VNNI through
+        /// i16 pairs, which do not saturate for the callers' ranges (w <= 15, or |w| <= 128
+        /// with |x| <= 127: |pair| <= 2 * 128 * 127 < 2^15).
+        #[inline(always)]
+        unsafe fn dot<const VNNI: bool>(w: __m256i, x: __m256i) -> __m256i {
+            if VNNI {
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
+            } else {
+                _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(w, x))
+            }
+        }
+
+        /// Chunk `c` (values `v`, scratch `off`, `s`): acc + its 8 lanes times their scales.
+        #[inline(always)]
+        unsafe fn step<const G: usize, const Q8: bool, const VNNI: bool>(
+            v: *const u8,
+            off: *const u32,
+            s: *const f32,
+            c: usize,
+            q: *const i8,
+            acc: __m256,
+        ) -> __m256 {
+            let per = CHUNK / G;
+            let xv = gather::<G>(q, off.add(c * per));
+            let lanes = if Q8 {
+                // |w| against x signed like w (|w| <= 128, |x| <= 127: pairs fit i16).
+                let w = _mm256_loadu_si256(v.add(c * CHUNK) as *const __m256i);
+                dot::<VNNI>(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w))
+            } else {
+                // Unsigned levels (low nibbles in the low half), then - 8 * sum of x.
+                let b =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(v.add(c * 16) as *const __m128i));
+                let w = _mm256_and_si256(
+                    _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                    _mm256_set1_epi8(0x0F),
+                );
+                let eight = dot::<VNNI>(_mm256_set1_epi8(8), xv);
+                _mm256_sub_epi32(dot::<VNNI>(w, xv), eight)
+            };
+            _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(lanes),
+                lane_scales::<G>(s.add(c * per)),
+                acc,
+            )
+        }
+
+        /// Prepares rows r and r + 1 into two scratch buffers.
+        #[inline(always)]
+        unsafe fn prep2<P: Prepare, const G: usize>(
+            p: &P,
+            m: &GroupMatrix,
+            r: usize,
+            wide: bool,
+            lg: u32,
+            (oa, sa): (*mut u32, *mut f32),
+            (ob, sb): (*mut u32, *mut f32),
+        ) -> (Row, Row) {
+            let ra = row_at(m, r, wide, lg);
+            let rb = row_at(m, r + 1, wide, lg);
+            p.prepare::<G>(&ra, oa, sa);
+            p.prepare::<G>(&rb, ob, sb);
+            (ra, rb)
+        }
+
+        #[inline(always)]
+        pub(super) unsafe fn rows<P: Prepare, const G: usize, const Q8: bool, const VNNI: bool>(
+            m: &GroupMatrix,
+            x: &GroupActs,
+            first: usize,
+            y: &mut [f32],
+            p: &P,
+            wide: bool,
+            lg: u32,
+        ) {
+            // Two rows at a time, their chains of fused multiply-adds interleaved; the next
+            // pair is prepared (into the other two buffers) before this pair is stepped.
+            let mut bufs = [
+                Buf::new(m.cols / G),
+                Buf::new(m.cols / G),
+                Buf::new(m.cols / G),
+                Buf::new(m.cols / G),
+            ];
+            let ptrs = [
+                bufs[0].ptrs(),
+                bufs[1].ptrs(),
+                bufs[2].ptrs(),
+                bufs[3].ptrs(),
+            ];
+            let q = x.q.as_ptr();
+            let pairs_n = y.len() / 2;
+            let mut pairs = y.chunks_exact_mut(2);
+            let mut r = first;
+            let mut next = if pairs_n > 0 {
+                Some(prep2::<P, G>(p, m, r, wide, lg, ptrs[0], ptrs[1]))
+            } else {
+                None
+            };
+            for (j, out) in (&mut pairs).enumerate() {
+                let Some((ra, rb)) = next else {
+                    break;
+                };
+                let h = 2 * (j % 2);
+                next = if j + 1 < pairs_n {
+                    Some(prep2::<P, G>(
+                        p,
+                        m,
+                        r + 2,
+                        wide,
+                        lg,
+                        ptrs[2 - h],
+                        ptrs[3 - h],
+                    ))
+                } else {
+                    None
+                };
+                let (oa, sa) = ptrs[h];
+                let (ob, sb) = ptrs[h + 1];
+                let ca = (ra.n * G).div_ceil(CHUNK);
+                let cb = (rb.n * G).div_ceil(CHUNK);
+                let (va, vb) = (ra.values, rb.values);
+                let z = _mm256_setzero_ps();
+                let (mut ea, mut oa_, mut eb, mut ob_) = (z, z, z, z);
+                let common = ca.min(cb);
+                let mut c = 0;
+                while c + 2 <= common {
+                    ea = step::<G, Q8, VNNI>(va, oa, sa, c, q, ea);
+                    eb = step::<G, Q8, VNNI>(vb, ob, sb, c, q, eb);
+                    oa_ = step::<G, Q8, VNNI>(va, oa, sa, c + 1, q, oa_);
+                    ob_ = step::<G, Q8, VNNI>(vb, ob, sb, c + 1, q, ob_);
+                    c += 2;
+                }
+                let mut d = c;
+                while d + 2 <= ca {
+                    ea = step::<G, Q8, VNNI>(va, oa, sa, d, q, ea);
+                    oa_ = step::<G, Q8, VNNI>(va, oa, sa, d + 1, q, oa_);
+                    d += 2;
+                }
+                if d < ca {
+                    ea = step::<G, Q8, VNNI>(va, oa, sa, d, q, ea);
+                }
+                let mut d = c;
+                while d + 2 <= cb {
+                    eb = step::<G, Q8, VNNI>(vb, ob, sb, d, q, eb);
+                    ob_ = step::<G, Q8, VNNI>(vb, ob, sb, d + 1, q, ob_);
+                    d += 2;
+                }
+                if d < cb {
+                    eb = step::<G, Q8, VNNI>(vb, ob, sb, d, q, eb);
+                }
+                out[0] = fold(ea, oa_);
+                out[1] = fold(eb, ob_);
+                r += 2;
+            }
+            let (off, s) = ptrs[0];
+            for out in pairs.into_remainder() {
+                let row = row_at(m, r, wide, lg);
+                p.prepare::<G>(&row, off, s);
+                let chunks = (row.n * G).div_ceil(CHUNK);
+                let v = row.values;
+                let (mut e, mut o) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut c = 0;
+                while c + 2 <= chunks {
+                    e = step::<G, Q8, VNNI>(v, off, s, c, q, e);
+                    o = step::<G, Q8, VNNI>(v, off, s, c + 1, q, o);
+                    c += 2;
+                }
+                if c < chunks {
+                    e = step::<G, Q8, VNNI>(v, off, s, c, q, e);
+                }
+                *out = fold(e, o);
+            }
+            drop(bufs);
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn avx2<const G: usize, const Q8: bool>(
+            m: &GroupMatrix,
+            x: &GroupActs,
+            first: usize,
+            y: &mut [f32],
+        ) {
+            let wide = index_bytes(m.cols / G) == 2;
+            let lg = m.fmt.scale_groups.trailing_zeros();
+            let p = Scalar {
+                d: x.d.as_ptr(),
+                wide,
+                lg,
+            };
+            rows::<Scalar, G, Q8, false>(m, x, first, y, &p, wide, lg)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub(super) unsafe fn vnni<const G: usize, const Q8: bool>(
+            m: &GroupMatrix,
+            x: &GroupActs,
+            first: usize,
+            y: &mut [f32],
+        ) {
+            let wide = index_bytes(m.cols / G) == 2;
+            let lg = m.fmt.scale_groups.trailing_zeros();
+            let p = Wide::new(x, wide, lg);
+            rows::<Wide, G, Q8, true>(m, x, first, y, &p, wide, lg)
+        }
     }
 
     pub(super) fn rows_avx2(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
@@ -1217,14 +1306,14 @@ mod x86 {
         // in bounds (module doc).
         unsafe {
             match (m.fmt.g, q8) {
-                (4, false) => avx2::<4, false>(m, x, first, y),
-                (8, false) => avx2::<8, false>(m, x, first, y),
-                (16, false) => avx2::<16, false>(m, x, first, y),
-                (32, false) => avx2::<32, false>(m, x, first, y),
-                (4, true) => avx2::<4, true>(m, x, first, y),
-                (8, true) => avx2::<8, true>(m, x, first, y),
-                (16, true) => avx2::<16, true>(m, x, first, y),
-                _ => avx2::<32, true>(m, x, first, y),
+                (4, false) => ymm::avx2::<4, false>(m, x, first, y),
+                (8, false) => ymm::avx2::<8, false>(m, x, first, y),
+                (16, false) => ymm::avx2::<16, false>(m, x, first, y),
+                (32, false) => ymm::avx2::<32, false>(m, x, first, y),
+                (4, true) => ymm::avx2::<4, true>(m, x, first, y),
+                (8, true) => ymm::avx2::<8, true>(m, x, first, y),
+                (16, true) => ymm::avx2::<16, true>(m, x, first, y),
+                _ => ymm::avx2::<32, true>(m, x, first, y),
             }
         }
     }
@@ -1235,14 +1324,14 @@ mod x86 {
         // `Level::detected` reports only with AVX-512 F, BW, VL and VNNI; reads as above.
         unsafe {
             match (m.fmt.g, q8) {
-                (4, false) => vnni::<4, false>(m, x, first, y),
-                (8, false) => vnni::<8, false>(m, x, first, y),
-                (16, false) => vnni::<16, false>(m, x, first, y),
-                (32, false) => vnni::<32, false>(m, x, first, y),
-                (4, true) => vnni::<4, true>(m, x, first, y),
-                (8, true) => vnni::<8, true>(m, x, first, y),
-                (16, true) => vnni::<16, true>(m, x, first, y),
-                _ => vnni::<32, true>(m, x, first, y),
+                (4, false) => ymm::vnni::<4, false>(m, x, first, y),
+                (8, false) => ymm::vnni::<8, false>(m, x, first, y),
+                (16, false) => ymm::vnni::<16, false>(m, x, first, y),
+                (32, false) => ymm::vnni::<32, false>(m, x, first, y),
+                (4, true) => ymm::vnni::<4, true>(m, x, first, y),
+                (8, true) => ymm::vnni::<8, true>(m, x, first, y),
+                (16, true) => ymm::vnni::<16, true>(m, x, first, y),
+                _ => ymm::vnni::<32, true>(m, x, first, y),
             }
         }
     }
