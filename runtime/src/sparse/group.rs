@@ -587,6 +587,15 @@ impl<'a> GroupMatrix<'a> {
     }
 }
 
+/// `v.round_ties_even()` for |v| < 2^22 (and NaN for NaN) without a libm call (`rintf`
+/// where the baseline target lacks SSE4.1): adding and removing 1.5 * 2^23 rounds to an
+/// integer, to nearest with ties to even.
+#[inline(always)]
+fn round_ties_even(v: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (v + SHIFT) - SHIFT
+}
+
 /// Activations quantized once per call: int8 with an f32 scale per 32 columns, zero-padded to
 /// whole blocks (rounding as `kernels/act.rs`: inverse scale 127 / amax, ties to even).
 #[derive(Clone, Debug)]
@@ -606,7 +615,7 @@ impl GroupActs {
             *db = amax / 127.0;
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
             for (o, &v) in qb.iter_mut().zip(xb) {
-                *o = (v * id).round_ties_even() as i8;
+                *o = round_ties_even(v * id) as i8;
             }
         }
         GroupActs {
@@ -1013,26 +1022,28 @@ mod x86 {
     #[derive(Clone, Copy)]
     struct Line([u32; 16]);
 
-    /// A row's scratch: activation offsets and combined scales of its stored groups, with
-    /// room for 16 groups of padding after the groups rounded up to 16.
+    /// Rows' scratch, one allocation: for each row its stored groups' activation offsets and
+    /// combined scales, with room for 16 groups of padding after the groups rounded up to 16.
     struct Buf {
         mem: Vec<Line>,
         lines: usize,
     }
 
     impl Buf {
-        fn new(groups: usize) -> Buf {
+        fn new(groups: usize, rows: usize) -> Buf {
             let lines = groups.div_ceil(16) + 1;
             Buf {
-                mem: vec![Line([0; 16]); 2 * lines],
+                mem: vec![Line([0; 16]); 2 * lines * rows],
                 lines,
             }
         }
 
-        fn ptrs(&mut self) -> (*mut u32, *mut f32) {
+        /// Offsets and scales of row `i` (< the `rows` of `new`).
+        fn ptrs(&mut self, i: usize) -> (*mut u32, *mut f32) {
             let p = self.mem.as_mut_ptr() as *mut u32;
-            // SAFETY: `mem` holds 2 * lines lines of 16 u32.
-            (p, unsafe { p.add(16 * self.lines) } as *mut f32)
+            let n = 16 * self.lines;
+            // SAFETY: `mem` holds 2 * lines lines of 16 u32 per row.
+            unsafe { (p.add(2 * i * n), p.add((2 * i + 1) * n) as *mut f32) }
         }
     }
 
@@ -1170,18 +1181,8 @@ mod x86 {
         ) {
             // Two rows at a time, their chains of fused multiply-adds interleaved; the next
             // pair is prepared (into the other two buffers) before this pair is stepped.
-            let mut bufs = [
-                Buf::new(m.cols / G),
-                Buf::new(m.cols / G),
-                Buf::new(m.cols / G),
-                Buf::new(m.cols / G),
-            ];
-            let ptrs = [
-                bufs[0].ptrs(),
-                bufs[1].ptrs(),
-                bufs[2].ptrs(),
-                bufs[3].ptrs(),
-            ];
+            let mut buf = Buf::new(m.cols / G, 4);
+            let ptrs = [buf.ptrs(0), buf.ptrs(1), buf.ptrs(2), buf.ptrs(3)];
             let q = x.q.as_ptr();
             let pairs_n = y.len() / 2;
             let mut pairs = y.chunks_exact_mut(2);
@@ -1265,7 +1266,7 @@ mod x86 {
                 }
                 *out = fold(e, o);
             }
-            drop(bufs);
+            drop(buf);
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
