@@ -98,8 +98,8 @@ impl Cache {
     }
 }
 
-/// Default budget of compiled patches per model: ten 1% sparse adapters on a 135M model
-/// at Q8_0 (about 6.5 MiB each).
+/// Default budget of compiled patches per model: eight 1% sparse adapters on a 135M model
+/// at Q8_0 (about 7.4 MiB each, undo log and new bytes).
 pub const DEFAULT_COMPILED_BUDGET: usize = 64 << 20;
 
 /// Moves the tensors a patch will touch on (nearly) every page to anonymous, huge-page
