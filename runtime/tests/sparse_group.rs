@@ -128,6 +128,12 @@ fn check_kernels(m: &GroupMatrix, x: &[f32]) {
             assert_eq!(part, want[1..]);
         }
     }
+    // Five tokens (a group of four and one more), this one first.
+    let mut xs = vec![x.to_vec()];
+    for t in 0..4 {
+        xs.push(Rng(x.len() as u64 * 31 + t).fill(x.len()));
+    }
+    check_matmat(m, &xs);
     let w = m.decode();
     let xd = acts.dequantize();
     let cols = m.cols();
@@ -154,6 +160,97 @@ fn check_kernels(m: &GroupMatrix, x: &[f32]) {
             "row {r}: {} vs {exact} (tolerance {tol})",
             want[r]
         );
+    }
+}
+
+/// Every level's matrix-matrix product gives, token for token, the bits of the portable
+/// matrix-vector kernel (so of every level's), over all rows and over a share of them.
+fn check_matmat(m: &GroupMatrix, xs: &[Vec<f32>]) {
+    let acts: Vec<GroupActs> = xs.iter().map(|x| GroupActs::new(x)).collect();
+    let (n, rows) = (acts.len(), m.rows());
+    let mut want = vec![0.0f32; n * rows];
+    for (a, w) in acts.iter().zip(want.chunks_exact_mut(rows.max(1))) {
+        GroupKernel::generic().matvec(m, a, w).unwrap();
+    }
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for level in Level::detected() {
+        let k = GroupKernel::for_level(level);
+        let mut got = vec![f32::NAN; n * rows];
+        k.matmat(m, &acts, &mut got).unwrap();
+        assert_eq!(bits(&got), bits(&want), "{} {n} tokens", k.name);
+        if rows > 1 {
+            let c = rows - 1;
+            let mut part = vec![f32::NAN; n * c];
+            k.matmat_rows(m, &acts, 1, &mut part).unwrap();
+            for t in 0..n {
+                assert_eq!(
+                    bits(&part[t * c..(t + 1) * c]),
+                    bits(&want[t * rows + 1..(t + 1) * rows]),
+                    "{} rows 1.., token {t} of {n}",
+                    k.name
+                );
+            }
+        }
+    }
+}
+
+/// Batches of 1..9 tokens (none, one or two groups of four, and every remainder) over rows
+/// that cross the kernels' row chunks.
+#[test]
+fn matmat_every_token_count() {
+    for (i, fmt) in formats().into_iter().enumerate() {
+        let (_, bytes) = pruned(37, 128, fmt, 0.5, 300 + i as u64);
+        let m = GroupMatrix::new(&bytes).unwrap();
+        for n in 1..=9u64 {
+            let xs: Vec<Vec<f32>> = (0..n).map(|t| Rng(7 * n + t).fill(128)).collect();
+            check_matmat(&m, &xs);
+        }
+    }
+}
+
+/// SmolLM2-135M's shapes (576 and 1536 columns) at g16 and g32, 50 % and 75 %, with a batch
+/// of 7.
+#[test]
+fn matmat_model_shapes() {
+    for (i, (g, values, s)) in [
+        (16, Values::Q4, 0.5),
+        (16, Values::Q4, 0.75),
+        (32, Values::Q4, 0.5),
+        (16, Values::Q8, 0.5),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fmt = GroupFormat::new(g, values).unwrap();
+        for (cols, rows) in [(576, 40), (1536, 19)] {
+            let (_, bytes) = pruned(rows, cols, fmt, s, 500 + i as u64);
+            let m = GroupMatrix::new(&bytes).unwrap();
+            let xs: Vec<Vec<f32>> = (0..7).map(|t| Rng(60 + t).fill(cols)).collect();
+            check_matmat(&m, &xs);
+        }
+    }
+}
+
+#[test]
+fn matmat_errors() {
+    let fmt = GroupFormat::new(16, Values::Q4).unwrap();
+    let (_, bytes) = pruned(3, 64, fmt, 0.5, 1);
+    let m = GroupMatrix::new(&bytes).unwrap();
+    let a = GroupActs::new(&Rng(2).fill(64));
+    let short = GroupActs::new(&Rng(2).fill(32));
+    for level in Level::detected() {
+        let k = GroupKernel::for_level(level);
+        let mut y = [0.0f32; 8];
+        assert!(k.matmat(&m, &[a.clone(), a.clone()], &mut y[..5]).is_err());
+        assert!(k
+            .matmat(&m, &[a.clone(), short.clone()], &mut y[..6])
+            .is_err());
+        assert!(k.matmat_rows(&m, std::slice::from_ref(&a), 1, &mut y[..3]).is_err());
+        assert!(k.matmat_rows(&m, &[], 0, &mut y[..1]).is_err());
+        assert!(k
+            .matmat_rows(&m, &[a.clone(), a.clone()], 0, &mut y[..3])
+            .is_err());
+        k.matmat_rows(&m, &[], 0, &mut []).unwrap();
     }
 }
 
@@ -472,6 +569,8 @@ fn corrupted_bytes_never_fault() {
                         let same = y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
                         assert!(same, "byte {at} ^ {flip:#x}: {y:?} vs {want:?}");
                     }
+                    let xs: Vec<Vec<f32>> = (0..5).map(|t| Rng(t).fill(m.cols())).collect();
+                    check_matmat(&m, &xs);
                 }
             }
         }

@@ -302,6 +302,118 @@ fn check_kernels(f: &NmFormat, k: usize, rows: usize, rng: &mut Rng) {
             tol.check(&format!("{what} (by row)"), y1[r], g as f64, scale);
         }
     }
+    // Five tokens (a group of four and one more), this row's activations among them.
+    let mut acts = vec![a];
+    for _ in 0..4 {
+        let mut b = NmActs::new();
+        b.quantize(f, &rng.row(k)).unwrap();
+        acts.push(b);
+    }
+    check_matmat(f, &w, &acts);
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Every kernel's matrix-matrix product (with and without the two-row tile) gives, for each
+/// token, the bits of the same kernel's matrix-vector product for that token, and for the
+/// portable kernel those of `generic_dot`.
+fn check_matmat(f: &NmFormat, w: &[u8], acts: &[NmActs]) {
+    let n = acts.len();
+    let rb = f.row_bytes(acts[0].len()).unwrap();
+    let rows = w.len() / rb;
+    for kern in NmKernel::variants(*f).unwrap() {
+        let mut y = vec![f32::NAN; n * rows];
+        kern.matmat(w, acts, &mut y).unwrap();
+        let mut y1 = vec![f32::NAN; n * rows];
+        kern.matmat_by_row(w, acts, &mut y1).unwrap();
+        for (t, a) in acts.iter().enumerate() {
+            let mut want = vec![f32::NAN; rows];
+            kern.matvec(w, a, &mut want).unwrap();
+            if kern.level == Level::Generic {
+                for (r, v) in want.iter().enumerate() {
+                    let g = generic_dot(f, &w[r * rb..(r + 1) * rb], a);
+                    assert_eq!(v.to_bits(), g.to_bits(), "{f:?} row {r}");
+                }
+            }
+            let what = format!("{} {f:?} {rows} rows, token {t} of {n}", kern.name);
+            assert_eq!(bits(&y[t * rows..(t + 1) * rows]), bits(&want), "{what}");
+            assert_eq!(
+                bits(&y1[t * rows..(t + 1) * rows]),
+                bits(&want),
+                "{what}, by row"
+            );
+        }
+    }
+}
+
+/// Batches of 1..9 tokens (none, one or two groups of four, and every remainder) over rows
+/// that cross the kernels' row chunks and leave an odd row to the one-row call.
+#[test]
+fn matmat_every_token_count() {
+    let mut rng = Rng(0x0bad_cafe_f00d_1234);
+    for f in formats() {
+        for (blocks, rows) in [(1, 37), (3, 5)] {
+            let k = blocks * f.block_span();
+            let w: Vec<u8> = (0..rows).flat_map(|_| encoded(&f, &rng.row(k))).collect();
+            for n in 1..=9 {
+                let acts: Vec<NmActs> = (0..n)
+                    .map(|_| {
+                        let mut a = NmActs::new();
+                        a.quantize(&f, &rng.row(k)).unwrap();
+                        a
+                    })
+                    .collect();
+                check_matmat(&f, &w, &acts);
+            }
+        }
+    }
+}
+
+/// SmolLM2-135M's shapes (576 and 1536 inputs) for the SIMD formats, with a batch of 7.
+#[test]
+fn matmat_model_shapes() {
+    let mut rng = Rng(0x5151_2323_4545_6767);
+    for values in [NmValues::Q8, NmValues::Q4] {
+        for (n, m) in [(2, 4), (4, 8)] {
+            let f = fmt(n, m, values);
+            for (k, rows) in [(576, 40), (1536, 19)] {
+                let w: Vec<u8> = (0..rows).flat_map(|_| encoded(&f, &rng.row(k))).collect();
+                let acts: Vec<NmActs> = (0..7)
+                    .map(|_| {
+                        let mut a = NmActs::new();
+                        a.quantize(&f, &rng.row(k)).unwrap();
+                        a
+                    })
+                    .collect();
+                check_matmat(&f, &w, &acts);
+            }
+        }
+    }
+}
+
+#[test]
+fn matmat_errors() {
+    let f = fmt(2, 4, NmValues::Q8);
+    let mut rng = Rng(5);
+    let w = encoded(&f, &rng.row(128));
+    let mut a = NmActs::new();
+    a.quantize(&f, &rng.row(128)).unwrap();
+    let mut short = NmActs::new();
+    short.quantize(&f, &rng.row(64)).unwrap();
+    for kern in NmKernel::variants(f).unwrap() {
+        let mut y = [0f32; 4];
+        assert!(kern
+            .matmat(&w, &[a.clone(), a.clone()], &mut y[..3])
+            .is_err());
+        assert!(kern.matmat(&w[1..], std::slice::from_ref(&a), &mut y[..1]).is_err());
+        assert!(kern
+            .matmat(&w, &[a.clone(), short.clone()], &mut y[..2])
+            .is_err());
+        assert!(kern.matmat(&w, &[], &mut y[..1]).is_err());
+        kern.matmat(&w, &[], &mut []).unwrap();
+    }
 }
 
 #[test]
@@ -461,9 +573,17 @@ fn arbitrary_bytes_do_not_panic() {
             let (mut y, mut y1) = (vec![0f32; 4], vec![0f32; 4]);
             kern.matvec(&bytes, &a, &mut y).unwrap();
             kern.matvec_by_row(&bytes, &a, &mut y1).unwrap();
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&y), bits(&y1), "{}", kern.name);
         }
+        // And the matrix-matrix product those of the matrix-vector one, token for token.
+        let acts: Vec<NmActs> = (0..5)
+            .map(|_| {
+                let mut a = NmActs::new();
+                a.quantize(&f, &rng.row(k)).unwrap();
+                a
+            })
+            .collect();
+        check_matmat(&f, &bytes, &acts);
         let mut dec = vec![0f32; k];
         let _ = decode_row(&f, &bytes[..rb], &mut dec);
     }
@@ -483,6 +603,29 @@ proptest! {
         let f = fmt(nm.0, nm.1, if q4 { NmValues::Q4 } else { NmValues::Q8 });
         let mut rng = Rng(seed | 1);
         check_kernels(&f, blocks * f.block_span(), rows, &mut rng);
+    }
+
+    #[test]
+    fn matmat_over_shapes(
+        nm in prop::sample::select(vec![(2usize, 4usize), (4, 8), (1, 4), (3, 7)]),
+        q4 in any::<bool>(),
+        blocks in 1usize..12,
+        rows in 1usize..40,
+        n in 1usize..10,
+        seed in any::<u64>(),
+    ) {
+        let f = fmt(nm.0, nm.1, if q4 { NmValues::Q4 } else { NmValues::Q8 });
+        let mut rng = Rng(seed | 1);
+        let k = blocks * f.block_span();
+        let w: Vec<u8> = (0..rows).flat_map(|_| encoded(&f, &rng.row(k))).collect();
+        let acts: Vec<NmActs> = (0..n)
+            .map(|_| {
+                let mut a = NmActs::new();
+                a.quantize(&f, &rng.row(k)).unwrap();
+                a
+            })
+            .collect();
+        check_matmat(&f, &w, &acts);
     }
 }
 

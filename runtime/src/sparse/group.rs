@@ -605,12 +605,36 @@ pub struct GroupActs {
     d: Vec<f32>,
 }
 
+impl Default for GroupActs {
+    fn default() -> GroupActs {
+        GroupActs::new(&[])
+    }
+}
+
 impl GroupActs {
     pub fn new(x: &[f32]) -> GroupActs {
+        let mut a = GroupActs {
+            cols: 0,
+            q: Vec::new(),
+            d: Vec::new(),
+        };
+        a.quantize(x);
+        a
+    }
+
+    /// Quantizes `x` into these buffers (what [`GroupActs::new`] gives, without allocating
+    /// once the buffers are large enough).
+    pub fn quantize(&mut self, x: &[f32]) {
         let nb = x.len().div_ceil(CHUNK);
-        let mut q = vec![0i8; nb * CHUNK];
-        let mut d = vec![0.0f32; nb];
-        for ((xb, qb), db) in x.chunks(CHUNK).zip(q.chunks_exact_mut(CHUNK)).zip(&mut d) {
+        self.q.clear();
+        self.q.resize(nb * CHUNK, 0);
+        self.d.clear();
+        self.d.resize(nb, 0.0);
+        for ((xb, qb), db) in x
+            .chunks(CHUNK)
+            .zip(self.q.chunks_exact_mut(CHUNK))
+            .zip(&mut self.d)
+        {
             let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             *db = amax / 127.0;
             let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
@@ -618,11 +642,7 @@ impl GroupActs {
                 *o = round_ties_even(v * id) as i8;
             }
         }
-        GroupActs {
-            cols: x.len(),
-            q,
-            d,
-        }
+        self.cols = x.len();
     }
 
     pub fn cols(&self) -> usize {
@@ -640,6 +660,14 @@ impl GroupActs {
 /// Computes rows `first..first + y.len()` of a product; arguments checked by
 /// [`GroupKernel::matvec_rows`].
 type RowsFn = fn(&GroupMatrix, &GroupActs, usize, &mut [f32]);
+/// Computes rows `first..first + y.len() / 4` for four tokens, `y[t * count + i]` for row
+/// `first + i` and token t: each row's groups and weights decoded once for the four, every
+/// (row, token) the bits of [`RowsFn`]; arguments checked by [`GroupKernel::matmat_rows`].
+type Tokens4Fn = fn(&GroupMatrix, [&GroupActs; 4], usize, &mut [f32]);
+
+/// Rows per chunk of [`GroupKernel::matmat_rows`]: their weights stay in the caches while
+/// every group of four tokens goes past them.
+const MATMAT_ROWS: usize = 16;
 
 /// A group-sparse matrix-vector kernel of one level.
 #[derive(Clone, Copy)]
@@ -648,6 +676,7 @@ pub struct GroupKernel {
     pub name: &'static str,
     pub level: Level,
     rows: RowsFn,
+    tokens4: Tokens4Fn,
 }
 
 impl std::fmt::Debug for GroupKernel {
@@ -666,6 +695,7 @@ impl GroupKernel {
             name: "generic_matvec_group",
             level: Level::Generic,
             rows: portable::rows,
+            tokens4: portable::tokens4,
         }
     }
 
@@ -681,6 +711,7 @@ impl GroupKernel {
                     name: "avx512_matvec_group_vnni",
                     level,
                     rows: x86::rows_vnni,
+                    tokens4: x86::tokens4_vnni,
                 };
             }
             if level == Level::Avx2 {
@@ -688,6 +719,7 @@ impl GroupKernel {
                     name: "avx2_matvec_group",
                     level,
                     rows: x86::rows_avx2,
+                    tokens4: x86::tokens4_avx2,
                 };
             }
         }
@@ -698,6 +730,7 @@ impl GroupKernel {
                     name: "dotprod_matvec_group_sdot",
                     level: Level::Dotprod,
                     rows: arm::rows_sdot,
+                    tokens4: arm::tokens4_sdot,
                 };
             }
             if level == Level::Neon {
@@ -705,6 +738,7 @@ impl GroupKernel {
                     name: "neon_matvec_group",
                     level,
                     rows: arm::rows_neon,
+                    tokens4: arm::tokens4_neon,
                 };
             }
         }
@@ -747,6 +781,77 @@ impl GroupKernel {
             )));
         }
         (self.rows)(m, x, first, y);
+        Ok(())
+    }
+
+    /// Y = W X for every row and every token of `x`: `y[t * rows + r]`.
+    pub fn matmat(&self, m: &GroupMatrix, x: &[GroupActs], y: &mut [f32]) -> Result<()> {
+        if y.len() != m.rows * x.len() {
+            return Err(invalid(format!(
+                "{} outputs for {} rows and {} tokens",
+                y.len(),
+                m.rows,
+                x.len()
+            )));
+        }
+        self.matmat_rows(m, x, 0, y)
+    }
+
+    /// Rows `first..first + count` of Y = W X for every token of `x`, where
+    /// `count = y.len() / x.len()`: `y[t * count + i]` for row `first + i` and token t, the
+    /// bits of [`GroupKernel::matvec_rows`] for that token. Tokens go four at a time through
+    /// the kernel's four-token rows (each row's groups and weights decoded once for the
+    /// four), over chunks of rows that stay in the caches; the last `x.len() % 4` tokens
+    /// through [`GroupKernel::matvec_rows`].
+    pub fn matmat_rows(
+        &self,
+        m: &GroupMatrix,
+        x: &[GroupActs],
+        first: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let n = x.len();
+        if n == 0 {
+            return if y.is_empty() {
+                Ok(())
+            } else {
+                Err(invalid("outputs for no tokens"))
+            };
+        }
+        let count = y.len() / n;
+        if y.len() != n * count {
+            return Err(invalid(format!("{} outputs for {n} tokens", y.len())));
+        }
+        if let Some(a) = x.iter().find(|a| a.cols != m.cols) {
+            return Err(invalid(format!(
+                "{} activations for {} columns",
+                a.cols, m.cols
+            )));
+        }
+        if first.checked_add(count).is_none_or(|e| e > m.rows) {
+            return Err(invalid(format!(
+                "rows {first}..+{count} outside 0..{}",
+                m.rows
+            )));
+        }
+        let quads = n / 4;
+        let mut tile = [0.0f32; 4 * MATMAT_ROWS];
+        let mut i0 = 0;
+        while i0 < count {
+            let c = (count - i0).min(MATMAT_ROWS);
+            for g in 0..quads {
+                let x4 = [&x[4 * g], &x[4 * g + 1], &x[4 * g + 2], &x[4 * g + 3]];
+                (self.tokens4)(m, x4, first + i0, &mut tile[..4 * c]);
+                for (t, v) in tile[..4 * c].chunks_exact(c).enumerate() {
+                    let at = (4 * g + t) * count + i0;
+                    y[at..at + c].copy_from_slice(v);
+                }
+            }
+            i0 += c;
+        }
+        for (t, a) in x.iter().enumerate().skip(4 * quads) {
+            (self.rows)(m, a, first, &mut y[t * count..(t + 1) * count]);
+        }
         Ok(())
     }
 }
@@ -824,6 +929,52 @@ mod portable {
                 }
             }
             *out = fold(&acc[0], &acc[1]);
+        }
+    }
+
+    /// The weights of chunk `c` of a row.
+    #[inline(always)]
+    fn chunk_weights(values: Values, v: &[u8], c: usize) -> [i32; CHUNK] {
+        match values {
+            Values::Q4 => {
+                let b = &v[16 * c..16 * c + 16];
+                std::array::from_fn(|j| {
+                    (if j < 16 { b[j] & 0xF } else { b[j - 16] >> 4 }) as i32 - 8
+                })
+            }
+            Values::Q8 => {
+                let b = &v[CHUNK * c..CHUNK * c + CHUNK];
+                std::array::from_fn(|j| b[j] as i8 as i32)
+            }
+        }
+    }
+
+    /// [`rows`] for four tokens, each chunk's weights decoded once for the four.
+    pub(super) fn tokens4(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+        let count = y.len() / 4;
+        let mut sc: [Scratch; 4] = std::array::from_fn(|_| Scratch::new(m));
+        let (g, sg) = (m.fmt.g, m.fmt.scale_groups);
+        let per = CHUNK / g;
+        for i in 0..count {
+            let p = m.row(first + i);
+            for (sc, x) in sc.iter_mut().zip(x) {
+                prepare_row(&p, g, sg, x, sc);
+            }
+            let mut acc = [[[0.0f32; 8]; 2]; 4];
+            for c in 0..(p.n * g).div_ceil(CHUNK) {
+                let w = chunk_weights(m.fmt.values, p.values, c);
+                for ((acc, sc), x) in acc.iter_mut().zip(&sc).zip(x) {
+                    for (l, a) in acc[c % 2].iter_mut().enumerate() {
+                        let k = c * per + 4 * l / g;
+                        let o = sc.off[k] as usize + (4 * l) % g;
+                        let lane: i32 = (0..4).map(|t| w[4 * l + t] * x.q[o + t] as i32).sum();
+                        *a = fma32(lane as f32, sc.s[k], *a);
+                    }
+                }
+            }
+            for (t, acc) in acc.iter().enumerate() {
+                y[t * count + i] = fold(&acc[0], &acc[1]);
+            }
         }
     }
 }
@@ -1269,6 +1420,151 @@ mod x86 {
             drop(buf);
         }
 
+        /// Chunk `c` of the values `v` for four tokens (activations `q[t]`, scratch `off`
+        /// shared, scales `s[t]`): `acc[t]` + token t's 8 lanes times their scales, each
+        /// token's the operations of [`step`], the weights decoded once.
+        #[inline(always)]
+        unsafe fn step4<const G: usize, const Q8: bool, const VNNI: bool>(
+            v: *const u8,
+            off: *const u32,
+            s: [*const f32; 4],
+            c: usize,
+            q: [*const i8; 4],
+            acc: [__m256; 4],
+        ) -> [__m256; 4] {
+            let per = CHUNK / G;
+            let (wa, wb) = if Q8 {
+                let w = _mm256_loadu_si256(v.add(c * CHUNK) as *const __m256i);
+                (_mm256_sign_epi8(w, w), w)
+            } else {
+                let b =
+                    _mm256_broadcastsi128_si256(_mm_loadu_si128(v.add(c * 16) as *const __m128i));
+                let w = _mm256_and_si256(
+                    _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
+                    _mm256_set1_epi8(0x0F),
+                );
+                (w, w)
+            };
+            let mut out = acc;
+            let mut t = 0;
+            while t < 4 {
+                let xv = gather::<G>(q[t], off.add(c * per));
+                let lanes = if Q8 {
+                    dot::<VNNI>(wa, _mm256_sign_epi8(xv, wb))
+                } else {
+                    let eight = dot::<VNNI>(_mm256_set1_epi8(8), xv);
+                    _mm256_sub_epi32(dot::<VNNI>(wa, xv), eight)
+                };
+                out[t] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(lanes),
+                    lane_scales::<G>(s[t].add(c * per)),
+                    out[t],
+                );
+                t += 1;
+            }
+            out
+        }
+
+        /// Rows `first..first + y.len() / 4` for four tokens (`y[t * count + i]`), one row
+        /// at a time: prepared for each token (`p[t]`), then its chunks stepped for the
+        /// four, even and odd chunks into two accumulators per token as [`rows`] does.
+        #[inline(always)]
+        pub(super) unsafe fn tokens4<
+            P: Prepare,
+            const G: usize,
+            const Q8: bool,
+            const VNNI: bool,
+        >(
+            m: &GroupMatrix,
+            x: [&GroupActs; 4],
+            first: usize,
+            y: &mut [f32],
+            p: &[P; 4],
+            wide: bool,
+            lg: u32,
+        ) {
+            let count = y.len() / 4;
+            let mut buf = Buf::new(m.cols / G, 4);
+            let ptrs = [buf.ptrs(0), buf.ptrs(1), buf.ptrs(2), buf.ptrs(3)];
+            let q = [
+                x[0].q.as_ptr(),
+                x[1].q.as_ptr(),
+                x[2].q.as_ptr(),
+                x[3].q.as_ptr(),
+            ];
+            let s = [
+                ptrs[0].1 as *const f32,
+                ptrs[1].1 as *const f32,
+                ptrs[2].1 as *const f32,
+                ptrs[3].1 as *const f32,
+            ];
+            // Every token's preparation writes the same offsets; the first one's are read.
+            let off = ptrs[0].0;
+            for i in 0..count {
+                let row = row_at(m, first + i, wide, lg);
+                let mut t = 0;
+                while t < 4 {
+                    p[t].prepare::<G>(&row, ptrs[t].0, ptrs[t].1);
+                    t += 1;
+                }
+                let chunks = (row.n * G).div_ceil(CHUNK);
+                let v = row.values;
+                let z = [_mm256_setzero_ps(); 4];
+                let (mut e, mut o) = (z, z);
+                let mut c = 0;
+                while c + 2 <= chunks {
+                    e = step4::<G, Q8, VNNI>(v, off, s, c, q, e);
+                    o = step4::<G, Q8, VNNI>(v, off, s, c + 1, q, o);
+                    c += 2;
+                }
+                if c < chunks {
+                    e = step4::<G, Q8, VNNI>(v, off, s, c, q, e);
+                }
+                let mut t = 0;
+                while t < 4 {
+                    y[t * count + i] = fold(e[t], o[t]);
+                    t += 1;
+                }
+            }
+            drop(buf);
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c")]
+        pub(super) unsafe fn tokens4_avx2<const G: usize, const Q8: bool>(
+            m: &GroupMatrix,
+            x: [&GroupActs; 4],
+            first: usize,
+            y: &mut [f32],
+        ) {
+            let wide = index_bytes(m.cols / G) == 2;
+            let lg = m.fmt.scale_groups.trailing_zeros();
+            let sc = |a: &GroupActs| Scalar {
+                d: a.d.as_ptr(),
+                wide,
+                lg,
+            };
+            let p = [sc(x[0]), sc(x[1]), sc(x[2]), sc(x[3])];
+            tokens4::<Scalar, G, Q8, false>(m, x, first, y, &p, wide, lg)
+        }
+
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        pub(super) unsafe fn tokens4_vnni<const G: usize, const Q8: bool>(
+            m: &GroupMatrix,
+            x: [&GroupActs; 4],
+            first: usize,
+            y: &mut [f32],
+        ) {
+            let wide = index_bytes(m.cols / G) == 2;
+            let lg = m.fmt.scale_groups.trailing_zeros();
+            let p = [
+                Wide::new(x[0], wide, lg),
+                Wide::new(x[1], wide, lg),
+                Wide::new(x[2], wide, lg),
+                Wide::new(x[3], wide, lg),
+            ];
+            tokens4::<Wide, G, Q8, true>(m, x, first, y, &p, wide, lg)
+        }
+
         #[target_feature(enable = "avx2,fma,f16c")]
         pub(super) unsafe fn avx2<const G: usize, const Q8: bool>(
             m: &GroupMatrix,
@@ -1315,6 +1611,40 @@ mod x86 {
                 (8, true) => ymm::avx2::<8, true>(m, x, first, y),
                 (16, true) => ymm::avx2::<16, true>(m, x, first, y),
                 _ => ymm::avx2::<32, true>(m, x, first, y),
+            }
+        }
+    }
+
+    pub(super) fn tokens4_avx2(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+        let q8 = m.fmt.values == Values::Q8;
+        // SAFETY: as `rows_avx2`.
+        unsafe {
+            match (m.fmt.g, q8) {
+                (4, false) => ymm::tokens4_avx2::<4, false>(m, x, first, y),
+                (8, false) => ymm::tokens4_avx2::<8, false>(m, x, first, y),
+                (16, false) => ymm::tokens4_avx2::<16, false>(m, x, first, y),
+                (32, false) => ymm::tokens4_avx2::<32, false>(m, x, first, y),
+                (4, true) => ymm::tokens4_avx2::<4, true>(m, x, first, y),
+                (8, true) => ymm::tokens4_avx2::<8, true>(m, x, first, y),
+                (16, true) => ymm::tokens4_avx2::<16, true>(m, x, first, y),
+                _ => ymm::tokens4_avx2::<32, true>(m, x, first, y),
+            }
+        }
+    }
+
+    pub(super) fn tokens4_vnni(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+        let q8 = m.fmt.values == Values::Q8;
+        // SAFETY: as `rows_vnni`.
+        unsafe {
+            match (m.fmt.g, q8) {
+                (4, false) => ymm::tokens4_vnni::<4, false>(m, x, first, y),
+                (8, false) => ymm::tokens4_vnni::<8, false>(m, x, first, y),
+                (16, false) => ymm::tokens4_vnni::<16, false>(m, x, first, y),
+                (32, false) => ymm::tokens4_vnni::<32, false>(m, x, first, y),
+                (4, true) => ymm::tokens4_vnni::<4, true>(m, x, first, y),
+                (8, true) => ymm::tokens4_vnni::<8, true>(m, x, first, y),
+                (16, true) => ymm::tokens4_vnni::<16, true>(m, x, first, y),
+                _ => ymm::tokens4_vnni::<32, true>(m, x, first, y),
             }
         }
     }
@@ -1389,17 +1719,10 @@ mod arm {
         }
     }
 
-    /// One chunk `c` of values `v`: (a0, a1) + its lanes times their scales.
+    /// The signed weights of chunk `c` of values `v`, bytes 0..16 and 16..32.
     #[inline(always)]
-    unsafe fn step<I: Isa, const G: usize, const Q8: bool>(
-        v: *const u8,
-        q: *const i8,
-        sc: &Scratch,
-        c: usize,
-        (a0, a1): (float32x4_t, float32x4_t),
-    ) -> (float32x4_t, float32x4_t) {
-        let per = CHUNK / G;
-        let (w0, w1) = if Q8 {
+    unsafe fn weights<const Q8: bool>(v: *const u8, c: usize) -> (int8x16_t, int8x16_t) {
+        if Q8 {
             (
                 vld1q_s8(v.add(CHUNK * c) as *const i8),
                 vld1q_s8(v.add(CHUNK * c + 16) as *const i8),
@@ -1411,7 +1734,31 @@ mod arm {
                 vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(0x0F))), eight),
                 vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(b)), eight),
             )
-        };
+        }
+    }
+
+    /// One chunk `c` of values `v`: (a0, a1) + its lanes times their scales.
+    #[inline(always)]
+    unsafe fn step<I: Isa, const G: usize, const Q8: bool>(
+        v: *const u8,
+        q: *const i8,
+        sc: &Scratch,
+        c: usize,
+        acc: (float32x4_t, float32x4_t),
+    ) -> (float32x4_t, float32x4_t) {
+        step_with::<I, G>(weights::<Q8>(v, c), q, sc, c, acc)
+    }
+
+    /// [`step`] with the chunk's weights decoded.
+    #[inline(always)]
+    unsafe fn step_with<I: Isa, const G: usize>(
+        (w0, w1): (int8x16_t, int8x16_t),
+        q: *const i8,
+        sc: &Scratch,
+        c: usize,
+        (a0, a1): (float32x4_t, float32x4_t),
+    ) -> (float32x4_t, float32x4_t) {
+        let per = CHUNK / G;
         let (x0, x1) = gather::<G>(q, sc.off.as_ptr().add(c * per));
         let l0 = I::dot4(vdupq_n_s32(0), w0, x0);
         let l1 = I::dot4(vdupq_n_s32(0), w1, x1);
@@ -1451,6 +1798,106 @@ mod arm {
             let r = vaddq_f32(vaddq_f32(e.0, o.0), vaddq_f32(e.1, o.1));
             let a: [f32; 4] = std::mem::transmute(r);
             *out = (a[0] + a[2]) + (a[1] + a[3]);
+        }
+    }
+
+    /// [`body`] for four tokens: each row prepared for every token, each chunk's weights
+    /// decoded once for the four; `y[t * count + i]`.
+    #[inline(always)]
+    unsafe fn body4<I: Isa, const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: [&GroupActs; 4],
+        first: usize,
+        y: &mut [f32],
+    ) {
+        let count = y.len() / 4;
+        let mut sc = [
+            Scratch::new(m),
+            Scratch::new(m),
+            Scratch::new(m),
+            Scratch::new(m),
+        ];
+        let sg = m.fmt.scale_groups;
+        for i in 0..count {
+            let p = m.row(first + i);
+            let mut t = 0;
+            while t < 4 {
+                prepare_row(&p, G, sg, x[t], &mut sc[t]);
+                t += 1;
+            }
+            let z = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+            let (mut e, mut o) = ([z; 4], [z; 4]);
+            let v = p.values.as_ptr();
+            let chunks = (p.n * G).div_ceil(CHUNK);
+            let mut c = 0;
+            while c < chunks {
+                let w = weights::<Q8>(v, c);
+                let mut t = 0;
+                while t < 4 {
+                    e[t] = step_with::<I, G>(w, x[t].q.as_ptr(), &sc[t], c, e[t]);
+                    t += 1;
+                }
+                if c + 1 < chunks {
+                    let w = weights::<Q8>(v, c + 1);
+                    let mut t = 0;
+                    while t < 4 {
+                        o[t] = step_with::<I, G>(w, x[t].q.as_ptr(), &sc[t], c + 1, o[t]);
+                        t += 1;
+                    }
+                }
+                c += 2;
+            }
+            let mut t = 0;
+            while t < 4 {
+                let r = vaddq_f32(vaddq_f32(e[t].0, o[t].0), vaddq_f32(e[t].1, o[t].1));
+                let a: [f32; 4] = std::mem::transmute(r);
+                y[t * count + i] = (a[0] + a[2]) + (a[1] + a[3]);
+                t += 1;
+            }
+        }
+    }
+
+    #[target_feature(enable = "dotprod")]
+    unsafe fn sdot4<const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: [&GroupActs; 4],
+        first: usize,
+        y: &mut [f32],
+    ) {
+        body4::<Sdot, G, Q8>(m, x, first, y)
+    }
+
+    pub(super) fn tokens4_neon(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+        let q8 = m.fmt.values == Values::Q8;
+        // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
+        unsafe {
+            match (m.fmt.g, q8) {
+                (4, false) => body4::<Neon, 4, false>(m, x, first, y),
+                (8, false) => body4::<Neon, 8, false>(m, x, first, y),
+                (16, false) => body4::<Neon, 16, false>(m, x, first, y),
+                (32, false) => body4::<Neon, 32, false>(m, x, first, y),
+                (4, true) => body4::<Neon, 4, true>(m, x, first, y),
+                (8, true) => body4::<Neon, 8, true>(m, x, first, y),
+                (16, true) => body4::<Neon, 16, true>(m, x, first, y),
+                _ => body4::<Neon, 32, true>(m, x, first, y),
+            }
+        }
+    }
+
+    pub(super) fn tokens4_sdot(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+        let q8 = m.fmt.values == Values::Q8;
+        // SAFETY: as `rows_sdot`.
+        unsafe {
+            match (m.fmt.g, q8) {
+                (4, false) => sdot4::<4, false>(m, x, first, y),
+                (8, false) => sdot4::<8, false>(m, x, first, y),
+                (16, false) => sdot4::<16, false>(m, x, first, y),
+                (32, false) => sdot4::<32, false>(m, x, first, y),
+                (4, true) => sdot4::<4, true>(m, x, first, y),
+                (8, true) => sdot4::<8, true>(m, x, first, y),
+                (16, true) => sdot4::<16, true>(m, x, first, y),
+                _ => sdot4::<32, true>(m, x, first, y),
+            }
         }
     }
 

@@ -550,6 +550,12 @@ impl NmActs {
 type DotFn = unsafe fn(&NmFormat, &[u8], &NmActs) -> f32;
 /// Four rows sharing the activation loads; same contract for every row.
 type Rows4Fn = unsafe fn(&NmFormat, [&[u8]; 4], &NmActs) -> [f32; 4];
+/// One row against four tokens' activations (`[token]`), the row's blocks decoded once for
+/// the four: the four `DotFn` results, bit for bit; same contract for every token.
+type Tokens4Fn = unsafe fn(&NmFormat, &[u8], [&NmActs; 4]) -> [f32; 4];
+/// Two rows against four tokens (`[row][token]`): the tile of a batch, sharing the weight
+/// decoding across tokens and the activation loads across rows; the `DotFn` results.
+type Tile2x4Fn = unsafe fn(&NmFormat, [&[u8]; 2], [&NmActs; 4]) -> [[f32; 4]; 2];
 
 /// The portable kernel: per block, the exact integer dot of the kept values and the
 /// activations at their positions, times `d_w * d_x`, summed in block order.
@@ -577,6 +583,40 @@ unsafe fn generic_dot_entry(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
     generic_dot(f, row, a)
 }
 
+/// [`generic_dot`] of one row with four tokens' activations (of one length), each index and
+/// value decoded once for the four: the same four sums, bit for bit.
+pub fn generic_dot4(f: &NmFormat, row: &[u8], a: [&NmActs; 4]) -> [f32; 4] {
+    let s = f.block_span();
+    let (head, _, bodies) = split_row(f, row);
+    let nb = a.iter().map(|a| a.q.len() / s.max(1)).min().unwrap_or(0);
+    let mut sum = [0f32; 4];
+    for (b, (blk, dw)) in bodies.zip(scales_of(head)).take(nb).enumerate() {
+        let mut isum = [0i32; 4];
+        for j in 0..f.block_values() {
+            let pos = (j / f.n) * f.m + index_of(f, blk, j);
+            let w = value_of(f, blk, j);
+            // A corrupt index past the block reads 0, as in `generic_dot`.
+            if pos < s {
+                for (i, a) in isum.iter_mut().zip(a) {
+                    *i += w * a.q[b * s + pos] as i32;
+                }
+            }
+        }
+        for ((sum, i), a) in sum.iter_mut().zip(isum).zip(a) {
+            *sum += i as f32 * (dw * a.d[b]);
+        }
+    }
+    sum
+}
+
+unsafe fn generic_dot4_entry(f: &NmFormat, row: &[u8], a: [&NmActs; 4]) -> [f32; 4] {
+    generic_dot4(f, row, a)
+}
+
+/// Rows per chunk of [`NmKernel::matmat`]: their weights stay in L1 while every group of
+/// four tokens goes past them.
+const MATMAT_ROWS: usize = 16;
+
 /// A matrix-vector kernel for one format, chosen for a CPU level.
 #[derive(Clone, Copy)]
 pub struct NmKernel {
@@ -586,6 +626,8 @@ pub struct NmKernel {
     pub format: NmFormat,
     dot: DotFn,
     rows4: Option<Rows4Fn>,
+    tokens4: Tokens4Fn,
+    tile2x4: Option<Tile2x4Fn>,
 }
 
 impl NmKernel {
@@ -629,6 +671,8 @@ impl NmKernel {
             format: f,
             dot: generic_dot_entry,
             rows4: None,
+            tokens4: generic_dot4_entry,
+            tile2x4: None,
         };
         if level == Level::Generic || !Level::detected().contains(&level) {
             return Ok(generic);
@@ -715,6 +759,103 @@ impl NmKernel {
         for (r, out) in y.iter_mut().enumerate().skip(done) {
             // SAFETY: as above.
             *out = unsafe { (self.dot)(f, row(r), a) };
+        }
+        Ok(())
+    }
+}
+
+impl NmKernel {
+    /// Whether the kernel has a two-row tile for batches (used by [`NmKernel::matmat`]).
+    pub fn has_tile(&self) -> bool {
+        self.tile2x4.is_some()
+    }
+
+    /// `y[t * rows + r] = dot(row r, acts[t])` for a matrix of `rows = y.len() / acts.len()`
+    /// rows stored one after the other: each (row, token) the bits of [`NmKernel::matvec`]
+    /// for that token. Tokens go four at a time through the kernel's tiles (each weight block
+    /// decoded once for the four), over chunks of rows that stay in the caches; the last
+    /// `acts.len() % 4` tokens through [`NmKernel::matvec`].
+    pub fn matmat(&self, w: &[u8], acts: &[NmActs], y: &mut [f32]) -> Result<()> {
+        self.matmat_impl(w, acts, y, true)
+    }
+
+    /// [`NmKernel::matmat`] with one-row calls only (no two-row tile), for comparisons.
+    pub fn matmat_by_row(&self, w: &[u8], acts: &[NmActs], y: &mut [f32]) -> Result<()> {
+        self.matmat_impl(w, acts, y, false)
+    }
+
+    fn matmat_impl(&self, w: &[u8], acts: &[NmActs], y: &mut [f32], tile: bool) -> Result<()> {
+        let Some(a0) = acts.first() else {
+            return if y.is_empty() {
+                Ok(())
+            } else {
+                Err(invalid("N:M matmat: outputs for no tokens"))
+            };
+        };
+        let rb = self.format.row_bytes(a0.len())?;
+        for a in acts {
+            if a.len() != a0.len() {
+                return Err(invalid(format!(
+                    "N:M matmat: activation rows of {} and {} inputs",
+                    a0.len(),
+                    a.len()
+                )));
+            }
+            self.check(rb, a)?;
+        }
+        let n = acts.len();
+        let rows = y.len() / n;
+        if y.len() != n * rows || Some(w.len()) != rb.checked_mul(rows) {
+            return Err(invalid(format!(
+                "N:M matmat: {} bytes of rows of {rb}, {} outputs for {n} tokens",
+                w.len(),
+                y.len()
+            )));
+        }
+        if rb == 0 {
+            y.fill(0.0);
+            return Ok(());
+        }
+        let f = &self.format;
+        let row = |r: usize| &w[r * rb..(r + 1) * rb];
+        let quads = n / 4;
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + MATMAT_ROWS).min(rows);
+            for g in 0..quads {
+                let a4 = [
+                    &acts[4 * g],
+                    &acts[4 * g + 1],
+                    &acts[4 * g + 2],
+                    &acts[4 * g + 3],
+                ];
+                let mut r = r0;
+                if let (true, Some(tile)) = (tile, self.tile2x4) {
+                    while r + 2 <= r1 {
+                        // SAFETY: every row is rb bytes and every activation row a0.len()
+                        // long, checked against the format above; the kernel's level was
+                        // detected on this CPU.
+                        let v = unsafe { tile(f, [row(r), row(r + 1)], a4) };
+                        for (j, v) in v.into_iter().enumerate() {
+                            for (i, v) in v.into_iter().enumerate() {
+                                y[(4 * g + i) * rows + r + j] = v;
+                            }
+                        }
+                        r += 2;
+                    }
+                }
+                for r in r..r1 {
+                    // SAFETY: as above.
+                    let v = unsafe { (self.tokens4)(f, row(r), a4) };
+                    for (i, v) in v.into_iter().enumerate() {
+                        y[(4 * g + i) * rows + r] = v;
+                    }
+                }
+            }
+            r0 = r1;
+        }
+        for (t, a) in acts.iter().enumerate().skip(4 * quads) {
+            self.matvec(w, a, &mut y[t * rows..(t + 1) * rows])?;
         }
         Ok(())
     }
@@ -934,17 +1075,33 @@ mod x86 {
         _mm_cvtss_f32(r)
     }
 
-    /// R rows of `nb` blocks of `bb` bytes against the activations `xq` (64 per block; AVX2:
-    /// the i8 values, VNNI and VBMI: biased to u8, `q + 128`) and their scales `xd` (a
-    /// multiple of 8 of them, zeros past `nb`).
+    /// Most `R * (T + 1)` of a [`body`] call: its buffer of scale products and corrections.
+    const DBUF: usize = 10;
+
+    /// R rows of `nb` blocks of `bb` bytes against T rows of activations `xq[t]` (64 per
+    /// block; AVX2: the i8 values, VNNI and VBMI: biased to u8, `q + 128`) with their scales
+    /// `xd[t]` (a multiple of 8 of them, zeros past `nb`); `out[r][t]`.
+    ///
+    /// Each (row, token) has its own accumulator and sees the same operations in the same
+    /// order whatever R and T are, so a result does not depend on the rows and tokens it was
+    /// computed with: a block's indices and weights are decoded once per row and used for
+    /// the T tokens, a token's activations loaded (and for `pshufb`, rearranged) once per
+    /// block and used for the R rows.
     #[inline(always)]
-    unsafe fn body<const R: usize, const M: usize, const Q4: bool, const ISA: u8>(
+    unsafe fn body<
+        const R: usize,
+        const T: usize,
+        const M: usize,
+        const Q4: bool,
+        const ISA: u8,
+    >(
         rows: [*const u8; R],
         nb: usize,
         bb: usize,
-        xq: *const i8,
-        xd: *const f32,
-    ) -> [f32; R] {
+        xq: [*const i8; T],
+        xd: [*const f32; T],
+    ) -> [[f32; T]; R] {
+        const { assert!(R * (T + 1) <= DBUF) };
         let voff = if M == 8 { 12 } else { 8 };
         let sb = bb - 4;
         let goff = _mm256_loadu_si256(if M == 8 {
@@ -952,20 +1109,25 @@ mod x86 {
         } else {
             GOFF24.as_ptr()
         } as *const __m256i);
-        let mut acc = [_mm256_setzero_ps(); R];
-        // Per row, 8 blocks' d_w * d_x, then (VNNI, VBMI) their corrections -16 * sum_b.
-        let mut dbuf = [[0f32; 16]; R];
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        // Per row r: at r (T + 1) + t, token t's d_w * d_x of 8 blocks; at r (T + 1) + T,
+        // (VNNI, VBMI) the blocks' corrections -16 * sum_b. Every lane read is written first.
+        let mut dbuf = std::mem::MaybeUninit::<[[f32; 8]; DBUF]>::uninit();
+        let dw = dbuf.as_mut_ptr() as *mut f32;
         let mut b0 = 0;
         while b0 < nb {
             // d_w * d_x of blocks b0..b0 + 8, and the sums' corrections. The 16 bytes of
             // scales and of sums past b0 are still in the row (its head is 4 nb bytes of
             // nb * bb, and bb >= 28), and the lanes past nb are never read.
-            let dx = _mm256_loadu_ps(xd.add(b0));
             let mut r = 0;
             while r < R {
-                let h = _mm_loadu_si128(rows[r].add(2 * b0) as *const __m128i);
-                let d = _mm256_mul_ps(_mm256_cvtph_ps(h), dx);
-                _mm256_storeu_ps(dbuf[r].as_mut_ptr(), d);
+                let h = _mm256_cvtph_ps(_mm_loadu_si128(rows[r].add(2 * b0) as *const __m128i));
+                let mut t = 0;
+                while t < T {
+                    let d = _mm256_mul_ps(h, _mm256_loadu_ps(xd[t].add(b0)));
+                    _mm256_storeu_ps(dw.add(8 * (r * (T + 1) + t)), d);
+                    t += 1;
+                }
                 if ISA != AVX2 {
                     // The biased activations add 128 * sum_b to the block's dot; every one
                     // of the 8 lanes starts at -16 * sum_b, which takes it back exactly.
@@ -974,34 +1136,39 @@ mod x86 {
                         _mm256_setzero_si256(),
                         _mm256_slli_epi32::<4>(_mm256_cvtepi16_epi32(s)),
                     );
-                    _mm256_storeu_si256(dbuf[r].as_mut_ptr().add(8) as *mut __m256i, c);
+                    _mm256_storeu_si256(dw.add(8 * (r * (T + 1) + T)) as *mut __m256i, c);
                 }
                 r += 1;
             }
             // Through an opaque pointer so that the broadcasts below load from memory
             // (`vbroadcastss m32`, no shuffle uop); LLVM otherwise keeps the buffer in
             // registers and spends two shuffles per block and row.
-            let dp = std::hint::black_box(dbuf.as_ptr() as *const f32);
+            let dp = std::hint::black_box(dw as *const f32);
             let end = if nb - b0 < 8 { nb } else { b0 + 8 };
             for b in b0..end {
-                let xa = _mm256_loadu_si256(xq.add(64 * b) as *const __m256i);
-                let xb = _mm256_loadu_si256(xq.add(64 * b + 32) as *const __m256i);
-                let (p, q) = if ISA == VBMI {
-                    (xa, xb)
-                } else {
-                    (
-                        _mm256_permute2x128_si256::<0x20>(xa, xb),
-                        _mm256_permute2x128_si256::<0x31>(xa, xb),
-                    )
-                };
+                // Each token's two activation tables for this block.
+                let mut tp = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
+                let mut t = 0;
+                while t < T {
+                    let xa = _mm256_loadu_si256(xq[t].add(64 * b) as *const __m256i);
+                    let xb = _mm256_loadu_si256(xq[t].add(64 * b + 32) as *const __m256i);
+                    tp[t] = if ISA == VBMI {
+                        (xa, xb)
+                    } else {
+                        (
+                            _mm256_permute2x128_si256::<0x20>(xa, xb),
+                            _mm256_permute2x128_si256::<0x31>(xa, xb),
+                        )
+                    };
+                    t += 1;
+                }
                 let mut r = 0;
                 while r < R {
                     let blk = rows[r].add(4 * nb + b * sb);
-                    let xg = if ISA == VBMI {
-                        vpermi2b(p, positions::<M>(blk, goff), q)
+                    let (cp, cq) = if ISA == VBMI {
+                        (positions::<M>(blk, goff), _mm256_setzero_si256())
                     } else {
-                        let (cp, cq) = controls::<M>(blk);
-                        _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq))
+                        controls::<M>(blk)
                     };
                     let w = if Q4 {
                         // The 16 bytes in both halves (a broadcast load), the high half
@@ -1015,27 +1182,45 @@ mod x86 {
                     } else {
                         _mm256_loadu_si256(blk.add(voff) as *const __m256i)
                     };
-                    let ip = if ISA == AVX2 {
-                        let ax = _mm256_sign_epi8(w, w);
-                        let sy = _mm256_sign_epi8(xg, w);
-                        _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
+                    let ax = _mm256_sign_epi8(w, w);
+                    let c = if ISA == AVX2 {
+                        _mm256_setzero_si256()
                     } else {
-                        // u8 (x + 128) times i8 w, from -16 sum_b in every lane: exact.
-                        let c =
-                            _mm256_set1_epi32((dp.add(16 * r + 8 + b - b0) as *const i32).read());
-                        _mm256_dpbusd_epi32(c, xg, w)
+                        let at = 8 * (r * (T + 1) + T) + b - b0;
+                        _mm256_set1_epi32((dp.add(at) as *const i32).read())
                     };
-                    let d = _mm256_broadcast_ss(&*dp.add(16 * r + b - b0));
-                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r]);
+                    let mut t = 0;
+                    while t < T {
+                        let (p, q) = tp[t];
+                        let xg = if ISA == VBMI {
+                            vpermi2b(p, cp, q)
+                        } else {
+                            _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq))
+                        };
+                        let ip = if ISA == AVX2 {
+                            let sy = _mm256_sign_epi8(xg, w);
+                            _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
+                        } else {
+                            // u8 (x + 128) times i8 w, from -16 sum_b in every lane: exact.
+                            _mm256_dpbusd_epi32(c, xg, w)
+                        };
+                        let d = _mm256_broadcast_ss(&*dp.add(8 * (r * (T + 1) + t) + b - b0));
+                        acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r][t]);
+                        t += 1;
+                    }
                     r += 1;
                 }
             }
             b0 = end;
         }
-        let mut out = [0f32; R];
+        let mut out = [[0f32; T]; R];
         let mut r = 0;
         while r < R {
-            out[r] = hsum(acc[r]);
+            let mut t = 0;
+            while t < T {
+                out[r][t] = hsum(acc[r][t]);
+                t += 1;
+            }
             r += 1;
         }
         out
@@ -1059,29 +1244,57 @@ mod x86 {
                 #[target_feature(enable = $feat)]
                 pub(super) unsafe fn dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
                     let nb = a.q.len() / 64;
-                    body::<1, $m, $q4, $isa>(
+                    body::<1, 1, $m, $q4, $isa>(
                         [row.as_ptr()],
                         nb,
                         crate::sparse::nm::simd_block_bytes(f, $m, $q4),
-                        acts::<$isa>(a),
-                        a.d.as_ptr(),
-                    )[0]
+                        [acts::<$isa>(a)],
+                        [a.d.as_ptr()],
+                    )[0][0]
                 }
 
                 #[target_feature(enable = $feat)]
                 pub(super) unsafe fn rows4(f: &NmFormat, rows: [&[u8]; 4], a: &NmActs) -> [f32; 4] {
                     let nb = a.q.len() / 64;
-                    body::<4, $m, $q4, $isa>(
-                        [
-                            rows[0].as_ptr(),
-                            rows[1].as_ptr(),
-                            rows[2].as_ptr(),
-                            rows[3].as_ptr(),
-                        ],
+                    body::<4, 1, $m, $q4, $isa>(
+                        rows.map(|r| r.as_ptr()),
                         nb,
                         crate::sparse::nm::simd_block_bytes(f, $m, $q4),
-                        acts::<$isa>(a),
-                        a.d.as_ptr(),
+                        [acts::<$isa>(a)],
+                        [a.d.as_ptr()],
+                    )
+                    .map(|v| v[0])
+                }
+
+                #[target_feature(enable = $feat)]
+                pub(super) unsafe fn tokens4(
+                    f: &NmFormat,
+                    row: &[u8],
+                    a: [&NmActs; 4],
+                ) -> [f32; 4] {
+                    let nb = a[0].q.len() / 64;
+                    body::<1, 4, $m, $q4, $isa>(
+                        [row.as_ptr()],
+                        nb,
+                        crate::sparse::nm::simd_block_bytes(f, $m, $q4),
+                        a.map(acts::<$isa>),
+                        a.map(|a| a.d.as_ptr()),
+                    )[0]
+                }
+
+                #[target_feature(enable = $feat)]
+                pub(super) unsafe fn tile2x4(
+                    f: &NmFormat,
+                    rows: [&[u8]; 2],
+                    a: [&NmActs; 4],
+                ) -> [[f32; 4]; 2] {
+                    let nb = a[0].q.len() / 64;
+                    body::<2, 4, $m, $q4, $isa>(
+                        rows.map(|r| r.as_ptr()),
+                        nb,
+                        crate::sparse::nm::simd_block_bytes(f, $m, $q4),
+                        a.map(acts::<$isa>),
+                        a.map(|a| a.d.as_ptr()),
                     )
                 }
             }
@@ -1168,64 +1381,38 @@ mod x86 {
             _ if vbmi && has_vbmi() => VBMI,
             _ => VNNI,
         };
-        type Pair = (&'static str, super::DotFn, super::Rows4Fn);
-        let (name, dot, rows4): Pair = match (f.m, f.values, isa) {
-            (4, Q8, AVX2) => ("avx2_dot_nm24_q8", nm24_q8::dot, nm24_q8::rows4),
-            (4, Q4, AVX2) => ("avx2_dot_nm24_q4", nm24_q4::dot, nm24_q4::rows4),
-            (8, Q8, AVX2) => ("avx2_dot_nm48_q8", nm48_q8::dot, nm48_q8::rows4),
-            (8, Q4, AVX2) => ("avx2_dot_nm48_q4", nm48_q4::dot, nm48_q4::rows4),
-            (4, Q8, VNNI) => (
-                "avx512_dot_nm24_q8_vnni",
-                nm24_q8_vnni::dot,
-                nm24_q8_vnni::rows4,
-            ),
-            (4, Q4, VNNI) => (
-                "avx512_dot_nm24_q4_vnni",
-                nm24_q4_vnni::dot,
-                nm24_q4_vnni::rows4,
-            ),
-            (8, Q8, VNNI) => (
-                "avx512_dot_nm48_q8_vnni",
-                nm48_q8_vnni::dot,
-                nm48_q8_vnni::rows4,
-            ),
-            (8, Q4, VNNI) => (
-                "avx512_dot_nm48_q4_vnni",
-                nm48_q4_vnni::dot,
-                nm48_q4_vnni::rows4,
-            ),
-            (4, Q8, _) => (
-                "avx512_dot_nm24_q8_vbmi",
-                nm24_q8_vbmi::dot,
-                nm24_q8_vbmi::rows4,
-            ),
-            (4, Q4, _) => (
-                "avx512_dot_nm24_q4_vbmi",
-                nm24_q4_vbmi::dot,
-                nm24_q4_vbmi::rows4,
-            ),
-            (8, Q8, _) => (
-                "avx512_dot_nm48_q8_vbmi",
-                nm48_q8_vbmi::dot,
-                nm48_q8_vbmi::rows4,
-            ),
-            (8, Q4, _) => (
-                "avx512_dot_nm48_q4_vbmi",
-                nm48_q4_vbmi::dot,
-                nm48_q4_vbmi::rows4,
-            ),
-            _ => return None,
+        let level = if isa == AVX2 {
+            Level::Avx2
+        } else {
+            Level::Avx512
         };
-        Some(NmKernel {
-            name,
-            level: if isa == AVX2 {
-                Level::Avx2
-            } else {
-                Level::Avx512
-            },
-            format: f,
-            dot,
-            rows4: Some(rows4),
+        macro_rules! entry {
+            ($name:literal, $m:ident) => {
+                NmKernel {
+                    name: $name,
+                    level,
+                    format: f,
+                    dot: $m::dot,
+                    rows4: Some($m::rows4),
+                    tokens4: $m::tokens4,
+                    tile2x4: Some($m::tile2x4),
+                }
+            };
+        }
+        Some(match (f.m, f.values, isa) {
+            (4, Q8, AVX2) => entry!("avx2_dot_nm24_q8", nm24_q8),
+            (4, Q4, AVX2) => entry!("avx2_dot_nm24_q4", nm24_q4),
+            (8, Q8, AVX2) => entry!("avx2_dot_nm48_q8", nm48_q8),
+            (8, Q4, AVX2) => entry!("avx2_dot_nm48_q4", nm48_q4),
+            (4, Q8, VNNI) => entry!("avx512_dot_nm24_q8_vnni", nm24_q8_vnni),
+            (4, Q4, VNNI) => entry!("avx512_dot_nm24_q4_vnni", nm24_q4_vnni),
+            (8, Q8, VNNI) => entry!("avx512_dot_nm48_q8_vnni", nm48_q8_vnni),
+            (8, Q4, VNNI) => entry!("avx512_dot_nm48_q4_vnni", nm48_q4_vnni),
+            (4, Q8, _) => entry!("avx512_dot_nm24_q8_vbmi", nm24_q8_vbmi),
+            (4, Q4, _) => entry!("avx512_dot_nm24_q4_vbmi", nm24_q4_vbmi),
+            (8, Q8, _) => entry!("avx512_dot_nm48_q8_vbmi", nm48_q8_vbmi),
+            (8, Q4, _) => entry!("avx512_dot_nm48_q4_vbmi", nm48_q4_vbmi),
+            _ => return None,
         })
     }
 }
@@ -1317,23 +1504,34 @@ mod arm {
         )
     }
 
+    /// R rows against T rows of activations: `out[r][t]`. As on x86, every (row, token) has
+    /// its own accumulator and sees the same operations in the same order whatever R and T
+    /// are; a block's indices and weights are decoded once per row for the T tokens.
     #[inline(always)]
-    unsafe fn body<I: Isa, const R: usize, const M: usize, const Q4: bool>(
+    unsafe fn body<I: Isa, const R: usize, const T: usize, const M: usize, const Q4: bool>(
         rows: [*const u8; R],
         nb: usize,
         bb: usize,
-        xq: *const i8,
-        xd: *const f32,
-    ) -> [f32; R] {
+        xq: [*const i8; T],
+        xd: [*const f32; T],
+    ) -> [[f32; T]; R] {
         let voff = if M == 8 { 12 } else { 8 };
         let sb = bb - 4;
         let g = vld1q_u8(if M == 8 { G48.as_ptr() } else { G24.as_ptr() });
-        let mut acc = [vdupq_n_f32(0.0); R];
+        let mut acc = [[vdupq_n_f32(0.0); T]; R];
         for b in 0..nb {
-            let x = xq.add(64 * b);
-            let t0 = int8x16x2_t(vld1q_s8(x), vld1q_s8(x.add(16)));
-            let t1 = int8x16x2_t(vld1q_s8(x.add(32)), vld1q_s8(x.add(48)));
-            let dx = *xd.add(b);
+            // Each token's two 32-byte tables of this block, loaded once for the R rows.
+            let z = vdupq_n_s8(0);
+            let mut tabs = [(int8x16x2_t(z, z), int8x16x2_t(z, z)); T];
+            let mut t = 0;
+            while t < T {
+                let x = xq[t].add(64 * b);
+                tabs[t] = (
+                    int8x16x2_t(vld1q_s8(x), vld1q_s8(x.add(16))),
+                    int8x16x2_t(vld1q_s8(x.add(32)), vld1q_s8(x.add(48))),
+                );
+                t += 1;
+            }
             let mut r = 0;
             while r < R {
                 let blk = rows[r].add(4 * nb + b * sb);
@@ -1343,8 +1541,7 @@ mod arm {
                     lo = vaddq_u8(lo, vshlq_n_u8::<2>(c0));
                     hi = vaddq_u8(hi, vshlq_n_u8::<2>(c1));
                 }
-                let xlo = vqtbl2q_s8(t0, vaddq_u8(lo, g));
-                let xhi = vqtbl2q_s8(t1, vaddq_u8(hi, g));
+                let (ilo, ihi) = (vaddq_u8(lo, g), vaddq_u8(hi, g));
                 let (wlo, whi) = if Q4 {
                     let v = vld1q_u8(blk.add(voff));
                     let eight = vdupq_n_s8(8);
@@ -1356,16 +1553,28 @@ mod arm {
                     let w = blk.add(voff) as *const i8;
                     (vld1q_s8(w), vld1q_s8(w.add(16)))
                 };
-                let ip = I::dot4(I::dot4(vdupq_n_s32(0), wlo, xlo), whi, xhi);
-                let d = vdupq_n_f32(fp16(rows[r].add(2 * b)) * dx);
-                acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(ip), d);
+                let dw = fp16(rows[r].add(2 * b));
+                let mut t = 0;
+                while t < T {
+                    let (t0, t1) = tabs[t];
+                    let xlo = vqtbl2q_s8(t0, ilo);
+                    let xhi = vqtbl2q_s8(t1, ihi);
+                    let ip = I::dot4(I::dot4(vdupq_n_s32(0), wlo, xlo), whi, xhi);
+                    let d = vdupq_n_f32(dw * *xd[t].add(b));
+                    acc[r][t] = vfmaq_f32(acc[r][t], vcvtq_f32_s32(ip), d);
+                    t += 1;
+                }
                 r += 1;
             }
         }
-        let mut out = [0f32; R];
+        let mut out = [[0f32; T]; R];
         let mut r = 0;
         while r < R {
-            out[r] = vaddvq_f32(acc[r]);
+            let mut t = 0;
+            while t < T {
+                out[r][t] = vaddvq_f32(acc[r][t]);
+                t += 1;
+            }
             r += 1;
         }
         out
@@ -1381,7 +1590,7 @@ mod arm {
                     let nb = a.q.len() / 64;
                     let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
                     let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
-                    body::<$isa, 1, $m, $q4>([row.as_ptr()], nb, bb, q, d)[0]
+                    body::<$isa, 1, 1, $m, $q4>([row.as_ptr()], nb, bb, [q], [d])[0][0]
                 }
 
                 $(#[target_feature(enable = $feat)])?
@@ -1392,14 +1601,34 @@ mod arm {
                 ) -> [f32; 4] {
                     let nb = a.q.len() / 64;
                     let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
-                    let p = [
-                        rows[0].as_ptr(),
-                        rows[1].as_ptr(),
-                        rows[2].as_ptr(),
-                        rows[3].as_ptr(),
-                    ];
+                    let p = rows.map(|r| r.as_ptr());
                     let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
-                    body::<$isa, 4, $m, $q4>(p, nb, bb, q, d)
+                    body::<$isa, 4, 1, $m, $q4>(p, nb, bb, [q], [d]).map(|v| v[0])
+                }
+
+                $(#[target_feature(enable = $feat)])?
+                pub(super) unsafe fn tokens4(
+                    f: &NmFormat,
+                    row: &[u8],
+                    a: [&NmActs; 4],
+                ) -> [f32; 4] {
+                    let nb = a[0].q.len() / 64;
+                    let (q, d) = (a.map(|a| a.q.as_ptr()), a.map(|a| a.d.as_ptr()));
+                    let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
+                    body::<$isa, 1, 4, $m, $q4>([row.as_ptr()], nb, bb, q, d)[0]
+                }
+
+                $(#[target_feature(enable = $feat)])?
+                pub(super) unsafe fn tile2x4(
+                    f: &NmFormat,
+                    rows: [&[u8]; 2],
+                    a: [&NmActs; 4],
+                ) -> [[f32; 4]; 2] {
+                    let nb = a[0].q.len() / 64;
+                    let (q, d) = (a.map(|a| a.q.as_ptr()), a.map(|a| a.d.as_ptr()));
+                    let p = rows.map(|r| r.as_ptr());
+                    let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
+                    body::<$isa, 2, 4, $m, $q4>(p, nb, bb, q, d)
                 }
             }
         };
@@ -1421,40 +1650,30 @@ mod arm {
             return None;
         }
         let sdot = level >= Level::Dotprod;
-        let (name, dot, rows4): (&'static str, super::DotFn, super::Rows4Fn) =
-            match (f.m, f.values, sdot) {
-                (4, Q8, false) => ("neon_dot_nm24_q8", nm24_q8::dot, nm24_q8::rows4),
-                (4, Q4, false) => ("neon_dot_nm24_q4", nm24_q4::dot, nm24_q4::rows4),
-                (8, Q8, false) => ("neon_dot_nm48_q8", nm48_q8::dot, nm48_q8::rows4),
-                (8, Q4, false) => ("neon_dot_nm48_q4", nm48_q4::dot, nm48_q4::rows4),
-                (4, Q8, true) => (
-                    "dotprod_dot_nm24_q8_sdot",
-                    nm24_q8_sdot::dot,
-                    nm24_q8_sdot::rows4,
-                ),
-                (4, Q4, true) => (
-                    "dotprod_dot_nm24_q4_sdot",
-                    nm24_q4_sdot::dot,
-                    nm24_q4_sdot::rows4,
-                ),
-                (8, Q8, true) => (
-                    "dotprod_dot_nm48_q8_sdot",
-                    nm48_q8_sdot::dot,
-                    nm48_q8_sdot::rows4,
-                ),
-                (8, Q4, true) => (
-                    "dotprod_dot_nm48_q4_sdot",
-                    nm48_q4_sdot::dot,
-                    nm48_q4_sdot::rows4,
-                ),
-                _ => return None,
+        let level = if sdot { Level::Dotprod } else { Level::Neon };
+        macro_rules! entry {
+            ($name:literal, $m:ident) => {
+                NmKernel {
+                    name: $name,
+                    level,
+                    format: f,
+                    dot: $m::dot,
+                    rows4: Some($m::rows4),
+                    tokens4: $m::tokens4,
+                    tile2x4: Some($m::tile2x4),
+                }
             };
-        Some(NmKernel {
-            name,
-            level: if sdot { Level::Dotprod } else { Level::Neon },
-            format: f,
-            dot,
-            rows4: Some(rows4),
+        }
+        Some(match (f.m, f.values, sdot) {
+            (4, Q8, false) => entry!("neon_dot_nm24_q8", nm24_q8),
+            (4, Q4, false) => entry!("neon_dot_nm24_q4", nm24_q4),
+            (8, Q8, false) => entry!("neon_dot_nm48_q8", nm48_q8),
+            (8, Q4, false) => entry!("neon_dot_nm48_q4", nm48_q4),
+            (4, Q8, true) => entry!("dotprod_dot_nm24_q8_sdot", nm24_q8_sdot),
+            (4, Q4, true) => entry!("dotprod_dot_nm24_q4_sdot", nm24_q4_sdot),
+            (8, Q8, true) => entry!("dotprod_dot_nm48_q8_sdot", nm48_q8_sdot),
+            (8, Q4, true) => entry!("dotprod_dot_nm48_q4_sdot", nm48_q4_sdot),
+            _ => return None,
         })
     }
 }
