@@ -245,7 +245,9 @@ fn matmat_errors() {
         assert!(k
             .matmat(&m, &[a.clone(), short.clone()], &mut y[..6])
             .is_err());
-        assert!(k.matmat_rows(&m, std::slice::from_ref(&a), 1, &mut y[..3]).is_err());
+        assert!(k
+            .matmat_rows(&m, std::slice::from_ref(&a), 1, &mut y[..3])
+            .is_err());
         assert!(k.matmat_rows(&m, &[], 0, &mut y[..1]).is_err());
         assert!(k
             .matmat_rows(&m, &[a.clone(), a.clone()], 0, &mut y[..3])

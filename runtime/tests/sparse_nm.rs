@@ -407,7 +407,9 @@ fn matmat_errors() {
         assert!(kern
             .matmat(&w, &[a.clone(), a.clone()], &mut y[..3])
             .is_err());
-        assert!(kern.matmat(&w[1..], std::slice::from_ref(&a), &mut y[..1]).is_err());
+        assert!(kern
+            .matmat(&w[1..], std::slice::from_ref(&a), &mut y[..1])
+            .is_err());
         assert!(kern
             .matmat(&w, &[a.clone(), short.clone()], &mut y[..2])
             .is_err());
