@@ -20,13 +20,19 @@
 //!
 //! `SPARSE_GROUP_QUICK=1` skips criterion and reports the interleaved ratios, with the
 //! medians of a few bursts as times: a quick A/B while working on a kernel.
+//!
+//! Batch (prompt processing): after each shape, the same matrices times a batch of
+//! `GROUP_BENCH_BATCH` tokens (default 32; one copy of the matrix), activations quantized
+//! inside the timing on both sides: dense `kernels::matmul` with `n` tokens on a one-thread
+//! pool (its four-token tiles) against `GroupKernel::matmat`, and the matrix-vector kernel
+//! once per token (the path a batch took before `matmat`); ratios as above, interleaved.
 
 mod common;
 
 use common::{Rng, Shape, SHAPES};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use sparrow::kernels::bandwidth::measure_read_bandwidth;
-use sparrow::kernels::{DotKernel, KernelTable};
+use sparrow::kernels::{matmul, DotKernel, KernelTable, MatmulScratch, ThreadPool};
 use sparrow::quant::{self, GgmlType};
 use sparrow::sparse::group::{
     encode, prune, GroupActs, GroupFormat, GroupKernel, GroupMatrix, Values,
@@ -195,6 +201,11 @@ fn bench(c: &mut Criterion) {
     let bandwidth = measure_read_bandwidth(1);
     let kernel = GroupKernel::get();
     let table = KernelTable::get();
+    let pool = ThreadPool::new(1).expect("one-thread pool");
+    let batch: usize = std::env::var("GROUP_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
     eprintln!(
         "read bandwidth, 1 thread: {:.2} GB/s; sparse kernel {}, dense table {}",
         bandwidth / 1e9,
@@ -326,36 +337,161 @@ fn bench(c: &mut Criterion) {
         if (0..entries.len()).all(|i| secs[i].is_nan() && il[i].0.is_nan()) {
             continue;
         }
-        eprintln!(
-            "  {id:<34} {:<34} {:>9} {:>9} {:>7} {:>11} {:>12} {:>9}",
-            "kernel", "us", "GB/s", "% bw", "dense/this", "interleaved", "best"
-        );
-        for i in 0..entries.len() {
-            let e = &entries[i].0;
-            let base = entries[i]
-                .1
-                .and_then(|v| base_of(v, &entries, &secs))
-                .map_or(f64::NAN, |b| secs[b]);
-            // In quick mode the sparse times are the interleaved rounds' medians.
-            let s = if quick && i >= dense_count {
-                il[i].2
+        report(&id, &entries, dense_count, quick, &secs, &il, bandwidth);
+        drop(entries);
+
+        // The batch.
+        let xb = rng.fill(batch * cols);
+        let bid = format!("group/{} {rows}x{cols} batch {batch}", shape.name);
+        let mut entries: Vec<(Entry, Option<Values>)> = Vec::new();
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
+            let Some(k) = table.dot(ty) else { continue };
+            let v = if ty == GgmlType::Q4_0 {
+                Values::Q4
             } else {
-                secs[i]
+                Values::Q8
             };
-            if s.is_nan() {
-                continue;
-            }
-            let gbs = e.bytes as f64 / s / 1e9;
-            eprintln!(
-                "  {id:<34} {:<34} {:>9.1} {gbs:>9.2} {:>6.1}% {:>10.2}x {:>11.2}x {:>8.2}x",
-                e.name,
-                s * 1e6,
-                100.0 * gbs * 1e9 / bandwidth,
-                base / s,
-                il[i].0,
-                il[i].3
-            );
+            let (bs, ts) = k.weight_type.block_layout();
+            let mut q = vec![0u8; rows * (cols / bs * ts)];
+            quant::quantize(ty, &w, &mut q).expect("quantize weights");
+            let mut scratch = MatmulScratch::default();
+            let mut y = vec![0f32; batch * rows];
+            let (pool, xb) = (&pool, &xb);
+            entries.push((
+                Entry {
+                    name: format!("{}_matmul", k.name),
+                    bytes: q.len(),
+                    copies: 1,
+                    run: Box::new(move |_| {
+                        matmul(pool, &mut scratch, ty, &q, rows, cols, xb, batch, &mut y)
+                            .expect("matmul");
+                        black_box(&mut y);
+                    }),
+                },
+                Some(v),
+            ));
         }
+        let dense_count = entries.len();
+        for (label, values, mats) in &encoded {
+            let mat = std::rc::Rc::new(mats[0].clone());
+            for per_token in [false, true] {
+                let mat = mat.clone();
+                let mut acts: Vec<GroupActs> = (0..batch).map(|_| GroupActs::default()).collect();
+                let mut y = vec![0f32; batch * rows];
+                let xb = &xb;
+                entries.push((
+                    Entry {
+                        name: format!(
+                            "{label} {}",
+                            if per_token {
+                                "matvec per token"
+                            } else {
+                                "matmat"
+                            }
+                        ),
+                        bytes: mat.len(),
+                        copies: 1,
+                        run: Box::new(move |_| {
+                            let m = GroupMatrix::new(&mat).expect("valid");
+                            for (a, x) in acts.iter_mut().zip(xb.chunks_exact(cols)) {
+                                a.quantize(x);
+                            }
+                            if per_token {
+                                for (a, y) in acts.iter().zip(y.chunks_exact_mut(rows)) {
+                                    kernel.matvec(&m, a, y).expect("shapes match");
+                                }
+                            } else {
+                                kernel.matmat(&m, &acts, &mut y).expect("shapes match");
+                            }
+                            black_box(&mut y);
+                        }),
+                    },
+                    Some(*values),
+                ));
+            }
+        }
+        // Quick mode: every time from bursts; else criterion.
+        let mut secs = vec![f64::NAN; entries.len()];
+        if quick {
+            for (i, (e, _)) in entries.iter_mut().enumerate() {
+                let mut next = 0;
+                let n = ((2e-3 / burst(e, 1, &mut next)) as usize).clamp(1, 2000);
+                let mut t = Times::default();
+                for _ in 0..9 {
+                    t.0.push(burst(e, n, &mut next));
+                }
+                secs[i] = t.median();
+            }
+        } else {
+            let mut g = c.benchmark_group(&bid);
+            g.sample_size(10)
+                .sampling_mode(SamplingMode::Flat)
+                .warm_up_time(Duration::from_millis(300))
+                .measurement_time(Duration::from_secs(1));
+            for (e, s) in entries.iter_mut().zip(&mut secs) {
+                let (e, _) = e;
+                g.throughput(Throughput::Bytes(e.bytes as u64));
+                *s = time(&mut g, &e.name, e.copies, &mut e.run);
+            }
+            g.finish();
+        }
+        let mut il = vec![(f64::NAN, f64::NAN, f64::NAN, f64::NAN); entries.len()];
+        for i in dense_count..entries.len() {
+            let Some(v) = entries[i].1 else { continue };
+            let Some(b) = (0..dense_count).find(|&b| entries[b].1 == Some(v)) else {
+                continue;
+            };
+            let (lo, hi) = entries.split_at_mut(i);
+            il[i] = interleaved(&mut lo[b].0, &mut hi[0].0);
+        }
+        // In quick mode the sparse times are the interleaved rounds' medians, as above.
+        report(&bid, &entries, dense_count, quick, &secs, &il, bandwidth);
+    }
+}
+
+/// The table of one shape: time, weight GB/s, % of the read bandwidth, and the ratios to the
+/// dense entry of the same values (criterion, interleaved median, best rounds).
+#[allow(clippy::too_many_arguments)]
+fn report(
+    id: &str,
+    entries: &[(Entry, Option<Values>)],
+    dense_count: usize,
+    quick: bool,
+    secs: &[f64],
+    il: &[(f64, f64, f64, f64)],
+    bandwidth: f64,
+) {
+    let base_of = |v: Values| {
+        (0..dense_count)
+            .filter(|&i| entries[i].1 == Some(v))
+            .min_by(|&a, &b| secs[a].total_cmp(&secs[b]))
+    };
+    eprintln!(
+        "  {id:<40} {:<40} {:>9} {:>9} {:>7} {:>11} {:>12} {:>9}",
+        "kernel", "us", "GB/s", "% bw", "dense/this", "interleaved", "best"
+    );
+    for i in 0..entries.len() {
+        let e = &entries[i].0;
+        let base = entries[i].1.and_then(base_of).map_or(f64::NAN, |b| secs[b]);
+        // In quick mode the sparse times are the interleaved rounds' medians.
+        let s = if quick && i >= dense_count {
+            il[i].2
+        } else {
+            secs[i]
+        };
+        if s.is_nan() {
+            continue;
+        }
+        let gbs = e.bytes as f64 / s / 1e9;
+        eprintln!(
+            "  {id:<40} {:<40} {:>9.1} {gbs:>9.2} {:>6.1}% {:>10.2}x {:>11.2}x {:>8.2}x",
+            e.name,
+            s * 1e6,
+            100.0 * gbs * 1e9 / bandwidth,
+            base / s,
+            il[i].0,
+            il[i].3
+        );
     }
 }
 

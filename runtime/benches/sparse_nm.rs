@@ -18,6 +18,15 @@
 //! Shapes are SmolLM2-135M's: `ffn_up 1536x576` and `ffn_down 576x1536` stay in the caches;
 //! `output 49152x576` is cycled over copies totalling 128 MiB so that every iteration streams
 //! its weights from memory. Weights are random, pruned by magnitude.
+//!
+//! Batch (prompt processing): after each shape, the same matrices times a batch of
+//! `NM_BENCH_BATCH` tokens (default 32; one copy of the matrix): dense [`matmul`] with `n`
+//! tokens (its four-token tiles), against the sparse [`NmKernel::matmat`] (activations
+//! quantized per token inside the timing, as in the model) and, for comparison, the
+//! matrix-vector kernel run once per token (the path a batch took before `matmat`).
+//!
+//! `SPARSE_NM_QUICK=1` skips criterion and reports only the interleaved ratios (with the
+//! median round times).
 
 mod common;
 
@@ -57,6 +66,11 @@ fn bench_sparse_nm(c: &mut Criterion) {
     let table = KernelTable::get();
     let pool = ThreadPool::new(1).expect("one-thread pool");
     let all = std::env::var("NM_BENCH_ALL").is_ok_and(|v| v == "1");
+    let quick = std::env::var("SPARSE_NM_QUICK").is_ok_and(|v| v == "1");
+    let batch: usize = std::env::var("NM_BENCH_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
     eprintln!(
         "read bandwidth, 1 thread: {:.2} GB/s; dense kernels at {}",
         bandwidth / 1e9,
@@ -92,7 +106,6 @@ fn bench_sparse_nm(c: &mut Criterion) {
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(1));
         // (name, weight bytes, one matrix-vector product)
-        type Run<'a> = Box<dyn FnMut() + 'a>;
         let mut entries: Vec<(String, usize, Run)> = Vec::new();
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
             let Some(k) = table.dot(ty) else { continue };
@@ -162,9 +175,128 @@ fn bench_sparse_nm(c: &mut Criterion) {
             entries.push((name, w_bytes, Box::new(run)));
         }
 
-        // (name, weight bytes, median seconds)
-        let mut results: Vec<(String, usize, f64)> = Vec::new();
-        for (name, w_bytes, run) in entries.iter_mut() {
+        measure(&mut g, &id, &mut entries, quick, bandwidth, &mut report);
+        g.finish();
+
+        // The batch: dense matmul of n tokens, sparse matmat, sparse matvec per token.
+        let id = format!("nm/{} {rows}x{cols} batch {batch}", shape.name);
+        let mut g = c.benchmark_group(&id);
+        g.sample_size(10)
+            .sampling_mode(SamplingMode::Flat)
+            .warm_up_time(Duration::from_millis(300))
+            .measurement_time(Duration::from_secs(1));
+        let xb = rng.fill(batch * cols);
+        let mut entries: Vec<(String, usize, Run)> = Vec::new();
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
+            let Some(k) = table.dot(ty) else { continue };
+            let rb = ty.row_bytes(cols as u64).expect("whole blocks") as usize;
+            let mut w = vec![0u8; rows * rb];
+            quant::quantize(ty, &f, &mut w).expect("quantize");
+            let w_bytes = w.len();
+            let mut scratch = MatmulScratch::default();
+            let mut y = vec![0f32; batch * rows];
+            let (pool, xb) = (&pool, &xb);
+            let run = move || {
+                matmul(
+                    pool,
+                    &mut scratch,
+                    ty,
+                    &w,
+                    rows,
+                    cols,
+                    black_box(xb),
+                    batch,
+                    &mut y,
+                )
+                .expect("matmul");
+                black_box(&mut y);
+            };
+            entries.push((format!("dense_{}", k.name), w_bytes, Box::new(run)));
+        }
+        for fm in &formats {
+            let kern = NmKernel::get(*fm).expect("kernel");
+            let rb = fm.row_bytes(cols).expect("cols a multiple of the span");
+            let mut w = vec![0u8; rows * rb];
+            for (src, dst) in f.chunks_exact(cols).zip(w.chunks_exact_mut(rb)) {
+                encode_row(fm, src, dst).expect("encode");
+            }
+            let w = std::rc::Rc::new(w);
+            let q = match fm.values {
+                NmValues::Q8 => "q8",
+                NmValues::Q4 => "q4",
+            };
+            for per_token in [false, true] {
+                let w = w.clone();
+                let w_bytes = w.len();
+                let mut acts: Vec<NmActs> = (0..batch).map(|_| NmActs::new()).collect();
+                let mut y = vec![0f32; batch * rows];
+                let xb = &xb;
+                let run = move || {
+                    for (a, x) in acts.iter_mut().zip(black_box(xb).chunks_exact(cols)) {
+                        a.quantize(fm, x).expect("activations");
+                    }
+                    if per_token {
+                        for (a, y) in acts.iter().zip(y.chunks_exact_mut(rows)) {
+                            kern.matvec(&w, a, y).expect("matvec");
+                        }
+                    } else {
+                        kern.matmat(&w, &acts, &mut y).expect("matmat");
+                    }
+                    black_box(&mut y);
+                };
+                let how = if per_token {
+                    "matvec per token"
+                } else {
+                    "matmat"
+                };
+                let name = format!("nm{}{}_{q} {} {how}", fm.n, fm.m, kern.name);
+                entries.push((name, w_bytes, Box::new(run)));
+            }
+        }
+        measure(&mut g, &id, &mut entries, quick, bandwidth, &mut report);
+        g.finish();
+    }
+    eprintln!("summary:");
+    for l in report {
+        eprintln!("{l}");
+    }
+}
+
+/// A timed entry: name, weight bytes, one product.
+type Run<'a> = Box<dyn FnMut() + 'a>;
+
+/// Seconds per product of `n` products in a row.
+fn burst(run: &mut Run, n: usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        run();
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
+
+/// Times the entries (criterion medians; in `quick` mode medians of 15 bursts of about
+/// 2 ms), then the ratio of each sparse entry to the dense entry of its value precision
+/// (Q8 values to Q8_0, Q4 to Q4_0; dense Q4_0 to Q8_0) measured interleaved, and adds a
+/// line per entry to `report`.
+fn measure(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: &str,
+    entries: &mut [(String, usize, Run)],
+    quick: bool,
+    bandwidth: f64,
+    report: &mut Vec<String>,
+) {
+    // (name, weight bytes, median seconds)
+    let mut results: Vec<(String, usize, f64)> = Vec::new();
+    for (name, w_bytes, run) in entries.iter_mut() {
+        let secs = if quick {
+            let n = ((2e-3 / burst(run, 2)) as usize).clamp(1, 1000);
+            let mut t = Times::default();
+            for _ in 0..15 {
+                t.0.push(burst(run, n));
+            }
+            t.median()
+        } else {
             let times = RefCell::new(Times::default());
             g.throughput(Throughput::Bytes(*w_bytes as u64));
             g.bench_function(BenchmarkId::from_parameter(&*name), |b| {
@@ -181,62 +313,59 @@ fn bench_sparse_nm(c: &mut Criterion) {
                     d
                 })
             });
-            results.push((name.clone(), *w_bytes, times.into_inner().median()));
-        }
-        g.finish();
-
-        // The noise of a shared machine hits runs minutes apart differently: the ratio to
-        // dense Q8_0 is also measured interleaved, dense and sparse alternating in rounds of
-        // about 2 ms each, and its median over 31 rounds reported.
-        let mut interleaved = vec![f64::NAN; entries.len()];
-        if let Some(d) = entries.iter().position(|e| e.0.contains("q8_0_q8_0")) {
-            let (dense_run, rest) = {
-                let (a, b) = entries.split_at_mut(d + 1);
-                (&mut a[d].2, b)
-            };
-            for (i, (_, _, run)) in rest.iter_mut().enumerate() {
-                let n = ((2e-3 / results[d].2) as usize).clamp(1, 1000);
-                let mut ratios = Times::default();
-                for _ in 0..31 {
-                    let t = Instant::now();
-                    for _ in 0..n {
-                        dense_run();
-                    }
-                    let td = t.elapsed().as_secs_f64();
-                    let t = Instant::now();
-                    for _ in 0..n {
-                        run();
-                    }
-                    ratios.0.push(td / t.elapsed().as_secs_f64());
-                }
-                interleaved[d + 1 + i] = ratios.median();
-            }
-            interleaved[d] = 1.0;
-        }
-
-        let dense = |ty: &str| {
-            results
-                .iter()
-                .find(|r| r.0.starts_with("dense_") && r.0.contains(ty))
-                .map_or(f64::NAN, |r| r.2)
+            times.into_inner().median()
         };
-        let (dq8, dq4) = (dense("q8_0_q8_0"), dense("q4_0_q8_0"));
-        for ((name, bytes, secs), il) in results.iter().zip(&interleaved) {
-            let gbs = *bytes as f64 / secs / 1e9;
-            let line = format!(
-                "  {id:<30} {name:<38} {:>8.1} us {gbs:>6.2} GB/s {:>5.1}% bw  q8_0/this {:>5.2}x (interleaved {il:>5.2}x)  q4_0/this {:>5.2}x",
-                secs * 1e6,
-                100.0 * gbs * 1e9 / bandwidth,
-                dq8 / secs,
-                dq4 / secs,
-            );
-            eprintln!("{line}");
-            report.push(line);
-        }
+        results.push((name.clone(), *w_bytes, secs));
     }
-    eprintln!("summary:");
-    for l in report {
-        eprintln!("{l}");
+
+    // The noise of a shared machine hits runs minutes apart differently: the ratio to the
+    // dense entry of the same precision is also measured interleaved, dense and sparse
+    // alternating in rounds of about 2 ms each, and its median over 31 rounds reported.
+    let find = |ty: &str| entries.iter().position(|e| e.0.contains(ty));
+    let (q8, q4) = (find("q8_0_q8_0"), find("q4_0_q8_0"));
+    let mut interleaved = vec![f64::NAN; entries.len()];
+    for i in 0..entries.len() {
+        let base = if entries[i].0.starts_with("dense_") {
+            q8.filter(|&d| d != i)
+        } else if entries[i].0.contains("_q4 ") {
+            q4
+        } else {
+            q8
+        };
+        let Some(d) = base else { continue };
+        let (lo, hi) = entries.split_at_mut(d.max(i));
+        let (dense_run, run) = if d < i {
+            (&mut lo[d].2, &mut hi[0].2)
+        } else {
+            (&mut hi[0].2, &mut lo[i].2)
+        };
+        let n = ((2e-3 / results[d].2) as usize).clamp(1, 1000);
+        let mut ratios = Times::default();
+        for _ in 0..31 {
+            let td = burst(dense_run, n);
+            ratios.0.push(td / burst(run, n));
+        }
+        interleaved[i] = ratios.median();
+    }
+
+    let dense = |ty: &str| {
+        results
+            .iter()
+            .find(|r| r.0.starts_with("dense_") && r.0.contains(ty))
+            .map_or(f64::NAN, |r| r.2)
+    };
+    let (dq8, dq4) = (dense("q8_0_q8_0"), dense("q4_0_q8_0"));
+    for ((name, bytes, secs), il) in results.iter().zip(&interleaved) {
+        let gbs = *bytes as f64 / secs / 1e9;
+        let line = format!(
+            "  {id:<36} {name:<50} {:>9.1} us {gbs:>6.2} GB/s {:>5.1}% bw  q8_0/this {:>5.2}x  q4_0/this {:>5.2}x  same-quant dense/this interleaved {il:>5.2}x",
+            secs * 1e6,
+            100.0 * gbs * 1e9 / bandwidth,
+            dq8 / secs,
+            dq4 / secs,
+        );
+        eprintln!("{line}");
+        report.push(line);
     }
 }
 
