@@ -186,6 +186,93 @@ fn bench_kernels(c: &mut Criterion) {
                     });
                     summary.push((name, times.into_inner().median()));
                 }
+                // The decode path where the entry has it: eight rows from the eighths.
+                if let Some(rows8) = k.rows8 {
+                    let name = format!("{}_rows8", k.name);
+                    let times = RefCell::new(Times::default());
+                    let q = rows / 8;
+                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                        b.iter_custom(|iters| {
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                let wm = &weights[next];
+                                next = (next + 1) % copies;
+                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
+                                for r in 0..q {
+                                    let rs: [usize; 8] = std::array::from_fn(|i| r + i * q);
+                                    for (r, v) in rs.into_iter().zip(rows8(rs.map(row), &act)) {
+                                        out[r] = v;
+                                    }
+                                }
+                                black_box(&mut out);
+                            }
+                            let d = t.elapsed();
+                            times
+                                .borrow_mut()
+                                .0
+                                .push(d.as_secs_f64() / iters.max(1) as f64);
+                            d
+                        })
+                    });
+                    summary.push((name, times.into_inner().median()));
+                }
+                // The batch path: two rows by four tokens (the same activation row four
+                // times), per weight byte as above, so a quarter of the batch's rate.
+                if let Some(tile) = k.tile2x4 {
+                    let name = format!("{}_tile2x4", k.name);
+                    let times = RefCell::new(Times::default());
+                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                        b.iter_custom(|iters| {
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                let wm = &weights[next];
+                                next = (next + 1) % copies;
+                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
+                                for r in (0..rows - 1).step_by(2) {
+                                    let v = tile([row(r), row(r + 1)], [&act, &act, &act, &act]);
+                                    out[r] = v[0][0];
+                                    out[r + 1] = v[1][3];
+                                }
+                                black_box(&mut out);
+                            }
+                            let d = t.elapsed();
+                            times
+                                .borrow_mut()
+                                .0
+                                .push(d.as_secs_f64() / iters.max(1) as f64);
+                            d
+                        })
+                    });
+                    summary.push((name, times.into_inner().median()));
+                }
+                if let Some(tile) = k.tile8x4 {
+                    let name = format!("{}_tile8x4", k.name);
+                    let times = RefCell::new(Times::default());
+                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                        b.iter_custom(|iters| {
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                let wm = &weights[next];
+                                next = (next + 1) % copies;
+                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
+                                for r in (0..rows - 7).step_by(8) {
+                                    let rs = std::array::from_fn(|i| row(r + i));
+                                    let v = tile(rs, [&act, &act, &act, &act]);
+                                    out[r] = v[0][0];
+                                    out[r + 7] = v[7][3];
+                                }
+                                black_box(&mut out);
+                            }
+                            let d = t.elapsed();
+                            times
+                                .borrow_mut()
+                                .0
+                                .push(d.as_secs_f64() / iters.max(1) as f64);
+                            d
+                        })
+                    });
+                    summary.push((name, times.into_inner().median()));
+                }
             }
             g.finish();
             for (name, secs) in summary {

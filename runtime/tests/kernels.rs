@@ -421,6 +421,15 @@ fn tile2x4_matches_vec_dot() {
     });
 }
 
+#[test]
+fn tile8x4_matches_vec_dot() {
+    pairs_match_vec_dot("tile8x4", 8, 4, 139, |k, w, a| {
+        let f = k.tile8x4?;
+        let rs: [&[u8]; 8] = std::array::from_fn(|i| w[i]);
+        Some(f(rs, [a[0], a[1], a[2], a[3]]).map(|r| r.to_vec()).to_vec())
+    });
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -2,8 +2,8 @@
 //! encoding that has a table entry. Activations are quantized once per row into the entry's
 //! activation type (plus the entry's extra bytes), as ggml does; then each pool task takes a
 //! range of weight rows:
-//! - tokens in groups of four (a prompt batch) go through the entry's tiles: `tile2x4` over
-//!   pairs of rows, else `vec_dot4` row by row, the four activation rows staying in L1 while
+//! - tokens in groups of four (a prompt batch) go through the entry's tiles: `tile8x4` over
+//!   groups of eight rows, `tile2x4` over pairs, else `vec_dot4` row by row, the four activation rows staying in L1 while
 //!   the task's weight rows go past;
 //! - the other tokens (every decode step) go through `rows4`, four rows from the four
 //!   quarters of the task's range (four sequential streams for the prefetcher), then
@@ -104,6 +104,19 @@ pub fn matmul(
             if let Some(dot4) = k.dot4(v) {
                 let a4 = [act_row(t), act_row(t + 1), act_row(t + 2), act_row(t + 3)];
                 let mut rest = r0;
+                if let (Some(tile), Variant::Token) = (k.tile8x4, v) {
+                    while rest + 8 <= r1 {
+                        let v = tile(std::array::from_fn(|i| w_row_at(rest + i)), a4);
+                        for (j, row) in v.into_iter().enumerate() {
+                            for (i, v) in row.into_iter().enumerate() {
+                                // SAFETY: tasks own disjoint row ranges, so no two write the
+                                // same element.
+                                unsafe { dst.set((t + i) * rows + rest + j, v) };
+                            }
+                        }
+                        rest += 8;
+                    }
+                }
                 if let (Some(tile), Variant::Token) = (k.tile2x4, v) {
                     while rest + 2 <= r1 {
                         let v = tile([w_row_at(rest), w_row_at(rest + 1)], a4);

@@ -48,6 +48,8 @@ pub type Rows8Fn = fn([&[u8]; 8], &[u8]) -> [f32; 8];
 /// the `VecDotFn` results: the tile of a batch, sharing weight unpacking across tokens and
 /// activation loads across rows.
 pub type Tile2x4Fn = fn([&[u8]; 2], [&[u8]; 4]) -> [[f32; 4]; 2];
+/// As [`Tile2x4Fn`] for eight weight rows by four tokens.
+pub type Tile8x4Fn = fn([&[u8]; 8], [&[u8]; 4]) -> [[f32; 4]; 8];
 
 /// CPU feature levels a plug can target, lowest first within each architecture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -157,6 +159,9 @@ pub struct DotKernel {
     pub rows8: Option<Rows8Fn>,
     /// `vec_dot` for two weight rows by four tokens, where the plug has it (batches).
     pub tile2x4: Option<Tile2x4Fn>,
+    /// `vec_dot` for eight weight rows by four tokens, where the plug has it (batches;
+    /// preferred over `tile2x4`).
+    pub tile8x4: Option<Tile8x4Fn>,
     /// Q4_K only: the order of llama.cpp's repacked gemm, for tokens taken four at a time.
     pub gemm: Option<VecDotFn>,
     /// K-quants only: the order of llama.cpp's tiled matmul, for batches of 8 or more.
@@ -313,6 +318,7 @@ impl KernelTable {
                 rows4: None,
                 rows8: None,
                 tile2x4: None,
+                tile8x4: None,
                 gemm,
                 tiled,
                 gemm4: None,

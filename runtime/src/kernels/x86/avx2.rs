@@ -402,37 +402,144 @@ unsafe fn q4_0_oct<const VNNI: bool>(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4];
     std::array::from_fn(|r| std::array::from_fn(|t| lanes[4 * r + t]))
 }
 
-/// Q4_0 for eight rows and one token (decode): as [`q4_0_oct`], lane r of the accumulator
-/// holding row r.
+/// The eight f16 scales at `p[r] + off` (r = 0..8) as f32, lane r from `p[r]`: the 16-bit
+/// loads are combined in general registers (ports the vector loop leaves idle), so that one
+/// `vcvtph2ps` converts all eight instead of a conversion and a shuffle per row.
+#[inline(always)]
+unsafe fn fp16x8(p: [*const u8; 8], off: usize) -> __m256 {
+    let h = |r: usize| (p[r].add(off) as *const u16).read_unaligned() as u64;
+    let lo = h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48;
+    let hi = h(4) | h(5) << 16 | h(6) << 32 | h(7) << 48;
+    _mm256_cvtph_ps(_mm_set_epi64x(hi as i64, lo as i64))
+}
+
+/// Eight Q4_0 weight blocks (rows r = 0..8, at `xp[r] + off`) turned into eight vectors
+/// `W_k` (k = 0..8) whose lane r holds row r's levels of elements 4k..4k+3 (the unsigned
+/// nibbles, the -8 offset left to the activation sums): a 4x4 transpose of 32-bit words in
+/// each 128-bit half, rows 0..4 in the low half and rows 4..8 in the high one.
+///
+/// ```text
+/// block (16 bytes qs):  element e < 16 = qs[e] & 15, element 16 + e = qs[e] >> 4
+/// R_j = [qs of row j | qs of row j+4]   L_j = R_j & 15   H_j = (R_j >> 4) & 15
+/// W_k   (k < 4) = [L_0.k, L_1.k, L_2.k, L_3.k | L_0.k', ..]  (word k of each half)
+/// W_4+k (k < 4) = the same from H
+/// ```
+///
+/// With these, one `dpbusd` (or `maddubs`) of `W_k` against word k of an activation block,
+/// broadcast, adds four products of all eight rows at once, and eight of them leave the eight
+/// block integers in the eight lanes, with no horizontal sum.
+#[inline(always)]
+unsafe fn q4_0_transposed(xp: [*const u8; 8], off: usize) -> [__m256i; 8] {
+    let m = _mm256_set1_epi8(0x0F);
+    let r: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| {
+        let lo = _mm_loadu_si128(xp[j].add(off) as *const __m128i);
+        let hi = _mm_loadu_si128(xp[j + 4].add(off) as *const __m128i);
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+    });
+    let l: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| _mm256_and_si256(r[j], m));
+    let h: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| _mm256_and_si256(
+        _mm256_srli_epi16::<4>(r[j]),
+        m
+    ));
+    let (wl, wh) = (transpose4x4_epi32(l), transpose4x4_epi32(h));
+    [wl[0], wl[1], wl[2], wl[3], wh[0], wh[1], wh[2], wh[3]]
+}
+
+/// Word k of each 128-bit half of `x[j]` to word j of that half of the result's k.
+#[inline(always)]
+unsafe fn transpose4x4_epi32(x: [__m256i; 4]) -> [__m256i; 4] {
+    let t0 = _mm256_unpacklo_epi32(x[0], x[1]);
+    let t1 = _mm256_unpackhi_epi32(x[0], x[1]);
+    let t2 = _mm256_unpacklo_epi32(x[2], x[3]);
+    let t3 = _mm256_unpackhi_epi32(x[2], x[3]);
+    [
+        _mm256_unpacklo_epi64(t0, t2),
+        _mm256_unpackhi_epi64(t0, t2),
+        _mm256_unpacklo_epi64(t1, t3),
+        _mm256_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// Q4_0 for eight rows by N tokens (N = 1: a decode step; N = 4: the batch tile): lane r of
+/// accumulator t holds pair (r, t), an fma chain in the order of `dot::q4_0_q8_0`. The
+/// weights are transposed once per block ([`q4_0_transposed`]) for all N tokens; each
+/// token's block integers then come from eight `dpbusd`s against its broadcast activation
+/// words (two chains of four, the first starting at -8 * sum(y)), or with AVX2 from eight
+/// `maddubs` summed in i16 (exact: each is at most 2 * 15 * 127 in magnitude, eight of them
+/// 30480 < 2^15) and one `madd`. The loop reads the blocks through raw pointers (`rows`
+/// cut every row to `nb` blocks first).
+#[inline(always)]
+unsafe fn q4_0_t8<const VNNI: bool, const N: usize>(w: [&[u8]; 8], a: [&[u8]; N]) -> [[f32; N]; 8] {
+    let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, 8, N>(w, a, 8);
+    const XB: usize = std::mem::size_of::<BlockQ4_0>();
+    const YB: usize = std::mem::size_of::<BlockQ8_0>();
+    let xp: [*const u8; 8] = build!(8, std::ptr::null(), |r| x[r].as_ptr() as *const u8);
+    let yp: [*const u8; N] = build!(N, std::ptr::null(), |t| y[t].as_ptr() as *const u8);
+    let ep: [*const u8; N] = build!(N, std::ptr::null(), |t| ext[t].as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let wk = q4_0_transposed(xp, XB * b + 2);
+        let dxs = fp16x8(xp, XB * b);
+        for t in 0..N {
+            let e = ep[t].add(8 * b);
+            // Word k of the activation block, in every lane.
+            let yq = yp[t].add(YB * b + 2) as *const i32;
+            let yw: [__m256i; 8] = build!(8, _mm256_setzero_si256(), |k| _mm256_set1_epi32(
+                yq.add(k).read_unaligned()
+            ));
+            let neg8sy = _mm256_set1_epi32(-8 * (e.add(4) as *const i32).read_unaligned());
+            let isum = if VNNI {
+                let mut c0 = neg8sy;
+                let mut c1 = _mm256_setzero_si256();
+                for k in 0..4 {
+                    c0 = _mm256_dpbusd_epi32(c0, wk[2 * k], yw[2 * k]);
+                    c1 = _mm256_dpbusd_epi32(c1, wk[2 * k + 1], yw[2 * k + 1]);
+                }
+                _mm256_add_epi32(c0, c1)
+            } else {
+                let p: [__m256i; 8] = build!(8, _mm256_setzero_si256(), |k| {
+                    _mm256_maddubs_epi16(wk[k], yw[k])
+                });
+                let s = _mm256_add_epi16(
+                    _mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])),
+                    _mm256_add_epi16(_mm256_add_epi16(p[4], p[5]), _mm256_add_epi16(p[6], p[7])),
+                );
+                _mm256_add_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), neg8sy)
+            };
+            let dy = _mm256_set1_ps((e as *const f32).read_unaligned());
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dxs, dy), acc[t]);
+        }
+    }
+    let mut lanes = [[0f32; 8]; N];
+    for t in 0..N {
+        _mm256_storeu_ps(lanes[t].as_mut_ptr(), acc[t]);
+    }
+    build!(8, [0.0; N], |r| build!(N, 0.0, |t| lanes[t][r]))
+}
+
+/// Q4_0 for eight rows and one token (decode): [`q4_0_t8`] with N = 1.
 #[inline(always)]
 unsafe fn q4_0_rows8<const VNNI: bool>(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
-    let (x, y, ext, nb) = rows::<BlockQ4_0, BlockQ8_0, 8, 1>(w, [a], 8);
-    let mut acc = _mm256_setzero_ps();
-    for b in 0..nb {
-        let e = ext[0].as_ptr().add(8 * b);
-        let dy = _mm256_set1_ps((e as *const f32).read_unaligned());
-        let sy = _mm256_set1_epi32((e.add(4) as *const i32).read_unaligned());
-        let yv = loady(&y[0][b].qs);
-        let v: [__m256i; 8] = build!(8, _mm256_setzero_si256(), |r| {
-            q4_0_lanes::<VNNI>(x[r][b].qs.as_ptr(), yv)
-        });
-        let r0 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-        let r1 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-        let isum = _mm256_add_epi32(
-            _mm256_permute2x128_si256::<0x20>(r0, r1),
-            _mm256_permute2x128_si256::<0x31>(r0, r1),
-        );
-        let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<3>(sy));
-        let dx: [__m128; 8] = build!(8, _mm_setzero_ps(), |r| fp16x2(x[r][b].d.as_ptr()));
-        let dxs = _mm256_set_m128(
-            gather4([dx[4], dx[5], dx[6], dx[7]]),
-            gather4([dx[0], dx[1], dx[2], dx[3]]),
-        );
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dxs, dy), acc);
+    let v = q4_0_t8::<VNNI, 1>(w, [a]);
+    build!(8, 0.0, |r| v[r][0])
+}
+
+pub(super) fn q4_0_q8_0_tile8x4(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn imp(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+        q4_0_t8::<false, 4>(w, a)
     }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    lanes
+    // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+    unsafe { imp(w, a) }
+}
+
+pub(super) fn q4_0_q8_0_tile8x4_vnni(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn imp(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+        q4_0_t8::<true, 4>(w, a)
+    }
+    // SAFETY: as above, at the AVX-512 level.
+    unsafe { imp(w, a) }
 }
 
 pub(super) fn q4_0_q8_0_rows8(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {

@@ -122,7 +122,12 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
             avx2::q4_0_q8_0_rows8_vnni
         } else {
             avx2::q4_0_q8_0_rows8
-        })
+        });
+        e.tile8x4 = Some(if vnni {
+            avx2::q4_0_q8_0_tile8x4_vnni
+        } else {
+            avx2::q4_0_q8_0_tile8x4
+        });
     });
     set!(Q4_1, q8_1, q4_1_q8_1, q4_1_q8_1_vnni);
     set!(Q5_0, q8_0_signed, q5_0_q8_0, q5_0_q8_0_vnni);
