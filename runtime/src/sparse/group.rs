@@ -602,6 +602,8 @@ fn round_ties_even(v: f32) -> f32 {
 pub struct GroupActs {
     cols: usize,
     q: Vec<i8>,
+    /// The same values biased to unsigned (`q + 128`), for the x86 four-token kernels.
+    u: Vec<u8>,
     d: Vec<f32>,
 }
 
@@ -616,6 +618,7 @@ impl GroupActs {
         let mut a = GroupActs {
             cols: 0,
             q: Vec::new(),
+            u: Vec::new(),
             d: Vec::new(),
         };
         a.quantize(x);
@@ -642,6 +645,8 @@ impl GroupActs {
                 *o = round_ties_even(v * id) as i8;
             }
         }
+        self.u.clear();
+        self.u.extend(self.q.iter().map(|&q| q as u8 ^ 0x80));
         self.cols = x.len();
     }
 
@@ -1033,8 +1038,17 @@ mod x86 {
 
     /// Writes a row's activation offsets and combined scales to scratch (`prepare_row`'s
     /// values), then offset 0 and scale 0 for at least the 8 groups after.
-    trait Prepare {
+    trait Prepare: Sized {
         unsafe fn prepare<const G: usize>(&self, row: &Row, off: *mut u32, s: *mut f32);
+
+        /// `prepare` for four tokens' activations (`p[t]`): the offsets once into `off`,
+        /// token t's combined scales (the same products) into `s[t]`.
+        unsafe fn prepare4<const G: usize>(
+            p: &[Self; 4],
+            row: &Row,
+            off: *mut u32,
+            s: [*mut f32; 4],
+        );
     }
 
     /// One group at a time (AVX2 with F16C).
@@ -1061,6 +1075,38 @@ mod x86 {
             }
             _mm256_storeu_si256(off.add(row.n) as *mut __m256i, _mm256_setzero_si256());
             _mm256_storeu_ps(s.add(row.n), _mm256_setzero_ps());
+        }
+
+        #[inline(always)]
+        unsafe fn prepare4<const G: usize>(
+            p: &[Scalar; 4],
+            row: &Row,
+            off: *mut u32,
+            s: [*mut f32; 4],
+        ) {
+            let (wide, lg) = (p[0].wide, p[0].lg);
+            for k in 0..row.n {
+                let i = if wide {
+                    u16::from_le((row.index.add(2 * k) as *const u16).read_unaligned()) as usize
+                } else {
+                    *row.index.add(k) as usize
+                };
+                let o = i * G;
+                *off.add(k) = o as u32;
+                let h = (row.scales.add(2 * (k >> lg)) as *const u16).read_unaligned();
+                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le(h) as i32)));
+                let mut t = 0;
+                while t < 4 {
+                    *s[t].add(k) = *p[t].d.add(o / CHUNK) * dw;
+                    t += 1;
+                }
+            }
+            _mm256_storeu_si256(off.add(row.n) as *mut __m256i, _mm256_setzero_si256());
+            let mut t = 0;
+            while t < 4 {
+                _mm256_storeu_ps(s[t].add(row.n), _mm256_setzero_ps());
+                t += 1;
+            }
         }
     }
 
@@ -1160,6 +1206,56 @@ mod x86 {
             _mm512_storeu_si512(off.add(j) as *mut __m512i, _mm512_setzero_si512());
             _mm512_storeu_ps(s.add(j), _mm512_setzero_ps());
         }
+
+        #[inline(always)]
+        unsafe fn prepare4<const G: usize>(
+            p: &[Wide; 4],
+            row: &Row,
+            off: *mut u32,
+            s: [*mut f32; 4],
+        ) {
+            let (wide, lgv) = (p[0].wide, p[0].lg);
+            let to_col = _mm_cvtsi32_si128(G.trailing_zeros() as i32);
+            let to_blk = _mm_cvtsi32_si128(5 - G.trailing_zeros() as i32);
+            let lg = _mm_cvtsi32_si128(lgv as i32);
+            let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let nsc = (row.n + (1 << lgv) - 1) >> lgv;
+            let mut j = 0;
+            while j < row.n {
+                let m = lanes(row.n - j);
+                let idx = if wide {
+                    let p = row.index.add(2 * j) as *const i16;
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p))
+                } else {
+                    let p = row.index.add(j) as *const i8;
+                    _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, p))
+                };
+                _mm512_storeu_si512(off.add(j) as *mut __m512i, _mm512_sll_epi32(idx, to_col));
+                let blk = _mm512_srl_epi32(idx, to_blk);
+                let dw = if lgv == 0 {
+                    let p = row.scales.add(2 * j) as *const i16;
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p))
+                } else {
+                    let f = j >> lgv;
+                    let p = row.scales.add(2 * f) as *const i16;
+                    let h = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(nsc - f), p));
+                    _mm512_permutexvar_ps(_mm512_srl_epi32(iota, lg), h)
+                };
+                let mut t = 0;
+                while t < 4 {
+                    let dx = p[t].dx(blk, m);
+                    _mm512_storeu_ps(s[t].add(j), _mm512_maskz_mul_ps(m, dx, dw));
+                    t += 1;
+                }
+                j += 16;
+            }
+            _mm512_storeu_si512(off.add(j) as *mut __m512i, _mm512_setzero_si512());
+            let mut t = 0;
+            while t < 4 {
+                _mm512_storeu_ps(s[t].add(j), _mm512_setzero_ps());
+                t += 1;
+            }
+        }
     }
 
     /// `v[idx[l]]` for the 8 lanes.
@@ -1244,9 +1340,11 @@ mod x86 {
         unsafe fn lane_scales<const G: usize>(s: *const f32) -> __m256 {
             match G {
                 32 => _mm256_broadcast_ss(&*s),
-                16 => _mm256_blend_ps::<0xF0>(
-                    _mm256_broadcast_ss(&*s),
-                    _mm256_broadcast_ss(&*s.add(1)),
+                // [s0, s1] in every 64 bits (one load), then s0 to the low lane's four
+                // floats and s1 to the high lane's (an in-lane shuffle).
+                16 => _mm256_permutevar_ps(
+                    _mm256_castpd_ps(_mm256_broadcast_sd(&*(s as *const f64))),
+                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
                 ),
                 8 => spread(
                     _mm256_castps128_ps256(_mm_loadu_ps(s)),
@@ -1420,9 +1518,14 @@ mod x86 {
             drop(buf);
         }
 
-        /// Chunk `c` of the values `v` for four tokens (activations `q[t]`, scratch `off`
-        /// shared, scales `s[t]`): `acc[t]` + token t's 8 lanes times their scales, each
-        /// token's the operations of [`step`], the weights decoded once.
+        /// Chunk `c` of the values `v` for four tokens (activations `q[t]`, offsets `off`,
+        /// scales `s[t]`): `acc[t]` + token t's 8 lanes times their scales. Each lane sum is
+        /// [`step`]'s integer, so the bits are its; the weights are decoded, and what the
+        /// biased activations add taken back, once for the four. `q[t]`: the activations
+        /// biased to unsigned (`x + 128`) except for Q8 without VNNI, which keeps [`step`]'s
+        /// |w| against x signed like w. Biased, every lane starts at `-128 * sum w` (of its
+        /// four weights, signed: Q4 levels minus 8), and `vpdpbusd` (or `maddubs` + `madd`,
+        /// which do not saturate: |pair| <= 2 * 255 * 8) adds `sum (x + 128) w`: exact.
         #[inline(always)]
         unsafe fn step4<const G: usize, const Q8: bool, const VNNI: bool>(
             v: *const u8,
@@ -1433,9 +1536,8 @@ mod x86 {
             acc: [__m256; 4],
         ) -> [__m256; 4] {
             let per = CHUNK / G;
-            let (wa, wb) = if Q8 {
-                let w = _mm256_loadu_si256(v.add(c * CHUNK) as *const __m256i);
-                (_mm256_sign_epi8(w, w), w)
+            let w = if Q8 {
+                _mm256_loadu_si256(v.add(c * CHUNK) as *const __m256i)
             } else {
                 let b =
                     _mm256_broadcastsi128_si256(_mm_loadu_si128(v.add(c * 16) as *const __m128i));
@@ -1443,17 +1545,31 @@ mod x86 {
                     _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
                     _mm256_set1_epi8(0x0F),
                 );
-                (w, w)
+                _mm256_sub_epi8(w, _mm256_set1_epi8(8))
+            };
+            let biased = VNNI || !Q8;
+            let ax = _mm256_sign_epi8(w, w);
+            // -128 * sum w per lane (biased).
+            let corr = if VNNI {
+                let b = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), w);
+                _mm256_sub_epi32(_mm256_setzero_si256(), b)
+            } else {
+                _mm256_madd_epi16(
+                    _mm256_set1_epi16(-1),
+                    _mm256_maddubs_epi16(_mm256_set1_epi8(-128), w),
+                )
             };
             let mut out = acc;
             let mut t = 0;
             while t < 4 {
                 let xv = gather::<G>(q[t], off.add(c * per));
-                let lanes = if Q8 {
-                    dot::<VNNI>(wa, _mm256_sign_epi8(xv, wb))
+                let lanes = if VNNI {
+                    _mm256_dpbusd_epi32(corr, xv, w)
+                } else if biased {
+                    let p = _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(xv, w));
+                    _mm256_add_epi32(p, corr)
                 } else {
-                    let eight = dot::<VNNI>(_mm256_set1_epi8(8), xv);
-                    _mm256_sub_epi32(dot::<VNNI>(wa, xv), eight)
+                    dot::<false>(ax, _mm256_sign_epi8(xv, w))
                 };
                 out[t] = _mm256_fmadd_ps(
                     _mm256_cvtepi32_ps(lanes),
@@ -1466,7 +1582,7 @@ mod x86 {
         }
 
         /// Rows `first..first + y.len() / 4` for four tokens (`y[t * count + i]`), one row
-        /// at a time: prepared for each token (`p[t]`), then its chunks stepped for the
+        /// at a time: prepared for the four (`P::prepare4`), then its chunks stepped for the
         /// four, even and odd chunks into two accumulators per token as [`rows`] does.
         #[inline(always)]
         pub(super) unsafe fn tokens4<
@@ -1486,27 +1602,28 @@ mod x86 {
             let count = y.len() / 4;
             let mut buf = Buf::new(m.cols / G, 4);
             let ptrs = [buf.ptrs(0), buf.ptrs(1), buf.ptrs(2), buf.ptrs(3)];
-            let q = [
-                x[0].q.as_ptr(),
-                x[1].q.as_ptr(),
-                x[2].q.as_ptr(),
-                x[3].q.as_ptr(),
-            ];
+            let biased = VNNI || !Q8;
+            let mut q = [std::ptr::null::<i8>(); 4];
+            let mut t = 0;
+            while t < 4 {
+                q[t] = if biased {
+                    x[t].u.as_ptr() as *const i8
+                } else {
+                    x[t].q.as_ptr()
+                };
+                t += 1;
+            }
+            let sw = [ptrs[0].1, ptrs[1].1, ptrs[2].1, ptrs[3].1];
             let s = [
-                ptrs[0].1 as *const f32,
-                ptrs[1].1 as *const f32,
-                ptrs[2].1 as *const f32,
-                ptrs[3].1 as *const f32,
+                sw[0] as *const f32,
+                sw[1] as *const f32,
+                sw[2] as *const f32,
+                sw[3] as *const f32,
             ];
-            // Every token's preparation writes the same offsets; the first one's are read.
             let off = ptrs[0].0;
             for i in 0..count {
                 let row = row_at(m, first + i, wide, lg);
-                let mut t = 0;
-                while t < 4 {
-                    p[t].prepare::<G>(&row, ptrs[t].0, ptrs[t].1);
-                    t += 1;
-                }
+                P::prepare4::<G>(p, &row, off, sw);
                 let chunks = (row.n * G).div_ceil(CHUNK);
                 let v = row.values;
                 let z = [_mm256_setzero_ps(); 4];
