@@ -1,12 +1,12 @@
 //! Matrix products with sparse weights, split over the thread pool by rows as the dense
-//! `kernels::matmul` splits them: each token's activations are quantized once per call into
-//! buffers kept between calls, then every task runs the encoding's matrix-matrix kernel
-//! over its share of the rows for all the tokens (four tokens at a time through the
-//! kernel's tiles, each weight block decoded once for the four; one token, as in decode,
-//! through the matrix-vector kernel).
+//! `kernels::matmul` splits them: each token's activations are quantized into buffers kept
+//! between calls (once for consecutive products by the same activations), then every task
+//! runs the encoding's matrix-matrix kernel over its share of the rows for all the tokens
+//! (four tokens at a time through the kernel's tiles, each weight block decoded once for the
+//! four; one token, as in decode, through the matrix-vector kernel).
 
 use super::group::{GroupActs, GroupKernel, GroupMatrix};
-use super::nm::{NmActs, NmKernel};
+use super::nm::{NmActs, NmFormat, NmKernel};
 use super::store::{Encoding, SparseMatrix};
 use crate::kernels::{DisjointOut, ThreadPool};
 use crate::{Error, Result};
@@ -17,6 +17,39 @@ use std::cell::RefCell;
 pub struct SparseScratch {
     nm: Vec<NmActs>,
     group: Vec<GroupActs>,
+    /// What `nm` or `group` hold, and a copy of the rows they were quantized from: products
+    /// by the same activations (attention's q, k and v; the MLP's gate and up) quantize them
+    /// once.
+    held: Option<Held>,
+    x: Vec<f32>,
+}
+
+/// The quantizer and the shape of held activations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Nm(NmFormat, usize, usize),
+    Group(usize, usize),
+}
+
+impl SparseScratch {
+    /// Whether the held activations are `x` quantized as `what` says (the same bits); if
+    /// not, forgets them and keeps a copy of `x`, which the caller quantizes and then
+    /// records with [`SparseScratch::hold`].
+    fn holds(&mut self, what: Held, x: &[f32]) -> bool {
+        if self.held == Some(what)
+            && bytemuck::cast_slice::<f32, u8>(&self.x) == bytemuck::cast_slice::<f32, u8>(x)
+        {
+            return true;
+        }
+        self.held = None;
+        self.x.clear();
+        self.x.extend_from_slice(x);
+        false
+    }
+
+    fn hold(&mut self, what: Held) {
+        self.held = Some(what);
+    }
 }
 
 thread_local! {
@@ -69,11 +102,15 @@ pub(crate) fn matmul(
                 )));
             }
             let k = GroupKernel::get();
-            if scratch.group.len() < n {
-                scratch.group.resize_with(n, GroupActs::default);
-            }
-            for (a, xr) in scratch.group.iter_mut().zip(x.chunks_exact(cols).take(n)) {
-                a.quantize(xr);
+            let what = Held::Group(n, cols);
+            if !scratch.holds(what, &x[..n * cols]) {
+                if scratch.group.len() < n {
+                    scratch.group.resize_with(n, GroupActs::default);
+                }
+                for (a, xr) in scratch.group.iter_mut().zip(x.chunks_exact(cols).take(n)) {
+                    a.quantize(xr);
+                }
+                scratch.hold(what);
             }
             let acts = &scratch.group[..n];
             // One kernel call per task for all the tokens: the kernel prepares per-row
@@ -89,11 +126,15 @@ pub(crate) fn matmul(
                 )));
             }
             let k = NmKernel::get(f)?;
-            if scratch.nm.len() < n {
-                scratch.nm.resize_with(n, NmActs::new);
-            }
-            for (a, xr) in scratch.nm.iter_mut().zip(x.chunks_exact(cols).take(n)) {
-                a.quantize(&f, xr)?;
+            let what = Held::Nm(f, n, cols);
+            if !scratch.holds(what, &x[..n * cols]) {
+                if scratch.nm.len() < n {
+                    scratch.nm.resize_with(n, NmActs::new);
+                }
+                for (a, xr) in scratch.nm.iter_mut().zip(x.chunks_exact(cols).take(n)) {
+                    a.quantize(&f, xr)?;
+                }
+                scratch.hold(what);
             }
             let acts = &scratch.nm[..n];
             by_rows(pool, rows, n, out, |r0, y| {
@@ -138,5 +179,88 @@ fn by_rows(
     match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sparse::group::{self, GroupFormat, Values};
+    use crate::sparse::nm::{self, NmValues};
+
+    fn rows(n: usize, cols: usize, seed: u32) -> Vec<f32> {
+        (0..n * cols)
+            .map(|i| ((i as u32).wrapping_mul(2_654_435_761) ^ seed) as f32 / u32::MAX as f32 - 0.5)
+            .collect()
+    }
+
+    /// The products match the kernels' own, token by token, whether the scratch holds the
+    /// activations from the call before (the same rows again) or must quantize them anew (the
+    /// same buffer with other values, another token count, another encoding).
+    #[test]
+    fn held_activations_are_used_only_for_the_same_rows() {
+        let pool = ThreadPool::new(2).unwrap();
+        let (r, c) = (40, 128);
+        let w = rows(r, c, 7);
+        let f = NmFormat::new(2, 4, NmValues::Q8).unwrap();
+        let rb = f.row_bytes(c).unwrap();
+        let mut wn = vec![0u8; r * rb];
+        for (src, dst) in w.chunks_exact(c).zip(wn.chunks_exact_mut(rb)) {
+            nm::encode_row(&f, src, dst).unwrap();
+        }
+        let mut wg = w.clone();
+        group::prune(&mut wg, c, 16, 0.5).unwrap();
+        let gf = GroupFormat::new(16, Values::Q4).unwrap();
+        let wg = group::encode(&wg, r, c, gf).unwrap();
+        let sn = SparseMatrix {
+            encoding: Encoding::Nm(f),
+            rows: r,
+            cols: c,
+        };
+        let sg = SparseMatrix {
+            encoding: Encoding::Group(gf),
+            rows: r,
+            cols: c,
+        };
+        let want = |s: &SparseMatrix, x: &[f32], n: usize| -> Vec<f32> {
+            let mut y = vec![0f32; n * r];
+            for (xr, yr) in x.chunks_exact(c).zip(y.chunks_exact_mut(r)) {
+                match s.encoding {
+                    Encoding::Nm(f) => {
+                        let mut a = NmActs::new();
+                        a.quantize(&f, xr).unwrap();
+                        NmKernel::get(f).unwrap().matvec(&wn, &a, yr).unwrap();
+                    }
+                    Encoding::Group(_) => {
+                        let m = GroupMatrix::new(&wg).unwrap();
+                        GroupKernel::get()
+                            .matvec(&m, &GroupActs::new(xr), yr)
+                            .unwrap();
+                    }
+                }
+            }
+            y
+        };
+        let mut scratch = SparseScratch::default();
+        let mut x = rows(6, c, 1);
+        for (s, bytes, n, change) in [
+            (&sn, &wn, 6, false),
+            (&sn, &wn, 6, false),
+            (&sn, &wn, 6, true),
+            (&sn, &wn, 5, false),
+            (&sg, &wg, 5, false),
+            (&sg, &wg, 5, false),
+            (&sg, &wg, 5, true),
+            (&sn, &wn, 5, false),
+        ] {
+            if change {
+                x[3 * c + 17] += 0.25;
+            }
+            let mut y = vec![f32::NAN; n * r];
+            matmul(&pool, &mut scratch, s, bytes, &x, n, &mut y).unwrap();
+            let want = want(s, &x[..n * c], n);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y), bits(&want), "{:?} {n} tokens", s.encoding);
+        }
     }
 }
