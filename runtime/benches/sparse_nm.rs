@@ -225,7 +225,9 @@ fn bench_sparse_nm(c: &mut Criterion) {
                 NmValues::Q8 => "q8",
                 NmValues::Q4 => "q4",
             };
-            for per_token in [false, true] {
+            // 0: matmat, 1: the matrix-vector kernel per token, 2 (NM_BENCH_ALL=1): matmat
+            // with one-row calls only (no two-row tile).
+            for how in 0..if all { 3 } else { 2 } {
                 let w = w.clone();
                 let w_bytes = w.len();
                 let mut acts: Vec<NmActs> = (0..batch).map(|_| NmActs::new()).collect();
@@ -235,20 +237,18 @@ fn bench_sparse_nm(c: &mut Criterion) {
                     for (a, x) in acts.iter_mut().zip(black_box(xb).chunks_exact(cols)) {
                         a.quantize(fm, x).expect("activations");
                     }
-                    if per_token {
-                        for (a, y) in acts.iter().zip(y.chunks_exact_mut(rows)) {
-                            kern.matvec(&w, a, y).expect("matvec");
+                    match how {
+                        0 => kern.matmat(&w, &acts, &mut y).expect("matmat"),
+                        1 => {
+                            for (a, y) in acts.iter().zip(y.chunks_exact_mut(rows)) {
+                                kern.matvec(&w, a, y).expect("matvec");
+                            }
                         }
-                    } else {
-                        kern.matmat(&w, &acts, &mut y).expect("matmat");
+                        _ => kern.matmat_by_row(&w, &acts, &mut y).expect("matmat"),
                     }
                     black_box(&mut y);
                 };
-                let how = if per_token {
-                    "matvec per token"
-                } else {
-                    "matmat"
-                };
+                let how = ["matmat", "matvec per token", "matmat one-row"][how];
                 let name = format!("nm{}{}_{q} {} {how}", fm.n, fm.m, kern.name);
                 entries.push((name, w_bytes, Box::new(run)));
             }
