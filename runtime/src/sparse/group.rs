@@ -63,6 +63,15 @@
 //! F16C), AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, rows prepared 16 groups at a time in
 //! 512-bit registers), NEON, and NEON with `sdot`; [`GroupKernel::get`] the one of
 //! [`Level::selected`] (the CPU's best, capped by `SPARROW_KERNELS`).
+//!
+//! Batches go through [`GroupKernel::matmat_rows`]: four tokens per pass over a row, the
+//! row's offsets and weight scales prepared and each chunk's weights decoded once for the
+//! four (on x86 the activations enter biased, `x + 128`, so that a lane is one `vpdpbusd`
+//! from `-128 * sum w`, computed once per chunk); each (row, token) sums in the order above,
+//! so the bits are the matrix-vector kernel's. That order (one fused multiply-add per lane
+//! of 4 weights) is also what bounds a batch's speed: the dense Q4_0 batch kernels, whose
+//! rows share the activations and sum a whole block in integers, do fewer conversions and
+//! multiply-adds per weight.
 
 use crate::error::{Error, Result};
 use crate::kernels::math::fma32;

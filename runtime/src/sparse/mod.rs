@@ -1,5 +1,6 @@
 //! Sparse base weights (see DESIGN.md, "Sparse weights"): encodings that store only the
-//! weights a pruned matrix keeps, and the matrix-vector kernels that read them.
+//! weights a pruned matrix keeps, and the matrix-vector and matrix-matrix (batch) kernels
+//! that read them ([`matmul`] runs a model's products through them).
 //!
 //! - [`nm`]: N:M structured sparsity: in every group of M consecutive input weights of a row,
 //!   N are kept (2:4, 4:8, general N <= M <= 16); values quantized per block.

@@ -63,6 +63,14 @@
 //! increasing within a group, or a value sum that is not the sum of the values) gives an
 //! unspecified number. [`decode_row`] and [`kept_positions`] check the indices and the sums
 //! and report such rows as errors.
+//!
+//! Batches (prompt processing) go through [`NmKernel::matmat`]: four tokens per pass over a
+//! row (`tokens4`), and where the level has one (AVX-512, NEON, sdot) a tile of two rows
+//! times four tokens (`tile2x4`), each block's indices and weights decoded once for the
+//! four tokens and each token's activations loaded once for the rows. Every (row, token)
+//! keeps its own accumulator and goes through the operations of the same level's one-row
+//! kernel in the same order, so a batch gives, bit for bit, what that kernel gives token by
+//! token.
 
 use crate::error::{Error, Result};
 use crate::kernels::Level;
