@@ -674,14 +674,15 @@ impl GroupActs {
 /// Computes rows `first..first + y.len()` of a product; arguments checked by
 /// [`GroupKernel::matvec_rows`].
 type RowsFn = fn(&GroupMatrix, &GroupActs, usize, &mut [f32]);
-/// Computes rows `first..first + y.len() / 4` for four tokens, `y[t * count + i]` for row
-/// `first + i` and token t: each row's groups and weights decoded once for the four, every
-/// (row, token) the bits of [`RowsFn`]; arguments checked by [`GroupKernel::matmat_rows`].
-type Tokens4Fn = fn(&GroupMatrix, [&GroupActs; 4], usize, &mut [f32]);
+/// Computes rows `first..first + count` for `n` tokens (a multiple of 4; `count` =
+/// `y.len() / n`), `y[t * count + i]` for row `first + i` and token t: four tokens at a
+/// time, each row's groups and weights decoded once for the four, every (row, token) the
+/// bits of [`RowsFn`]; arguments checked by [`GroupKernel::matmat_rows`].
+type TokensFn = fn(&GroupMatrix, &[GroupActs], usize, &mut [f32]);
 
 /// Rows per chunk of [`GroupKernel::matmat_rows`]: their weights stay in the caches while
 /// every group of four tokens goes past them.
-const MATMAT_ROWS: usize = 16;
+const MATMAT_ROWS: usize = 64;
 
 /// A group-sparse matrix-vector kernel of one level.
 #[derive(Clone, Copy)]
@@ -690,7 +691,7 @@ pub struct GroupKernel {
     pub name: &'static str,
     pub level: Level,
     rows: RowsFn,
-    tokens4: Tokens4Fn,
+    tokens: TokensFn,
 }
 
 impl std::fmt::Debug for GroupKernel {
@@ -709,7 +710,7 @@ impl GroupKernel {
             name: "generic_matvec_group",
             level: Level::Generic,
             rows: portable::rows,
-            tokens4: portable::tokens4,
+            tokens: portable::tokens,
         }
     }
 
@@ -725,7 +726,7 @@ impl GroupKernel {
                     name: "avx512_matvec_group_vnni",
                     level,
                     rows: x86::rows_vnni,
-                    tokens4: x86::tokens4_vnni,
+                    tokens: x86::tokens_vnni,
                 };
             }
             if level == Level::Avx2 {
@@ -733,7 +734,7 @@ impl GroupKernel {
                     name: "avx2_matvec_group",
                     level,
                     rows: x86::rows_avx2,
-                    tokens4: x86::tokens4_avx2,
+                    tokens: x86::tokens_avx2,
                 };
             }
         }
@@ -744,7 +745,7 @@ impl GroupKernel {
                     name: "dotprod_matvec_group_sdot",
                     level: Level::Dotprod,
                     rows: arm::rows_sdot,
-                    tokens4: arm::tokens4_sdot,
+                    tokens: arm::tokens_sdot,
                 };
             }
             if level == Level::Neon {
@@ -752,7 +753,7 @@ impl GroupKernel {
                     name: "neon_matvec_group",
                     level,
                     rows: arm::rows_neon,
-                    tokens4: arm::tokens4_neon,
+                    tokens: arm::tokens_neon,
                 };
             }
         }
@@ -849,19 +850,8 @@ impl GroupKernel {
             )));
         }
         let quads = n / 4;
-        let mut tile = [0.0f32; 4 * MATMAT_ROWS];
-        let mut i0 = 0;
-        while i0 < count {
-            let c = (count - i0).min(MATMAT_ROWS);
-            for g in 0..quads {
-                let x4 = [&x[4 * g], &x[4 * g + 1], &x[4 * g + 2], &x[4 * g + 3]];
-                (self.tokens4)(m, x4, first + i0, &mut tile[..4 * c]);
-                for (t, v) in tile[..4 * c].chunks_exact(c).enumerate() {
-                    let at = (4 * g + t) * count + i0;
-                    y[at..at + c].copy_from_slice(v);
-                }
-            }
-            i0 += c;
+        if quads > 0 {
+            (self.tokens)(m, &x[..4 * quads], first, &mut y[..4 * quads * count]);
         }
         for (t, a) in x.iter().enumerate().skip(4 * quads) {
             (self.rows)(m, a, first, &mut y[t * count..(t + 1) * count]);
@@ -963,31 +953,38 @@ mod portable {
         }
     }
 
-    /// [`rows`] for four tokens, each chunk's weights decoded once for the four.
-    pub(super) fn tokens4(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
-        let count = y.len() / 4;
+    /// [`rows`] for tokens four at a time, each chunk's weights decoded once for the four,
+    /// over chunks of [`MATMAT_ROWS`] rows.
+    pub(super) fn tokens(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
+        let n = x.len();
+        let count = y.len() / n.max(1);
         let mut sc: [Scratch; 4] = std::array::from_fn(|_| Scratch::new(m));
         let (g, sg) = (m.fmt.g, m.fmt.scale_groups);
         let per = CHUNK / g;
-        for i in 0..count {
-            let p = m.row(first + i);
-            for (sc, x) in sc.iter_mut().zip(x) {
-                prepare_row(&p, g, sg, x, sc);
-            }
-            let mut acc = [[[0.0f32; 8]; 2]; 4];
-            for c in 0..(p.n * g).div_ceil(CHUNK) {
-                let w = chunk_weights(m.fmt.values, p.values, c);
-                for ((acc, sc), x) in acc.iter_mut().zip(&sc).zip(x) {
-                    for (l, a) in acc[c % 2].iter_mut().enumerate() {
-                        let k = c * per + 4 * l / g;
-                        let o = sc.off[k] as usize + (4 * l) % g;
-                        let lane: i32 = (0..4).map(|t| w[4 * l + t] * x.q[o + t] as i32).sum();
-                        *a = fma32(lane as f32, sc.s[k], *a);
+        for i0 in (0..count).step_by(MATMAT_ROWS) {
+            for (q, x) in x.chunks_exact(4).enumerate() {
+                for i in i0..(i0 + MATMAT_ROWS).min(count) {
+                    let p = m.row(first + i);
+                    for (sc, x) in sc.iter_mut().zip(x) {
+                        prepare_row(&p, g, sg, x, sc);
+                    }
+                    let mut acc = [[[0.0f32; 8]; 2]; 4];
+                    for c in 0..(p.n * g).div_ceil(CHUNK) {
+                        let w = chunk_weights(m.fmt.values, p.values, c);
+                        for ((acc, sc), x) in acc.iter_mut().zip(&sc).zip(x) {
+                            for (l, a) in acc[c % 2].iter_mut().enumerate() {
+                                let k = c * per + 4 * l / g;
+                                let o = sc.off[k] as usize + (4 * l) % g;
+                                let lane: i32 =
+                                    (0..4).map(|t| w[4 * l + t] * x.q[o + t] as i32).sum();
+                                *a = fma32(lane as f32, sc.s[k], *a);
+                            }
+                        }
+                    }
+                    for (t, acc) in acc.iter().enumerate() {
+                        y[(4 * q + t) * count + i] = fold(&acc[0], &acc[1]);
                     }
                 }
-            }
-            for (t, acc) in acc.iter().enumerate() {
-                y[t * count + i] = fold(&acc[0], &acc[1]);
             }
         }
     }
@@ -1048,6 +1045,10 @@ mod x86 {
     /// Writes a row's activation offsets and combined scales to scratch (`prepare_row`'s
     /// values), then offset 0 and scale 0 for at least the 8 groups after.
     trait Prepare: Sized {
+        /// The preparer for activations `x`, for rows with `wide` group numbers and
+        /// `1 << lg` groups per scale.
+        unsafe fn of(x: &GroupActs, wide: bool, lg: u32) -> Self;
+
         unsafe fn prepare<const G: usize>(&self, row: &Row, off: *mut u32, s: *mut f32);
 
         /// `prepare` for four tokens' activations (`p[t]`): the offsets once into `off`,
@@ -1068,6 +1069,15 @@ mod x86 {
     }
 
     impl Prepare for Scalar {
+        #[inline(always)]
+        unsafe fn of(x: &GroupActs, wide: bool, lg: u32) -> Scalar {
+            Scalar {
+                d: x.d.as_ptr(),
+                wide,
+                lg,
+            }
+        }
+
         #[inline(always)]
         unsafe fn prepare<const G: usize>(&self, row: &Row, off: *mut u32, s: *mut f32) {
             for k in 0..row.n {
@@ -1181,6 +1191,11 @@ mod x86 {
     }
 
     impl Prepare for Wide {
+        #[inline(always)]
+        unsafe fn of(x: &GroupActs, wide: bool, lg: u32) -> Wide {
+            Wide::new(x, wide, lg)
+        }
+
         #[inline(always)]
         unsafe fn prepare<const G: usize>(&self, row: &Row, off: *mut u32, s: *mut f32) {
             let to_col = _mm_cvtsi32_si128(G.trailing_zeros() as i32);
@@ -1590,38 +1605,30 @@ mod x86 {
             out
         }
 
-        /// Rows `first..first + y.len() / 4` for four tokens (`y[t * count + i]`), one row
-        /// at a time: prepared for the four (`P::prepare4`), then its chunks stepped for the
-        /// four, even and odd chunks into two accumulators per token as [`rows`] does.
+        /// Rows `first..first + count` for `x.len()` tokens (a multiple of 4; `count` =
+        /// `y.len() / x.len()`), `y[t * count + i]`: over chunks of [`MATMAT_ROWS`] rows,
+        /// four tokens at a time, one row at a time: prepared for the four (`P::prepare4`),
+        /// then its chunks stepped for the four, even and odd chunks into two accumulators
+        /// per token as [`rows`] does.
         #[inline(always)]
-        pub(super) unsafe fn tokens4<
+        pub(super) unsafe fn tokens<
             P: Prepare,
             const G: usize,
             const Q8: bool,
             const VNNI: bool,
         >(
             m: &GroupMatrix,
-            x: [&GroupActs; 4],
+            x: &[GroupActs],
             first: usize,
             y: &mut [f32],
-            p: &[P; 4],
-            wide: bool,
-            lg: u32,
         ) {
-            let count = y.len() / 4;
+            let wide = index_bytes(m.cols / G) == 2;
+            let lg = m.fmt.scale_groups.trailing_zeros();
+            let n = x.len();
+            let count = y.len() / n;
             let mut buf = Buf::new(m.cols / G, 4);
             let ptrs = [buf.ptrs(0), buf.ptrs(1), buf.ptrs(2), buf.ptrs(3)];
             let biased = VNNI || !Q8;
-            let mut q = [std::ptr::null::<i8>(); 4];
-            let mut t = 0;
-            while t < 4 {
-                q[t] = if biased {
-                    x[t].u.as_ptr() as *const i8
-                } else {
-                    x[t].q.as_ptr()
-                };
-                t += 1;
-            }
             let sw = [ptrs[0].1, ptrs[1].1, ptrs[2].1, ptrs[3].1];
             let s = [
                 sw[0] as *const f32,
@@ -1630,65 +1637,79 @@ mod x86 {
                 sw[3] as *const f32,
             ];
             let off = ptrs[0].0;
-            for i in 0..count {
-                let row = row_at(m, first + i, wide, lg);
-                P::prepare4::<G>(p, &row, off, sw);
-                let chunks = (row.n * G).div_ceil(CHUNK);
-                let v = row.values;
-                let z = [_mm256_setzero_ps(); 4];
-                let (mut e, mut o) = (z, z);
-                let mut c = 0;
-                while c + 2 <= chunks {
-                    e = step4::<G, Q8, VNNI>(v, off, s, c, q, e);
-                    o = step4::<G, Q8, VNNI>(v, off, s, c + 1, q, o);
-                    c += 2;
+            let mut i0 = 0;
+            while i0 < count {
+                let i1 = if count - i0 < MATMAT_ROWS {
+                    count
+                } else {
+                    i0 + MATMAT_ROWS
+                };
+                let mut g = 0;
+                while g < n / 4 {
+                    let x4 = [&x[4 * g], &x[4 * g + 1], &x[4 * g + 2], &x[4 * g + 3]];
+                    let p = [
+                        P::of(x4[0], wide, lg),
+                        P::of(x4[1], wide, lg),
+                        P::of(x4[2], wide, lg),
+                        P::of(x4[3], wide, lg),
+                    ];
+                    let mut q = [std::ptr::null::<i8>(); 4];
+                    let mut t = 0;
+                    while t < 4 {
+                        q[t] = if biased {
+                            x4[t].u.as_ptr() as *const i8
+                        } else {
+                            x4[t].q.as_ptr()
+                        };
+                        t += 1;
+                    }
+                    for i in i0..i1 {
+                        let row = row_at(m, first + i, wide, lg);
+                        P::prepare4::<G>(&p, &row, off, sw);
+                        let chunks = (row.n * G).div_ceil(CHUNK);
+                        let v = row.values;
+                        let z = [_mm256_setzero_ps(); 4];
+                        let (mut e, mut o) = (z, z);
+                        let mut c = 0;
+                        while c + 2 <= chunks {
+                            e = step4::<G, Q8, VNNI>(v, off, s, c, q, e);
+                            o = step4::<G, Q8, VNNI>(v, off, s, c + 1, q, o);
+                            c += 2;
+                        }
+                        if c < chunks {
+                            e = step4::<G, Q8, VNNI>(v, off, s, c, q, e);
+                        }
+                        let mut t = 0;
+                        while t < 4 {
+                            y[(4 * g + t) * count + i] = fold(e[t], o[t]);
+                            t += 1;
+                        }
+                    }
+                    g += 1;
                 }
-                if c < chunks {
-                    e = step4::<G, Q8, VNNI>(v, off, s, c, q, e);
-                }
-                let mut t = 0;
-                while t < 4 {
-                    y[t * count + i] = fold(e[t], o[t]);
-                    t += 1;
-                }
+                i0 = i1;
             }
             drop(buf);
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
-        pub(super) unsafe fn tokens4_avx2<const G: usize, const Q8: bool>(
+        pub(super) unsafe fn tokens_avx2<const G: usize, const Q8: bool>(
             m: &GroupMatrix,
-            x: [&GroupActs; 4],
+            x: &[GroupActs],
             first: usize,
             y: &mut [f32],
         ) {
-            let wide = index_bytes(m.cols / G) == 2;
-            let lg = m.fmt.scale_groups.trailing_zeros();
-            let sc = |a: &GroupActs| Scalar {
-                d: a.d.as_ptr(),
-                wide,
-                lg,
-            };
-            let p = [sc(x[0]), sc(x[1]), sc(x[2]), sc(x[3])];
-            tokens4::<Scalar, G, Q8, false>(m, x, first, y, &p, wide, lg)
+            tokens::<Scalar, G, Q8, false>(m, x, first, y)
         }
 
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub(super) unsafe fn tokens4_vnni<const G: usize, const Q8: bool>(
+        pub(super) unsafe fn tokens_vnni<const G: usize, const Q8: bool>(
             m: &GroupMatrix,
-            x: [&GroupActs; 4],
+            x: &[GroupActs],
             first: usize,
             y: &mut [f32],
         ) {
-            let wide = index_bytes(m.cols / G) == 2;
-            let lg = m.fmt.scale_groups.trailing_zeros();
-            let p = [
-                Wide::new(x[0], wide, lg),
-                Wide::new(x[1], wide, lg),
-                Wide::new(x[2], wide, lg),
-                Wide::new(x[3], wide, lg),
-            ];
-            tokens4::<Wide, G, Q8, true>(m, x, first, y, &p, wide, lg)
+            tokens::<Wide, G, Q8, true>(m, x, first, y)
         }
 
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -1741,36 +1762,36 @@ mod x86 {
         }
     }
 
-    pub(super) fn tokens4_avx2(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+    pub(super) fn tokens_avx2(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         let q8 = m.fmt.values == Values::Q8;
         // SAFETY: as `rows_avx2`.
         unsafe {
             match (m.fmt.g, q8) {
-                (4, false) => ymm::tokens4_avx2::<4, false>(m, x, first, y),
-                (8, false) => ymm::tokens4_avx2::<8, false>(m, x, first, y),
-                (16, false) => ymm::tokens4_avx2::<16, false>(m, x, first, y),
-                (32, false) => ymm::tokens4_avx2::<32, false>(m, x, first, y),
-                (4, true) => ymm::tokens4_avx2::<4, true>(m, x, first, y),
-                (8, true) => ymm::tokens4_avx2::<8, true>(m, x, first, y),
-                (16, true) => ymm::tokens4_avx2::<16, true>(m, x, first, y),
-                _ => ymm::tokens4_avx2::<32, true>(m, x, first, y),
+                (4, false) => ymm::tokens_avx2::<4, false>(m, x, first, y),
+                (8, false) => ymm::tokens_avx2::<8, false>(m, x, first, y),
+                (16, false) => ymm::tokens_avx2::<16, false>(m, x, first, y),
+                (32, false) => ymm::tokens_avx2::<32, false>(m, x, first, y),
+                (4, true) => ymm::tokens_avx2::<4, true>(m, x, first, y),
+                (8, true) => ymm::tokens_avx2::<8, true>(m, x, first, y),
+                (16, true) => ymm::tokens_avx2::<16, true>(m, x, first, y),
+                _ => ymm::tokens_avx2::<32, true>(m, x, first, y),
             }
         }
     }
 
-    pub(super) fn tokens4_vnni(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+    pub(super) fn tokens_vnni(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         let q8 = m.fmt.values == Values::Q8;
         // SAFETY: as `rows_vnni`.
         unsafe {
             match (m.fmt.g, q8) {
-                (4, false) => ymm::tokens4_vnni::<4, false>(m, x, first, y),
-                (8, false) => ymm::tokens4_vnni::<8, false>(m, x, first, y),
-                (16, false) => ymm::tokens4_vnni::<16, false>(m, x, first, y),
-                (32, false) => ymm::tokens4_vnni::<32, false>(m, x, first, y),
-                (4, true) => ymm::tokens4_vnni::<4, true>(m, x, first, y),
-                (8, true) => ymm::tokens4_vnni::<8, true>(m, x, first, y),
-                (16, true) => ymm::tokens4_vnni::<16, true>(m, x, first, y),
-                _ => ymm::tokens4_vnni::<32, true>(m, x, first, y),
+                (4, false) => ymm::tokens_vnni::<4, false>(m, x, first, y),
+                (8, false) => ymm::tokens_vnni::<8, false>(m, x, first, y),
+                (16, false) => ymm::tokens_vnni::<16, false>(m, x, first, y),
+                (32, false) => ymm::tokens_vnni::<32, false>(m, x, first, y),
+                (4, true) => ymm::tokens_vnni::<4, true>(m, x, first, y),
+                (8, true) => ymm::tokens_vnni::<8, true>(m, x, first, y),
+                (16, true) => ymm::tokens_vnni::<16, true>(m, x, first, y),
+                _ => ymm::tokens_vnni::<32, true>(m, x, first, y),
             }
         }
     }
@@ -1927,16 +1948,18 @@ mod arm {
         }
     }
 
-    /// [`body`] for four tokens: each row prepared for every token, each chunk's weights
-    /// decoded once for the four; `y[t * count + i]`.
+    /// [`body`] for tokens four at a time (`x.len()` a multiple of 4, `y[t * count + i]`),
+    /// over chunks of [`MATMAT_ROWS`] rows: each row prepared for every token of the four,
+    /// each chunk's weights decoded once for the four.
     #[inline(always)]
     unsafe fn body4<I: Isa, const G: usize, const Q8: bool>(
         m: &GroupMatrix,
-        x: [&GroupActs; 4],
+        x: &[GroupActs],
         first: usize,
         y: &mut [f32],
     ) {
-        let count = y.len() / 4;
+        let n = x.len();
+        let count = y.len() / n;
         let mut sc = [
             Scratch::new(m),
             Scratch::new(m),
@@ -1944,56 +1967,70 @@ mod arm {
             Scratch::new(m),
         ];
         let sg = m.fmt.scale_groups;
-        for i in 0..count {
-            let p = m.row(first + i);
-            let mut t = 0;
-            while t < 4 {
-                prepare_row(&p, G, sg, x[t], &mut sc[t]);
-                t += 1;
-            }
-            let z = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
-            let (mut e, mut o) = ([z; 4], [z; 4]);
-            let v = p.values.as_ptr();
-            let chunks = (p.n * G).div_ceil(CHUNK);
-            let mut c = 0;
-            while c < chunks {
-                let w = weights::<Q8>(v, c);
-                let mut t = 0;
-                while t < 4 {
-                    e[t] = step_with::<I, G>(w, x[t].q.as_ptr(), &sc[t], c, e[t]);
-                    t += 1;
-                }
-                if c + 1 < chunks {
-                    let w = weights::<Q8>(v, c + 1);
+        let mut i0 = 0;
+        while i0 < count {
+            let i1 = if count - i0 < MATMAT_ROWS {
+                count
+            } else {
+                i0 + MATMAT_ROWS
+            };
+            let mut g = 0;
+            while g < n / 4 {
+                let x4 = [&x[4 * g], &x[4 * g + 1], &x[4 * g + 2], &x[4 * g + 3]];
+                for i in i0..i1 {
+                    let p = m.row(first + i);
                     let mut t = 0;
                     while t < 4 {
-                        o[t] = step_with::<I, G>(w, x[t].q.as_ptr(), &sc[t], c + 1, o[t]);
+                        prepare_row(&p, G, sg, x4[t], &mut sc[t]);
+                        t += 1;
+                    }
+                    let z = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+                    let (mut e, mut o) = ([z; 4], [z; 4]);
+                    let v = p.values.as_ptr();
+                    let chunks = (p.n * G).div_ceil(CHUNK);
+                    let mut c = 0;
+                    while c < chunks {
+                        let w = weights::<Q8>(v, c);
+                        let mut t = 0;
+                        while t < 4 {
+                            e[t] = step_with::<I, G>(w, x4[t].q.as_ptr(), &sc[t], c, e[t]);
+                            t += 1;
+                        }
+                        if c + 1 < chunks {
+                            let w = weights::<Q8>(v, c + 1);
+                            let mut t = 0;
+                            while t < 4 {
+                                o[t] = step_with::<I, G>(w, x4[t].q.as_ptr(), &sc[t], c + 1, o[t]);
+                                t += 1;
+                            }
+                        }
+                        c += 2;
+                    }
+                    let mut t = 0;
+                    while t < 4 {
+                        let r = vaddq_f32(vaddq_f32(e[t].0, o[t].0), vaddq_f32(e[t].1, o[t].1));
+                        let a: [f32; 4] = std::mem::transmute(r);
+                        y[(4 * g + t) * count + i] = (a[0] + a[2]) + (a[1] + a[3]);
                         t += 1;
                     }
                 }
-                c += 2;
+                g += 1;
             }
-            let mut t = 0;
-            while t < 4 {
-                let r = vaddq_f32(vaddq_f32(e[t].0, o[t].0), vaddq_f32(e[t].1, o[t].1));
-                let a: [f32; 4] = std::mem::transmute(r);
-                y[t * count + i] = (a[0] + a[2]) + (a[1] + a[3]);
-                t += 1;
-            }
+            i0 = i1;
         }
     }
 
     #[target_feature(enable = "dotprod")]
     unsafe fn sdot4<const G: usize, const Q8: bool>(
         m: &GroupMatrix,
-        x: [&GroupActs; 4],
+        x: &[GroupActs],
         first: usize,
         y: &mut [f32],
     ) {
         body4::<Sdot, G, Q8>(m, x, first, y)
     }
 
-    pub(super) fn tokens4_neon(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+    pub(super) fn tokens_neon(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         let q8 = m.fmt.values == Values::Q8;
         // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
         unsafe {
@@ -2010,7 +2047,7 @@ mod arm {
         }
     }
 
-    pub(super) fn tokens4_sdot(m: &GroupMatrix, x: [&GroupActs; 4], first: usize, y: &mut [f32]) {
+    pub(super) fn tokens_sdot(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         let q8 = m.fmt.values == Values::Q8;
         // SAFETY: as `rows_sdot`.
         unsafe {
