@@ -78,6 +78,19 @@ pub fn scores(
     if super::x86::attn::scores(order, k, at, stride, q, scale, out) {
         return;
     }
+    scores_portable(order, k, at, stride, q, scale, out);
+}
+
+/// [`scores`] without the arch plug.
+fn scores_portable(
+    order: SumOrder,
+    k: KvRows,
+    at: usize,
+    stride: usize,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) {
     let hd = q.len();
     let slots = order.slots();
     for (j, o) in out.iter_mut().enumerate() {
@@ -112,6 +125,22 @@ pub fn weighted_sum(
     if super::x86::attn::weighted_sum(order, v, at, stride, p, acc, out) {
         return;
     }
+    weighted_sum_portable(order, v, at, stride, p, acc, out);
+}
+
+/// [`weighted_sum`] without the arch plug (`acc` already holds the zeroed slots).
+fn weighted_sum_portable(
+    order: SumOrder,
+    v: KvRows,
+    at: usize,
+    stride: usize,
+    p: &[f32],
+    acc: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = out.len();
+    let slots = order.slots();
+    let used = slots.min(p.len());
     for (j, &pj) in p.iter().enumerate() {
         let base = at + j * stride;
         let s = &mut acc[(j % slots) * hd..(j % slots + 1) * hd];
@@ -121,5 +150,49 @@ pub fn weighted_sum(
     }
     for (d, o) in out.iter_mut().enumerate() {
         *o = fold(order, |i| if i < used { acc[i * hd + d] } else { 0.0 });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plugged loops (x86 AVX2 where the table has it) give the portable loops' bits, for
+    /// both orders, both cache types, head sizes of one and several 64-element steps, and
+    /// position counts around the slot counts.
+    #[test]
+    fn plugged_loops_match_the_portable_ones() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        };
+        for hd in [64usize, 128, 48] {
+            let (heads, n_max) = (3, 131);
+            let stride = heads * hd;
+            let k32: Vec<f32> = (0..n_max * stride).map(|_| next()).collect();
+            let k16: Vec<f16> = k32.iter().map(|&x| f16::from_f32(x)).collect();
+            let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+            for order in [SumOrder::TinyBlas, SumOrder::GgmlVecDot] {
+                for n in [1usize, 15, 16, 17, 63, 64, 65, 131] {
+                    for rows in [KvRows::F16(&k16), KvRows::F32(&k32)] {
+                        let at = hd;
+                        let (mut a, mut b) = (vec![0.0; n], vec![0.0; n]);
+                        scores(order, rows, at, stride, &q, 0.125, &mut a);
+                        scores_portable(order, rows, at, stride, &q, 0.125, &mut b);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&a), bits(&b), "scores {order:?} hd {hd} n {n}");
+                        let p: Vec<f32> = (0..n).map(|_| next().abs()).collect();
+                        let (mut acc, mut oa, mut ob) = (Vec::new(), vec![0.0; hd], vec![0.0; hd]);
+                        weighted_sum(order, rows, at, stride, &p, &mut acc, &mut oa);
+                        let mut acc_b = vec![0.0; order.slots().min(n) * hd];
+                        weighted_sum_portable(order, rows, at, stride, &p, &mut acc_b, &mut ob);
+                        assert_eq!(bits(&oa), bits(&ob), "weighted_sum {order:?} hd {hd} n {n}");
+                    }
+                }
+            }
+        }
     }
 }

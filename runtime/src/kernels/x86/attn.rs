@@ -73,10 +73,17 @@ unsafe fn scores_imp(
                 reduce16(lo, hi)
             }
             SumOrder::GgmlVecDot => {
+                // Steps of 64 with the eight accumulators at fixed indices (a computed index
+                // kept them in memory, a store and a load per step).
                 let mut acc = [_mm256_setzero_ps(); 8];
-                for c in (0..hd).step_by(8) {
-                    let a = (c % 64) / 8;
-                    acc[a] = _mm256_fmadd_ps(load8(&k, base + c), _mm256_loadu_ps(&q[c]), acc[a]);
+                for c in (0..hd).step_by(64) {
+                    for (a, acc) in acc.iter_mut().enumerate() {
+                        let i = c + 8 * a;
+                        if i < hd {
+                            *acc =
+                                _mm256_fmadd_ps(load8(&k, base + i), _mm256_loadu_ps(&q[i]), *acc);
+                        }
+                    }
                 }
                 // (acc0 + acc2) + (acc1 + acc3), per 16-lane accumulator = two registers.
                 let lo =
