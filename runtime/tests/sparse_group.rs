@@ -199,7 +199,7 @@ fn check_matmat(m: &GroupMatrix, xs: &[Vec<f32>]) {
 #[test]
 fn matmat_every_token_count() {
     for (i, fmt) in formats().into_iter().enumerate() {
-        let (_, bytes) = pruned(37, 128, fmt, 0.5, 300 + i as u64);
+        let (_, bytes) = pruned(71, 128, fmt, 0.5, 300 + i as u64);
         let m = GroupMatrix::new(&bytes).unwrap();
         for n in 1..=9u64 {
             let xs: Vec<Vec<f32>> = (0..n).map(|t| Rng(7 * n + t).fill(128)).collect();

@@ -354,7 +354,7 @@ fn check_matmat(f: &NmFormat, w: &[u8], acts: &[NmActs]) {
 fn matmat_every_token_count() {
     let mut rng = Rng(0x0bad_cafe_f00d_1234);
     for f in formats() {
-        for (blocks, rows) in [(1, 37), (3, 5)] {
+        for (blocks, rows) in [(1, 71), (3, 5)] {
             let k = blocks * f.block_span();
             let w: Vec<u8> = (0..rows).flat_map(|_| encoded(&f, &rng.row(k))).collect();
             for n in 1..=9 {
@@ -612,7 +612,7 @@ proptest! {
         nm in prop::sample::select(vec![(2usize, 4usize), (4, 8), (1, 4), (3, 7)]),
         q4 in any::<bool>(),
         blocks in 1usize..12,
-        rows in 1usize..40,
+        rows in 1usize..80,
         n in 1usize..10,
         seed in any::<u64>(),
     ) {
