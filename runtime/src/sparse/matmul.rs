@@ -59,8 +59,14 @@ thread_local! {
 }
 
 /// Rows per task: four tasks per thread, at least 16 rows.
-fn rows_per_task(rows: usize, threads: usize) -> usize {
-    rows.div_ceil((threads * 4).max(1)).max(16).min(rows.max(1))
+/// A decode step on one thread is one task (nothing to balance), as in the dense driver.
+fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
+    let tasks = if threads <= 1 && n_tokens == 1 {
+        1
+    } else {
+        threads * 4
+    };
+    rows.div_ceil(tasks).max(16).min(rows.max(1))
 }
 
 /// `out` ([n, rows], row-major) = `x` ([n, cols]) times the transpose of the sparse matrix
@@ -158,7 +164,7 @@ fn by_rows(
     if n == 0 || rows == 0 {
         return Ok(());
     }
-    let per = rows_per_task(rows, pool.threads());
+    let per = rows_per_task(rows, n, pool.threads());
     let dst = DisjointOut::new(out);
     let failed = std::sync::Mutex::new(None);
     pool.run(rows.div_ceil(per), |task| {
