@@ -59,13 +59,10 @@ thread_local! {
 }
 
 /// Rows per task: four tasks per thread, at least 16 rows.
-/// A decode step on one thread is one task (nothing to balance), as in the dense driver.
+/// A decode step (one token) takes one task per thread, as in the dense driver (longer row
+/// streams outweigh finer balancing); batches four per thread.
 fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
-    let tasks = if threads <= 1 && n_tokens == 1 {
-        1
-    } else {
-        threads * 4
-    };
+    let tasks = threads.max(1) * if n_tokens == 1 { 1 } else { 4 };
     rows.div_ceil(tasks).max(16).min(rows.max(1))
 }
 
