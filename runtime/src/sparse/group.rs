@@ -901,6 +901,25 @@ fn fold(e: &[f32; 8], o: &[f32; 8]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
+/// Calls `f::<G, Q8>(args)` (or `f::<T, G, Q8>(args)` for `f[T]`) with the group size and
+/// value kind of the group-sparse matrix `m`: one monomorphized kernel body per format,
+/// chosen at run time.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! by_group_format {
+    ($m:expr, $($f:ident)::+ $([$t:ty])?; $($arg:expr),*) => {
+        match ($m.fmt.g, $m.fmt.values == Values::Q8) {
+            (4, false) => $($f)::+::<$($t,)? 4, false>($($arg),*),
+            (8, false) => $($f)::+::<$($t,)? 8, false>($($arg),*),
+            (16, false) => $($f)::+::<$($t,)? 16, false>($($arg),*),
+            (32, false) => $($f)::+::<$($t,)? 32, false>($($arg),*),
+            (4, true) => $($f)::+::<$($t,)? 4, true>($($arg),*),
+            (8, true) => $($f)::+::<$($t,)? 8, true>($($arg),*),
+            (16, true) => $($f)::+::<$($t,)? 16, true>($($arg),*),
+            _ => $($f)::+::<$($t,)? 32, true>($($arg),*),
+        }
+    };
+}
+
 mod portable {
     use super::*;
 
@@ -1744,74 +1763,26 @@ mod x86 {
     }
 
     pub(super) fn rows_avx2(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Avx2` or above, which
         // `Level::detected` reports only when the CPU has AVX2, FMA and F16C; the reads are
         // in bounds (module doc).
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => ymm::avx2::<4, false>(m, x, first, y),
-                (8, false) => ymm::avx2::<8, false>(m, x, first, y),
-                (16, false) => ymm::avx2::<16, false>(m, x, first, y),
-                (32, false) => ymm::avx2::<32, false>(m, x, first, y),
-                (4, true) => ymm::avx2::<4, true>(m, x, first, y),
-                (8, true) => ymm::avx2::<8, true>(m, x, first, y),
-                (16, true) => ymm::avx2::<16, true>(m, x, first, y),
-                _ => ymm::avx2::<32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, ymm::avx2; m, x, first, y) }
     }
 
     pub(super) fn tokens_avx2(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: as `rows_avx2`.
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => ymm::tokens_avx2::<4, false>(m, x, first, y),
-                (8, false) => ymm::tokens_avx2::<8, false>(m, x, first, y),
-                (16, false) => ymm::tokens_avx2::<16, false>(m, x, first, y),
-                (32, false) => ymm::tokens_avx2::<32, false>(m, x, first, y),
-                (4, true) => ymm::tokens_avx2::<4, true>(m, x, first, y),
-                (8, true) => ymm::tokens_avx2::<8, true>(m, x, first, y),
-                (16, true) => ymm::tokens_avx2::<16, true>(m, x, first, y),
-                _ => ymm::tokens_avx2::<32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, ymm::tokens_avx2; m, x, first, y) }
     }
 
     pub(super) fn tokens_vnni(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: as `rows_vnni`.
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => ymm::tokens_vnni::<4, false>(m, x, first, y),
-                (8, false) => ymm::tokens_vnni::<8, false>(m, x, first, y),
-                (16, false) => ymm::tokens_vnni::<16, false>(m, x, first, y),
-                (32, false) => ymm::tokens_vnni::<32, false>(m, x, first, y),
-                (4, true) => ymm::tokens_vnni::<4, true>(m, x, first, y),
-                (8, true) => ymm::tokens_vnni::<8, true>(m, x, first, y),
-                (16, true) => ymm::tokens_vnni::<16, true>(m, x, first, y),
-                _ => ymm::tokens_vnni::<32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, ymm::tokens_vnni; m, x, first, y) }
     }
 
     pub(super) fn rows_vnni(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Avx512`, which
         // `Level::detected` reports only with AVX-512 F, BW, VL and VNNI; reads as above.
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => ymm::vnni::<4, false>(m, x, first, y),
-                (8, false) => ymm::vnni::<8, false>(m, x, first, y),
-                (16, false) => ymm::vnni::<16, false>(m, x, first, y),
-                (32, false) => ymm::vnni::<32, false>(m, x, first, y),
-                (4, true) => ymm::vnni::<4, true>(m, x, first, y),
-                (8, true) => ymm::vnni::<8, true>(m, x, first, y),
-                (16, true) => ymm::vnni::<16, true>(m, x, first, y),
-                _ => ymm::vnni::<32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, ymm::vnni; m, x, first, y) }
     }
 }
 
@@ -2031,37 +2002,13 @@ mod arm {
     }
 
     pub(super) fn tokens_neon(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => body4::<Neon, 4, false>(m, x, first, y),
-                (8, false) => body4::<Neon, 8, false>(m, x, first, y),
-                (16, false) => body4::<Neon, 16, false>(m, x, first, y),
-                (32, false) => body4::<Neon, 32, false>(m, x, first, y),
-                (4, true) => body4::<Neon, 4, true>(m, x, first, y),
-                (8, true) => body4::<Neon, 8, true>(m, x, first, y),
-                (16, true) => body4::<Neon, 16, true>(m, x, first, y),
-                _ => body4::<Neon, 32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, body4[Neon]; m, x, first, y) }
     }
 
     pub(super) fn tokens_sdot(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: as `rows_sdot`.
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => sdot4::<4, false>(m, x, first, y),
-                (8, false) => sdot4::<8, false>(m, x, first, y),
-                (16, false) => sdot4::<16, false>(m, x, first, y),
-                (32, false) => sdot4::<32, false>(m, x, first, y),
-                (4, true) => sdot4::<4, true>(m, x, first, y),
-                (8, true) => sdot4::<8, true>(m, x, first, y),
-                (16, true) => sdot4::<16, true>(m, x, first, y),
-                _ => sdot4::<32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, sdot4; m, x, first, y) }
     }
 
     #[target_feature(enable = "dotprod")]
@@ -2075,37 +2022,13 @@ mod arm {
     }
 
     pub(super) fn rows_neon(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => body::<Neon, 4, false>(m, x, first, y),
-                (8, false) => body::<Neon, 8, false>(m, x, first, y),
-                (16, false) => body::<Neon, 16, false>(m, x, first, y),
-                (32, false) => body::<Neon, 32, false>(m, x, first, y),
-                (4, true) => body::<Neon, 4, true>(m, x, first, y),
-                (8, true) => body::<Neon, 8, true>(m, x, first, y),
-                (16, true) => body::<Neon, 16, true>(m, x, first, y),
-                _ => body::<Neon, 32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, body[Neon]; m, x, first, y) }
     }
 
     pub(super) fn rows_sdot(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
-        let q8 = m.fmt.values == Values::Q8;
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Dotprod` and above,
         // which `Level::detected` reports only with the dot product extension.
-        unsafe {
-            match (m.fmt.g, q8) {
-                (4, false) => sdot::<4, false>(m, x, first, y),
-                (8, false) => sdot::<8, false>(m, x, first, y),
-                (16, false) => sdot::<16, false>(m, x, first, y),
-                (32, false) => sdot::<32, false>(m, x, first, y),
-                (4, true) => sdot::<4, true>(m, x, first, y),
-                (8, true) => sdot::<8, true>(m, x, first, y),
-                (16, true) => sdot::<16, true>(m, x, first, y),
-                _ => sdot::<32, true>(m, x, first, y),
-            }
-        }
+        unsafe { by_group_format!(m, sdot; m, x, first, y) }
     }
 }
