@@ -128,150 +128,82 @@ fn bench_kernels(c: &mut Criterion) {
             for k in &kernels {
                 let mut act = vec![0u8; k.act_row_bytes(cols).expect("whole blocks")];
                 (k.quantize_act)(&x, &mut act);
+                let act = act.as_slice();
                 let mut out = vec![0f32; rows];
                 let mut next = 0usize;
-                let times = RefCell::new(Times::default());
-                g.bench_function(BenchmarkId::from_parameter(k.name), |b| {
-                    b.iter_custom(|iters| {
-                        let t = Instant::now();
-                        for _ in 0..iters {
-                            let wm = &weights[next];
-                            next = (next + 1) % copies;
-                            for (o, row) in out.iter_mut().zip(wm.chunks_exact(row_bytes)) {
-                                *o = (k.vec_dot)(row, &act);
+                // Times `pass` (one product of a copy of the weights into `out`) over the
+                // copies in turn, as this group's benchmark `name`, and keeps its median.
+                let mut measure = |name: String, pass: &mut dyn FnMut(&[u8], &mut [f32])| {
+                    let times = RefCell::new(Times::default());
+                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
+                        b.iter_custom(|iters| {
+                            let t = Instant::now();
+                            for _ in 0..iters {
+                                let wm = &weights[next];
+                                next = (next + 1) % copies;
+                                pass(wm, &mut out);
+                                black_box(&mut out);
                             }
-                            black_box(&mut out);
-                        }
-                        let d = t.elapsed();
-                        times
-                            .borrow_mut()
-                            .0
-                            .push(d.as_secs_f64() / iters.max(1) as f64);
-                        d
-                    })
+                            let d = t.elapsed();
+                            times
+                                .borrow_mut()
+                                .0
+                                .push(d.as_secs_f64() / iters.max(1) as f64);
+                            d
+                        })
+                    });
+                    summary.push((name, times.into_inner().median()));
+                };
+                let row = |r: usize| r * row_bytes..(r + 1) * row_bytes;
+                measure(k.name.to_string(), &mut |wm, out| {
+                    for (o, row) in out.iter_mut().zip(wm.chunks_exact(row_bytes)) {
+                        *o = (k.vec_dot)(row, act);
+                    }
                 });
-                summary.push((k.name.to_string(), times.into_inner().median()));
                 // The decode path: four rows at a time from the four quarters of the matrix,
                 // as the matmul driver feeds them.
                 if let Some(rows4) = k.rows4 {
-                    let name = format!("{}_rows4", k.name);
-                    let times = RefCell::new(Times::default());
                     let q = rows / 4;
-                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-                        b.iter_custom(|iters| {
-                            let t = Instant::now();
-                            for _ in 0..iters {
-                                let wm = &weights[next];
-                                next = (next + 1) % copies;
-                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
-                                for r in 0..q {
-                                    let v = rows4(
-                                        [row(r), row(r + q), row(r + 2 * q), row(r + 3 * q)],
-                                        &act,
-                                    );
-                                    out[r] = v[0];
-                                    out[r + q] = v[1];
-                                    out[r + 2 * q] = v[2];
-                                    out[r + 3 * q] = v[3];
-                                }
-                                black_box(&mut out);
+                    measure(format!("{}_rows4", k.name), &mut |wm, out| {
+                        for r in 0..q {
+                            let rs: [usize; 4] = std::array::from_fn(|i| r + i * q);
+                            for (r, v) in rs.into_iter().zip(rows4(rs.map(|r| &wm[row(r)]), act)) {
+                                out[r] = v;
                             }
-                            let d = t.elapsed();
-                            times
-                                .borrow_mut()
-                                .0
-                                .push(d.as_secs_f64() / iters.max(1) as f64);
-                            d
-                        })
+                        }
                     });
-                    summary.push((name, times.into_inner().median()));
                 }
                 // The decode path where the entry has it: eight rows from the eighths.
                 if let Some(rows8) = k.rows8 {
-                    let name = format!("{}_rows8", k.name);
-                    let times = RefCell::new(Times::default());
                     let q = rows / 8;
-                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-                        b.iter_custom(|iters| {
-                            let t = Instant::now();
-                            for _ in 0..iters {
-                                let wm = &weights[next];
-                                next = (next + 1) % copies;
-                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
-                                for r in 0..q {
-                                    let rs: [usize; 8] = std::array::from_fn(|i| r + i * q);
-                                    for (r, v) in rs.into_iter().zip(rows8(rs.map(row), &act)) {
-                                        out[r] = v;
-                                    }
-                                }
-                                black_box(&mut out);
+                    measure(format!("{}_rows8", k.name), &mut |wm, out| {
+                        for r in 0..q {
+                            let rs: [usize; 8] = std::array::from_fn(|i| r + i * q);
+                            for (r, v) in rs.into_iter().zip(rows8(rs.map(|r| &wm[row(r)]), act)) {
+                                out[r] = v;
                             }
-                            let d = t.elapsed();
-                            times
-                                .borrow_mut()
-                                .0
-                                .push(d.as_secs_f64() / iters.max(1) as f64);
-                            d
-                        })
+                        }
                     });
-                    summary.push((name, times.into_inner().median()));
                 }
-                // The batch path: two rows by four tokens (the same activation row four
-                // times), per weight byte as above, so a quarter of the batch's rate.
+                // The batch paths: two or eight rows by four tokens (the same activation row
+                // four times), per weight byte as above, so a quarter of the batch's rate.
                 if let Some(tile) = k.tile2x4 {
-                    let name = format!("{}_tile2x4", k.name);
-                    let times = RefCell::new(Times::default());
-                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-                        b.iter_custom(|iters| {
-                            let t = Instant::now();
-                            for _ in 0..iters {
-                                let wm = &weights[next];
-                                next = (next + 1) % copies;
-                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
-                                for r in (0..rows - 1).step_by(2) {
-                                    let v = tile([row(r), row(r + 1)], [&act, &act, &act, &act]);
-                                    out[r] = v[0][0];
-                                    out[r + 1] = v[1][3];
-                                }
-                                black_box(&mut out);
-                            }
-                            let d = t.elapsed();
-                            times
-                                .borrow_mut()
-                                .0
-                                .push(d.as_secs_f64() / iters.max(1) as f64);
-                            d
-                        })
+                    measure(format!("{}_tile2x4", k.name), &mut |wm, out| {
+                        for r in (0..rows - 1).step_by(2) {
+                            let v = tile([&wm[row(r)], &wm[row(r + 1)]], [act; 4]);
+                            out[r] = v[0][0];
+                            out[r + 1] = v[1][3];
+                        }
                     });
-                    summary.push((name, times.into_inner().median()));
                 }
                 if let Some(tile) = k.tile8x4 {
-                    let name = format!("{}_tile8x4", k.name);
-                    let times = RefCell::new(Times::default());
-                    g.bench_function(BenchmarkId::from_parameter(&name), |b| {
-                        b.iter_custom(|iters| {
-                            let t = Instant::now();
-                            for _ in 0..iters {
-                                let wm = &weights[next];
-                                next = (next + 1) % copies;
-                                let row = |r: usize| &wm[r * row_bytes..(r + 1) * row_bytes];
-                                for r in (0..rows - 7).step_by(8) {
-                                    let rs = std::array::from_fn(|i| row(r + i));
-                                    let v = tile(rs, [&act, &act, &act, &act]);
-                                    out[r] = v[0][0];
-                                    out[r + 7] = v[7][3];
-                                }
-                                black_box(&mut out);
-                            }
-                            let d = t.elapsed();
-                            times
-                                .borrow_mut()
-                                .0
-                                .push(d.as_secs_f64() / iters.max(1) as f64);
-                            d
-                        })
+                    measure(format!("{}_tile8x4", k.name), &mut |wm, out| {
+                        for r in (0..rows - 7).step_by(8) {
+                            let v = tile(std::array::from_fn(|i| &wm[row(r + i)]), [act; 4]);
+                            out[r] = v[0][0];
+                            out[r + 7] = v[7][3];
+                        }
                     });
-                    summary.push((name, times.into_inner().median()));
                 }
             }
             g.finish();
