@@ -111,6 +111,16 @@ fn levels() -> Vec<Level> {
     Level::detected()
 }
 
+/// `n` rows of `k` random activations quantized for `f`.
+fn random_acts(f: &NmFormat, rng: &mut Rng, n: usize, k: usize) -> Vec<NmActs> {
+    (0..n)
+        .map(|_| {
+            let mut a = NmActs::new();
+            a.quantize(f, &rng.row(k)).unwrap();
+            a
+        })
+        .collect()
+}
 #[test]
 fn row_bytes_of_the_fast_formats() {
     let q8 = fmt(2, 4, NmValues::Q8);
@@ -358,13 +368,7 @@ fn matmat_every_token_count() {
             let k = blocks * f.block_span();
             let w: Vec<u8> = (0..rows).flat_map(|_| encoded(&f, &rng.row(k))).collect();
             for n in 1..=9 {
-                let acts: Vec<NmActs> = (0..n)
-                    .map(|_| {
-                        let mut a = NmActs::new();
-                        a.quantize(&f, &rng.row(k)).unwrap();
-                        a
-                    })
-                    .collect();
+                let acts = random_acts(&f, &mut rng, n, k);
                 check_matmat(&f, &w, &acts);
             }
         }
@@ -380,13 +384,7 @@ fn matmat_model_shapes() {
             let f = fmt(n, m, values);
             for (k, rows) in [(576, 40), (1536, 19)] {
                 let w: Vec<u8> = (0..rows).flat_map(|_| encoded(&f, &rng.row(k))).collect();
-                let acts: Vec<NmActs> = (0..7)
-                    .map(|_| {
-                        let mut a = NmActs::new();
-                        a.quantize(&f, &rng.row(k)).unwrap();
-                        a
-                    })
-                    .collect();
+                let acts = random_acts(&f, &mut rng, 7, k);
                 check_matmat(&f, &w, &acts);
             }
         }
@@ -578,13 +576,7 @@ fn arbitrary_bytes_do_not_panic() {
             assert_eq!(bits(&y), bits(&y1), "{}", kern.name);
         }
         // And the matrix-matrix product those of the matrix-vector one, token for token.
-        let acts: Vec<NmActs> = (0..5)
-            .map(|_| {
-                let mut a = NmActs::new();
-                a.quantize(&f, &rng.row(k)).unwrap();
-                a
-            })
-            .collect();
+        let acts = random_acts(&f, &mut rng, 5, k);
         check_matmat(&f, &bytes, &acts);
         let mut dec = vec![0f32; k];
         let _ = decode_row(&f, &bytes[..rb], &mut dec);
@@ -620,13 +612,7 @@ proptest! {
         let mut rng = Rng(seed | 1);
         let k = blocks * f.block_span();
         let w: Vec<u8> = (0..rows).flat_map(|_| encoded(&f, &rng.row(k))).collect();
-        let acts: Vec<NmActs> = (0..n)
-            .map(|_| {
-                let mut a = NmActs::new();
-                a.quantize(&f, &rng.row(k)).unwrap();
-                a
-            })
-            .collect();
+        let acts = random_acts(&f, &mut rng, n, k);
         check_matmat(&f, &w, &acts);
     }
 }
