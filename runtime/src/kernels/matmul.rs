@@ -3,8 +3,8 @@
 //! activation type (plus the entry's extra bytes), as ggml does; then each pool task takes a
 //! range of weight rows:
 //! - tokens in groups of four (a prompt batch) go through the entry's tiles: `tile8x4` over
-//!   groups of eight rows, `tile2x4` over pairs, else `vec_dot4` row by row, the four activation rows staying in L1 while
-//!   the task's weight rows go past;
+//!   groups of eight rows, `tile2x4` over pairs, else `vec_dot4` row by row, the four
+//!   activation rows staying in L1 while the task's weight rows go past;
 //! - the other tokens (every decode step) go through `rows4`, four rows from the four
 //!   quarters of the task's range (four sequential streams for the prefetcher), then
 //!   `vec_dot` for what is left.
