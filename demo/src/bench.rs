@@ -102,16 +102,18 @@ pub fn bench(a: BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     let mut s = m.new_session(n_ctx)?;
     let mut reps = Vec::with_capacity(a.reps);
+    // One logits buffer for every step, as a generation loop keeps it.
+    let mut logits = Vec::new();
     for i in 0..=a.reps {
         s.reset();
         let t = Instant::now();
-        let logits = m.eval(&mut s, &prompt, Logits::Last)?;
+        m.eval_into(&mut s, &prompt, Logits::Last, &mut logits)?;
         let prompt_secs = t.elapsed().as_secs_f64();
         let mut next = argmax(&logits);
         let mut decode_secs = 0.0;
         for _ in 0..a.gen_tokens {
             let t = Instant::now();
-            let logits = m.eval(&mut s, &[next], Logits::Last)?;
+            m.eval_into(&mut s, &[next], Logits::Last, &mut logits)?;
             decode_secs += t.elapsed().as_secs_f64();
             next = argmax(&logits);
         }

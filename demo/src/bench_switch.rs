@@ -128,13 +128,14 @@ fn ms(t: Instant) -> f64 {
 fn decode_rate(m: &mut Model, prompt: &[u32], gen: usize, reps: usize) -> AnyResult<f64> {
     let mut s = m.new_session(prompt.len() + gen)?;
     let mut rates = Vec::with_capacity(reps);
+    let mut l = Vec::new();
     for _ in 0..reps {
         s.reset();
         let mut next = argmax(&m.eval(&mut s, prompt, Logits::Last)?);
         let mut secs = 0.0;
         for _ in 0..gen {
             let t = Instant::now();
-            let l = m.eval(&mut s, &[next], Logits::Last)?;
+            m.eval_into(&mut s, &[next], Logits::Last, &mut l)?;
             secs += t.elapsed().as_secs_f64();
             next = argmax(&l);
         }

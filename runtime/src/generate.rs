@@ -182,7 +182,7 @@ pub fn generate_each<B: Backend>(
             break;
         }
         let t = Instant::now();
-        logits = model.eval(session, &[tok], Logits::Last)?;
+        model.eval_into(session, &[tok], Logits::Last, &mut logits)?;
         out.decode_secs += t.elapsed().as_secs_f64();
         out.decode_steps += 1;
     }

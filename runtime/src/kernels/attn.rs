@@ -119,16 +119,20 @@ pub fn weighted_sum(
     let hd = out.len();
     let slots = order.slots();
     let used = slots.min(p.len());
-    acc.clear();
-    acc.resize(used * hd, 0.0);
+    if acc.len() < used * hd {
+        acc.resize(used * hd, 0.0);
+    }
+    let acc = &mut acc[..used * hd];
+    // The plug writes every used slot (it sums a slot in registers, then stores it).
     #[cfg(target_arch = "x86_64")]
     if super::x86::attn::weighted_sum(order, v, at, stride, p, acc, out) {
         return;
     }
+    acc.fill(0.0);
     weighted_sum_portable(order, v, at, stride, p, acc, out);
 }
 
-/// [`weighted_sum`] without the arch plug (`acc` already holds the zeroed slots).
+/// [`weighted_sum`] without the arch plug (`acc` holds the zeroed slots).
 fn weighted_sum_portable(
     order: SumOrder,
     v: KvRows,
@@ -159,7 +163,7 @@ mod tests {
 
     /// The plugged loops (x86 AVX2 where the table has it) give the portable loops' bits, for
     /// both orders, both cache types, head sizes of one and several 64-element steps, and
-    /// position counts around the slot counts.
+    /// position counts around the slot counts; the scratch is reused between calls.
     #[test]
     fn plugged_loops_match_the_portable_ones() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -169,6 +173,7 @@ mod tests {
             seed ^= seed << 17;
             (seed >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
         };
+        let mut acc = Vec::new();
         for hd in [64usize, 128, 48] {
             let (heads, n_max) = (3, 131);
             let stride = heads * hd;
@@ -185,7 +190,9 @@ mod tests {
                         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                         assert_eq!(bits(&a), bits(&b), "scores {order:?} hd {hd} n {n}");
                         let p: Vec<f32> = (0..n).map(|_| next().abs()).collect();
-                        let (mut acc, mut oa, mut ob) = (Vec::new(), vec![0.0; hd], vec![0.0; hd]);
+                        let (mut oa, mut ob) = (vec![0.0; hd], vec![0.0; hd]);
+                        // Scratch left from other calls, poisoned: every slot must be written.
+                        acc.iter_mut().for_each(|x| *x = f32::NAN);
                         weighted_sum(order, rows, at, stride, &p, &mut acc, &mut oa);
                         let mut acc_b = vec![0.0; order.slots().min(n) * hd];
                         weighted_sum_portable(order, rows, at, stride, &p, &mut acc_b, &mut ob);

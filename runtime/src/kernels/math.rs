@@ -85,6 +85,19 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + expf(0.0 - x))
 }
 
+/// `x[i] = f32(f16(x[i] * k))`: the product rounded to f16 (nearest, ties to even) and back,
+/// where ggml converts an f32 operand to an f16 one. `k = 1` only rounds (the product is
+/// exact).
+pub fn scale_round_f16(x: &mut [f32], k: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::math::scale_round_f16(x, k) {
+        return;
+    }
+    for v in x {
+        *v = half::f16::from_f32(*v * k).to_f32();
+    }
+}
+
 /// SwiGLU in place: `gate[i] = silu(gate[i]) * up[i]`.
 pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -137,6 +150,66 @@ mod tests {
         assert_eq!(expf(200.0), f32::INFINITY);
         assert_eq!(expf(f32::NEG_INFINITY), 0.0);
         assert_eq!(expf(0.0), 1.0);
+    }
+
+    /// The plugged rounding (eight lanes, then the tail) against `half`'s conversion, on
+    /// ties, subnormals, overflow to infinity, signed zeros and NaN, for two scales.
+    #[test]
+    fn scale_round_f16_matches_half() {
+        let mut x: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0 + 2f32.powi(-11), // a tie: rounds to even (1.0)
+            1.0 + 3.0 * 2f32.powi(-11),
+            2f32.powi(-24),
+            3.0 * 2f32.powi(-26), // subnormal in f16
+            2f32.powi(-30),       // below the smallest f16
+            65504.0,
+            65520.0, // rounds to infinity
+            1e9,
+            -1e9,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let mut r = 0x1234_5678u32;
+        for _ in 0..1000 {
+            r ^= r << 13;
+            r ^= r >> 17;
+            r ^= r << 5;
+            x.push(f32::from_bits(r) % 1e5);
+        }
+        for k in [1.0f32, 0.3] {
+            let want: Vec<u32> = x
+                .iter()
+                .map(|&v| half::f16::from_f32(v * k).to_f32().to_bits())
+                .collect();
+            // Every length from 0 to 17 from several offsets: all tails and lane positions.
+            for len in 0..18 {
+                for at in [0, 3, 9] {
+                    let mut got = x[at..at + len].to_vec();
+                    scale_round_f16(&mut got, k);
+                    for (i, g) in got.iter().enumerate() {
+                        let w = f32::from_bits(want[at + i]);
+                        assert!(
+                            g.to_bits() == want[at + i] || (g.is_nan() && w.is_nan()),
+                            "x = {} k = {k}: {g} want {w}",
+                            x[at + i]
+                        );
+                    }
+                }
+            }
+            let mut all = x.clone();
+            scale_round_f16(&mut all, k);
+            for (i, g) in all.iter().enumerate() {
+                let w = f32::from_bits(want[i]);
+                assert!(
+                    g.to_bits() == want[i] || (g.is_nan() && w.is_nan()),
+                    "x = {}",
+                    x[i]
+                );
+            }
+        }
     }
 
     /// Against the hardware-exact `mul_add`, including sums that land halfway between two f32

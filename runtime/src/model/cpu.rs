@@ -150,14 +150,6 @@ impl CpuBackend {
     }
 }
 
-/// Rounds through f16 when the cache is f16 (where ggml converts an f32 operand to f16).
-fn round_for(ty: KvType, x: f32) -> f32 {
-    match ty {
-        KvType::F16 => f16::from_f32(x).to_f32(),
-        KvType::F32 => x,
-    }
-}
-
 impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Buf = Vec<f32>;
@@ -393,16 +385,17 @@ impl Backend for CpuBackend {
             ATTN_SCRATCH.with(|cell| {
                 let sc = &mut *cell.borrow_mut();
                 sc.q.clear();
-                sc.q.extend(
-                    q[t * qd + h * hd..t * qd + (h + 1) * hd]
-                        .iter()
-                        .map(|&x| round_for(ty, x)),
-                );
+                sc.q.extend_from_slice(&q[t * qd + h * hd..t * qd + (h + 1) * hd]);
                 sc.s.resize(n_kv, 0.0);
+                // Where the cache is f16, ggml converts q and the probabilities to f16.
+                if matches!(ty, KvType::F16) {
+                    math::scale_round_f16(&mut sc.q, 1.0);
+                }
                 attn::scores(order, krows, kvh * hd, kvd, &sc.q, scale, &mut sc.s);
                 let inv = math::softmax_unnormalized(&mut sc.s);
-                for p in sc.s.iter_mut() {
-                    *p = round_for(ty, *p * inv);
+                match ty {
+                    KvType::F16 => math::scale_round_f16(&mut sc.s, inv),
+                    KvType::F32 => sc.s.iter_mut().for_each(|p| *p *= inv),
                 }
                 // out = sum_j p_j v_j, summed in the order llama.cpp sums V^T p.
                 sc.o.resize(hd, 0.0);

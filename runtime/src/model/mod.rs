@@ -324,6 +324,20 @@ impl<B: Backend> Model<B> {
     /// Evaluates `tokens` after what `s` has seen, as one batch, and returns the logits asked
     /// for ([rows, n_vocab] row-major).
     pub fn eval(&mut self, s: &mut Session<B>, tokens: &[u32], which: Logits) -> Result<Vec<f32>> {
+        let mut logits = Vec::new();
+        self.eval_into(s, tokens, which, &mut logits)?;
+        Ok(logits)
+    }
+
+    /// [`Model::eval`] into `logits` (cleared and resized), reusing its allocation: a
+    /// generation loop keeps one buffer for all its steps.
+    pub fn eval_into(
+        &mut self,
+        s: &mut Session<B>,
+        tokens: &[u32],
+        which: Logits,
+        logits: &mut Vec<f32>,
+    ) -> Result<()> {
         if s.pos + tokens.len() > s.n_ctx {
             return Err(Error::InvalidArgument(format!(
                 "context full: {} + {} tokens exceed the context size {}",
@@ -332,7 +346,7 @@ impl<B: Backend> Model<B> {
                 s.n_ctx
             )));
         }
-        let logits = llama::forward(
+        llama::forward(
             &mut self.backend,
             self.file.bytes(),
             &self.config,
@@ -342,9 +356,10 @@ impl<B: Backend> Model<B> {
             tokens,
             s.pos,
             which,
+            logits,
         )?;
         s.pos += tokens.len();
-        Ok(logits)
+        Ok(())
     }
 }
 

@@ -97,7 +97,6 @@ unsafe fn scores_imp(
     }
 }
 
-/// `acc` holds min(slots, p.len()) zeroed slots of out.len() values (see the portable
 /// Eight dimensions from `d` of accumulator slot `i` (rows of `hd` in `acc`), or zeros for a
 /// slot past the `used` ones.
 #[inline(always)]
@@ -109,7 +108,8 @@ unsafe fn slot(acc: &[f32], used: usize, hd: usize, i: usize, d: usize) -> __m25
     }
 }
 
-/// `weighted_sum`).
+/// The portable `weighted_sum`'s sums and fold; `acc` is scratch for min(slots, p.len())
+/// slots of out.len() values, every one of them overwritten (no need to zero it).
 pub fn weighted_sum(
     order: SumOrder,
     v: KvRows,
@@ -140,13 +140,49 @@ unsafe fn weighted_sum_imp(
     let hd = out.len();
     let slots = order.slots();
     let used = acc.len() / hd;
-    for (j, &pj) in p.iter().enumerate() {
-        let base = at + j * stride;
-        let s = &mut acc[(j % slots) * hd..(j % slots + 1) * hd];
-        let pv = _mm256_set1_ps(pj);
-        for d in (0..hd).step_by(8) {
-            let a = _mm256_loadu_ps(&s[d]);
-            _mm256_storeu_ps(&mut s[d], _mm256_fmadd_ps(pv, load8(&v, base + d), a));
+    match order {
+        // A batch's order has 16 slots, each of many positions: slot by slot, 64 dimensions
+        // at a time in eight registers, slot i's positions i, i + 16, .. fused-multiply-added
+        // in increasing order as the portable loop does, then stored once.
+        SumOrder::TinyBlas => {
+            for i in 0..used {
+                let s = &mut acc[i * hd..(i + 1) * hd];
+                for d0 in (0..hd).step_by(64) {
+                    let mut a = [_mm256_setzero_ps(); 8];
+                    for j in (i..p.len()).step_by(slots) {
+                        let pv = _mm256_set1_ps(p[j]);
+                        let base = at + j * stride + d0;
+                        for (c, a) in a.iter_mut().enumerate() {
+                            if d0 + 8 * c < hd {
+                                *a = _mm256_fmadd_ps(pv, load8(&v, base + 8 * c), *a);
+                            }
+                        }
+                    }
+                    for (c, a) in a.iter().enumerate() {
+                        if d0 + 8 * c < hd {
+                            _mm256_storeu_ps(&mut s[d0 + 8 * c], *a);
+                        }
+                    }
+                }
+            }
+        }
+        // One query's order has 64 slots of a few positions each: position by position, so
+        // that the cache rows are read in sequence (they mostly come from memory in a decode
+        // step, and slot order defeated the prefetchers); a slot's first position writes it.
+        SumOrder::GgmlVecDot => {
+            for (j, &pj) in p.iter().enumerate() {
+                let base = at + j * stride;
+                let s = &mut acc[(j % slots) * hd..(j % slots + 1) * hd];
+                let pv = _mm256_set1_ps(pj);
+                for d in (0..hd).step_by(8) {
+                    let a = if j < slots {
+                        _mm256_setzero_ps()
+                    } else {
+                        _mm256_loadu_ps(&s[d])
+                    };
+                    _mm256_storeu_ps(&mut s[d], _mm256_fmadd_ps(pv, load8(&v, base + d), a));
+                }
+            }
         }
     }
     let zero = _mm256_setzero_ps();

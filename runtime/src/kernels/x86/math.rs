@@ -112,3 +112,28 @@ unsafe fn softmax_exp_imp(s: &mut [f32], max: f32) -> f64 {
     }
     sum
 }
+
+/// `x[i] = f32(f16(x[i] * k))` (round to nearest even, as `half::f16::from_f32`); false when
+/// the table is below AVX2.
+pub fn scale_round_f16(x: &mut [f32], k: f32) -> bool {
+    if !enabled() {
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { scale_round_f16_imp(x, k) };
+    true
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn scale_round_f16_imp(x: &mut [f32], k: f32) {
+    let kv = _mm256_set1_ps(k);
+    let mut chunks = x.chunks_exact_mut(8);
+    for ch in &mut chunks {
+        let v = _mm256_mul_ps(_mm256_loadu_ps(ch.as_ptr()), kv);
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+        _mm256_storeu_ps(ch.as_mut_ptr(), _mm256_cvtph_ps(h));
+    }
+    for v in chunks.into_remainder() {
+        *v = half::f16::from_f32(*v * k).to_f32();
+    }
+}
