@@ -430,6 +430,55 @@ fn tile8x4_matches_vec_dot() {
     });
 }
 
+/// The product driver's scratch quantizes a batch once for consecutive products by the same
+/// activations and weight type, and again for anything else: a chain of products (same x,
+/// other types, the same type again, x changed in place, other shapes, batches large enough
+/// to quantize on several threads) gives the bits of a fresh scratch for every call.
+#[test]
+fn matmul_scratch_reuses_only_identical_activations() {
+    use sparrow::kernels::{matmul, MatmulScratch, ThreadPool};
+    let pool = ThreadPool::new(2).unwrap();
+    let (rows, cols) = (24, 256);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let w32 = next(rows * cols);
+    let types = [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_0,
+    ];
+    let ws: Vec<Vec<u8>> = types.iter().map(|&ty| quantized(ty, &w32)).collect();
+    let mut kept = MatmulScratch::default();
+    for n in [1usize, 4, 20] {
+        let mut x = next(n * cols);
+        for step in 0..10 {
+            if step == 6 {
+                // The same buffer, other values.
+                x[3] += 0.25;
+            }
+            let i = [0, 1, 0, 0, 2, 3, 3, 2, 1, 0][step];
+            let (ty, w) = (types[i], &ws[i]);
+            let mut got = vec![0f32; n * rows];
+            matmul(&pool, &mut kept, ty, w, rows, cols, &x, n, &mut got).unwrap();
+            let mut want = vec![0f32; n * rows];
+            let mut fresh = MatmulScratch::default();
+            matmul(&pool, &mut fresh, ty, w, rows, cols, &x, n, &mut want).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{ty} n {n} step {step}");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -21,7 +21,33 @@ use crate::{Error, Result};
 #[derive(Default)]
 pub struct MatmulScratch {
     act: Vec<u8>,
+    /// What `act` holds, (weight type, tokens, columns), and a copy of the rows it was
+    /// quantized from: consecutive products by the same activations and the same activation
+    /// quantizer (attention's q, k and v; the MLP's gate and up, where their types agree)
+    /// quantize them once. The weight type picks the table entry, hence the quantizer.
+    held: Option<(GgmlType, usize, usize)>,
+    x: Vec<f32>,
 }
+
+impl MatmulScratch {
+    /// Whether `act` holds `x` ([n, cols]) quantized for `ty` (the same bits); if not,
+    /// forgets what it held and keeps a copy of `x`, for [`MatmulScratch::hold`].
+    fn holds(&mut self, key: (GgmlType, usize, usize), x: &[f32]) -> bool {
+        if self.held == Some(key)
+            && bytemuck::cast_slice::<f32, u8>(&self.x) == bytemuck::cast_slice::<f32, u8>(x)
+        {
+            return true;
+        }
+        self.held = None;
+        self.x.clear();
+        self.x.extend_from_slice(x);
+        false
+    }
+}
+
+/// Tokens from which a batch's activations are quantized in parallel (below, a second
+/// dispatch to the pool costs more than it saves).
+const PARALLEL_QUANTIZE_TOKENS: usize = 16;
 
 /// Rows of weights per task: enough work to amortise scheduling, enough tasks to balance.
 /// A decode step (one token) takes one task per thread: its four or eight row streams
@@ -71,13 +97,10 @@ pub fn matmul(
         )));
     }
 
-    scratch.act.resize(n * a_row, 0);
-    for (xr, ar) in x
-        .chunks_exact(cols)
-        .zip(scratch.act.chunks_exact_mut(a_row))
-        .take(n)
-    {
-        (k.quantize_act)(xr, ar);
+    let key = (ty, n, cols);
+    if !scratch.holds(key, &x[..n * cols]) {
+        quantize_acts(pool, &mut scratch.act, k.quantize_act, x, n, cols, a_row);
+        scratch.held = Some(key);
     }
     let act = &scratch.act;
 
@@ -182,4 +205,39 @@ pub fn matmul(
         }
     });
     Ok(())
+}
+
+/// Quantizes the `n` activation rows of `x` ([n, cols]) into `act` (`a_row` bytes each).
+fn quantize_acts(
+    pool: &ThreadPool,
+    act: &mut Vec<u8>,
+    quantize: fn(&[f32], &mut [u8]),
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    a_row: usize,
+) {
+    act.resize(n * a_row, 0);
+    if n >= PARALLEL_QUANTIZE_TOKENS && pool.threads() > 1 {
+        // A batch's activation rows quantized by all threads, a share of tokens each: done by
+        // the calling thread alone it was a serial part of every product (about a tenth of a
+        // 2-thread prompt, the other thread waiting).
+        let per = n.div_ceil(pool.threads());
+        let dst = DisjointOut::new(&mut act[..n * a_row]);
+        pool.run(n.div_ceil(per), |task| {
+            for t in task * per..((task + 1) * per).min(n) {
+                // SAFETY: each task fills the rows of its own tokens.
+                let ar = unsafe { dst.part(t * a_row, a_row) };
+                quantize(&x[t * cols..(t + 1) * cols], ar);
+            }
+        });
+    } else {
+        for (xr, ar) in x
+            .chunks_exact(cols)
+            .zip(act.chunks_exact_mut(a_row))
+            .take(n)
+        {
+            quantize(xr, ar);
+        }
+    }
 }

@@ -212,19 +212,19 @@ pub fn default_threads() -> usize {
 /// An output slice that parallel tasks write to at disjoint indices.
 ///
 /// Writes are bounds-checked; the caller guarantees that no two tasks write the same index.
-pub struct DisjointOut<'a> {
-    ptr: *mut f32,
+pub struct DisjointOut<'a, T = f32> {
+    ptr: *mut T,
     len: usize,
-    _borrow: std::marker::PhantomData<&'a mut [f32]>,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
 }
 
-// SAFETY: tasks write disjoint elements (the contract of `write`), and the borrow of the
-// slice outlives every task because `ThreadPool::run` returns only when all are done.
-unsafe impl Send for DisjointOut<'_> {}
-unsafe impl Sync for DisjointOut<'_> {}
+// SAFETY: tasks write disjoint elements (the contract of `write` and `part`), and the borrow
+// of the slice outlives every task because `ThreadPool::run` returns only when all are done.
+unsafe impl<T: Send> Send for DisjointOut<'_, T> {}
+unsafe impl<T: Send> Sync for DisjointOut<'_, T> {}
 
-impl<'a> DisjointOut<'a> {
-    pub fn new(out: &'a mut [f32]) -> Self {
+impl<'a, T> DisjointOut<'a, T> {
+    pub fn new(out: &'a mut [T]) -> Self {
         DisjointOut {
             ptr: out.as_mut_ptr(),
             len: out.len(),
@@ -232,23 +232,34 @@ impl<'a> DisjointOut<'a> {
         }
     }
 
+    /// Elements `at..at + len`, for one task to fill.
+    ///
+    /// # Safety
+    /// No other task may write or read these indices while the returned slice lives.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn part(&self, at: usize, len: usize) -> &mut [T] {
+        assert!(
+            at <= self.len && len <= self.len - at,
+            "write out of bounds"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.add(at), len)
+    }
+}
+
+impl<T: Copy> DisjointOut<'_, T> {
     /// Copies `src` to `at..at + src.len()`.
     ///
     /// # Safety
     /// No other task may write or read these indices while the pool runs.
-    pub unsafe fn write(&self, at: usize, src: &[f32]) {
-        assert!(
-            at <= self.len && src.len() <= self.len - at,
-            "write out of bounds"
-        );
-        std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), src.len());
+    pub unsafe fn write(&self, at: usize, src: &[T]) {
+        self.part(at, src.len()).copy_from_slice(src);
     }
 
     /// Writes one element.
     ///
     /// # Safety
     /// As for [`write`](Self::write).
-    pub unsafe fn set(&self, at: usize, v: f32) {
+    pub unsafe fn set(&self, at: usize, v: T) {
         assert!(at < self.len, "write out of bounds");
         *self.ptr.add(at) = v;
     }

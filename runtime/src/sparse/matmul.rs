@@ -110,9 +110,10 @@ pub(crate) fn matmul(
                 if scratch.group.len() < n {
                     scratch.group.resize_with(n, GroupActs::default);
                 }
-                for (a, xr) in scratch.group.iter_mut().zip(x.chunks_exact(cols).take(n)) {
-                    a.quantize(xr);
-                }
+                per_token(pool, &mut scratch.group[..n], |t, a| {
+                    a.quantize(&x[t * cols..(t + 1) * cols]);
+                    Ok(())
+                })?;
                 scratch.hold(what);
             }
             let acts = &scratch.group[..n];
@@ -134,9 +135,9 @@ pub(crate) fn matmul(
                 if scratch.nm.len() < n {
                     scratch.nm.resize_with(n, NmActs::new);
                 }
-                for (a, xr) in scratch.nm.iter_mut().zip(x.chunks_exact(cols).take(n)) {
-                    a.quantize(&f, xr)?;
-                }
+                per_token(pool, &mut scratch.nm[..n], |t, a| {
+                    a.quantize(&f, &x[t * cols..(t + 1) * cols])
+                })?;
                 scratch.hold(what);
             }
             let acts = &scratch.nm[..n];
@@ -145,6 +146,45 @@ pub(crate) fn matmul(
                 k.matmat(&w[r0 * rb..r1 * rb], acts, y)
             })
         }
+    }
+}
+
+/// Tokens from which a batch's activations are quantized in parallel (as in the dense
+/// driver).
+const PARALLEL_QUANTIZE_TOKENS: usize = 16;
+
+/// Runs `quantize(t, &mut acts[t])` for every token t: a share of the tokens per thread for
+/// a batch, on the calling thread below [`PARALLEL_QUANTIZE_TOKENS`]. The first error of any
+/// token is returned.
+fn per_token<A: Send>(
+    pool: &ThreadPool,
+    acts: &mut [A],
+    quantize: impl Fn(usize, &mut A) -> Result<()> + Sync,
+) -> Result<()> {
+    let n = acts.len();
+    if n < PARALLEL_QUANTIZE_TOKENS || pool.threads() < 2 {
+        return acts
+            .iter_mut()
+            .enumerate()
+            .try_for_each(|(t, a)| quantize(t, a));
+    }
+    let per = n.div_ceil(pool.threads());
+    let dst = DisjointOut::new(acts);
+    let failed = std::sync::Mutex::new(None);
+    pool.run(n.div_ceil(per), |task| {
+        let t0 = task * per;
+        // SAFETY: each task takes the buffers of its own tokens.
+        let mine = unsafe { dst.part(t0, (t0 + per).min(n) - t0) };
+        for (i, a) in mine.iter_mut().enumerate() {
+            if let Err(e) = quantize(t0 + i, a) {
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                return;
+            }
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -245,7 +285,8 @@ mod tests {
             y
         };
         let mut scratch = SparseScratch::default();
-        let mut x = rows(6, c, 1);
+        // Batches of 20 are quantized on both threads.
+        let mut x = rows(20, c, 1);
         for (s, bytes, n, change) in [
             (&sn, &wn, 6, false),
             (&sn, &wn, 6, false),
@@ -255,6 +296,10 @@ mod tests {
             (&sg, &wg, 5, false),
             (&sg, &wg, 5, true),
             (&sn, &wn, 5, false),
+            (&sn, &wn, 20, false),
+            (&sn, &wn, 20, true),
+            (&sg, &wg, 20, false),
+            (&sg, &wg, 20, true),
         ] {
             if change {
                 x[3 * c + 17] += 0.25;
