@@ -15,6 +15,7 @@ use crate::quant::{self, GgmlType};
 use crate::sparse::{self, matmul::SparseScratch, store::SparseMatrix};
 use crate::{Error, Result};
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -72,10 +73,9 @@ impl KvBuf {
 
     fn store(&mut self, at: usize, src: &[f32]) {
         match self {
-            KvBuf::F16(b) => b[at..at + src.len()]
-                .iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = f16::from_f32(*s)),
+            // half's slice conversion: F16C eight at a time where the CPU has it, rounding
+            // as f16::from_f32 does.
+            KvBuf::F16(b) => b[at..at + src.len()].convert_from_f32_slice(src),
             KvBuf::F32(b) => b[at..at + src.len()].copy_from_slice(src),
         }
     }
@@ -86,6 +86,30 @@ impl KvBuf {
             KvBuf::F32(b) => KvRows::F32(b),
         }
     }
+}
+
+/// Elements (of `unit` values each: a token's row, or 1) from which the elementwise steps of
+/// a batch (norms, RoPE, SwiGLU, residual adds) are split over the pool: about 16 tokens of
+/// a small model's rows; below that a dispatch costs more than it saves.
+const PARALLEL_ELEMENTS: usize = 16 * 576;
+
+/// Runs `f(i0, i1)` over ranges that cover `0..n` (items of `unit` values): one range per
+/// thread where there are at least [`PARALLEL_ELEMENTS`] values, else `f(0, n)` on the
+/// calling thread. Ranges of single values are cut at multiples of 64.
+fn by_parts(pool: &ThreadPool, n: usize, unit: usize, f: impl Fn(usize, usize) + Sync) {
+    let threads = pool.threads();
+    if threads < 2 || n * unit < PARALLEL_ELEMENTS {
+        f(0, n);
+        return;
+    }
+    let per = if unit == 1 {
+        n.div_ceil(threads).div_ceil(64) * 64
+    } else {
+        n.div_ceil(threads)
+    };
+    pool.run(n.div_ceil(per), |task| {
+        f(task * per, ((task + 1) * per).min(n))
+    });
 }
 
 /// Per-thread buffers of one attention task (a query head of one token).
@@ -243,15 +267,21 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         w.to_f32(host, &mut self.tmp)?;
         let d = self.tmp.len();
-        for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).take(n) {
-            // ggml_compute_forward_rms_norm_f32: f64 sum of f32 squares, f32 mean.
-            let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-            let mean = (sum / d as f64) as f32;
-            let scale = 1.0 / (mean + eps).sqrt();
-            for ((o, &v), &g) in or.iter_mut().zip(xr).zip(&self.tmp) {
-                *o = (v * scale) * g;
+        let g = &self.tmp;
+        let dst = kernels::DisjointOut::new(&mut out[..n * d]);
+        by_parts(&self.pool, n, d, |t0, t1| {
+            // SAFETY: each part writes the rows of its own tokens.
+            let o = unsafe { dst.part(t0 * d, (t1 - t0) * d) };
+            for (xr, or) in x[t0 * d..t1 * d].chunks_exact(d).zip(o.chunks_exact_mut(d)) {
+                // ggml_compute_forward_rms_norm_f32: f64 sum of f32 squares, f32 mean.
+                let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+                let mean = (sum / d as f64) as f32;
+                let scale = 1.0 / (mean + eps).sqrt();
+                for ((o, &v), &g) in or.iter_mut().zip(xr).zip(g) {
+                    *o = (v * scale) * g;
+                }
             }
-        }
+        });
         Ok(())
     }
 
@@ -316,29 +346,34 @@ impl Backend for CpuBackend {
         // ggml_rope: theta_scale = base^(-2/n_dims), theta for pair i = p * theta_scale^i,
         // built by repeated multiplication in f32.
         let theta_scale = cfg.rope_base.powf(-2.0 / nd as f32);
-        let mut cs = vec![(0.0f32, 0.0f32); nd / 2];
-        for t in 0..n {
-            let mut theta = (pos0 + t) as f32;
-            for c in cs.iter_mut() {
-                let th = cfg.rope_scale * theta;
-                *c = (th.cos(), th.sin());
-                theta *= theta_scale;
-            }
-            let row = &mut x[t * n_heads * hd..(t + 1) * n_heads * hd];
-            for head in row.chunks_exact_mut(hd) {
-                for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (a, b) = match cfg.rope_kind {
-                        RopeKind::Normal => (2 * i, 2 * i + 1),
-                        RopeKind::Neox => (i, i + nd / 2),
-                    };
-                    // ggml's rotation as GCC contracts it: fma(x0, cos, -(x1 sin)),
-                    // fma(x0, sin, x1 cos).
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = math::fma32(x0, c, -(x1 * s));
-                    head[b] = math::fma32(x0, s, x1 * c);
+        let w = n_heads * hd;
+        let dst = kernels::DisjointOut::new(&mut x[..n * w]);
+        by_parts(&self.pool, n, w, |t0, t1| {
+            // SAFETY: each part writes the rows of its own tokens.
+            let rows = unsafe { dst.part(t0 * w, (t1 - t0) * w) };
+            let mut cs = vec![(0.0f32, 0.0f32); nd / 2];
+            for (t, row) in (t0..t1).zip(rows.chunks_exact_mut(w)) {
+                let mut theta = (pos0 + t) as f32;
+                for c in cs.iter_mut() {
+                    let th = cfg.rope_scale * theta;
+                    *c = (th.cos(), th.sin());
+                    theta *= theta_scale;
+                }
+                for head in row.chunks_exact_mut(hd) {
+                    for (i, &(c, s)) in cs.iter().enumerate() {
+                        let (a, b) = match cfg.rope_kind {
+                            RopeKind::Normal => (2 * i, 2 * i + 1),
+                            RopeKind::Neox => (i, i + nd / 2),
+                        };
+                        // ggml's rotation as GCC contracts it: fma(x0, cos, -(x1 sin)),
+                        // fma(x0, sin, x1 cos).
+                        let (x0, x1) = (head[a], head[b]);
+                        head[a] = math::fma32(x0, c, -(x1 * s));
+                        head[b] = math::fma32(x0, s, x1 * c);
+                    }
                 }
             }
-        }
+        });
     }
 
     fn attention(
@@ -408,14 +443,20 @@ impl Backend for CpuBackend {
     }
 
     fn swiglu(&mut self, gate: &mut Vec<f32>, up: &Vec<f32>, len: usize) {
-        math::swiglu(&mut gate[..len], &up[..len]);
+        let dst = kernels::DisjointOut::new(&mut gate[..len]);
+        by_parts(&self.pool, len, 1, |i0, i1| {
+            // SAFETY: each part writes its own elements.
+            math::swiglu(unsafe { dst.part(i0, i1 - i0) }, &up[i0..i1]);
+        });
     }
 
     fn add(&mut self, x: &mut Vec<f32>, y: &Vec<f32>, len: usize) {
-        x[..len]
-            .iter_mut()
-            .zip(&y[..len])
-            .for_each(|(a, b)| *a += b);
+        let dst = kernels::DisjointOut::new(&mut x[..len]);
+        by_parts(&self.pool, len, 1, |i0, i1| {
+            // SAFETY: each part writes its own elements.
+            let x = unsafe { dst.part(i0, i1 - i0) };
+            x.iter_mut().zip(&y[i0..i1]).for_each(|(a, b)| *a += b);
+        });
     }
 
     fn copy(&mut self, src: &Vec<f32>, offset: usize, len: usize, dst: &mut Vec<f32>) {
