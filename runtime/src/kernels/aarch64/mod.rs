@@ -8,9 +8,11 @@
 //! pays off only in kernels over several rows and tokens. The table has such entry points now
 //! (`tile2x4`: two weight rows by four tokens, used for prompt batches), which is where an
 //! i8mm kernel belongs; until one is written, an I8mm table holds the dotprod kernels under
-//! their own names (the suite only asks that an entry's level be at most the table's). The
-//! x86-only shapes (`rows4`, `vec_dot4`, `tile2x4`) are not written for NEON yet either; the
-//! driver falls back to `vec_dot` where an entry lacks them.
+//! their own names (the suite only asks that an entry's level be at most the table's). Q4_0
+//! has `rows8` (decode) and `tile8x4` (batches) at the dotprod level: eight rows transposed
+//! once per block, `sdot` by element, as the x86 kernels do. The other x86 shapes (`rows4`,
+//! `vec_dot4`, `tile2x4`) are not written for NEON yet; the driver falls back to `vec_dot`
+//! where an entry lacks them.
 //!
 //! Safety model: see `neon.rs`. [`plug`] runs only for a level in [`detected`], and registers
 //! the dotprod entry points only at `Level::Dotprod` and above.
@@ -144,5 +146,10 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
     }
     if level >= Level::Dotprod {
         register(t, &DOTPROD);
+        // Q4_0's one integer per block: eight rows transposed, `sdot` by element.
+        t.plug(GgmlType::Q4_0, Level::Dotprod, DOTPROD.names[1], |e| {
+            e.rows8 = Some(neon::q4_0_q8_0_rows8_sdot);
+            e.tile8x4 = Some(neon::q4_0_q8_0_tile8x4_sdot);
+        });
     }
 }

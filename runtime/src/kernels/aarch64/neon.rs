@@ -263,6 +263,111 @@ unsafe fn q5_1_q8_1_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
     acc.hsum() + summs
 }
 
+// ---- Q4_0 over eight rows: transposed blocks and `sdot` by element -------------------------
+
+/// `acc + [dot(w.s[0..4], y.word K), .., dot(w.s[12..16], y.word K)]`: `sdot` by element,
+/// word K (4 bytes) of `y` against each 4-byte lane of `w`, exact. Dot product extension.
+#[inline(always)]
+unsafe fn sdot_lane<const K: i32>(mut acc: int32x4_t, w: int8x16_t, y: int8x16_t) -> int32x4_t {
+    asm!(
+        "sdot {acc:v}.4s, {w:v}.16b, {y:v}.4b[{k}]",
+        acc = inout(vreg) acc,
+        w = in(vreg) w,
+        y = in(vreg) y,
+        k = const K,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+/// Word k of each of `a[0..4]` to lane j of result k: a 4x4 transpose of 32-bit words.
+#[inline(always)]
+unsafe fn transpose4(a: [int8x16_t; 4]) -> [int8x16_t; 4] {
+    let w = |v: int8x16_t| vreinterpretq_s32_s8(v);
+    let (t0, t1) = (vtrn1q_s32(w(a[0]), w(a[1])), vtrn2q_s32(w(a[0]), w(a[1])));
+    let (t2, t3) = (vtrn1q_s32(w(a[2]), w(a[3])), vtrn2q_s32(w(a[2]), w(a[3])));
+    let d = |v: int32x4_t| vreinterpretq_s64_s32(v);
+    let b = |v: int64x2_t| vreinterpretq_s8_s64(v);
+    [
+        b(vtrn1q_s64(d(t0), d(t2))),
+        b(vtrn1q_s64(d(t1), d(t3))),
+        b(vtrn2q_s64(d(t0), d(t2))),
+        b(vtrn2q_s64(d(t1), d(t3))),
+    ]
+}
+
+/// Q4_0 for eight rows by N tokens (N = 1: a decode step, N = 4: a batch tile), in the order
+/// of [`q4_0_q8_0_imp`]: per block one exact integer per (row, token), fma'd with
+/// `d_x * d_y`. Each block of four rows is transposed once (`W_k`: lane r holds row r's
+/// levels 4k..4k+3, minus 8) for all N tokens; then eight `sdot`s by element, word k of the
+/// token's activation block against `W_k`, leave the four rows' block integers in the four
+/// lanes, with no horizontal sum. Dot product extension.
+#[inline(always)]
+unsafe fn q4_0_t8<const N: usize>(w: [&[u8]; 8], a: [&[u8]; N]) -> [[f32; N]; 8] {
+    let nb = blocks::<BlockQ4_0>(w[0]).len();
+    let x: [&[BlockQ4_0]; 8] = std::array::from_fn(|r| &blocks::<BlockQ4_0>(w[r])[..nb]);
+    let y: [&[BlockQ8_0]; N] = std::array::from_fn(|t| &blocks::<BlockQ8_0>(a[t])[..nb]);
+    let mut acc = [[vdupq_n_f32(0.0); N]; 2];
+    let (m, off) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
+    for b in 0..nb {
+        for g in 0..2 {
+            let rows: [&BlockQ4_0; 4] = std::array::from_fn(|i| &x[4 * g + i][b]);
+            let q: [uint8x16_t; 4] = std::array::from_fn(|i| ld_u8(rows[i].qs.as_ptr()));
+            let lo = transpose4(q.map(|v| vsubq_s8(s8(vandq_u8(v, m)), off)));
+            let hi = transpose4(q.map(|v| vsubq_s8(s8(vshrq_n_u8::<4>(v)), off)));
+            let dx: [f32; 4] = std::array::from_fn(|i| fp16(rows[i].d));
+            let dx = vld1q_f32(dx.as_ptr());
+            for t in 0..N {
+                let yb = &y[t][b];
+                let (y0, y1) = (ld_i8(yb.qs.as_ptr()), ld_i8(yb.qs.as_ptr().add(16)));
+                let mut i = vdupq_n_s32(0);
+                i = sdot_lane::<0>(i, lo[0], y0);
+                i = sdot_lane::<1>(i, lo[1], y0);
+                i = sdot_lane::<2>(i, lo[2], y0);
+                i = sdot_lane::<3>(i, lo[3], y0);
+                i = sdot_lane::<0>(i, hi[0], y1);
+                i = sdot_lane::<1>(i, hi[1], y1);
+                i = sdot_lane::<2>(i, hi[2], y1);
+                i = sdot_lane::<3>(i, hi[3], y1);
+                // |block integer| <= 32 * 8 * 127 < 2^24: the conversion is exact.
+                let d = vmulq_n_f32(dx, fp16(yb.d));
+                acc[g][t] = vfmaq_f32(acc[g][t], vcvtq_f32_s32(i), d);
+            }
+        }
+    }
+    let mut out = [[0f32; N]; 8];
+    for (g, acc) in acc.iter().enumerate() {
+        for (t, v) in acc.iter().enumerate() {
+            let mut l = [0f32; 4];
+            vst1q_f32(l.as_mut_ptr(), *v);
+            for i in 0..4 {
+                out[4 * g + i][t] = l[i];
+            }
+        }
+    }
+    out
+}
+
+/// Only registered by `aarch64::plug` at `Level::Dotprod` and above (see `entries!`).
+pub(super) fn q4_0_q8_0_rows8_sdot(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+    #[target_feature(enable = "dotprod")]
+    unsafe fn imp(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+        q4_0_t8::<1>(w, [a]).map(|r| r[0])
+    }
+    // SAFETY: as for the `entries!` dotprod entry points.
+    unsafe { imp(w, a) }
+}
+
+/// As [`q4_0_q8_0_rows8_sdot`], for eight rows by four tokens.
+pub(super) fn q4_0_q8_0_tile8x4_sdot(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+    #[target_feature(enable = "dotprod")]
+    unsafe fn imp(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+        q4_0_t8::<4>(w, a)
+    }
+    // SAFETY: as above.
+    unsafe { imp(w, a) }
+}
+
 // ---- activation quantizers (as `kernels::act`: ggml's x86 quantize_row_q8_0 / _q8_1) -------
 
 /// One block of 32: returns d and the exact sum of the quants, and writes the quants.
