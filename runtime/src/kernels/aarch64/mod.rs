@@ -10,9 +10,10 @@
 //! i8mm kernel belongs; until one is written, an I8mm table holds the dotprod kernels under
 //! their own names (the suite only asks that an entry's level be at most the table's). Q4_0
 //! has `rows8` (decode) and `tile8x4` (batches) at the dotprod level: eight rows transposed
-//! once per block, `sdot` by element, as the x86 kernels do. The other x86 shapes (`rows4`,
-//! `vec_dot4`, `tile2x4`) are not written for NEON yet; the driver falls back to `vec_dot`
-//! where an entry lacks them.
+//! once per block, `sdot` by element, as the x86 kernels do. The five 32-block formats have
+//! `rows4` (four rows, one token), `vec_dot4` (one row, four tokens) and `tile2x4` (two rows,
+//! four tokens) at both levels: each weight block unpacked once for the tokens, each pair
+//! summed in its one-pair order. The K-quants have their `gemm` / `tiled` forms.
 //!
 //! Safety model: see `neon.rs`. [`plug`] runs only for a level in [`detected`], and registers
 //! the dotprod entry points only at `Level::Dotprod` and above.
@@ -20,7 +21,7 @@
 mod kquant;
 mod neon;
 
-use super::{KernelTable, Level, QuantizeRowFn, VecDotFn};
+use super::{KernelTable, Level, QuantizeRowFn, Rows4Fn, Tile2x4Fn, VecDot4Fn, VecDotFn};
 use crate::quant::GgmlType;
 
 /// The aarch64 levels this CPU supports, lowest first.
@@ -51,6 +52,42 @@ struct Set {
     q5_k: [VecDotFn; 2],
     /// vec_dot, tiled.
     q6_k: [VecDotFn; 2],
+    /// rows4, vec_dot4 and tile2x4 of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+    shapes: [(Rows4Fn, VecDot4Fn, Tile2x4Fn); 5],
+}
+
+/// The `rows4`, `vec_dot4`, `tile2x4` of the five 32-block formats, in `Set::names` order,
+/// from the `neon` or `sdot` forms of `neon.rs`'s `shapes!`.
+macro_rules! shapes {
+    ($isa:ident) => {
+        [
+            (
+                neon::q8_0_q8_0_n::$isa::rows4,
+                neon::q8_0_q8_0_n::$isa::vec_dot4,
+                neon::q8_0_q8_0_n::$isa::tile2x4,
+            ),
+            (
+                neon::q4_0_q8_0_n::$isa::rows4,
+                neon::q4_0_q8_0_n::$isa::vec_dot4,
+                neon::q4_0_q8_0_n::$isa::tile2x4,
+            ),
+            (
+                neon::q4_1_q8_1_n::$isa::rows4,
+                neon::q4_1_q8_1_n::$isa::vec_dot4,
+                neon::q4_1_q8_1_n::$isa::tile2x4,
+            ),
+            (
+                neon::q5_0_q8_0_n::$isa::rows4,
+                neon::q5_0_q8_0_n::$isa::vec_dot4,
+                neon::q5_0_q8_0_n::$isa::tile2x4,
+            ),
+            (
+                neon::q5_1_q8_1_n::$isa::rows4,
+                neon::q5_1_q8_1_n::$isa::vec_dot4,
+                neon::q5_1_q8_1_n::$isa::tile2x4,
+            ),
+        ]
+    };
 }
 
 macro_rules! names {
@@ -83,6 +120,7 @@ const NEON: Set = Set {
     ],
     q5_k: [kquant::q5_k_q8_k, kquant::q5_k_q8_k_tiled],
     q6_k: [kquant::q6_k_q8_k, kquant::q6_k_q8_k_tiled],
+    shapes: shapes!(neon),
 };
 
 /// Only ever registered after `detected()` reported `Level::Dotprod` (the entry points are
@@ -102,6 +140,7 @@ const DOTPROD: Set = Set {
     ],
     q5_k: [kquant::q5_k_q8_k_sdot, kquant::q5_k_q8_k_tiled_sdot],
     q6_k: [kquant::q6_k_q8_k_sdot, kquant::q6_k_q8_k_tiled_sdot],
+    shapes: shapes!(sdot),
 };
 
 fn register(t: &mut KernelTable, s: &Set) {
@@ -110,16 +149,22 @@ fn register(t: &mut KernelTable, s: &Set) {
     // The activation quantizers use no dotprod instruction: the NEON ones at every level.
     let q8_0 = neon::quantize_row_q8_0 as QuantizeRowFn;
     let q8_1 = neon::quantize_row_q8_1 as QuantizeRowFn;
-    for (ty, name, dot, act) in [
+    for ((ty, name, dot, act), (r4, d4, t24)) in [
         (Q8_0, n[0], s.q8_0, q8_0),
         (Q4_0, n[1], s.q4_0, q8_0),
         (Q4_1, n[2], s.q4_1, q8_1),
         (Q5_0, n[3], s.q5_0, q8_0),
         (Q5_1, n[4], s.q5_1, q8_1),
-    ] {
+    ]
+    .into_iter()
+    .zip(s.shapes)
+    {
         t.plug(ty, l, name, |e| {
             e.vec_dot = dot;
             e.quantize_act = act;
+            e.rows4 = Some(r4);
+            e.vec_dot4 = Some(d4);
+            e.tile2x4 = Some(t24);
         });
     }
     // Q8_K activations: the format's own quantizer, which is the x86 one (see dot.rs).

@@ -186,81 +186,236 @@ unsafe fn lanes<I: Isa>(x: (int8x16_t, int8x16_t), y: &[i8; 32]) -> (int32x4_t, 
 
 // ---- dots ----------------------------------------------------------------------------------
 
+// One row and one token: the multi-row bodies below with R = N = 1.
+
 #[inline(always)]
 unsafe fn q8_0_q8_0_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = Acc8::zero();
-    for (x, y) in blocks::<BlockQ8_0>(w).iter().zip(blocks::<BlockQ8_0>(a)) {
-        let qx = (ld_i8(x.qs.as_ptr()), ld_i8(x.qs.as_ptr().add(16)));
-        let (lo, hi) = lanes::<I>(qx, &y.qs);
-        acc.fma(fp16(x.d) * fp16(y.d), lo, hi);
-    }
-    acc.hsum()
+    q8_0_rn::<I, 1, 1>([w], [a])[0][0]
 }
 
 /// Q4_0 in the repacked order (see `dot::q4_0_q8_0`): one exact integer per block (the f32
 /// sum of the portable lanes is exact too: |sum| <= 2^15), fma'd into a scalar.
 #[inline(always)]
 unsafe fn q4_0_q8_0_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = 0.0f32;
+    q4_0_rn::<I, 1, 1>([w], [a])[0][0]
+}
+
+#[inline(always)]
+unsafe fn q4_1_q8_1_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
+    q4_1_rn::<I, 1, 1>([w], [a])[0][0]
+}
+
+#[inline(always)]
+unsafe fn q5_0_q8_0_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
+    q5_0_rn::<I, 1, 1>([w], [a])[0][0]
+}
+
+#[inline(always)]
+unsafe fn q5_1_q8_1_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
+    q5_1_rn::<I, 1, 1>([w], [a])[0][0]
+}
+
+// ---- several rows and tokens at once ---------------------------------------------------------
+//
+// `rows4` (four rows, one token: four independent chains in a decode step), `vec_dot4` (one
+// row, four tokens: each weight block unpacked once for four tokens) and `tile2x4` (two rows
+// by four tokens) of the bodies above: each (row, token) pair goes through the one-pair
+// operations in the one-pair order, so the bits are those of the `vec_dot` entries.
+
+/// R weight rows of blocks `W` against N activation rows of blocks `A` (the first `nb` of
+/// each, `nb` from the first weight row).
+#[inline(always)]
+fn rows_of<'a, W: bytemuck::Pod, A: bytemuck::Pod, const R: usize, const N: usize>(
+    w: [&'a [u8]; R],
+    a: [&'a [u8]; N],
+) -> ([&'a [W]; R], [&'a [A]; N], usize) {
+    let nb = blocks::<W>(w[0]).len();
+    (
+        std::array::from_fn(|r| &blocks::<W>(w[r])[..nb]),
+        std::array::from_fn(|t| &blocks::<A>(a[t])[..nb]),
+        nb,
+    )
+}
+
+#[inline(always)]
+unsafe fn q8_0_rn<I: Isa, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, nb) = rows_of::<BlockQ8_0, BlockQ8_0, R, N>(w, a);
+    let mut acc = [[Acc8::zero(); N]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let qx = (ld_i8(xb.qs.as_ptr()), ld_i8(xb.qs.as_ptr().add(16)));
+            let dx = fp16(xb.d);
+            for t in 0..N {
+                let (lo, hi) = lanes::<I>(qx, &y[t][b].qs);
+                acc[r][t].fma(dx * fp16(y[t][b].d), lo, hi);
+            }
+        }
+    }
+    acc.map(|a| a.map(Acc8::hsum))
+}
+
+#[inline(always)]
+unsafe fn q4_0_rn<I: Isa, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, nb) = rows_of::<BlockQ4_0, BlockQ8_0, R, N>(w, a);
+    let mut acc = [[0.0f32; N]; R];
     let off = vdupq_n_s8(8);
-    for (x, y) in blocks::<BlockQ4_0>(w).iter().zip(blocks::<BlockQ8_0>(a)) {
-        let (n0, n1) = nibbles(&x.qs);
-        let qx = (vsubq_s8(s8(n0), off), vsubq_s8(s8(n1), off));
-        let (lo, hi) = lanes::<I>(qx, &y.qs);
-        let isum = vaddvq_s32(vaddq_s32(lo, hi)) as f32;
-        acc = isum.mul_add(fp16(x.d) * fp16(y.d), acc);
+    for b in 0..nb {
+        for r in 0..R {
+            let (n0, n1) = nibbles(&x[r][b].qs);
+            let qx = (vsubq_s8(s8(n0), off), vsubq_s8(s8(n1), off));
+            let dx = fp16(x[r][b].d);
+            for t in 0..N {
+                let (lo, hi) = lanes::<I>(qx, &y[t][b].qs);
+                let isum = vaddvq_s32(vaddq_s32(lo, hi)) as f32;
+                acc[r][t] = isum.mul_add(dx * fp16(y[t][b].d), acc[r][t]);
+            }
+        }
     }
     acc
 }
 
 #[inline(always)]
-unsafe fn q4_1_q8_1_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = Acc8::zero();
-    let mut summs = 0.0f32;
-    for (x, y) in blocks::<BlockQ4_1>(w).iter().zip(blocks::<BlockQ8_1>(a)) {
-        summs += fp16(x.m) * fp16(y.s);
-        let (n0, n1) = nibbles(&x.qs);
-        let (lo, hi) = lanes::<I>((s8(n0), s8(n1)), &y.qs);
-        acc.fma(fp16(x.d) * fp16(y.d), lo, hi);
+unsafe fn q4_1_rn<I: Isa, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, nb) = rows_of::<BlockQ4_1, BlockQ8_1, R, N>(w, a);
+    let mut acc = [[Acc8::zero(); N]; R];
+    let mut summs = [[0.0f32; N]; R];
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let (n0, n1) = nibbles(&xb.qs);
+            let (dx, mx) = (fp16(xb.d), fp16(xb.m));
+            for t in 0..N {
+                let yb = &y[t][b];
+                summs[r][t] += mx * fp16(yb.s);
+                let (lo, hi) = lanes::<I>((s8(n0), s8(n1)), &yb.qs);
+                acc[r][t].fma(dx * fp16(yb.d), lo, hi);
+            }
+        }
     }
-    acc.hsum() + summs
+    std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t].hsum() + summs[r][t]))
 }
 
 #[inline(always)]
-unsafe fn q5_0_q8_0_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = Acc8::zero();
+unsafe fn q5_0_rn<I: Isa, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, nb) = rows_of::<BlockQ5_0, BlockQ8_0, R, N>(w, a);
+    let mut acc = [[Acc8::zero(); N]; R];
     let f0 = vdupq_n_u8(0xF0);
-    for (x, y) in blocks::<BlockQ5_0>(w).iter().zip(blocks::<BlockQ8_0>(a)) {
-        let (n0, n1) = nibbles(&x.qs);
-        let (b0, b1) = bits32(x.qh);
-        // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
-        let qx = (
-            s8(vorrq_u8(n0, vbicq_u8(f0, b0))),
-            s8(vorrq_u8(n1, vbicq_u8(f0, b1))),
-        );
-        let (lo, hi) = lanes::<I>(qx, &y.qs);
-        acc.fma(fp16(x.d) * fp16(y.d), lo, hi);
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let (n0, n1) = nibbles(&xb.qs);
+            let (b0, b1) = bits32(xb.qh);
+            let qx = (
+                s8(vorrq_u8(n0, vbicq_u8(f0, b0))),
+                s8(vorrq_u8(n1, vbicq_u8(f0, b1))),
+            );
+            let dx = fp16(xb.d);
+            for t in 0..N {
+                let (lo, hi) = lanes::<I>(qx, &y[t][b].qs);
+                acc[r][t].fma(dx * fp16(y[t][b].d), lo, hi);
+            }
+        }
     }
-    acc.hsum()
+    acc.map(|a| a.map(Acc8::hsum))
 }
 
 #[inline(always)]
-unsafe fn q5_1_q8_1_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    let mut acc = Acc8::zero();
-    let mut summs = 0.0f32;
+unsafe fn q5_1_rn<I: Isa, const R: usize, const N: usize>(
+    w: [&[u8]; R],
+    a: [&[u8]; N],
+) -> [[f32; N]; R] {
+    let (x, y, nb) = rows_of::<BlockQ5_1, BlockQ8_1, R, N>(w, a);
+    let mut acc = [[Acc8::zero(); N]; R];
+    let mut summs = [[0.0f32; N]; R];
     let b5 = vdupq_n_u8(0x10);
-    for (x, y) in blocks::<BlockQ5_1>(w).iter().zip(blocks::<BlockQ8_1>(a)) {
-        summs += fp16(x.m) * fp16(y.s);
-        let (n0, n1) = nibbles(&x.qs);
-        let (b0, b1) = bits32(x.qh);
-        let qx = (
-            s8(vorrq_u8(n0, vandq_u8(b0, b5))),
-            s8(vorrq_u8(n1, vandq_u8(b1, b5))),
-        );
-        let (lo, hi) = lanes::<I>(qx, &y.qs);
-        acc.fma(fp16(x.d) * fp16(y.d), lo, hi);
+    for b in 0..nb {
+        for r in 0..R {
+            let xb = &x[r][b];
+            let (n0, n1) = nibbles(&xb.qs);
+            let (b0, b1) = bits32(xb.qh);
+            let qx = (
+                s8(vorrq_u8(n0, vandq_u8(b0, b5))),
+                s8(vorrq_u8(n1, vandq_u8(b1, b5))),
+            );
+            let (dx, mx) = (fp16(xb.d), fp16(xb.m));
+            for t in 0..N {
+                let yb = &y[t][b];
+                summs[r][t] += mx * fp16(yb.s);
+                let (lo, hi) = lanes::<I>(qx, &yb.qs);
+                acc[r][t].fma(dx * fp16(yb.d), lo, hi);
+            }
+        }
     }
-    acc.hsum() + summs
+    std::array::from_fn(|r| std::array::from_fn(|t| acc[r][t].hsum() + summs[r][t]))
+}
+
+/// The `rows4`, `vec_dot4` and `tile2x4` entries of one multi-row body, for NEON and for
+/// the dot product extension (registered only at `Level::Dotprod` and above).
+macro_rules! shapes {
+    ($($m:ident => $body:ident;)*) => {$(
+        pub(super) mod $m {
+            use super::*;
+            /// NEON (`Neon`) or dotprod (`Sdot`) forms, `$body::<I, R, N>`.
+            macro_rules! forms {
+                ($isa:ty, $feat:tt) => {
+                    pub fn rows4(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
+                        forms!(@call $feat, [&[u8]; 4], &[u8], [f32; 4], w, a,
+                            $body::<$isa, 4, 1>(w, [a]).map(|r| r[0]))
+                    }
+                    pub fn vec_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
+                        forms!(@call $feat, &[u8], [&[u8]; 4], [f32; 4], w, a,
+                            $body::<$isa, 1, 4>([w], a)[0])
+                    }
+                    pub fn tile2x4(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4]; 2] {
+                        forms!(@call $feat, [&[u8]; 2], [&[u8]; 4], [[f32; 4]; 2], w, a,
+                            $body::<$isa, 2, 4>(w, a))
+                    }
+                };
+                (@call neon, $w:ty, $a:ty, $o:ty, $wn:ident, $an:ident, $e:expr) => {
+                    // SAFETY: NEON is part of the aarch64 baseline.
+                    unsafe { $e }
+                };
+                (@call dotprod, $w:ty, $a:ty, $o:ty, $wn:ident, $an:ident, $e:expr) => {{
+                    #[target_feature(enable = "dotprod")]
+                    unsafe fn imp($wn: $w, $an: $a) -> $o {
+                        $e
+                    }
+                    // SAFETY: only registered by `aarch64::plug` at `Level::Dotprod` and
+                    // above, which `detected()` reports only when the CPU has the extension.
+                    unsafe { imp($wn, $an) }
+                }};
+            }
+            pub mod neon {
+                use super::*;
+                forms!($crate::kernels::aarch64::neon::Neon, neon);
+            }
+            pub mod sdot {
+                use super::*;
+                forms!($crate::kernels::aarch64::neon::Sdot, dotprod);
+            }
+        }
+    )*};
+}
+
+shapes! {
+    q8_0_q8_0_n => q8_0_rn;
+    q4_0_q8_0_n => q4_0_rn;
+    q4_1_q8_1_n => q4_1_rn;
+    q5_0_q8_0_n => q5_0_rn;
+    q5_1_q8_1_n => q5_1_rn;
 }
 
 // ---- Q4_0 over eight rows: transposed blocks and `sdot` by element -------------------------
@@ -304,9 +459,7 @@ unsafe fn transpose4(a: [int8x16_t; 4]) -> [int8x16_t; 4] {
 /// lanes, with no horizontal sum. Dot product extension.
 #[inline(always)]
 unsafe fn q4_0_t8<const N: usize>(w: [&[u8]; 8], a: [&[u8]; N]) -> [[f32; N]; 8] {
-    let nb = blocks::<BlockQ4_0>(w[0]).len();
-    let x: [&[BlockQ4_0]; 8] = std::array::from_fn(|r| &blocks::<BlockQ4_0>(w[r])[..nb]);
-    let y: [&[BlockQ8_0]; N] = std::array::from_fn(|t| &blocks::<BlockQ8_0>(a[t])[..nb]);
+    let (x, y, nb) = rows_of::<BlockQ4_0, BlockQ8_0, 8, N>(w, a);
     let mut acc = [[vdupq_n_f32(0.0); N]; 2];
     let (m, off) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
     for b in 0..nb {
