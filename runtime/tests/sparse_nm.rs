@@ -8,8 +8,8 @@
 use proptest::prelude::*;
 use sparrow::kernels::Level;
 use sparrow::sparse::nm::{
-    block_scales, decode_row, encode_row, encode_row_with_mask, generic_dot, kept_positions,
-    NmActs, NmFormat, NmKernel, NmValues,
+    add_to_row, block_scales, decode_row, encode_row, encode_row_with_mask, generic_dot,
+    kept_positions, NmActs, NmFormat, NmKernel, NmValues,
 };
 
 /// xorshift, so failures replay.
@@ -263,6 +263,80 @@ fn explicit_mask_is_kept_exactly() {
         let mut got = vec![false; k];
         kept_positions(&f, &row, &mut got).unwrap();
         assert_eq!(got, keep, "{f:?}");
+    }
+}
+
+/// The block-by-block edit writes what decoding the row, adding the deltas at the kept
+/// positions and encoding it again with the same mask writes; it counts the deltas on pruned
+/// positions, reports the same residual (exact sum - stored, in column order), and on a sum
+/// that is not finite errs with the row unchanged. Deltas are sparse, so that some blocks
+/// are untouched and keep their bytes.
+#[test]
+fn block_edit_matches_a_whole_row_re_encode() {
+    let mut rng = Rng(4242);
+    for f in formats() {
+        let k = 3 * f.block_span();
+        let row0 = encoded(&f, &rng.row(k));
+        for density in [0.0, 0.02, 0.3, 1.0] {
+            let delta: Vec<f32> = (0..k)
+                .map(|_| {
+                    let hit = (rng.next() % 1000) as f64 / 1000.0 < density;
+                    if hit {
+                        0.05 * rng.unit()
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            // The whole-row way.
+            let (mut w, mut keep) = (vec![0f32; k], vec![false; k]);
+            decode_row(&f, &row0, &mut w).unwrap();
+            kept_positions(&f, &row0, &mut keep).unwrap();
+            let exact: Vec<f32> = w.iter().zip(&delta).map(|(a, b)| a + b).collect();
+            let mut dropped = 0;
+            for c in 0..k {
+                if delta[c] != 0.0 {
+                    if keep[c] {
+                        w[c] += delta[c];
+                    } else {
+                        dropped += 1;
+                    }
+                }
+            }
+            let mut want = vec![0u8; row0.len()];
+            encode_row_with_mask(&f, &w, &keep, &mut want).unwrap();
+            let mut stored = vec![0f32; k];
+            decode_row(&f, &want, &mut stored).unwrap();
+            let want_res: Vec<(u32, f32)> = (0..k)
+                .filter(|&c| exact[c] != stored[c])
+                .map(|c| (c as u32, exact[c] - stored[c]))
+                .collect();
+            // The block edit.
+            let mut row = row0.clone();
+            let mut res = Vec::new();
+            let got = add_to_row(&f, &mut row, &delta, Some(&mut res)).unwrap();
+            assert_eq!(got, dropped, "{f:?} density {density}: dropped");
+            assert_eq!(row, want, "{f:?} density {density}: bytes");
+            assert_eq!(res, want_res, "{f:?} density {density}: residual");
+            if density == 0.0 {
+                assert_eq!(row, row0, "{f:?}: no delta, same bytes");
+            }
+        }
+        // A sum that is not finite: an error, the row unchanged.
+        let mut row = row0.clone();
+        let mut delta = vec![0f32; k];
+        delta[k - 1] = f32::INFINITY;
+        delta[0] = 1.0;
+        let mut keep = vec![false; k];
+        kept_positions(&f, &row0, &mut keep).unwrap();
+        if keep[k - 1] {
+            let e = add_to_row(&f, &mut row, &delta, None).unwrap_err();
+            assert!(e.to_string().contains("not finite"), "{e}");
+            assert_eq!(row, row0, "{f:?}: unchanged after an error");
+        }
+        // A delta of the wrong length.
+        assert!(add_to_row(&f, &mut row, &delta[1..], None).is_err());
+        assert_eq!(row, row0);
     }
 }
 

@@ -96,9 +96,14 @@ pub fn add_to_row(
             delta.len()
         )));
     }
+    let (g, values, sg) = match m.encoding {
+        // Block by block, only the blocks that a delta reaches.
+        Encoding::Nm(f) => return nm::add_to_row(&f, row, delta, residual),
+        Encoding::Group(f) => (f.g, f.values, f.scale_groups),
+    };
     s.w.resize(cols, 0.0);
     s.keep.resize(cols, false);
-    decode_row(m, row, &mut s.w, &mut s.keep)?;
+    group_decode_row(g, values, sg, row, &mut s.w, &mut s.keep)?;
     let mut dropped = 0;
     if residual.is_some() {
         // The exact sums, for the residual.
@@ -121,13 +126,10 @@ pub fn add_to_row(
     }
     // Encode into a copy: an encoder error must leave the row as it was.
     let mut out = row.to_vec();
-    match m.encoding {
-        Encoding::Nm(f) => nm::encode_row_with_mask(&f, &s.w, &s.keep, &mut out)?,
-        Encoding::Group(f) => group_encode_row(f.g, f.values, f.scale_groups, &mut out, &s.w)?,
-    }
+    group_encode_row(g, values, sg, &mut out, &s.w)?;
     row.copy_from_slice(&out);
     if let Some(res) = residual {
-        decode_row(m, row, &mut s.w, &mut s.keep)?;
+        group_decode_row(g, values, sg, row, &mut s.w, &mut s.keep)?;
         for (c, (&want, &got)) in s.after.iter().zip(&s.w).enumerate() {
             if want != got {
                 res.push((c as u32, want - got));

@@ -395,6 +395,16 @@ fn quantize_block(f: &NmFormat, vals: &[f32], blk: &mut [u8]) -> Result<[u8; 2]>
 
 /// Checks the row length and the indices of every block; returns the number of blocks.
 fn check_row(f: &NmFormat, row: &[u8], k: usize) -> Result<usize> {
+    check_len(f, row, k)?;
+    let (_, sums, bodies) = split_row(f, row);
+    for ((b, blk), sh) in bodies.enumerate().zip(sums.chunks_exact(2)) {
+        check_block(f, b, blk, [sh[0], sh[1]])?;
+    }
+    Ok(k / f.block_span())
+}
+
+/// Checks that a row of `k` inputs is `row.len()` bytes.
+fn check_len(f: &NmFormat, row: &[u8], k: usize) -> Result<()> {
     let need = f.row_bytes(k)?;
     if row.len() != need {
         return Err(invalid(format!(
@@ -402,29 +412,32 @@ fn check_row(f: &NmFormat, row: &[u8], k: usize) -> Result<usize> {
             row.len()
         )));
     }
-    let (_, sums, bodies) = split_row(f, row);
-    for ((b, blk), sh) in bodies.enumerate().zip(sums.chunks_exact(2)) {
-        let (stored, sum) = (i16::from_le_bytes([sh[0], sh[1]]), block_sum(f, blk));
-        if stored != sum {
-            return Err(invalid(format!(
-                "N:M row: block {b}: stored value sum {stored}, the values sum to {sum}"
-            )));
-        }
-        for t in 0..f.groups_per_block() {
-            let mut prev: Option<usize> = None;
-            for r in 0..f.n {
-                let idx = index_of(f, blk, t * f.n + r);
-                if idx >= f.m || prev.is_some_and(|p| idx <= p) {
-                    return Err(invalid(format!(
-                        "N:M row: block {b} group {t}: index {idx} is out of order or >= {}",
-                        f.m
-                    )));
-                }
-                prev = Some(idx);
+    Ok(())
+}
+
+/// Checks block `b` of a row (its body and stored value sum): the sum matches the values,
+/// and the indices of every group are increasing and below M.
+fn check_block(f: &NmFormat, b: usize, blk: &[u8], sum: [u8; 2]) -> Result<()> {
+    let (stored, sum) = (i16::from_le_bytes(sum), block_sum(f, blk));
+    if stored != sum {
+        return Err(invalid(format!(
+            "N:M row: block {b}: stored value sum {stored}, the values sum to {sum}"
+        )));
+    }
+    for t in 0..f.groups_per_block() {
+        let mut prev: Option<usize> = None;
+        for r in 0..f.n {
+            let idx = index_of(f, blk, t * f.n + r);
+            if idx >= f.m || prev.is_some_and(|p| idx <= p) {
+                return Err(invalid(format!(
+                    "N:M row: block {b} group {t}: index {idx} is out of order or >= {}",
+                    f.m
+                )));
             }
+            prev = Some(idx);
         }
     }
-    Ok(k / f.block_span())
+    Ok(())
 }
 
 /// Decodes a row of `out.len()` inputs to f32 (pruned positions are 0).
@@ -442,6 +455,78 @@ pub fn decode_row(f: &NmFormat, row: &[u8], out: &mut [f32]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Adds `delta` (one value per input of the row) to the kept values of the encoded row `row`
+/// in place, block by block: a block whose span holds no nonzero delta keeps its bytes, the
+/// others are decoded, summed at their kept positions and quantized again with the same
+/// positions (decoding and quantizing a block gives back its bytes, so this is what
+/// re-encoding the whole row would write). Nonzero deltas on pruned positions are dropped
+/// and counted (the return value). With `residual`, pushes `(column, exact - stored)` for
+/// every column whose stored value is not the exact sum, in column order.
+///
+/// On an error (a row of the wrong length, an edited block that does not decode, a sum that
+/// is not finite, a scale that overflows f16) `row` is unchanged. Blocks no delta reaches are
+/// neither decoded nor checked.
+pub fn add_to_row(
+    f: &NmFormat,
+    row: &mut [u8],
+    delta: &[f32],
+    mut residual: Option<&mut Vec<(u32, f32)>>,
+) -> Result<usize> {
+    check_len(f, row, delta.len())?;
+    let (s, bv, bb) = (f.block_span(), f.block_values(), f.body_bytes());
+    let nb = delta.len() / s;
+    // Edit a copy: an error must leave the row as it was.
+    let mut out = row.to_vec();
+    let (head, bodies) = out.split_at_mut(4 * nb);
+    let (scales, sums) = head.split_at_mut(2 * nb);
+    let (mut pos, mut vals, mut exact) = (vec![0usize; bv], vec![0f32; bv], vec![0f32; s]);
+    let mut dropped = 0;
+    for b in 0..nb {
+        let ds = &delta[b * s..(b + 1) * s];
+        if ds.iter().all(|&d| d == 0.0) {
+            continue;
+        }
+        let blk = &mut bodies[b * bb..(b + 1) * bb];
+        // Only the blocks edited are decoded, so only they are checked.
+        check_block(f, b, blk, [sums[2 * b], sums[2 * b + 1]])?;
+        let d = f16_to_f32([scales[2 * b], scales[2 * b + 1]]);
+        exact.copy_from_slice(ds);
+        for j in 0..bv {
+            pos[j] = (j / f.n) * f.m + index_of(f, blk, j);
+            let v = d * value_of(f, blk, j) as f32;
+            exact[pos[j]] += v;
+            vals[j] = v + ds[pos[j]];
+        }
+        // Nonzero deltas off the kept positions (the indices are distinct within a group).
+        let kept_nonzero = pos.iter().filter(|&&p| ds[p] != 0.0).count();
+        dropped += ds.iter().filter(|&&d| d != 0.0).count() - kept_nonzero;
+        if let Some(j) = vals.iter().position(|v| !v.is_finite()) {
+            return Err(invalid(format!(
+                "sparse row edit: the sum at column {} is not finite",
+                b * s + pos[j]
+            )));
+        }
+        blk[f.values_offset()..].fill(0);
+        let dh = quantize_block(f, &vals, blk)?;
+        scales[2 * b..2 * b + 2].copy_from_slice(&dh);
+        sums[2 * b..2 * b + 2].copy_from_slice(&block_sum(f, blk).to_le_bytes());
+        if let Some(res) = residual.as_deref_mut() {
+            let dq = f16_to_f32(dh);
+            let mut got = vec![0f32; s];
+            for (j, &p) in pos.iter().enumerate() {
+                got[p] = dq * value_of(f, blk, j) as f32;
+            }
+            for (c, (&want, &got)) in exact.iter().zip(&got).enumerate() {
+                if want != got {
+                    res.push(((b * s + c) as u32, want - got));
+                }
+            }
+        }
+    }
+    row.copy_from_slice(&out);
+    Ok(dropped)
 }
 
 /// The kept positions of a row of `out.len()` inputs.
