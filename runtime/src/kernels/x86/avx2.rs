@@ -206,6 +206,139 @@ unsafe fn signed_step<const VNNI: bool>(
     }
 }
 
+/// A weight block whose 32 values are signed bytes for [`signed_step`]: Q8_0 and Q5_0.
+trait SignedBlock: bytemuck::Pod {
+    /// The 32 weights x as i8 (AVX2), or biased as u8 x + 128 (VNNI).
+    unsafe fn qx<const VNNI: bool>(&self) -> __m256i;
+    /// The block's f16 scale.
+    fn d(&self) -> [u8; 2];
+}
+
+impl SignedBlock for BlockQ8_0 {
+    #[inline(always)]
+    unsafe fn qx<const VNNI: bool>(&self) -> __m256i {
+        let q = _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i);
+        if VNNI {
+            _mm256_xor_si256(q, _mm256_set1_epi8(0x80u8 as i8))
+        } else {
+            q
+        }
+    }
+
+    fn d(&self) -> [u8; 2] {
+        self.d
+    }
+}
+
+impl SignedBlock for BlockQ5_0 {
+    #[inline(always)]
+    unsafe fn qx<const VNNI: bool>(&self) -> __m256i {
+        if VNNI {
+            // x + 128 = nibble + 16 bit + 112: nibble | 0x80 where the fifth bit is set,
+            // nibble | 0x70 where it is clear (one mask blend from the 32 bits of qh).
+            let k: __mmask32 = u32::from_le_bytes(self.qh);
+            let base =
+                _mm256_mask_blend_epi8(k, _mm256_set1_epi8(0x70), _mm256_set1_epi8(0x80u8 as i8));
+            _mm256_or_si256(bytes_from_nibbles_32(self.qs.as_ptr()), base)
+        } else {
+            // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
+            let hi =
+                _mm256_andnot_si256(bytes_from_bits_32(self.qh), _mm256_set1_epi8(0xF0u8 as i8));
+            _mm256_or_si256(bytes_from_nibbles_32(self.qs.as_ptr()), hi)
+        }
+    }
+
+    fn d(&self) -> [u8; 2] {
+        self.d
+    }
+}
+
+/// Signed-weight blocks (Q8_0, Q5_0) for four rows by four tokens, each pair in
+/// [`signed_step`]'s operations and order (so the bits of `vec_dot`): the four rows' scales
+/// converted together and multiplied by a token's scale in one 4-lane product, each pair's
+/// scale picked from it with one permute; a token's activation loads shared by the four rows
+/// and a row's unpacked weights by the four tokens (twice the rows of `tile2x4`).
+#[inline(always)]
+unsafe fn signed_t4x4<const VNNI: bool, W: SignedBlock>(
+    w: [&[u8]; 4],
+    a: [&[u8]; 4],
+) -> [[f32; 4]; 4] {
+    let per = q8_0_ext::<VNNI>();
+    let (x, y, ext, nb) = rows::<W, BlockQ8_0, 4, 4>(w, a, per);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    let lane: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |r| _mm256_set1_epi32(r as i32));
+    for b in 0..nb {
+        let qx: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |r| x[r][b].qx::<VNNI>());
+        let h = |r: usize| u16::from_le_bytes(x[r][b].d()) as u64;
+        let dx = _mm_cvtph_ps(_mm_cvtsi64_si128(
+            (h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48) as i64,
+        ));
+        for t in 0..4 {
+            let e = ext[t].as_ptr().add(per * b);
+            let yv = loady(&y[t][b].qs);
+            let d4 = _mm256_castps128_ps256(_mm_mul_ps(
+                dx,
+                _mm_set1_ps((e as *const f32).read_unaligned()),
+            ));
+            let corr = if VNNI {
+                _mm256_loadu_si256(e.add(4) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            for r in 0..4 {
+                let p = if VNNI {
+                    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(corr, qx[r], yv))
+                } else {
+                    let sy = _mm256_sign_epi8(yv, qx[r]);
+                    _mm256_cvtepi32_ps(dot_us8::<false>(_mm256_sign_epi8(qx[r], qx[r]), sy))
+                };
+                let d = _mm256_permutevar8x32_ps(d4, lane[r]);
+                acc[r][t] = _mm256_fmadd_ps(d, p, acc[r][t]);
+            }
+        }
+    }
+    build!(4, [0.0; 4], |r| build!(4, 0.0, |t| hsum_float_8(acc[r][t])))
+}
+
+/// [`signed_t4x4`] over eight rows (two groups of four): the `tile8x4` of Q8_0 and Q5_0.
+#[inline(always)]
+unsafe fn signed_t8x4<const VNNI: bool, W: SignedBlock>(
+    w: [&[u8]; 8],
+    a: [&[u8]; 4],
+) -> [[f32; 4]; 8] {
+    let lo = signed_t4x4::<VNNI, W>([w[0], w[1], w[2], w[3]], a);
+    let hi = signed_t4x4::<VNNI, W>([w[4], w[5], w[6], w[7]], a);
+    build!(8, [0.0; 4], |r| if r < 4 { lo[r] } else { hi[r - 4] })
+}
+
+macro_rules! tile8x4 {
+    ($name:ident, $block:ty, $vnni:expr, $features:literal) => {
+        pub(super) fn $name(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+            #[target_feature(enable = $features)]
+            unsafe fn imp(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
+                signed_t8x4::<{ $vnni }, $block>(w, a)
+            }
+            // SAFETY: only registered by `x86::plug` after the CPU features were detected.
+            unsafe { imp(w, a) }
+        }
+    };
+}
+
+tile8x4!(q8_0_q8_0_tile8x4, BlockQ8_0, false, "avx2,fma,f16c");
+tile8x4!(
+    q8_0_q8_0_tile8x4_vnni,
+    BlockQ8_0,
+    true,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
+tile8x4!(q5_0_q8_0_tile8x4, BlockQ5_0, false, "avx2,fma,f16c");
+tile8x4!(
+    q5_0_q8_0_tile8x4_vnni,
+    BlockQ5_0,
+    true,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
+
 /// Bytes of extra activation data per Q8_0 block: d, and with VNNI the lane corrections.
 const fn q8_0_ext<const VNNI: bool>() -> usize {
     if VNNI {
@@ -227,10 +360,7 @@ unsafe fn q8_0_body<const VNNI: bool, const R: usize, const N: usize>(
         for r in 0..R {
             let xb = &x[r][b];
             let dx = fp16x2(xb.d.as_ptr());
-            let mut qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            if VNNI {
-                qx = _mm256_xor_si256(qx, _mm256_set1_epi8(0x80u8 as i8));
-            }
+            let qx = xb.qx::<VNNI>();
             for t in 0..N {
                 let e = ext[t].as_ptr().add(per * b);
                 acc[r][t] = signed_step::<VNNI>(qx, dx, &y[t][b].qs, e, acc[r][t]);
@@ -628,22 +758,7 @@ unsafe fn q5_0_body<const VNNI: bool, const R: usize, const N: usize>(
         for r in 0..R {
             let xb = &x[r][b];
             let dx = fp16x2(xb.d.as_ptr());
-            let qx = if VNNI {
-                // x + 128 = nibble + 16 bit + 112: nibble | 0x80 where the fifth bit is set,
-                // nibble | 0x70 where it is clear (one mask blend from the 32 bits of qh).
-                let k: __mmask32 = u32::from_le_bytes(xb.qh);
-                let base = _mm256_mask_blend_epi8(
-                    k,
-                    _mm256_set1_epi8(0x70),
-                    _mm256_set1_epi8(0x80u8 as i8),
-                );
-                _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), base)
-            } else {
-                // nibble | 0xF0 is nibble - 16 as i8: where the fifth bit is clear, subtract 16.
-                let hi =
-                    _mm256_andnot_si256(bytes_from_bits_32(xb.qh), _mm256_set1_epi8(0xF0u8 as i8));
-                _mm256_or_si256(bytes_from_nibbles_32(xb.qs.as_ptr()), hi)
-            };
+            let qx = xb.qx::<VNNI>();
             for t in 0..N {
                 let e = ext[t].as_ptr().add(per * b);
                 acc[r][t] = signed_step::<VNNI>(qx, dx, &y[t][b].qs, e, acc[r][t]);

@@ -131,6 +131,24 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
     });
     set!(Q4_1, q8_1, q4_1_q8_1, q4_1_q8_1_vnni);
     set!(Q5_0, q8_0_signed, q5_0_q8_0, q5_0_q8_0_vnni);
+    // Signed-weight formats: four rows by four tokens, twice over, for batches.
+    let t8x4: [(GgmlType, [&'static str; 2], [super::Tile8x4Fn; 2]); 2] = [
+        (
+            Q8_0,
+            ["avx2_dot_q8_0_q8_0", "avx512_dot_q8_0_q8_0_vnni"],
+            [avx2::q8_0_q8_0_tile8x4, avx2::q8_0_q8_0_tile8x4_vnni],
+        ),
+        (
+            Q5_0,
+            ["avx2_dot_q5_0_q8_0", "avx512_dot_q5_0_q8_0_vnni"],
+            [avx2::q5_0_q8_0_tile8x4, avx2::q5_0_q8_0_tile8x4_vnni],
+        ),
+    ];
+    for (ty, names, tile) in t8x4 {
+        t.plug(ty, lv, names[vnni as usize], |e| {
+            e.tile8x4 = Some(tile[vnni as usize])
+        });
+    }
     set!(Q5_1, q8_1, q5_1_q8_1, q5_1_q8_1_vnni);
     t.plug(F16, l, "avx2_dot_f16_f16", |e| e.vec_dot = avx2::f16_f16);
     t.plug(Q4_K, l, "avx2_dot_q4_k_q8_k", |e| {
