@@ -479,6 +479,69 @@ fn matmul_scratch_reuses_only_identical_activations() {
     }
 }
 
+/// Products by shared activations in one dispatch give, matrix by matrix, the bits of
+/// separate products; a matrix of the wrong size is an error.
+#[test]
+fn matmul_shared_matches_separate_products() {
+    use sparrow::kernels::{matmul, matmul_shared, MatmulScratch, ThreadPool};
+    let pool = ThreadPool::new(2).unwrap();
+    let cols = 256;
+    let rows = [40usize, 8, 24];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+    ] {
+        let ws: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|&r| quantized(ty, &next(r * cols)))
+            .collect();
+        for n in [1usize, 4, 20] {
+            let x = next(n * cols);
+            let mut outs: Vec<Vec<f32>> = rows.iter().map(|&r| vec![f32::NAN; n * r]).collect();
+            let parts = ws
+                .iter()
+                .zip(&rows)
+                .zip(outs.iter_mut())
+                .map(|((w, &r), o)| (&w[..], r, &mut o[..]))
+                .collect();
+            let mut scratch = MatmulScratch::default();
+            matmul_shared(&pool, &mut scratch, ty, parts, cols, &x, n).unwrap();
+            for ((w, &r), got) in ws.iter().zip(&rows).zip(&outs) {
+                let mut want = vec![0f32; n * r];
+                let mut fresh = MatmulScratch::default();
+                matmul(&pool, &mut fresh, ty, w, r, cols, &x, n, &mut want).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(got), bits(&want), "{ty} n {n} rows {r}");
+            }
+        }
+        // The second matrix one row short of its stated size.
+        let x = next(cols);
+        let mut o = [vec![0f32; rows[0]], vec![0f32; rows[1]]];
+        let [o0, o1] = &mut o;
+        let short = &ws[1][..ws[1].len() - ty.row_bytes(cols as u64).unwrap() as usize];
+        let parts = vec![
+            (&ws[0][..], rows[0], &mut o0[..]),
+            (short, rows[1], &mut o1[..]),
+        ];
+        let mut scratch = MatmulScratch::default();
+        let e = matmul_shared(&pool, &mut scratch, ty, parts, cols, &x, 1).unwrap_err();
+        assert!(e.to_string().contains("matmul shapes"), "{e}");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 

@@ -13,7 +13,7 @@
 //! llama.cpp would use for it ([`super::DotKernel::variant_for`]).
 
 use super::pool::{DisjointOut, ThreadPool};
-use super::{KernelTable, Variant};
+use super::{DotKernel, KernelTable, Variant};
 use crate::quant::GgmlType;
 use crate::{Error, Result};
 
@@ -62,68 +62,81 @@ fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
     per.max(min).min(rows.max(1))
 }
 
-/// `out` ([n, rows], row-major) = `x` ([n, cols]) times the transpose of `w` ([rows, cols] of
-/// type `ty`, raw bytes).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    pool: &ThreadPool,
-    scratch: &mut MatmulScratch,
-    ty: GgmlType,
-    w: &[u8],
+/// One matrix of a product, checked and ready for its tasks: its kernel entry, each token's
+/// kernel variant, and where its results go.
+struct Job<'a> {
+    k: &'static DotKernel,
+    w: &'a [u8],
+    w_row: usize,
     rows: usize,
-    cols: usize,
-    x: &[f32],
-    n: usize,
-    out: &mut [f32],
-) -> Result<()> {
-    let k = KernelTable::get()
-        .dot(ty)
-        .ok_or_else(|| Error::Unsupported(format!("matrix product with {ty} weights")))?;
-    let w_row = ty.row_bytes(cols as u64).ok_or_else(|| {
-        Error::InvalidArgument(format!("{cols} columns are not whole {ty} blocks"))
-    })? as usize;
-    let a_row = k.act_row_bytes(cols).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "{cols} columns are not whole {} blocks (activations for {ty})",
-            k.act_type
-        ))
-    })?;
-    if w.len() != rows * w_row || x.len() < n * cols || out.len() < n * rows {
-        return Err(Error::InvalidArgument(format!(
-            "matmul shapes: weights {} bytes for [{rows}, {cols}] {ty}, x {} for [{n}, {cols}], out {} for [{n}, {rows}]",
-            w.len(),
-            x.len(),
-            out.len()
-        )));
-    }
+    a_row: usize,
+    variants: Vec<Variant>,
+    /// Leading groups of four tokens that go through a four-token kernel.
+    quads: usize,
+    dst: DisjointOut<'a>,
+}
 
-    let key = (ty, n, cols);
-    if !scratch.holds(key, &x[..n * cols]) {
-        quantize_acts(pool, &mut scratch.act, k.quantize_act, x, n, cols, a_row);
-        scratch.held = Some(key);
-    }
-    let act = &scratch.act;
-
-    let per = rows_per_task(rows, n, pool.threads());
-    let n_tasks = rows.div_ceil(per);
-    let dst = DisjointOut::new(out);
-    // llama.cpp runs some formats through other kernels depending on the batch size and the
-    // token's place in it (DotKernel::dot_for); pick each token's kernel once.
-    let variants: Vec<Variant> = (0..n).map(|t| k.variant_for(rows, n, t)).collect();
-    // Leading groups of four tokens that share a variant with a four-token kernel go through
-    // it (tiles / vec_dot4, or the K-quant gemm4 / tiled4), which unpack each weight block
-    // once for the four.
-    let quads = (0..n / 4)
-        .take_while(|g| {
-            let v = variants[4 * g];
-            variants[4 * g..4 * g + 4].iter().all(|u| *u == v) && k.dot4(v).is_some()
+impl<'a> Job<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        ty: GgmlType,
+        w: &'a [u8],
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        n: usize,
+        out: &'a mut [f32],
+    ) -> Result<Job<'a>> {
+        let k = KernelTable::get()
+            .dot(ty)
+            .ok_or_else(|| Error::Unsupported(format!("matrix product with {ty} weights")))?;
+        let w_row = ty.row_bytes(cols as u64).ok_or_else(|| {
+            Error::InvalidArgument(format!("{cols} columns are not whole {ty} blocks"))
+        })? as usize;
+        let a_row = k.act_row_bytes(cols).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{cols} columns are not whole {} blocks (activations for {ty})",
+                k.act_type
+            ))
+        })?;
+        if w.len() != rows * w_row || x.len() < n * cols || out.len() < n * rows {
+            return Err(Error::InvalidArgument(format!(
+                "matmul shapes: weights {} bytes for [{rows}, {cols}] {ty}, x {} for [{n}, {cols}], out {} for [{n}, {rows}]",
+                w.len(),
+                x.len(),
+                out.len()
+            )));
+        }
+        // llama.cpp runs some formats through other kernels depending on the batch size and
+        // the token's place in it (DotKernel::dot_for); pick each token's kernel once.
+        let variants: Vec<Variant> = (0..n).map(|t| k.variant_for(rows, n, t)).collect();
+        // Leading groups of four tokens that share a variant with a four-token kernel go
+        // through it (tiles / vec_dot4, or the K-quant gemm4 / tiled4), which unpack each
+        // weight block once for the four.
+        let quads = (0..n / 4)
+            .take_while(|g| {
+                let v = variants[4 * g];
+                variants[4 * g..4 * g + 4].iter().all(|u| *u == v) && k.dot4(v).is_some()
+            })
+            .count();
+        Ok(Job {
+            k,
+            w,
+            w_row,
+            rows,
+            a_row,
+            variants,
+            quads,
+            dst: DisjointOut::new(out),
         })
-        .count();
-    let act_row = |t: usize| &act[t * a_row..(t + 1) * a_row];
-    let w_row_at = |r: usize| &w[r * w_row..(r + 1) * w_row];
-    pool.run(n_tasks, |task| {
-        let r0 = task * per;
-        let r1 = (r0 + per).min(rows);
+    }
+
+    /// Rows `r0..r1` for every token of the quantized activations `act`.
+    fn run(&self, act: &[u8], r0: usize, r1: usize) {
+        let (k, w, w_row, rows, a_row) = (self.k, self.w, self.w_row, self.rows, self.a_row);
+        let (variants, quads, dst) = (&self.variants, self.quads, &self.dst);
+        let act_row = |t: usize| &act[t * a_row..(t + 1) * a_row];
+        let w_row_at = |r: usize| &w[r * w_row..(r + 1) * w_row];
         // Token groups outside, rows inside: the four activation rows stay in L1 while the
         // task's weight rows (a slice of one matrix, in L2) go past them.
         for g in 0..quads {
@@ -203,8 +216,99 @@ pub fn matmul(
                 unsafe { dst.set(t * rows + r, dot(w_row_at(r), a)) };
             }
         }
+    }
+}
+
+/// `out` ([n, rows], row-major) = `x` ([n, cols]) times the transpose of `w` ([rows, cols] of
+/// type `ty`, raw bytes).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    pool: &ThreadPool,
+    scratch: &mut MatmulScratch,
+    ty: GgmlType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let job = Job::new(ty, w, rows, cols, x, n, out)?;
+    let act = quantized(pool, scratch, &job, x, n, cols);
+    let per = rows_per_task(rows, n, pool.threads());
+    pool.run(rows.div_ceil(per), |task| {
+        let r0 = task * per;
+        job.run(act, r0, (r0 + per).min(rows));
     });
     Ok(())
+}
+
+/// Several products by the same activations and weights of one type (attention's q, k and
+/// v; the MLP's gate and up): `parts[i].2 = x times the transpose of parts[i].0` (raw
+/// bytes of `parts[i].1` rows), as [`matmul`] would give them one by one, with the
+/// activations quantized once and all the matrices' tasks in one dispatch to the pool (a
+/// decode step's products are tens of microseconds each, so every dispatch and its wait
+/// count).
+pub fn matmul_shared(
+    pool: &ThreadPool,
+    scratch: &mut MatmulScratch,
+    ty: GgmlType,
+    parts: Vec<(&[u8], usize, &mut [f32])>,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+) -> Result<()> {
+    let mut jobs = Vec::with_capacity(parts.len());
+    for (w, rows, out) in parts {
+        jobs.push(Job::new(ty, w, rows, cols, x, n, out)?);
+    }
+    let Some(first) = jobs.first() else {
+        return Ok(());
+    };
+    let act = quantized(pool, scratch, first, x, n, cols);
+    // Each matrix cut as `matmul` cuts it; task i of the dispatch is task i - start[j] of
+    // matrix j.
+    let per: Vec<usize> = jobs
+        .iter()
+        .map(|j| rows_per_task(j.rows, n, pool.threads()))
+        .collect();
+    let mut start = Vec::with_capacity(jobs.len() + 1);
+    start.push(0);
+    for (j, p) in jobs.iter().zip(&per) {
+        start.push(start.last().unwrap() + j.rows.div_ceil(*p));
+    }
+    pool.run(*start.last().unwrap(), |task| {
+        let j = start.partition_point(|&s| s <= task) - 1;
+        let r0 = (task - start[j]) * per[j];
+        jobs[j].run(act, r0, (r0 + per[j]).min(jobs[j].rows));
+    });
+    Ok(())
+}
+
+/// The activations of `job`'s products, quantized into `scratch` (or found there).
+fn quantized<'s>(
+    pool: &ThreadPool,
+    scratch: &'s mut MatmulScratch,
+    job: &Job,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+) -> &'s [u8] {
+    // The weight type picks the table entry, hence the quantizer.
+    let key = (job.k.weight_type, n, cols);
+    if !scratch.holds(key, &x[..n * cols]) {
+        quantize_acts(
+            pool,
+            &mut scratch.act,
+            job.k.quantize_act,
+            x,
+            n,
+            cols,
+            job.a_row,
+        );
+        scratch.held = Some(key);
+    }
+    &scratch.act
 }
 
 /// Quantizes the `n` activation rows of `x` ([n, cols]) into `act` (`a_row` bytes each).

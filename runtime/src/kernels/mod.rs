@@ -26,7 +26,7 @@ mod pool;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
-pub use matmul::{matmul, MatmulScratch};
+pub use matmul::{matmul, matmul_shared, MatmulScratch};
 pub use pool::{default_threads, DisjointOut, ThreadPool};
 
 use crate::quant::{self, GgmlType};

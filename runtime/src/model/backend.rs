@@ -65,6 +65,22 @@ pub trait Backend {
         n: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
+    /// `outs[i][t]` = `ws[i]` `x[t]` for several weights that take the same input (attention's
+    /// q, k and v; the MLP's gate and up), as `matmul` gives them one by one; a backend may
+    /// run them together.
+    fn matmul_shared(
+        &mut self,
+        host: &[u8],
+        ws: &[&Self::Weight],
+        x: &Self::Buf,
+        n: usize,
+        outs: &mut [&mut Self::Buf],
+    ) -> Result<()> {
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.matmul(host, w, x, n, out)?;
+        }
+        Ok(())
+    }
     /// `x[t]` += `b`, for `n` rows of `b`'s length.
     fn add_bias(
         &mut self,

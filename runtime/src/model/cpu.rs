@@ -332,6 +332,51 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn matmul_shared(
+        &mut self,
+        host: &[u8],
+        ws: &[&CpuWeight],
+        x: &Vec<f32>,
+        n: usize,
+        outs: &mut [&mut Vec<f32>],
+    ) -> Result<()> {
+        // Together (one quantization, one dispatch) where every weight is dense, of one type
+        // and width, without a side term, and no statistics are being collected; else one
+        // by one.
+        let together = ws.first().is_some_and(|w0| {
+            ws.iter().all(|w| {
+                w.sparse.is_none() && w.side.is_none() && w.ty == w0.ty && w.cols == w0.cols
+            })
+        }) && self.input_sq.is_none()
+            && ws.len() == outs.len();
+        if !together {
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                self.matmul(host, w, x, n, out)?;
+            }
+            return Ok(());
+        }
+        let mut parts = Vec::with_capacity(ws.len());
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            parts.push((w.bytes(host)?, w.rows, &mut out[..]));
+        }
+        let names = || {
+            ws.iter()
+                .map(|w| w.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        kernels::matmul_shared(
+            &self.pool,
+            &mut self.scratch,
+            ws[0].ty,
+            parts,
+            ws[0].cols,
+            x,
+            n,
+        )
+        .map_err(|e| Error::tensor(&names(), e.to_string()))
+    }
+
     fn add_bias(&mut self, host: &[u8], b: &CpuWeight, x: &mut Vec<f32>, n: usize) -> Result<()> {
         b.to_f32(host, &mut self.tmp)?;
         for xr in x.chunks_exact_mut(self.tmp.len()).take(n) {

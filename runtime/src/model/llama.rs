@@ -222,9 +222,13 @@ pub fn forward<B: Backend>(
     b.embed(host, &w.tok_embd, tokens, &mut a.x)?;
     for (l, lw) in w.layers.iter().enumerate() {
         b.rms_norm(host, &a.x, &lw.attn_norm, c.rms_eps, n, &mut a.h)?;
-        b.matmul(host, &lw.wq, &a.h, n, &mut a.q)?;
-        b.matmul(host, &lw.wk, &a.h, n, &mut a.k)?;
-        b.matmul(host, &lw.wv, &a.h, n, &mut a.v)?;
+        b.matmul_shared(
+            host,
+            &[&lw.wq, &lw.wk, &lw.wv],
+            &a.h,
+            n,
+            &mut [&mut a.q, &mut a.k, &mut a.v],
+        )?;
         if let Some(bq) = &lw.bq {
             b.add_bias(host, bq, &mut a.q, n)?;
         }
@@ -241,8 +245,13 @@ pub fn forward<B: Backend>(
         b.add(&mut a.x, &a.h, n * d);
 
         b.rms_norm(host, &a.x, &lw.ffn_norm, c.rms_eps, n, &mut a.h)?;
-        b.matmul(host, &lw.w_gate, &a.h, n, &mut a.gate)?;
-        b.matmul(host, &lw.w_up, &a.h, n, &mut a.up)?;
+        b.matmul_shared(
+            host,
+            &[&lw.w_gate, &lw.w_up],
+            &a.h,
+            n,
+            &mut [&mut a.gate, &mut a.up],
+        )?;
         b.swiglu(&mut a.gate, &a.up, n * c.n_ff);
         b.matmul(host, &lw.w_down, &a.gate, n, &mut a.h)?;
         b.add(&mut a.x, &a.h, n * d);
