@@ -374,7 +374,7 @@ impl Backend for CpuBackend {
             x,
             n,
         )
-        .map_err(|e| Error::tensor(&names(), e.to_string()))
+        .map_err(|e| Error::tensor(names(), e.to_string()))
     }
 
     fn add_bias(&mut self, host: &[u8], b: &CpuWeight, x: &mut Vec<f32>, n: usize) -> Result<()> {
