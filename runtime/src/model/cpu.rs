@@ -340,15 +340,37 @@ impl Backend for CpuBackend {
         n: usize,
         outs: &mut [&mut Vec<f32>],
     ) -> Result<()> {
-        // Together (one quantization, one dispatch) where every weight is dense, of one type
-        // and width, without a side term, and no statistics are being collected; else one
-        // by one.
+        // Together (one quantization, one dispatch) where the weights are all dense of one
+        // type or all sparse, of one width, without side terms, and no statistics are being
+        // collected; else one by one.
         let together = ws.first().is_some_and(|w0| {
             ws.iter().all(|w| {
-                w.sparse.is_none() && w.side.is_none() && w.ty == w0.ty && w.cols == w0.cols
+                w.side.is_none()
+                    && w.cols == w0.cols
+                    && match (&w.sparse, &w0.sparse) {
+                        (None, None) => w.ty == w0.ty,
+                        (Some(_), Some(_)) => true,
+                        _ => false,
+                    }
             })
         }) && self.input_sq.is_none()
             && ws.len() == outs.len();
+        if together && ws[0].sparse.is_some() {
+            let mut mats = Vec::with_capacity(ws.len());
+            for (w, out) in ws.iter().zip(outs.iter_mut()) {
+                if let Some(sm) = &w.sparse {
+                    mats.push((sm, w.bytes(host)?, &mut out[..]));
+                }
+            }
+            let names = || {
+                ws.iter()
+                    .map(|w| w.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return sparse::matmul::matmul_shared(&self.pool, &mut self.sparse_scratch, mats, x, n)
+                .map_err(|e| Error::tensor(names(), e.to_string()));
+        }
         if !together {
             for (w, out) in ws.iter().zip(outs.iter_mut()) {
                 self.matmul(host, w, x, n, out)?;
