@@ -430,6 +430,20 @@ fn tile8x4_matches_vec_dot() {
     });
 }
 
+/// xorshift values in [-0.5, 0.5), `n` at a time.
+fn noise(mut seed: u64) -> impl FnMut(usize) -> Vec<f32> {
+    move |n| {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+}
+
 /// The product driver's scratch quantizes a batch once for consecutive products by the same
 /// activations and weight type, and again for anything else: a chain of products (same x,
 /// other types, the same type again, x changed in place, other shapes, batches large enough
@@ -439,17 +453,7 @@ fn matmul_scratch_reuses_only_identical_activations() {
     use sparrow::kernels::{matmul, MatmulScratch, ThreadPool};
     let pool = ThreadPool::new(2).unwrap();
     let (rows, cols) = (24, 256);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    };
+    let mut next = noise(0x9e37_79b9_7f4a_7c15);
     let w32 = next(rows * cols);
     let types = [
         GgmlType::Q8_0,
@@ -487,17 +491,7 @@ fn matmul_shared_matches_separate_products() {
     let pool = ThreadPool::new(2).unwrap();
     let cols = 256;
     let rows = [40usize, 8, 24];
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
-    };
+    let mut next = noise(0x2545_f491_4f6c_dd1d);
     for ty in [
         GgmlType::Q4_0,
         GgmlType::Q8_0,

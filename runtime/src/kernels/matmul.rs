@@ -21,27 +21,46 @@ use crate::{Error, Result};
 #[derive(Default)]
 pub struct MatmulScratch {
     act: Vec<u8>,
-    /// What `act` holds, (weight type, tokens, columns), and a copy of the rows it was
-    /// quantized from: consecutive products by the same activations and the same activation
-    /// quantizer (attention's q, k and v; the MLP's gate and up, where their types agree)
-    /// quantize them once. The weight type picks the table entry, hence the quantizer.
-    held: Option<(GgmlType, usize, usize)>,
+    /// What `act` holds, (weight type, tokens, columns): the weight type picks the table
+    /// entry, hence the quantizer.
+    held: Held<(GgmlType, usize, usize)>,
+}
+
+/// Which activations a scratch holds quantized, and a copy of the rows they came from, so
+/// that consecutive products by the same activations and quantizer (attention's q, k and v;
+/// the MLP's gate and up) quantize them once. Used by the dense and the sparse drivers.
+pub(crate) struct Held<K> {
+    key: Option<K>,
     x: Vec<f32>,
 }
 
-impl MatmulScratch {
-    /// Whether `act` holds `x` ([n, cols]) quantized for `ty` (the same bits); if not,
-    /// forgets what it held and keeps a copy of `x`, for [`MatmulScratch::hold`].
-    fn holds(&mut self, key: (GgmlType, usize, usize), x: &[f32]) -> bool {
-        if self.held == Some(key)
+impl<K> Default for Held<K> {
+    fn default() -> Self {
+        Held {
+            key: None,
+            x: Vec::new(),
+        }
+    }
+}
+
+impl<K: PartialEq + Copy> Held<K> {
+    /// Whether the held activations are `x` quantized as `key` says (the same bits); if not,
+    /// forgets them and keeps a copy of `x`, for [`Held::hold`] once they are quantized.
+    pub(crate) fn holds(&mut self, key: K, x: &[f32]) -> bool {
+        if self.key == Some(key)
             && bytemuck::cast_slice::<f32, u8>(&self.x) == bytemuck::cast_slice::<f32, u8>(x)
         {
             return true;
         }
-        self.held = None;
+        self.key = None;
         self.x.clear();
         self.x.extend_from_slice(x);
         false
+    }
+
+    /// Records that the activations of the last `holds` call are quantized as `key` says.
+    pub(crate) fn hold(&mut self, key: K) {
+        self.key = Some(key);
     }
 }
 
@@ -294,9 +313,8 @@ fn quantized<'s>(
     n: usize,
     cols: usize,
 ) -> &'s [u8] {
-    // The weight type picks the table entry, hence the quantizer.
     let key = (job.k.weight_type, n, cols);
-    if !scratch.holds(key, &x[..n * cols]) {
+    if !scratch.held.holds(key, &x[..n * cols]) {
         quantize_acts(
             pool,
             &mut scratch.act,
@@ -306,7 +324,7 @@ fn quantized<'s>(
             cols,
             job.a_row,
         );
-        scratch.held = Some(key);
+        scratch.held.hold(key);
     }
     &scratch.act
 }

@@ -26,6 +26,7 @@ mod pool;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
+pub(crate) use matmul::Held;
 pub use matmul::{matmul, matmul_shared, MatmulScratch};
 pub use pool::{default_threads, DisjointOut, ThreadPool};
 

@@ -17,11 +17,9 @@ use std::cell::RefCell;
 pub struct SparseScratch {
     nm: Vec<NmActs>,
     group: Vec<GroupActs>,
-    /// What `nm` or `group` hold, and a copy of the rows they were quantized from: products
-    /// by the same activations (attention's q, k and v; the MLP's gate and up) quantize them
-    /// once.
-    held: Option<Held>,
-    x: Vec<f32>,
+    /// What `nm` or `group` hold: products by the same activations (attention's q, k and v;
+    /// the MLP's gate and up) quantize them once.
+    held: crate::kernels::Held<Held>,
 }
 
 /// The quantizer and the shape of held activations.
@@ -29,27 +27,6 @@ pub struct SparseScratch {
 enum Held {
     Nm(NmFormat, usize, usize),
     Group(usize, usize),
-}
-
-impl SparseScratch {
-    /// Whether the held activations are `x` quantized as `what` says (the same bits); if
-    /// not, forgets them and keeps a copy of `x`, which the caller quantizes and then
-    /// records with [`SparseScratch::hold`].
-    fn holds(&mut self, what: Held, x: &[f32]) -> bool {
-        if self.held == Some(what)
-            && bytemuck::cast_slice::<f32, u8>(&self.x) == bytemuck::cast_slice::<f32, u8>(x)
-        {
-            return true;
-        }
-        self.held = None;
-        self.x.clear();
-        self.x.extend_from_slice(x);
-        false
-    }
-
-    fn hold(&mut self, what: Held) {
-        self.held = Some(what);
-    }
 }
 
 thread_local! {
@@ -147,7 +124,7 @@ fn quantize(
 ) -> Result<()> {
     let cols = s.cols;
     let what = held_for(s, n);
-    if scratch.holds(what, &x[..n * cols]) {
+    if scratch.held.holds(what, &x[..n * cols]) {
         return Ok(());
     }
     match s.encoding {
@@ -169,7 +146,7 @@ fn quantize(
             })?;
         }
     }
-    scratch.hold(what);
+    scratch.held.hold(what);
     Ok(())
 }
 

@@ -186,33 +186,22 @@ unsafe fn lanes<I: Isa>(x: (int8x16_t, int8x16_t), y: &[i8; 32]) -> (int32x4_t, 
 
 // ---- dots ----------------------------------------------------------------------------------
 
-// One row and one token: the multi-row bodies below with R = N = 1.
-
-#[inline(always)]
-unsafe fn q8_0_q8_0_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    q8_0_rn::<I, 1, 1>([w], [a])[0][0]
+/// One row and one token: the multi-row bodies below with R = N = 1.
+macro_rules! one_by_one {
+    ($($name:ident => $body:ident;)*) => {$(
+        #[inline(always)]
+        unsafe fn $name<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
+            $body::<I, 1, 1>([w], [a])[0][0]
+        }
+    )*};
 }
 
-/// Q4_0 in the repacked order (see `dot::q4_0_q8_0`): one exact integer per block (the f32
-/// sum of the portable lanes is exact too: |sum| <= 2^15), fma'd into a scalar.
-#[inline(always)]
-unsafe fn q4_0_q8_0_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    q4_0_rn::<I, 1, 1>([w], [a])[0][0]
-}
-
-#[inline(always)]
-unsafe fn q4_1_q8_1_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    q4_1_rn::<I, 1, 1>([w], [a])[0][0]
-}
-
-#[inline(always)]
-unsafe fn q5_0_q8_0_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    q5_0_rn::<I, 1, 1>([w], [a])[0][0]
-}
-
-#[inline(always)]
-unsafe fn q5_1_q8_1_imp<I: Isa>(w: &[u8], a: &[u8]) -> f32 {
-    q5_1_rn::<I, 1, 1>([w], [a])[0][0]
+one_by_one! {
+    q8_0_q8_0_imp => q8_0_rn;
+    q4_0_q8_0_imp => q4_0_rn;
+    q4_1_q8_1_imp => q4_1_rn;
+    q5_0_q8_0_imp => q5_0_rn;
+    q5_1_q8_1_imp => q5_1_rn;
 }
 
 // ---- several rows and tokens at once ---------------------------------------------------------
@@ -258,6 +247,8 @@ unsafe fn q8_0_rn<I: Isa, const R: usize, const N: usize>(
     acc.map(|a| a.map(Acc8::hsum))
 }
 
+/// Q4_0 in the repacked order (see `dot::q4_0_q8_0`): one exact integer per block (the f32
+/// sum of the portable lanes is exact too: |sum| <= 2^15), fma'd into a scalar.
 #[inline(always)]
 unsafe fn q4_0_rn<I: Isa, const R: usize, const N: usize>(
     w: [&[u8]; R],
