@@ -252,14 +252,7 @@ pub fn matmul(
     n: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let job = Job::new(ty, w, rows, cols, x, n, out)?;
-    let act = quantized(pool, scratch, &job, x, n, cols);
-    let per = rows_per_task(rows, n, pool.threads());
-    pool.run(rows.div_ceil(per), |task| {
-        let r0 = task * per;
-        job.run(act, r0, (r0 + per).min(rows));
-    });
-    Ok(())
+    matmul_shared(pool, scratch, ty, vec![(w, rows, out)], cols, x, n)
 }
 
 /// Several products by the same activations and weights of one type (attention's q, k and
@@ -285,22 +278,11 @@ pub fn matmul_shared(
         return Ok(());
     };
     let act = quantized(pool, scratch, first, x, n, cols);
-    // Each matrix cut as `matmul` cuts it; task i of the dispatch is task i - start[j] of
-    // matrix j.
-    let per: Vec<usize> = jobs
+    let parts: Vec<(usize, usize)> = jobs
         .iter()
-        .map(|j| rows_per_task(j.rows, n, pool.threads()))
+        .map(|j| (j.rows, rows_per_task(j.rows, n, pool.threads())))
         .collect();
-    let mut start = Vec::with_capacity(jobs.len() + 1);
-    start.push(0);
-    for (j, p) in jobs.iter().zip(&per) {
-        start.push(start.last().unwrap() + j.rows.div_ceil(*p));
-    }
-    pool.run(*start.last().unwrap(), |task| {
-        let j = start.partition_point(|&s| s <= task) - 1;
-        let r0 = (task - start[j]) * per[j];
-        jobs[j].run(act, r0, (r0 + per[j]).min(jobs[j].rows));
-    });
+    pool.run_ranges(&parts, |j, r0, r1| jobs[j].run(act, r0, r1));
     Ok(())
 }
 

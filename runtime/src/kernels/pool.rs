@@ -189,6 +189,27 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Runs `f(j, r0, r1)` over the row ranges of several parts in one [`ThreadPool::run`]:
+    /// part j of `parts[j] = (rows, per)` is cut into ranges of `per` rows (the last one
+    /// shorter), one task each. Products by the same activations use it to dispatch all
+    /// their matrices' tasks at once.
+    pub fn run_ranges(&self, parts: &[(usize, usize)], f: impl Fn(usize, usize, usize) + Sync) {
+        // Task i is task i - start[j] of part j.
+        let mut start = Vec::with_capacity(parts.len() + 1);
+        start.push(0);
+        for &(rows, per) in parts {
+            start.push(start[start.len() - 1] + rows.div_ceil(per.max(1)));
+        }
+        self.run(start[parts.len()], |task| {
+            let j = start.partition_point(|&s| s <= task) - 1;
+            let (rows, per) = parts[j];
+            let r0 = (task - start[j]) * per;
+            f(j, r0, (r0 + per).min(rows));
+        });
+    }
+}
+
 impl Drop for ThreadPool {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::Release);
@@ -268,6 +289,29 @@ impl<T: Copy> DisjointOut<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every row of every part is in exactly one range, ranges are at most `per` long, and
+    /// parts with no rows get no task.
+    #[test]
+    fn run_ranges_covers_every_row_once() {
+        let pool = ThreadPool::new(2).unwrap();
+        let parts = [(40usize, 16usize), (0, 4), (7, 7), (9, 2), (1, 8)];
+        let seen: Vec<Vec<AtomicUsize>> = parts
+            .iter()
+            .map(|&(rows, _)| (0..rows).map(|_| AtomicUsize::new(0)).collect())
+            .collect();
+        pool.run_ranges(&parts, |j, r0, r1| {
+            assert!(r0 < r1 && r1 - r0 <= parts[j].1, "part {j}: {r0}..{r1}");
+            for c in &seen[j][r0..r1] {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        for (j, rows) in seen.iter().enumerate() {
+            for (r, c) in rows.iter().enumerate() {
+                assert_eq!(c.load(Ordering::Relaxed), 1, "part {j} row {r}");
+            }
+        }
+    }
     use std::sync::atomic::AtomicUsize;
 
     /// Every index exactly once, over many jobs of every size, with sleeps in between so

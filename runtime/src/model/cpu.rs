@@ -355,6 +355,13 @@ impl Backend for CpuBackend {
             })
         }) && self.input_sq.is_none()
             && ws.len() == outs.len();
+        // An error names every weight of the call.
+        let names = || {
+            ws.iter()
+                .map(|w| w.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         if together && ws[0].sparse.is_some() {
             let mut mats = Vec::with_capacity(ws.len());
             for (w, out) in ws.iter().zip(outs.iter_mut()) {
@@ -362,12 +369,6 @@ impl Backend for CpuBackend {
                     mats.push((sm, w.bytes(host)?, &mut out[..]));
                 }
             }
-            let names = || {
-                ws.iter()
-                    .map(|w| w.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
             return sparse::matmul::matmul_shared(&self.pool, &mut self.sparse_scratch, mats, x, n)
                 .map_err(|e| Error::tensor(names(), e.to_string()));
         }
@@ -381,12 +382,6 @@ impl Backend for CpuBackend {
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             parts.push((w.bytes(host)?, w.rows, &mut out[..]));
         }
-        let names = || {
-            ws.iter()
-                .map(|w| w.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
         kernels::matmul_shared(
             &self.pool,
             &mut self.scratch,

@@ -19,12 +19,12 @@ pub struct SparseScratch {
     group: Vec<GroupActs>,
     /// What `nm` or `group` hold: products by the same activations (attention's q, k and v;
     /// the MLP's gate and up) quantize them once.
-    held: crate::kernels::Held<Held>,
+    held: crate::kernels::Held<ActsKey>,
 }
 
 /// The quantizer and the shape of held activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Held {
+enum ActsKey {
     Nm(NmFormat, usize, usize),
     Group(usize, usize),
 }
@@ -107,10 +107,10 @@ impl<'a> Prepared<'a> {
 }
 
 /// What activations a product by `s` needs: its quantizer and shape.
-fn held_for(s: &SparseMatrix, n: usize) -> Held {
+fn held_for(s: &SparseMatrix, n: usize) -> ActsKey {
     match s.encoding {
-        Encoding::Group(_) => Held::Group(n, s.cols),
-        Encoding::Nm(f) => Held::Nm(f, n, s.cols),
+        Encoding::Group(_) => ActsKey::Group(n, s.cols),
+        Encoding::Nm(f) => ActsKey::Nm(f, n, s.cols),
     }
 }
 
@@ -250,25 +250,18 @@ fn by_rows<J: Sync>(
     if n == 0 {
         return Ok(());
     }
-    // Task i of the dispatch is task i - start[j] of job j.
-    let per: Vec<usize> = jobs
+    let parts: Vec<(usize, usize)> = jobs
         .iter()
-        .map(|j| rows_per_task(j.1, n, pool.threads()))
+        .map(|j| (j.1, rows_per_task(j.1, n, pool.threads())))
         .collect();
-    let mut start = vec![0];
-    for (j, p) in jobs.iter().zip(&per) {
-        start.push(start.last().unwrap() + j.1.div_ceil(*p));
-    }
     let jobs: Vec<(J, usize, DisjointOut<f32>)> = jobs
         .into_iter()
         .map(|(j, rows, out)| (j, rows, DisjointOut::new(out)))
         .collect();
     let failed = std::sync::Mutex::new(None);
-    pool.run(*start.last().unwrap(), |task| {
-        let j = start.partition_point(|&s| s <= task) - 1;
+    pool.run_ranges(&parts, |j, r0, r1| {
         let (job, rows, dst) = &jobs[j];
-        let r0 = (task - start[j]) * per[j];
-        let c = (r0 + per[j]).min(*rows) - r0;
+        let c = r1 - r0;
         TASK_OUT.with_borrow_mut(|y| {
             y.resize(n * c, 0.0);
             if let Err(err) = rows_of(job, r0, &mut y[..n * c]) {

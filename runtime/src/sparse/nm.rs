@@ -481,7 +481,8 @@ pub fn add_to_row(
     let mut out = row.to_vec();
     let (head, bodies) = out.split_at_mut(4 * nb);
     let (scales, sums) = head.split_at_mut(2 * nb);
-    let (mut pos, mut vals, mut exact) = (vec![0usize; bv], vec![0f32; bv], vec![0f32; s]);
+    let (mut pos, mut vals) = (vec![0usize; bv], vec![0f32; bv]);
+    let (mut exact, mut got) = (vec![0f32; s], vec![0f32; s]);
     let mut dropped = 0;
     for b in 0..nb {
         let ds = &delta[b * s..(b + 1) * s];
@@ -514,7 +515,7 @@ pub fn add_to_row(
         sums[2 * b..2 * b + 2].copy_from_slice(&block_sum(f, blk).to_le_bytes());
         if let Some(res) = residual.as_deref_mut() {
             let dq = f16_to_f32(dh);
-            let mut got = vec![0f32; s];
+            got.fill(0.0);
             for (j, &p) in pos.iter().enumerate() {
                 got[p] = dq * value_of(f, blk, j) as f32;
             }
