@@ -353,38 +353,30 @@ fn check_kernels(f: &NmFormat, k: usize, rows: usize, rng: &mut Rng) {
         w.extend_from_slice(&r);
         dec.extend_from_slice(&d);
     }
-    let x = rng.row(k);
-    let mut a = NmActs::new();
-    a.quantize(f, &x).unwrap();
-    let xd = a.decoded();
-    let tol = Close::for_blocks(k / f.block_span());
-    let mut want = Vec::new();
-    for r in 0..rows {
-        let (exact, scale) = reference(&dec[r * k..(r + 1) * k], &xd);
-        let got = generic_dot(f, &w[r * rb..(r + 1) * rb], &a);
-        tol.check(
-            &format!("{f:?} k {k} row {r}: generic vs f64"),
-            got,
-            exact,
-            scale,
-        );
-        want.push((got, scale));
-    }
     for level in levels() {
         let kern = NmKernel::for_level(*f, level).unwrap();
         assert!(kern.level <= level, "{} at {level:?}", kern.name);
     }
-    for kern in NmKernel::variants(*f).unwrap() {
-        let mut y = vec![0f32; rows];
-        kern.matvec(&w, &a, &mut y).unwrap();
-        let mut y1 = vec![0f32; rows];
-        kern.matvec_by_row(&w, &a, &mut y1).unwrap();
-        for r in 0..rows {
-            let (g, scale) = want[r];
-            let what = format!("{} {f:?} k {k} row {r}", kern.name);
-            tol.check(&format!("{what} (matvec)"), y[r], g as f64, scale);
-            tol.check(&format!("{what} (by row)"), y1[r], g as f64, scale);
-        }
+    // Uniform activations, and spiky ones (one large value per block span, the others a
+    // thousand times smaller), where the biased kernels' correction is large against the
+    // dot itself.
+    let uniform = rng.row(k);
+    let spiky: Vec<f32> = rng
+        .row(k)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if i % f.block_span() == 7 {
+                *v
+            } else {
+                v * 1e-3
+            }
+        })
+        .collect();
+    let mut a = NmActs::new();
+    for x in [&spiky, &uniform] {
+        a.quantize(f, x).unwrap();
+        check_matvec(f, k, rows, &w, &dec, &a);
     }
     // Five tokens (a group of four and one more), this row's activations among them.
     let mut acts = vec![a];
@@ -394,6 +386,55 @@ fn check_kernels(f: &NmFormat, k: usize, rows: usize, rng: &mut Rng) {
         acts.push(b);
     }
     check_matmat(f, &w, &acts);
+}
+
+/// Every kernel's matrix-vector products against the portable kernel's, and those against
+/// the f64 product of the decoded weights and activations.
+fn check_matvec(f: &NmFormat, k: usize, rows: usize, w: &[u8], dec: &[f32], a: &NmActs) {
+    let rb = f.row_bytes(k).unwrap();
+    let xd = a.decoded();
+    let tol = Close::for_blocks(k / f.block_span());
+    let mut want = Vec::new();
+    for r in 0..rows {
+        let (exact, scale) = reference(&dec[r * k..(r + 1) * k], &xd);
+        let got = generic_dot(f, &w[r * rb..(r + 1) * rb], a);
+        tol.check(
+            &format!("{f:?} k {k} row {r}: generic vs f64"),
+            got,
+            exact,
+            scale,
+        );
+        want.push((got, scale, biased_scale(f, &dec[r * k..(r + 1) * k], a)));
+    }
+    for kern in NmKernel::variants(*f).unwrap() {
+        let mut y = vec![0f32; rows];
+        kern.matvec(w, a, &mut y).unwrap();
+        let mut y1 = vec![0f32; rows];
+        kern.matvec_by_row(w, a, &mut y1).unwrap();
+        for r in 0..rows {
+            let (g, scale, biased) = want[r];
+            // The `vpdpbusd` kernels (x86 AVX-512) sum activations biased by 128 and take the
+            // bias back in f32: their terms are as large as the biased ones.
+            let scale = if kern.level == Level::Avx512 {
+                scale + biased
+            } else {
+                scale
+            };
+            let what = format!("{} {f:?} k {k} row {r}", kern.name);
+            tol.check(&format!("{what} (matvec)"), y[r], g as f64, scale);
+            tol.check(&format!("{what} (by row)"), y1[r], g as f64, scale);
+        }
+    }
+}
+
+/// The magnitude that biasing the activations by 128 (of the quantized scale) adds to a
+/// biased kernel's terms, twice: in the biased dot and in its correction.
+fn biased_scale(f: &NmFormat, w: &[f32], a: &NmActs) -> f64 {
+    let span = f.block_span();
+    w.chunks_exact(span)
+        .zip(a.scales())
+        .map(|(wb, &d)| 256.0 * d as f64 * wb.iter().map(|v| v.abs() as f64).sum::<f64>())
+        .sum()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {

@@ -50,13 +50,16 @@
 //! blocks of S inputs, one f32 scale per block (`127 / amax`, ties to even, as
 //! `kernels/act.rs` does for Q8_0; AVX2 where the CPU has it, with the same results), and
 //! kept also biased to u8 (`q + 128`) for `vpdpbusd`, whose first operand is unsigned: its
-//! kernels compute `sum (q_x + 128) w - 128 sum_b` exactly with the stored sum, where the
-//! others move the weights' signs onto the activations. Per block, the kept weights are
-//! multiplied by the activations at their positions in exact i32 arithmetic; the block's sum is scaled by
-//! `d_w * d_x` and accumulated in f32. The SIMD kernels gather the activations a block needs
-//! with byte shuffles (`pshufb` on x86, `tbl` on aarch64) driven by the decoded indices, and
-//! accumulate in 8 (x86) or 4 (aarch64) f32 lanes: they differ from the portable kernel only
-//! in the order of the f32 additions (the integer parts are exact), which the tests bound.
+//! kernels compute each block's `sum (q_x + 128) w` and take `128 sum_b` back with the stored
+//! sum, where the others move the weights' signs onto the activations. Per block, the kept
+//! weights are multiplied by the activations at their positions in exact i32 arithmetic; the
+//! block's sum is scaled by `d_w * d_x` and accumulated in f32. The SIMD kernels gather the
+//! activations a block needs with byte shuffles (`pshufb`, `vpermi2b` on x86, `tbl` on
+//! aarch64) driven by the decoded indices, and accumulate in 8 (x86) or 4 (aarch64) f32
+//! lanes: they differ from the portable kernel only in the order of the f32 additions (the
+//! integer parts are exact), which the tests bound, except the `vpdpbusd` ones, which
+//! subtract `d_w * d_x * 128 sum_b` in f32 (8 blocks at a time, off the per-block path): their
+//! rounding is relative to the biased terms, which the tests bound as such.
 //!
 //! Kernels read rows they did not validate (a memory-mapped model), so no byte pattern makes
 //! them panic or read outside the row; a corrupt row (an index >= M, indices not strictly
@@ -994,12 +997,17 @@ mod x86 {
     //! the rows of a `rows4` call); kept values 0..8 of a 128-bit lane come from P's lane and
     //! 8..16 from Q's, so two `pshufb`s whose controls are the decoded in-chunk positions
     //! (with 0x80, which gives 0, in the other half) and an OR give the 32 activations in the
-    //! kept values' order. VBMI: the positions in the block (`(j / N) * M + index`, one
-    //! `vpternlogd` that masks the digits and ORs the group offsets) drive one `vpermi2b` over
-    //! the block's two activation vectors. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`,
-    //! `madd` with ones (or `vpdpbusd`), 8 exact i32 lanes, fused-multiply-added with
+    //! kept values' order. VBMI: the positions in the block (`(j / N) * M + index`: one
+    //! `vpmultishiftqb` from a broadcast load puts each digit in its byte, one `vpternlogd`
+    //! masks the digits and ORs the group offsets) drive one `vpermi2b` over the block's two
+    //! activation vectors. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`, `madd` with
+    //! ones (or `vpdpbusd` from zero), 8 exact i32 lanes, fused-multiply-added with
     //! `d_w * d_x`, which is computed for 8 blocks at a time (one `vcvtph2ps` of the row head's
-    //! scales, one multiply by the activations' scales) and broadcast from the stack.
+    //! scales, one multiply by the activations' scales) and broadcast from the stack. The
+    //! `vpdpbusd` bodies subtract the bias's `d_w * d_x * 128 sum_b` at the same time, 8
+    //! blocks in one masked fused multiply-add: per block, a correction added to the dot (a
+    //! broadcast to its accumulator, or an add) cost 15% of an in-cache product on Zen 4,
+    //! whose kernel is bound by the ops per block.
     //!
     //! Safety model: every function here is `unsafe` with `#[target_feature]`; [`kernel`]
     //! returns them only for a level that `Level::detected` reported (and the VBMI ones only
@@ -1078,17 +1086,52 @@ mod x86 {
         (_mm256_add_epi8(idx, cp), _mm256_add_epi8(idx, cq))
     }
 
+    /// `vpmultishiftqb` controls that put digit j (byte j % 8 of a digit plane, bits
+    /// 2 (j / 8) and 2 (j / 8) + 1) in bits 0 and 1 of byte j, from the plane broadcast to
+    /// every qword.
+    const fn digit_shifts() -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let mut j = 0;
+        while j < 32 {
+            out[j] = (8 * (j % 8) + 2 * (j / 8)) as u8;
+            j += 1;
+        }
+        out
+    }
+    static DIGIT_SHIFTS: [u8; 32] = digit_shifts();
+
+    /// `vpmultishiftqb` controls that put bit j / 4 of byte j % 4 of a bit plane (the low
+    /// dword of each qword) in bit 2 of byte j; the offsets wrap around the qword.
+    const fn top_shifts() -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let mut j = 0;
+        while j < 32 {
+            out[j] = ((8 * (j % 4) + j / 4 + 64 - 2) % 64) as u8;
+            j += 1;
+        }
+        out
+    }
+    static TOP_SHIFTS: [u8; 32] = top_shifts();
+
     /// The block positions (0..64) of the 32 kept values of a block whose index planes start
-    /// at `p`, given `goff` = [`GOFF24`] or [`GOFF48`]; AVX-512 F + VL.
+    /// at `p`, given `goff` = [`GOFF24`] or [`GOFF48`] and the controls
+    /// [`DIGIT_SHIFTS`] and [`TOP_SHIFTS`]; AVX-512 F + VL + VBMI. Each plane is one
+    /// `vpmultishiftqb` from a broadcast load (the bit plane's load takes the 4 bytes after
+    /// it too, which are in the block).
     #[inline(always)]
-    unsafe fn positions<const M: usize>(p: *const u8, goff: __m256i) -> __m256i {
+    unsafe fn positions<const M: usize>(
+        p: *const u8,
+        goff: __m256i,
+        dsh: __m256i,
+        tsh: __m256i,
+    ) -> __m256i {
+        let d = _mm256_set1_epi64x((p as *const i64).read_unaligned());
+        let d = _mm256_multishift_epi64_epi8(dsh, d);
         // (digits & 3) | goff
-        let pos = _mm256_ternarylogic_epi32::<0xEA>(digits_raw(p), _mm256_set1_epi8(3), goff);
+        let pos = _mm256_ternarylogic_epi32::<0xEA>(d, _mm256_set1_epi8(3), goff);
         if M == 8 {
-            // Bit j / 4 of byte j % 4 of the top plane to bit 2 of byte j: dword k rotated
-            // left by 2 - k (mod 32).
-            let t = _mm256_set1_epi32((p.add(8) as *const i32).read_unaligned());
-            let t = _mm256_rolv_epi32(t, _mm256_setr_epi32(2, 1, 0, 31, 30, 29, 28, 27));
+            let t = _mm256_set1_epi64x((p.add(8) as *const i64).read_unaligned());
+            let t = _mm256_multishift_epi64_epi8(tsh, t);
             // c ? t : pos, with c = bit 2 of every byte.
             _mm256_ternarylogic_epi32::<0xD8>(pos, t, _mm256_set1_epi8(4))
         } else {
@@ -1169,8 +1212,8 @@ mod x86 {
         _mm_cvtss_f32(r)
     }
 
-    /// Most `R * (T + 1)` of a [`body`] call: its buffer of scale products and corrections.
-    const DBUF: usize = 10;
+    /// Most `R * T` of a [`body`] call: its buffer of scale products.
+    const DBUF: usize = 8;
 
     /// R rows of `nb` blocks of `bb` bytes against T rows of activations `xq[t]` (64 per
     /// block; AVX2: the i8 values, VNNI and VBMI: biased to u8, `q + 128`) with their scales
@@ -1195,7 +1238,7 @@ mod x86 {
         xq: [*const i8; T],
         xd: [*const f32; T],
     ) -> [[f32; T]; R] {
-        const { assert!(R * (T + 1) <= DBUF) };
+        const { assert!(R * T <= DBUF) };
         let voff = if M == 8 { 12 } else { 8 };
         let sb = bb - 4;
         let goff = _mm256_loadu_si256(if M == 8 {
@@ -1203,34 +1246,44 @@ mod x86 {
         } else {
             GOFF24.as_ptr()
         } as *const __m256i);
+        let dsh = _mm256_loadu_si256(DIGIT_SHIFTS.as_ptr() as *const __m256i);
+        let tsh = _mm256_loadu_si256(TOP_SHIFTS.as_ptr() as *const __m256i);
         let mut acc = [[_mm256_setzero_ps(); T]; R];
-        // Per row r: at r (T + 1) + t, token t's d_w * d_x of 8 blocks; at r (T + 1) + T,
-        // (VNNI, VBMI) the blocks' corrections -16 * sum_b. Every lane read is written first.
+        // At r T + t, row r's and token t's d_w * d_x of 8 blocks. Every lane read is
+        // written first.
         let mut dbuf = std::mem::MaybeUninit::<[[f32; 8]; DBUF]>::uninit();
         let dw = dbuf.as_mut_ptr() as *mut f32;
         let mut b0 = 0;
         while b0 < nb {
-            // d_w * d_x of blocks b0..b0 + 8, and the sums' corrections. The 16 bytes of
+            // d_w * d_x of blocks b0..b0 + 8, and the bias's correction. The 16 bytes of
             // scales and of sums past b0 are still in the row (its head is 4 nb bytes of
-            // nb * bb, and bb >= 28), and the lanes past nb are never read.
+            // nb * bb, and bb >= 28); the lanes past nb are never read.
             let mut r = 0;
             while r < R {
                 let h = _mm256_cvtph_ps(_mm_loadu_si128(rows[r].add(2 * b0) as *const __m128i));
                 let mut t = 0;
                 while t < T {
                     let d = _mm256_mul_ps(h, _mm256_loadu_ps(xd[t].add(b0)));
-                    _mm256_storeu_ps(dw.add(8 * (r * (T + 1) + t)), d);
+                    _mm256_storeu_ps(dw.add(8 * (r * T + t)), d);
                     t += 1;
                 }
                 if ISA != AVX2 {
-                    // The biased activations add 128 * sum_b to the block's dot; every one
-                    // of the 8 lanes starts at -16 * sum_b, which takes it back exactly.
+                    // The biased activations add 128 * sum_b to each block's dot: taken back
+                    // here, 8 blocks at once, as d_w * d_x * (-128 sum_b) (lanes past nb
+                    // left alone: their scale products are not zeros).
                     let s = _mm_loadu_si128(rows[r].add(2 * nb + 2 * b0) as *const __m128i);
-                    let c = _mm256_sub_epi32(
-                        _mm256_setzero_si256(),
-                        _mm256_slli_epi32::<4>(_mm256_cvtepi16_epi32(s)),
-                    );
-                    _mm256_storeu_si256(dw.add(8 * (r * (T + 1) + T)) as *mut __m256i, c);
+                    let c = _mm256_cvtepi32_ps(_mm256_slli_epi32::<7>(_mm256_cvtepi16_epi32(s)));
+                    let live: __mmask8 = if nb - b0 < 8 {
+                        (1u8 << (nb - b0)) - 1
+                    } else {
+                        0xFF
+                    };
+                    let mut t = 0;
+                    while t < T {
+                        let d = _mm256_loadu_ps(dw.add(8 * (r * T + t)));
+                        acc[r][t] = _mm256_mask3_fnmadd_ps(d, c, acc[r][t], live);
+                        t += 1;
+                    }
                 }
                 r += 1;
             }
@@ -1260,7 +1313,7 @@ mod x86 {
                 while r < R {
                     let blk = rows[r].add(4 * nb + b * sb);
                     let (cp, cq) = if ISA == VBMI {
-                        (positions::<M>(blk, goff), _mm256_setzero_si256())
+                        (positions::<M>(blk, goff, dsh, tsh), _mm256_setzero_si256())
                     } else {
                         controls::<M>(blk)
                     };
@@ -1277,12 +1330,10 @@ mod x86 {
                         _mm256_loadu_si256(blk.add(voff) as *const __m256i)
                     };
                     let ax = _mm256_sign_epi8(w, w);
-                    let c = if ISA == AVX2 {
-                        _mm256_setzero_si256()
-                    } else {
-                        let at = 8 * (r * (T + 1) + T) + b - b0;
-                        _mm256_set1_epi32((dp.add(at) as *const i32).read())
-                    };
+                    // The block's correction, added after the dot (a broadcast operand of
+                    // the add) rather than broadcast to the dot's accumulator, which costs
+                    // a shuffle.
+
                     let mut t = 0;
                     while t < T {
                         let (p, q) = tp[t];
@@ -1295,10 +1346,10 @@ mod x86 {
                             let sy = _mm256_sign_epi8(xg, w);
                             _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
                         } else {
-                            // u8 (x + 128) times i8 w, from -16 sum_b in every lane: exact.
-                            _mm256_dpbusd_epi32(c, xg, w)
+                            // u8 (x + 128) times i8 w: exact; the bias is taken back above.
+                            _mm256_dpbusd_epi32(_mm256_setzero_si256(), xg, w)
                         };
-                        let d = _mm256_broadcast_ss(&*dp.add(8 * (r * (T + 1) + t) + b - b0));
+                        let d = _mm256_broadcast_ss(&*dp.add(8 * (r * T + t) + b - b0));
                         acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r][t]);
                         t += 1;
                     }
