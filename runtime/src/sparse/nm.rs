@@ -1251,37 +1251,48 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         // At r T + t, row r's and token t's d_w * d_x of 8 blocks. Every lane read is
         // written first.
-        let mut dbuf = std::mem::MaybeUninit::<[[f32; 8]; DBUF]>::uninit();
+        let mut dbuf = std::mem::MaybeUninit::<[[f32; 16]; DBUF]>::uninit();
         let dw = dbuf.as_mut_ptr() as *mut f32;
+        // Blocks per pass: the scale products (and the bias's correction) of 8 blocks in
+        // a 256-bit vector, or 16 in a 512-bit one; most rows of SmolLM2 have 9 blocks.
+        let gb = if ISA == AVX2 { 8 } else { 16 };
         let mut b0 = 0;
         while b0 < nb {
-            // d_w * d_x of blocks b0..b0 + 8, and the bias's correction. The 16 bytes of
-            // scales and of sums past b0 are still in the row (its head is 4 nb bytes of
-            // nb * bb, and bb >= 28); the lanes past nb are never read.
+            let end = if nb - b0 < gb { nb } else { b0 + gb };
             let mut r = 0;
             while r < R {
-                let h = _mm256_cvtph_ps(_mm_loadu_si128(rows[r].add(2 * b0) as *const __m128i));
-                let mut t = 0;
-                while t < T {
-                    let d = _mm256_mul_ps(h, _mm256_loadu_ps(xd[t].add(b0)));
-                    _mm256_storeu_ps(dw.add(8 * (r * T + t)), d);
-                    t += 1;
-                }
-                if ISA != AVX2 {
-                    // The biased activations add 128 * sum_b to each block's dot: taken back
-                    // here, 8 blocks at once, as d_w * d_x * (-128 sum_b) (lanes past nb
-                    // left alone: their scale products are not zeros).
-                    let s = _mm_loadu_si128(rows[r].add(2 * nb + 2 * b0) as *const __m128i);
-                    let c = _mm256_cvtepi32_ps(_mm256_slli_epi32::<7>(_mm256_cvtepi16_epi32(s)));
-                    let live: __mmask8 = if nb - b0 < 8 {
-                        (1u8 << (nb - b0)) - 1
-                    } else {
-                        0xFF
-                    };
+                if ISA == AVX2 {
+                    // d_w * d_x of blocks b0..b0 + 8. The 16 bytes of scales past b0 are
+                    // still in the row (its head is 4 nb bytes of nb * bb, and bb >= 28);
+                    // the lanes past nb are never read.
+                    let h = _mm256_cvtph_ps(_mm_loadu_si128(rows[r].add(2 * b0) as *const __m128i));
                     let mut t = 0;
                     while t < T {
-                        let d = _mm256_loadu_ps(dw.add(8 * (r * T + t)));
-                        acc[r][t] = _mm256_mask3_fnmadd_ps(d, c, acc[r][t], live);
+                        let d = _mm256_mul_ps(h, _mm256_loadu_ps(xd[t].add(b0)));
+                        _mm256_storeu_ps(dw.add(16 * (r * T + t)), d);
+                        t += 1;
+                    }
+                } else {
+                    // d_w * d_x of blocks b0..end (zeros past end, masked loads), and the
+                    // bias's correction: the biased activations add 128 * sum_b to each
+                    // block's dot, taken back here as d_w * d_x * 128 sum_b, the 16 blocks'
+                    // products folded to 8 lanes and subtracted from the accumulator.
+                    let live: __mmask16 = ((1u32 << (end - b0)) - 1) as __mmask16;
+                    let h = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(
+                        live,
+                        rows[r].add(2 * b0) as *const i16,
+                    ));
+                    let s =
+                        _mm256_maskz_loadu_epi16(live, rows[r].add(2 * nb + 2 * b0) as *const i16);
+                    let c = _mm512_cvtepi32_ps(_mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(s)));
+                    let mut t = 0;
+                    while t < T {
+                        let d = _mm512_mul_ps(h, _mm512_maskz_loadu_ps(live, xd[t].add(b0)));
+                        _mm512_storeu_ps(dw.add(16 * (r * T + t)), d);
+                        let p = _mm512_mul_ps(d, c);
+                        let lo = _mm512_castps512_ps256(p);
+                        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(p)));
+                        acc[r][t] = _mm256_sub_ps(acc[r][t], _mm256_add_ps(lo, hi));
                         t += 1;
                     }
                 }
@@ -1291,7 +1302,6 @@ mod x86 {
             // (`vbroadcastss m32`, no shuffle uop); LLVM otherwise keeps the buffer in
             // registers and spends two shuffles per block and row.
             let dp = std::hint::black_box(dw as *const f32);
-            let end = if nb - b0 < 8 { nb } else { b0 + 8 };
             for b in b0..end {
                 // Each token's two activation tables for this block.
                 let mut tp = [(_mm256_setzero_si256(), _mm256_setzero_si256()); T];
@@ -1349,7 +1359,7 @@ mod x86 {
                             // u8 (x + 128) times i8 w: exact; the bias is taken back above.
                             _mm256_dpbusd_epi32(_mm256_setzero_si256(), xg, w)
                         };
-                        let d = _mm256_broadcast_ss(&*dp.add(8 * (r * T + t) + b - b0));
+                        let d = _mm256_broadcast_ss(&*dp.add(16 * (r * T + t) + b - b0));
                         acc[r][t] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(ip), acc[r][t]);
                         t += 1;
                     }
