@@ -645,8 +645,34 @@ impl NmActs {
 /// One row: the caller guarantees `row.len() == f.row_bytes(a.len())`, that `a` was quantized
 /// for `f`, and that the CPU has the kernel's features.
 type DotFn = unsafe fn(&NmFormat, &[u8], &NmActs) -> f32;
-/// Four rows sharing the activation loads; same contract for every row.
-type Rows4Fn = unsafe fn(&NmFormat, [&[u8]; 4], &NmActs) -> [f32; 4];
+/// Four rows at a time sharing the activation loads, over the four quarters of a matrix of
+/// `4 q` rows of `rb` bytes: `y[r + i q] = dot(row r + i q, a)` for r < q and i < 4, rows
+/// r, r + q, r + 2q, r + 3q together (four sequential streams, which the hardware
+/// prefetchers follow; four neighbouring rows read side by side are not a stream to them,
+/// see kernels/matmul.rs). The caller guarantees `w.len() == 4 q rb`, `y.len() == 4 q` and
+/// `rb == f.row_bytes(a.len())`, besides the `DotFn` contract.
+type Rows4Fn = unsafe fn(&NmFormat, &[u8], usize, usize, &NmActs, &mut [f32]);
+
+/// The loop of a [`Rows4Fn`] (`w`, `rb`, `q`, `y` its arguments) around a four-row body
+/// that maps the rows' start pointers `p` to their four results.
+#[allow(unused_macros)]
+macro_rules! quarters {
+    ($w:expr, $rb:expr, $q:expr, $y:expr, |$p:ident| $body:expr) => {{
+        let (w, rb, q, y) = ($w.as_ptr(), $rb, $q, $y.as_mut_ptr());
+        for r in 0..q {
+            let $p = [
+                w.add(r * rb),
+                w.add((r + q) * rb),
+                w.add((r + 2 * q) * rb),
+                w.add((r + 3 * q) * rb),
+            ];
+            let v: [f32; 4] = $body;
+            for (i, v) in v.into_iter().enumerate() {
+                *y.add(r + i * q) = v;
+            }
+        }
+    }};
+}
 /// One row against four tokens' activations (`[token]`), the row's blocks decoded once for
 /// the four: the four `DotFn` results, bit for bit; same contract for every token.
 type Tokens4Fn = unsafe fn(&NmFormat, &[u8], [&NmActs; 4]) -> [f32; 4];
@@ -840,17 +866,10 @@ impl NmKernel {
         let row = |r: usize| &w[r * rb..(r + 1) * rb];
         let mut done = 0;
         if let (true, Some(r4)) = (rows4, self.rows4) {
-            // Four rows from the four quarters of the matrix: four sequential streams, which
-            // the hardware prefetchers follow (four neighbouring rows read side by side are
-            // not a stream to them; see kernels/matmul.rs).
             let q = y.len() / 4;
-            for r in 0..q {
-                // SAFETY: every row is rb bytes, checked against the activations above.
-                let v = unsafe { r4(f, [row(r), row(r + q), row(r + 2 * q), row(r + 3 * q)], a) };
-                for (i, v) in v.into_iter().enumerate() {
-                    y[r + i * q] = v;
-                }
-            }
+            // SAFETY: 4 q rows of rb bytes, checked against the activations above; the
+            // kernel's level was detected on this CPU.
+            unsafe { r4(f, &w[..4 * q * rb], rb, q, a, &mut y[..4 * q]) };
             done = 4 * q;
         }
         for (r, out) in y.iter_mut().enumerate().skip(done) {
@@ -1409,16 +1428,25 @@ mod x86 {
                 }
 
                 #[target_feature(enable = $feat)]
-                pub(super) unsafe fn rows4(f: &NmFormat, rows: [&[u8]; 4], a: &NmActs) -> [f32; 4] {
+                pub(super) unsafe fn rows4(
+                    f: &NmFormat,
+                    w: &[u8],
+                    rb: usize,
+                    q: usize,
+                    a: &NmActs,
+                    y: &mut [f32],
+                ) {
                     let nb = a.q.len() / 64;
-                    body::<4, 1, $m, $q4, $isa>(
-                        rows.map(|r| r.as_ptr()),
+                    let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
+                    let (x, d) = (acts::<$isa>(a), a.d.as_ptr());
+                    quarters!(w, rb, q, y, |p| body::<4, 1, $m, $q4, $isa>(
+                        p,
                         nb,
-                        crate::sparse::nm::simd_block_bytes(f, $m, $q4),
-                        [acts::<$isa>(a)],
-                        [a.d.as_ptr()],
+                        bb,
+                        [x],
+                        [d]
                     )
-                    .map(|v| v[0])
+                    .map(|v| v[0]));
                 }
 
                 #[target_feature(enable = $feat)]
@@ -1754,14 +1782,17 @@ mod arm {
                 $(#[target_feature(enable = $feat)])?
                 pub(super) unsafe fn rows4(
                     f: &NmFormat,
-                    rows: [&[u8]; 4],
+                    w: &[u8],
+                    rb: usize,
+                    q: usize,
                     a: &NmActs,
-                ) -> [f32; 4] {
+                    y: &mut [f32],
+                ) {
                     let nb = a.q.len() / 64;
-                    let (q, d) = (a.q.as_ptr(), a.d.as_ptr());
-                    let p = rows.map(|r| r.as_ptr());
+                    let (x, d) = (a.q.as_ptr(), a.d.as_ptr());
                     let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
-                    body::<$isa, 4, 1, $m, $q4>(p, nb, bb, [q], [d]).map(|v| v[0])
+                    quarters!(w, rb, q, y, |p| body::<$isa, 4, 1, $m, $q4>(p, nb, bb, [x], [d])
+                        .map(|v| v[0]));
                 }
 
                 $(#[target_feature(enable = $feat)])?
