@@ -58,7 +58,7 @@
 //! aarch64) driven by the decoded indices, and accumulate in 8 (x86) or 4 (aarch64) f32
 //! lanes: they differ from the portable kernel only in the order of the f32 additions (the
 //! integer parts are exact), which the tests bound, except the `vpdpbusd` ones, which
-//! subtract `d_w * d_x * 128 sum_b` in f32 (8 blocks at a time, off the per-block path): their
+//! subtract `d_w * d_x * 128 sum_b` in f32 (16 blocks at a time, off the per-block path): their
 //! rounding is relative to the biased terms, which the tests bound as such.
 //!
 //! Kernels read rows they did not validate (a memory-mapped model), so no byte pattern makes
@@ -1021,12 +1021,13 @@ mod x86 {
     //! masks the digits and ORs the group offsets) drive one `vpermi2b` over the block's two
     //! activation vectors. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`, `madd` with
     //! ones (or `vpdpbusd` from zero), 8 exact i32 lanes, fused-multiply-added with
-    //! `d_w * d_x`, which is computed for 8 blocks at a time (one `vcvtph2ps` of the row head's
-    //! scales, one multiply by the activations' scales) and broadcast from the stack. The
-    //! `vpdpbusd` bodies subtract the bias's `d_w * d_x * 128 sum_b` at the same time, 8
-    //! blocks in one masked fused multiply-add: per block, a correction added to the dot (a
-    //! broadcast to its accumulator, or an add) cost 15% of an in-cache product on Zen 4,
-    //! whose kernel is bound by the ops per block.
+    //! `d_w * d_x`, which is computed for 8 blocks at a time (AVX2: one `vcvtph2ps` of the row
+    //! head's scales, one multiply by the activations' scales) or 16 (AVX-512, in 512-bit
+    //! vectors with masked loads) and broadcast from the stack. The `vpdpbusd` bodies subtract
+    //! the bias's `d_w * d_x * 128 sum_b` at the same time, the 16 blocks' products folded to
+    //! 8 lanes: per block, a correction added to the dot (a broadcast to its accumulator, or
+    //! an add) cost 15% of an in-cache product on Zen 4, whose kernel is bound by the
+    //! operations per block.
     //!
     //! Safety model: every function here is `unsafe` with `#[target_feature]`; [`kernel`]
     //! returns them only for a level that `Level::detected` reported (and the VBMI ones only
@@ -1268,8 +1269,8 @@ mod x86 {
         let dsh = _mm256_loadu_si256(DIGIT_SHIFTS.as_ptr() as *const __m256i);
         let tsh = _mm256_loadu_si256(TOP_SHIFTS.as_ptr() as *const __m256i);
         let mut acc = [[_mm256_setzero_ps(); T]; R];
-        // At r T + t, row r's and token t's d_w * d_x of 8 blocks. Every lane read is
-        // written first.
+        // At 16 (r T + t), row r's and token t's d_w * d_x of the pass's blocks. Every lane
+        // read is written first.
         let mut dbuf = std::mem::MaybeUninit::<[[f32; 16]; DBUF]>::uninit();
         let dw = dbuf.as_mut_ptr() as *mut f32;
         // Blocks per pass: the scale products (and the bias's correction) of 8 blocks in
