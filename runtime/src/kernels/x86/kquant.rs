@@ -281,6 +281,47 @@ unsafe fn lanes4(v: __m128) -> [f32; 4] {
     o
 }
 
+/// The six-bit scales of a Q4_K / Q5_K super-block, and its mins each twice
+/// (`[m0, m0, m1, m1, ..]` as i16), for [`pair_mins4`].
+#[inline(always)]
+unsafe fn scales_mins2(scales: &[u8; 12]) -> ([i16; 8], __m256i) {
+    let mut sc = [0i16; 8];
+    let mut mins = [0i16; 16];
+    for j in 0..8 {
+        let (a, m) = get_scale_min_k4(j, scales);
+        sc[j] = a as i16;
+        mins[2 * j] = m as i16;
+        mins[2 * j + 1] = m as i16;
+    }
+    (sc, _mm256_loadu_si256(mins.as_ptr() as *const __m256i))
+}
+
+/// For each pair p (0..4) of sub-blocks, the four tokens' `m_2p * bsum32_2p + m_2p+1 *
+/// bsum32_2p+1` (lane t), given the mins each twice (`[m0, m0, m1, m1, ..]` as i16): one
+/// `madd` per token of its 16 bsums, then pair sums and a transpose (exact integers, the
+/// scalar sums of [`q4_k_gemm_imp`]).
+#[inline(always)]
+unsafe fn pair_mins4(y: [&BlockQ8K; 4], mins: __m256i) -> [__m128i; 4] {
+    // Lane j of token t: m_j * bsum32_j.
+    let v: [__m256i; 4] = std::array::from_fn(|t| {
+        _mm256_madd_epi16(
+            _mm256_loadu_si256(y[t].bsums.as_ptr() as *const __m256i),
+            mins,
+        )
+    });
+    // Per 128-bit lane (pairs 0, 1 low; 2, 3 high): [t0 p, t0 p+1, t1 p, t1 p+1].
+    let h01 = _mm256_castsi256_ps(_mm256_hadd_epi32(v[0], v[1]));
+    let h23 = _mm256_castsi256_ps(_mm256_hadd_epi32(v[2], v[3]));
+    let even = _mm256_castps_si256(_mm256_shuffle_ps::<0b10_00_10_00>(h01, h23));
+    let odd = _mm256_castps_si256(_mm256_shuffle_ps::<0b11_01_11_01>(h01, h23));
+    [
+        _mm256_castsi256_si128(even),
+        _mm256_castsi256_si128(odd),
+        _mm256_extracti128_si256::<1>(even),
+        _mm256_extracti128_si256::<1>(odd),
+    ]
+}
+
 /// [`q4_k_gemm_imp`] for four tokens.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_gemm4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
@@ -290,18 +331,11 @@ unsafe fn q4_k_gemm4_imp(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
         let (yb, dy) = tokens4(&y, b);
         let d = _mm_mul_ps(_mm_set1_ps(fp16(xb.d)), dy);
         let dmin = _mm_mul_ps(_mm_set1_ps(fp16(xb.dmin)), dy);
-        for p in 0..4 {
-            let (a0, m0) = get_scale_min_k4(2 * p, &xb.scales);
-            let (a1, m1) = get_scale_min_k4(2 * p + 1, &xb.scales);
-            let mut sc = [0i16; 8];
-            sc[2 * p] = a0 as i16;
-            sc[2 * p + 1] = a1 as i16;
+        let (sc, mins) = scales_mins2(&xb.scales);
+        for (p, &m) in pair_mins4(yb, mins).iter().enumerate() {
             let i = hsum4x8(build!(4, _mm256_setzero_si256(), |t| q4k_pair(
                 xb, yb[t], &sc, p
             )));
-            let m =
-                |t: usize| m0 as i32 * bsum32(yb[t], 2 * p) + m1 as i32 * bsum32(yb[t], 2 * p + 1);
-            let m = _mm_setr_epi32(m(0), m(1), m(2), m(3));
             acc = _mm_fmadd_ps(_mm_cvtepi32_ps(i), d, acc);
             accm = _mm_fmadd_ps(_mm_cvtepi32_ps(m), dmin, accm);
         }
@@ -342,11 +376,11 @@ unsafe fn tiled4_with_mins<B: bytemuck::Pod>(
     for (b, xb) in x.iter().enumerate() {
         let (yb, dy) = tokens4(&y, b);
         let (scales, d, dmin) = parts(xb);
-        let sm: [([i16; 8], i32); 4] = std::array::from_fn(|t| scales_mins(scales, yb[t]));
-        let i = hsum4x8(build!(4, _mm256_setzero_si256(), |t| lanes(
-            xb, yb[t], &sm[t].0
-        )));
-        let m = _mm_setr_epi32(sm[0].1, sm[1].1, sm[2].1, sm[3].1);
+        let (sc, mins) = scales_mins2(scales);
+        let i = hsum4x8(build!(4, _mm256_setzero_si256(), |t| lanes(xb, yb[t], &sc)));
+        // Each token's sum_j m_j * bsum32_j (exact integers).
+        let pm = pair_mins4(yb, mins);
+        let m = _mm_add_epi32(_mm_add_epi32(pm[0], pm[1]), _mm_add_epi32(pm[2], pm[3]));
         acc = tiled_step4(acc, i, m, fp16(d), fp16(dmin), dy);
     }
     lanes4(acc)
