@@ -76,7 +76,9 @@ fn encoded(f: &NmFormat, w: &[f32]) -> Vec<u8> {
 /// With u = 2^-24, a sum of t terms in any order is within (t - 1) u (1 + O(u)) of the exact
 /// sum of the terms, relative to the sum of their magnitudes; two kernels are then within
 /// 2 (nb + 8) u of each other, and the product `d_w * d_x` itself adds u per term against
-/// the f64 reference.
+/// the f64 reference. The `vpdpbusd` kernels sum biased terms (activations + 128) and take
+/// the bias back in f32, so their terms' magnitudes, and the scale of their tolerance, grow
+/// by `256 d_x sum |w|` per block (see [`biased_scale`]).
 #[derive(Clone, Copy, Debug)]
 struct Close {
     rel: f64,

@@ -1360,10 +1360,6 @@ mod x86 {
                         _mm256_loadu_si256(blk.add(voff) as *const __m256i)
                     };
                     let ax = _mm256_sign_epi8(w, w);
-                    // The block's correction, added after the dot (a broadcast operand of
-                    // the add) rather than broadcast to the dot's accumulator, which costs
-                    // a shuffle.
-
                     let mut t = 0;
                     while t < T {
                         let (p, q) = tp[t];
