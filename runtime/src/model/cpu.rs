@@ -45,6 +45,21 @@ impl CpuWeight {
         quant::dequantize(self.ty, self.bytes(host)?, out)
             .map_err(|e| Error::tensor(&self.name, e.to_string()))
     }
+
+    /// The whole tensor as f32: borrowed from the mapping where it is stored as aligned
+    /// little-endian f32 (a model's norm weights, read twice per layer and token), else
+    /// dequantized into `tmp`.
+    fn f32_view<'a>(&self, host: &'a [u8], tmp: &'a mut Vec<f32>) -> Result<&'a [f32]> {
+        if self.ty == GgmlType::F32 && cfg!(target_endian = "little") {
+            if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(self.bytes(host)?) {
+                if v.len() == self.rows * self.cols {
+                    return Ok(v);
+                }
+            }
+        }
+        self.to_f32(host, tmp)?;
+        Ok(tmp)
+    }
 }
 
 /// Element type of the key/value cache.
@@ -265,9 +280,8 @@ impl Backend for CpuBackend {
         n: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        w.to_f32(host, &mut self.tmp)?;
-        let d = self.tmp.len();
-        let g = &self.tmp;
+        let g = w.f32_view(host, &mut self.tmp)?;
+        let d = g.len();
         let dst = kernels::DisjointOut::new(&mut out[..n * d]);
         by_parts(&self.pool, n, d, |t0, t1| {
             // SAFETY: each part writes the rows of its own tokens.
