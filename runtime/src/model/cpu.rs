@@ -39,25 +39,21 @@ impl CpuWeight {
             .ok_or_else(|| Error::tensor(&self.name, "outside the mapping"))
     }
 
-    /// The whole tensor as f32 (norm weights and biases are small).
-    fn to_f32(&self, host: &[u8], out: &mut Vec<f32>) -> Result<()> {
-        out.resize(self.rows * self.cols, 0.0);
-        quant::dequantize(self.ty, self.bytes(host)?, out)
-            .map_err(|e| Error::tensor(&self.name, e.to_string()))
-    }
-
-    /// The whole tensor as f32: borrowed from the mapping where it is stored as aligned
-    /// little-endian f32 (a model's norm weights, read twice per layer and token), else
+    /// The whole tensor as f32 (norm weights and biases, small and read on every token):
+    /// borrowed from the mapping where it is stored as aligned little-endian f32, else
     /// dequantized into `tmp`.
     fn f32_view<'a>(&self, host: &'a [u8], tmp: &'a mut Vec<f32>) -> Result<&'a [f32]> {
+        let bytes = self.bytes(host)?;
         if self.ty == GgmlType::F32 && cfg!(target_endian = "little") {
-            if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(self.bytes(host)?) {
+            if let Ok(v) = bytemuck::try_cast_slice::<u8, f32>(bytes) {
                 if v.len() == self.rows * self.cols {
                     return Ok(v);
                 }
             }
         }
-        self.to_f32(host, tmp)?;
+        tmp.resize(self.rows * self.cols, 0.0);
+        quant::dequantize(self.ty, bytes, tmp)
+            .map_err(|e| Error::tensor(&self.name, e.to_string()))?;
         Ok(tmp)
     }
 }
@@ -409,9 +405,9 @@ impl Backend for CpuBackend {
     }
 
     fn add_bias(&mut self, host: &[u8], b: &CpuWeight, x: &mut Vec<f32>, n: usize) -> Result<()> {
-        b.to_f32(host, &mut self.tmp)?;
-        for xr in x.chunks_exact_mut(self.tmp.len()).take(n) {
-            xr.iter_mut().zip(&self.tmp).for_each(|(a, b)| *a += b);
+        let v = b.f32_view(host, &mut self.tmp)?;
+        for xr in x.chunks_exact_mut(v.len()).take(n) {
+            xr.iter_mut().zip(v).for_each(|(a, b)| *a += b);
         }
         Ok(())
     }
