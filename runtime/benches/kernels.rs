@@ -160,30 +160,15 @@ fn bench_kernels(c: &mut Criterion) {
                         *o = (k.vec_dot)(row, act);
                     }
                 });
-                // The decode path: four rows at a time from the four quarters of the matrix,
-                // as the matmul driver feeds them.
-                if let Some(rows4) = k.rows4 {
-                    let q = rows / 4;
-                    measure(format!("{}_rows4", k.name), &mut |wm, out| {
-                        for r in 0..q {
-                            let rs: [usize; 4] = std::array::from_fn(|i| r + i * q);
-                            for (r, v) in rs.into_iter().zip(rows4(rs.map(|r| &wm[row(r)]), act)) {
-                                out[r] = v;
-                            }
-                        }
-                    });
-                }
-                // The decode path where the entry has it: eight rows from the eighths.
-                if let Some(rows8) = k.rows8 {
-                    let q = rows / 8;
-                    measure(format!("{}_rows8", k.name), &mut |wm, out| {
-                        for r in 0..q {
-                            let rs: [usize; 8] = std::array::from_fn(|i| r + i * q);
-                            for (r, v) in rs.into_iter().zip(rows8(rs.map(|r| &wm[row(r)]), act)) {
-                                out[r] = v;
-                            }
-                        }
-                    });
+                // The decode path: four or eight rows at a time from the quarters or eighths
+                // of the matrix, as the matmul driver feeds them (one call per matrix).
+                for (kr, f) in [(4, k.rows4), (8, k.rows8)] {
+                    if let Some(f) = f {
+                        let len = rows / kr * kr;
+                        measure(format!("{}_rows{kr}", k.name), &mut |wm, out| {
+                            f(&wm[..len * row_bytes], row_bytes, act, &mut out[..len]);
+                        });
+                    }
                 }
                 // The batch paths: two or eight rows by four tokens (the same activation row
                 // four times), per weight byte as above, so a quarter of the batch's rate.

@@ -200,34 +200,22 @@ impl<'a> Job<'a> {
                 }
             }
         }
-        // The other tokens: four weight rows at a time where the entry can, then one by one.
+        // The other tokens: eight or four weight rows at a time where the entry can (from
+        // the eighths or quarters of the range, see `RowsFn`), then one by one.
         for (t, v) in variants.iter().enumerate().skip(4 * quads) {
             let a = act_row(t);
             let mut rest = r0;
-            if let (Some(rows8), Variant::Token) = (k.rows8, v) {
-                // Eight rows from the eighths of the range (eight sequential streams).
-                let q = (r1 - r0) / 8;
-                for r in r0..r0 + q {
-                    let rs: [usize; 8] = std::array::from_fn(|i| r + i * q);
-                    for (r, v) in rs.into_iter().zip(rows8(rs.map(w_row_at), a)) {
-                        // SAFETY: as above.
-                        unsafe { dst.set(t * rows + r, v) };
-                    }
-                }
-                rest = r0 + 8 * q;
-            } else if let (Some(rows4), Variant::Token) = (k.rows4, v) {
-                // The four rows come from the four quarters of the range: four sequential
-                // streams, which the hardware prefetchers follow (four neighbouring rows
-                // read side by side are not a stream to them, and run slower than one).
-                let q = (r1 - r0) / 4;
-                for r in r0..r0 + q {
-                    let rs = [r, r + q, r + 2 * q, r + 3 * q];
-                    for (r, v) in rs.into_iter().zip(rows4(rs.map(w_row_at), a)) {
-                        // SAFETY: as above.
-                        unsafe { dst.set(t * rows + r, v) };
-                    }
-                }
-                rest = r0 + 4 * q;
+            let rows_k = match (k.rows8, k.rows4, v) {
+                (Some(f), _, Variant::Token) => Some((f, 8)),
+                (None, Some(f), Variant::Token) => Some((f, 4)),
+                _ => None,
+            };
+            if let Some((f, kr)) = rows_k {
+                let len = (r1 - r0) / kr * kr;
+                // SAFETY: tasks own disjoint row ranges, so no two write the same element.
+                let y = unsafe { dst.part(t * rows + r0, len) };
+                f(&w[r0 * w_row..(r0 + len) * w_row], w_row, a, y);
+                rest = r0 + len;
             }
             let dot = k.dot(*v);
             for r in rest..r1 {

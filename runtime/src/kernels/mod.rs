@@ -14,6 +14,42 @@
 //! `SPARROW_KERNELS` limits the level for A/B runs: `generic` (or `off`) turns every plug
 //! off; `avx2`, `avx512`, `neon`, `dotprod`, `i8mm` cap the plug at that level.
 
+/// The loop of a [`RowsFn`] with K rows per step (`$k`), for the inside of the kernel's
+/// target-feature function so that its K-row body (`|rows| body`, mapping `[&[u8]; K]` to
+/// `[f32; K]`) inlines. Panics unless the shapes are as [`RowsFn`] says.
+macro_rules! row_parts {
+    ($k:literal, $w:expr, $rb:expr, $y:expr, |$rows:ident| $body:expr) => {{
+        let (w, rb, y): (&[u8], usize, &mut [f32]) = ($w, $rb, $y);
+        let q = y.len() / $k;
+        assert!(
+            y.len() == $k * q && Some(w.len()) == y.len().checked_mul(rb),
+            "rows: {} rows of {rb} bytes in {} bytes (a multiple of {} rows)",
+            y.len(),
+            w.len(),
+            $k
+        );
+        for r in 0..q {
+            // A loop, not `std::array::from_fn`: a closure is compiled without the kernel's
+            // target features and may stay out of line (see x86's `build!`).
+            let mut $rows: [&[u8]; $k] = [&[]; $k];
+            for (i, s) in $rows.iter_mut().enumerate() {
+                // SAFETY: (r + i q + 1) rb <= K q rb == w.len() for i < K, r < q. (Some
+                // callers expand this inside an unsafe block.)
+                #[allow(unused_unsafe)]
+                let row = unsafe { w.get_unchecked((r + i * q) * rb..(r + i * q + 1) * rb) };
+                *s = row;
+            }
+            let v: [f32; $k] = $body;
+            for (i, v) in v.into_iter().enumerate() {
+                // SAFETY: r + i q < K q == y.len().
+                #[allow(unused_unsafe)]
+                let out = unsafe { y.get_unchecked_mut(r + i * q) };
+                *out = v;
+            }
+        }
+    }};
+}
+
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
 pub mod act;
@@ -40,11 +76,17 @@ pub type VecDotFn = fn(&[u8], &[u8]) -> f32;
 /// The dot products of one weight row with four activation rows: four `VecDotFn` results,
 /// bit for bit, with the weight row's blocks unpacked once.
 pub type VecDot4Fn = fn(&[u8], [&[u8]; 4]) -> [f32; 4];
-/// The dot products of four weight rows with one activation row: four `VecDotFn` results,
-/// bit for bit, computed side by side (four independent accumulator chains).
-pub type Rows4Fn = fn([&[u8]; 4], &[u8]) -> [f32; 4];
-/// As [`Rows4Fn`] for eight weight rows.
-pub type Rows8Fn = fn([&[u8]; 8], &[u8]) -> [f32; 8];
+/// `rows(w, rb, a, y)`: the dot products of the `y.len()` weight rows of `w` (`rb` bytes
+/// each, `w.len() == y.len() * rb`) with one activation row, `y[j] = VecDotFn(row j, a)` bit
+/// for bit, computed K rows side by side (K independent accumulator chains: 4 for `rows4`,
+/// 8 for `rows8`; `y.len()` a multiple of K). The K rows of a step come from the K equal
+/// parts of the slice, rows `r, r + q, .., r + (K - 1) q` with `q = y.len() / K`: K
+/// sequential streams, which the hardware prefetchers follow (K neighbouring rows read side
+/// by side are not a stream to them, and run slower than one). The loop over the slice runs
+/// inside the kernel (see [`row_parts!`]): a call per K rows cost a tenth of a decode step's
+/// product time in argument and result copies.
+pub type RowsFn = fn(&[u8], usize, &[u8], &mut [f32]);
+
 /// The dot products of two weight rows with four activation rows (`[row][token]`), bit for bit
 /// the `VecDotFn` results: the tile of a batch, sharing weight unpacking across tokens and
 /// activation loads across rows.
@@ -154,10 +196,10 @@ pub struct DotKernel {
     /// `vec_dot` for four tokens at once, where the plug has it (batches).
     pub vec_dot4: Option<VecDot4Fn>,
     /// `vec_dot` for four weight rows at once, where the plug has it (decode steps).
-    pub rows4: Option<Rows4Fn>,
+    pub rows4: Option<RowsFn>,
     /// `vec_dot` for eight weight rows at once, where the plug has it (decode; preferred over
     /// `rows4`).
-    pub rows8: Option<Rows8Fn>,
+    pub rows8: Option<RowsFn>,
     /// `vec_dot` for two weight rows by four tokens, where the plug has it (batches).
     pub tile2x4: Option<Tile2x4Fn>,
     /// `vec_dot` for eight weight rows by four tokens, where the plug has it (batches;

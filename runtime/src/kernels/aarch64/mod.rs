@@ -21,7 +21,7 @@
 mod kquant;
 mod neon;
 
-use super::{KernelTable, Level, QuantizeRowFn, Rows4Fn, Tile2x4Fn, VecDot4Fn, VecDotFn};
+use super::{KernelTable, Level, QuantizeRowFn, RowsFn, Tile2x4Fn, VecDot4Fn, VecDotFn};
 use crate::quant::GgmlType;
 
 /// The aarch64 levels this CPU supports, lowest first.
@@ -53,7 +53,7 @@ struct Set {
     /// vec_dot, tiled.
     q6_k: [VecDotFn; 2],
     /// rows4, vec_dot4 and tile2x4 of Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
-    shapes: [(Rows4Fn, VecDot4Fn, Tile2x4Fn); 5],
+    shapes: [(RowsFn, VecDot4Fn, Tile2x4Fn); 5],
 }
 
 /// The `rows4`, `vec_dot4`, `tile2x4` of the five 32-block formats, in `Set::names` order,

@@ -362,9 +362,12 @@ macro_rules! shapes {
             /// NEON (`Neon`) or dotprod (`Sdot`) forms, `$body::<I, R, N>`.
             macro_rules! forms {
                 ($isa:ty, $feat:tt) => {
-                    pub fn rows4(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-                        forms!(@call $feat, [&[u8]; 4], &[u8], [f32; 4], w, a,
-                            $body::<$isa, 4, 1>(w, [a]).map(|r| r[0]))
+                    pub fn rows4(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
+                        let wy = (w, rb, y);
+                        forms!(@call $feat, (&[u8], usize, &mut [f32]), &[u8], (),
+                            wy, a, row_parts!(4, wy.0, wy.1, wy.2, |rows| {
+                                $body::<$isa, 4, 1>(rows, [a]).map(|r| r[0])
+                            }))
                     }
                     pub fn vec_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
                         forms!(@call $feat, &[u8], [&[u8]; 4], [f32; 4], w, a,
@@ -493,13 +496,13 @@ unsafe fn q4_0_t8<const N: usize>(w: [&[u8]; 8], a: [&[u8]; N]) -> [[f32; N]; 8]
 }
 
 /// Only registered by `aarch64::plug` at `Level::Dotprod` and above (see `entries!`).
-pub(super) fn q4_0_q8_0_rows8_sdot(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+pub(super) fn q4_0_q8_0_rows8_sdot(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
     #[target_feature(enable = "dotprod")]
-    unsafe fn imp(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
-        q4_0_t8::<1>(w, [a]).map(|r| r[0])
+    unsafe fn imp(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
+        row_parts!(8, w, rb, y, |rows| q4_0_t8::<1>(rows, [a]).map(|r| r[0]))
     }
     // SAFETY: as for the `entries!` dotprod entry points.
-    unsafe { imp(w, a) }
+    unsafe { imp(w, rb, a, y) }
 }
 
 /// As [`q4_0_q8_0_rows8_sdot`], for eight rows by four tokens.

@@ -159,9 +159,9 @@ fn rows<'a, W: bytemuck::Pod, A: bytemuck::Pod, const R: usize, const N: usize>(
     let nb = blocks::<W>(w[0]).len();
     let bs = std::mem::size_of::<A>();
     (
-        std::array::from_fn(|r| &blocks::<W>(w[r])[..nb]),
-        std::array::from_fn(|t| &blocks::<A>(a[t])[..nb]),
-        std::array::from_fn(|t| act_scales(a[t], nb, bs, per)),
+        build!(R, &[][..], |r| &blocks::<W>(w[r])[..nb]),
+        build!(N, &[][..], |t| &blocks::<A>(a[t])[..nb]),
+        build!(N, &[][..], |t| act_scales(a[t], nb, bs, per)),
         nb,
     )
 }
@@ -647,11 +647,14 @@ unsafe fn q4_0_t8<const VNNI: bool, const N: usize>(w: [&[u8]; 8], a: [&[u8]; N]
     build!(8, [0.0; N], |r| build!(N, 0.0, |t| lanes[t][r]))
 }
 
-/// Q4_0 for eight rows and one token (decode): [`q4_0_t8`] with N = 1.
+/// Q4_0 for one token (decode), eight rows at a time: [`q4_0_t8`] with N = 1 (a
+/// [`super::super::RowsFn`]).
 #[inline(always)]
-unsafe fn q4_0_rows8<const VNNI: bool>(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
-    let v = q4_0_t8::<VNNI, 1>(w, [a]);
-    build!(8, 0.0, |r| v[r][0])
+unsafe fn q4_0_rows8<const VNNI: bool>(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
+    row_parts!(8, w, rb, y, |rows| {
+        let v = q4_0_t8::<VNNI, 1>(rows, [a]);
+        build!(8, 0.0, |r| v[r][0])
+    })
 }
 
 pub(super) fn q4_0_q8_0_tile8x4(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4]; 8] {
@@ -672,22 +675,22 @@ pub(super) fn q4_0_q8_0_tile8x4_vnni(w: [&[u8]; 8], a: [&[u8]; 4]) -> [[f32; 4];
     unsafe { imp(w, a) }
 }
 
-pub(super) fn q4_0_q8_0_rows8(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+pub(super) fn q4_0_q8_0_rows8(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn imp(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
-        q4_0_rows8::<false>(w, a)
+    unsafe fn imp(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
+        q4_0_rows8::<false>(w, rb, a, y)
     }
     // SAFETY: only registered by `x86::plug` after the CPU features were detected.
-    unsafe { imp(w, a) }
+    unsafe { imp(w, rb, a, y) }
 }
 
-pub(super) fn q4_0_q8_0_rows8_vnni(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
+pub(super) fn q4_0_q8_0_rows8_vnni(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn imp(w: [&[u8]; 8], a: &[u8]) -> [f32; 8] {
-        q4_0_rows8::<true>(w, a)
+    unsafe fn imp(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
+        q4_0_rows8::<true>(w, rb, a, y)
     }
     // SAFETY: as above, at the AVX-512 level.
-    unsafe { imp(w, a) }
+    unsafe { imp(w, rb, a, y) }
 }
 
 /// Q4_1 / Q5_1 per token and block: the weight's [d, m] times the activation's [d, s] gives
@@ -969,9 +972,11 @@ macro_rules! dots {
                 $body::<{ $vnni }, 1, 4>([w], a)[0]
             }
             #[target_feature(enable = $features)]
-            unsafe fn four_rows(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-                let r = $body::<{ $vnni }, 4, 1>(w, [a]);
-                [r[0][0], r[1][0], r[2][0], r[3][0]]
+            unsafe fn four_rows(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
+                row_parts!(4, w, rb, y, |rows| {
+                    let r = $body::<{ $vnni }, 4, 1>(rows, [a]);
+                    [r[0][0], r[1][0], r[2][0], r[3][0]]
+                })
             }
             #[target_feature(enable = $features)]
             unsafe fn two_by_four(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4]; 2] {
@@ -985,8 +990,8 @@ macro_rules! dots {
             pub fn vec_dot4(w: &[u8], a: [&[u8]; 4]) -> [f32; 4] {
                 unsafe { four(w, a) }
             }
-            pub fn rows4(w: [&[u8]; 4], a: &[u8]) -> [f32; 4] {
-                unsafe { four_rows(w, a) }
+            pub fn rows4(w: &[u8], rb: usize, a: &[u8], y: &mut [f32]) {
+                unsafe { four_rows(w, rb, a, y) }
             }
             pub fn tile2x4(w: [&[u8]; 2], a: [&[u8]; 4]) -> [[f32; 4]; 2] {
                 unsafe { two_by_four(w, a) }

@@ -270,7 +270,7 @@ fn rows4<'a, W: bytemuck::Pod>(w: &'a [u8], a: [&'a [u8]; 4]) -> (&'a [W], [&'a 
     let x = blocks::<W>(w);
     (
         x,
-        std::array::from_fn(|t| &blocks::<BlockQ8K>(a[t])[..x.len()]),
+        build!(4, &[][..], |t| &blocks::<BlockQ8K>(a[t])[..x.len()]),
     )
 }
 

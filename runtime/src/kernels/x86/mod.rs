@@ -86,7 +86,7 @@ pub(super) fn plug(t: &mut KernelTable, level: Level) {
                 &'static str,
                 super::VecDotFn,
                 super::VecDot4Fn,
-                super::Rows4Fn,
+                super::RowsFn,
                 super::Tile2x4Fn,
             ) = if vnni {
                 (
