@@ -9,8 +9,9 @@
 #
 # What it installs / builds (and says so as it goes):
 #   llama.cpp  llama-cpp-python==0.3.36 through pip, built from source for this CPU
-#              (CMAKE_ARGS=-DGGML_NATIVE=ON; about 10 minutes on 2 cores), if it is missing or
-#              another version; numpy if missing. Runner: bench/llama_cpp_bench.py.
+#              (CMAKE_ARGS=-DGGML_NATIVE=ON, or on CPUs with AMX every other extension named,
+#              see below; about 10 minutes on 2 cores), if it is missing, another version, or
+#              built with AMX on such a CPU; numpy if missing. Runner: bench/llama_cpp_bench.py.
 #   candle     the crate bench/candle (candle-core/candle-transformers 0.11, own workspace and
 #              target dir), cargo build --release with RUSTFLAGS="-C target-cpu=native" (llama.cpp
 #              is built native too; candle picks its x86 SIMD kernels at compile time).
@@ -106,11 +107,26 @@ if [ "$have_numpy" = 0 ]; then
     "$PYTHON" -m pip install --quiet numpy >&2
 fi
 llama_version="$("$PYTHON" -c 'import llama_cpp; print(llama_cpp.__version__)' 2>/dev/null || true)"
-if has llama.cpp && [ "$llama_version" != "$LLAMA_CPP_PYTHON_VERSION" ]; then
-    say "installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (found: ${llama_version:-none}), built from"
-    say "source with CMAKE_ARGS=-DGGML_NATIVE=ON: this compiles llama.cpp, about 10 minutes on 2 cores"
-    CMAKE_ARGS="-DGGML_NATIVE=ON" FORCE_CMAKE=1 "$PYTHON" -m pip install --no-cache-dir \
-        --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
+llama_info="$("$PYTHON" -c 'import llama_cpp as l; print(l.llama_print_system_info().decode())' 2>/dev/null || true)"
+# Build flags: -march=native, except on CPUs with AMX (Sapphire Rapids and later), where
+# ggml's AMX matrix product crashes this version (SIGSEGV in ggml_backend_amx_mul_mat on the
+# first batch; llama.cpp issue 20824): there every ISA extension the CPU reports is named
+# instead, AMX left out.
+llama_cmake="-DGGML_NATIVE=ON"
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+    cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+    llama_cmake="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    for pair in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI \
+                avx512f:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+        case "$cpu_flags" in *" ${pair%%:*} "*) llama_cmake="$llama_cmake -DGGML_${pair##*:}=ON" ;; esac
+    done
+fi
+if has llama.cpp && { [ "$llama_version" != "$LLAMA_CPP_PYTHON_VERSION" ] \
+        || case "$llama_cmake" in *AMX_INT8=OFF*) [[ "$llama_info" == *"AMX_INT8 = 1"* ]] ;; *) false ;; esac; }; then
+    say "installing llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION (found: ${llama_version:-none}${llama_info:+, $llama_info}),"
+    say "built from source with CMAKE_ARGS=\"$llama_cmake\": this compiles llama.cpp, about 10 minutes on 2 cores"
+    CMAKE_ARGS="$llama_cmake" FORCE_CMAKE=1 "$PYTHON" -m pip install --force-reinstall --no-deps \
+        --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
     llama_version="$("$PYTHON" -c 'import llama_cpp; print(llama_cpp.__version__)')"
 fi
 if has llama.cpp; then
