@@ -300,14 +300,86 @@ unsafe fn signed_t4x4<const VNNI: bool, W: SignedBlock>(
     build!(4, [0.0; 4], |r| build!(4, 0.0, |t| hsum_float_8(acc[r][t])))
 }
 
-/// [`signed_t4x4`] over eight rows (two groups of four): the `tile8x4` of Q8_0 and Q5_0.
+/// `lo` in the low half of a 512-bit vector, `hi` in the high half.
+#[inline(always)]
+unsafe fn both(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+/// [`signed_t4x4`] with VNNI in 512-bit vectors: the tokens in pairs, a vector's low half
+/// the 8 lanes of (row, token 2p) and its high half those of (row, token 2p + 1), so that
+/// each of a pair's operations (`vpdpbusd`, the conversion, the scale's permute, the fused
+/// multiply-add) is one instruction for two (row, token) pairs. Every lane sees the
+/// operations of [`signed_step`] in its order, on the same values: the bits of `vec_dot`.
+/// On the Intel Xeon development VM (AVX-512 with two 512-bit multiply-add units) the Q8_0
+/// and Q4_K_M prompts ran 7-9% faster than with [`signed_t4x4`]; not measured on Zen 4,
+/// which splits 512-bit operations in two.
+#[inline(always)]
+unsafe fn signed_t4x4_zmm<W: SignedBlock>(w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32; 4]; 4] {
+    let per = q8_0_ext::<true>();
+    let (x, y, ext, nb) = rows::<W, BlockQ8_0, 4, 4>(w, a, per);
+    // acc[r][p]: row r, tokens 2p (low half) and 2p + 1 (high half).
+    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+    // Row r's lane of the two tokens' scale products (lanes 0..4 and 4..8 of `d8` below).
+    let lane: [__m512i; 4] = build!(4, _mm512_setzero_si512(), |r| {
+        _mm512_inserti64x4::<1>(_mm512_set1_epi32(r as i32), _mm256_set1_epi32(4 + r as i32))
+    });
+    for b in 0..nb {
+        let qx: [__m512i; 4] = build!(4, _mm512_setzero_si512(), |r| {
+            let q = x[r][b].qx::<true>();
+            both(q, q)
+        });
+        let h = |r: usize| u16::from_le_bytes(x[r][b].d()) as u64;
+        let dx = _mm_cvtph_ps(_mm_cvtsi64_si128(
+            (h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48) as i64,
+        ));
+        for p in 0..2 {
+            let e: [*const u8; 2] = build!(2, std::ptr::null(), |i| ext[2 * p + i]
+                .as_ptr()
+                .add(per * b));
+            let yv = both(loady(&y[2 * p][b].qs), loady(&y[2 * p + 1][b].qs));
+            let corr = both(
+                _mm256_loadu_si256(e[0].add(4) as *const __m256i),
+                _mm256_loadu_si256(e[1].add(4) as *const __m256i),
+            );
+            let d: [__m128; 2] = build!(2, _mm_setzero_ps(), |i| _mm_mul_ps(
+                dx,
+                _mm_set1_ps((e[i] as *const f32).read_unaligned())
+            ));
+            let d8 = _mm512_castps256_ps512(_mm256_insertf128_ps::<1>(
+                _mm256_castps128_ps256(d[0]),
+                d[1],
+            ));
+            for r in 0..4 {
+                let pr = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(corr, qx[r], yv));
+                let dr = _mm512_permutexvar_ps(lane[r], d8);
+                acc[r][p] = _mm512_fmadd_ps(dr, pr, acc[r][p]);
+            }
+        }
+    }
+    build!(4, [0.0; 4], |r| build!(4, 0.0, |t| {
+        let v = acc[r][t / 2];
+        hsum_float_8(if t % 2 == 0 {
+            _mm512_castps512_ps256(v)
+        } else {
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+        })
+    }))
+}
+
+/// [`signed_t4x4`] (with VNNI [`signed_t4x4_zmm`]) over eight rows (two groups of four): the
+/// `tile8x4` of Q8_0 and Q5_0.
 #[inline(always)]
 unsafe fn signed_t8x4<const VNNI: bool, W: SignedBlock>(
     w: [&[u8]; 8],
     a: [&[u8]; 4],
 ) -> [[f32; 4]; 8] {
-    let lo = signed_t4x4::<VNNI, W>([w[0], w[1], w[2], w[3]], a);
-    let hi = signed_t4x4::<VNNI, W>([w[4], w[5], w[6], w[7]], a);
+    let (w0, w1) = ([w[0], w[1], w[2], w[3]], [w[4], w[5], w[6], w[7]]);
+    let (lo, hi) = if VNNI {
+        (signed_t4x4_zmm::<W>(w0, a), signed_t4x4_zmm::<W>(w1, a))
+    } else {
+        (signed_t4x4::<VNNI, W>(w0, a), signed_t4x4::<VNNI, W>(w1, a))
+    };
     build!(8, [0.0; 4], |r| if r < 4 { lo[r] } else { hi[r - 4] })
 }
 
