@@ -234,7 +234,10 @@ def main():
     if "llama.cpp" in engines:
         lw = ", ".join(f"{r['threads']}t prompt {r['llama.cpp']['wall_prompt_tokens_per_s']:.1f} / decode "
                        f"{r['llama.cpp']['wall_decode_tokens_per_s']:.1f}" for r in summary)
-        notes.append(f"llama.cpp: llama-cpp-python {meta.get('llama_cpp_python', '?')} (GGML_NATIVE), its own perf "
+        info = meta.get("llama_cpp_system_info", "")
+        feats = " ".join(f.split("=")[0].strip() for f in info.split("|") if f.strip().endswith("= 1"))
+        notes.append(f"llama.cpp: llama-cpp-python {meta.get('llama_cpp_python', '?')} "
+                     f"({feats.replace('CPU : ', '') or 'build features unknown'}), its own perf "
                      f"counters (llama_perf_context); flash attention off, f16 KV cache. Wall clock around "
                      f"llama_decode+get_logits, medians: {lw}.")
     if "candle" in engines:

@@ -128,6 +128,7 @@ if has llama.cpp && { [ "$llama_version" != "$LLAMA_CPP_PYTHON_VERSION" ] \
     CMAKE_ARGS="$llama_cmake" FORCE_CMAKE=1 "$PYTHON" -m pip install --force-reinstall --no-deps \
         --no-cache-dir --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION" >&2
     llama_version="$("$PYTHON" -c 'import llama_cpp; print(llama_cpp.__version__)')"
+    llama_info="$("$PYTHON" -c 'import llama_cpp as l; print(l.llama_print_system_info().decode())')"
 fi
 if has llama.cpp; then
     say "llama.cpp: llama-cpp-python $llama_version ($("$PYTHON" -c 'import llama_cpp as l; print(l.llama_print_system_info().decode().strip())' 2>/dev/null))"
@@ -192,8 +193,8 @@ if [ -z "$json_out" ]; then
     mkdir -p "$here/results"
     json_out="$here/results/compare-$(basename "$model" .gguf)-$(date +%Y%m%d-%H%M%S).json"
 fi
-meta="$("$PYTHON" -c 'import json,sys; print(json.dumps({"llama_cpp_python": sys.argv[1], "candle": sys.argv[2], "candle_rustflags": sys.argv[3], "prompt_tokenizer": sys.argv[4]}))' \
-    "$llama_version" "$candle_version" "$candle_rustflags" "$tokenizer")"
+meta="$("$PYTHON" -c 'import json,sys; print(json.dumps({"llama_cpp_python": sys.argv[1], "candle": sys.argv[2], "candle_rustflags": sys.argv[3], "prompt_tokenizer": sys.argv[4], "llama_cpp_system_info": sys.argv[5]}))' \
+    "$llama_version" "$candle_version" "$candle_rustflags" "$tokenizer" "$llama_info")"
 sp_flag=()
 [ "$sparrow_tokens" = 1 ] && sp_flag=(--sparrow-tokens)
 say "running: engines [$engines], threads [$threads], $reps reps round robin, prompt $ptoks, decode $gtoks"
