@@ -107,7 +107,7 @@ fn bench_kernels(c: &mut Criterion) {
             let mut w = vec![0u8; w_bytes];
             quant::quantize(ty, &f, &mut w).expect("quantize weights");
             drop(f);
-            let copies = shape.stream_bytes.div_ceil(w_bytes).max(1);
+            let copies = shape.stream_bytes().div_ceil(w_bytes).max(1);
             let weights: Vec<Vec<u8>> = (0..copies).map(|_| w.clone()).collect();
             drop(w);
             let x = rng.fill(cols);

@@ -142,7 +142,7 @@ fn dense<'a>(k: &'a DotKernel, shape: &Shape, w: &[f32], x: &[f32]) -> Vec<Entry
     let bytes = rows * row_bytes;
     let mut q = vec![0u8; bytes];
     quant::quantize(k.weight_type, w, &mut q).expect("quantize weights");
-    let copies = shape.stream_bytes.div_ceil(bytes).max(1);
+    let copies = shape.stream_bytes().div_ceil(bytes).max(1);
     let mats: std::rc::Rc<Vec<Vec<u8>>> =
         std::rc::Rc::new((0..copies).map(|_| q.clone()).collect());
     let mut act = vec![0u8; k.act_row_bytes(cols).expect("whole blocks")];
@@ -213,7 +213,7 @@ fn bench(c: &mut Criterion) {
         let id = format!(
             "group/{} {rows}x{cols}{}",
             shape.name,
-            if shape.stream_bytes > 0 {
+            if shape.stream_bytes() > 0 {
                 " streamed"
             } else {
                 ""
@@ -235,7 +235,7 @@ fn bench(c: &mut Criterion) {
             prune(&mut pw, cols, gs, s).expect("prune");
             let enc = encode(&pw, rows, cols, fmt).expect("encode");
             drop(pw);
-            let copies = shape.stream_bytes.div_ceil(enc.len()).max(1);
+            let copies = shape.stream_bytes().div_ceil(enc.len()).max(1);
             encoded.push((label, values, (0..copies).map(|_| enc.clone()).collect()));
         }
         // The entries: dense Q4_0 and Q8_0 (each with rows8 where present), then the cases.

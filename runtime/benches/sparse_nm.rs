@@ -16,8 +16,9 @@
 //! shared machine disturbs less.
 //!
 //! Shapes are SmolLM2-135M's: `ffn_up 1536x576` and `ffn_down 576x1536` stay in the caches;
-//! `output 49152x576` is cycled over copies totalling 128 MiB so that every iteration streams
-//! its weights from memory. Weights are random, pruned by magnitude.
+//! `output 49152x576` is cycled over copies totalling `common::stream_bytes()` (twice
+//! the largest cache, at least 128 MiB) so that every iteration streams its weights from
+//! memory. Weights are random, pruned by magnitude.
 //!
 //! Batch (prompt processing): after each shape, the same matrices times a batch of
 //! `NM_BENCH_BATCH` tokens (default 32; one copy of the matrix): dense [`matmul`] with `n`
@@ -102,7 +103,7 @@ fn bench_sparse_nm(c: &mut Criterion) {
         let id = format!(
             "nm/{} {rows}x{cols}{}",
             shape.name,
-            if shape.stream_bytes > 0 {
+            if shape.stream_bytes() > 0 {
                 " streamed"
             } else {
                 ""
@@ -121,7 +122,7 @@ fn bench_sparse_nm(c: &mut Criterion) {
             let mut w = vec![0u8; rows * rb];
             quant::quantize(ty, &f, &mut w).expect("quantize");
             let w_bytes = w.len();
-            let weights = copies(w, shape.stream_bytes);
+            let weights = copies(w, shape.stream_bytes());
             let mut scratch = MatmulScratch::default();
             let mut y = vec![0f32; rows];
             let mut next = 0;
@@ -167,7 +168,7 @@ fn bench_sparse_nm(c: &mut Criterion) {
                 encode_row(fm, src, dst).expect("encode");
             }
             let w_bytes = w.len();
-            let weights = copies(w, shape.stream_bytes);
+            let weights = copies(w, shape.stream_bytes());
             let mut acts = NmActs::new();
             let mut y = vec![0f32; rows];
             let mut next = 0;
