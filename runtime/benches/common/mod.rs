@@ -26,7 +26,7 @@ impl Shape {
 /// Twice the largest CPU cache that sysfs reports for cpu0 (cycling through twice a cache's
 /// size leaves nothing for it to hit), at least 128 MiB (128 MiB where sysfs says nothing): a
 /// fixed 128 MiB fitted in the L3 of some machines (an Intel Xeon VM reports 480 MiB; there
-/// the group bench keeps about 10 such sets of copies at once, 10 GB).
+/// the group bench holds nine such sets of copies at once, about 9 GB).
 /// `SPARROW_BENCH_STREAM_MIB` sets it instead.
 pub fn stream_bytes() -> usize {
     if let Some(mib) = std::env::var("SPARROW_BENCH_STREAM_MIB")
