@@ -253,6 +253,15 @@ impl SignedBlock for BlockQ5_0 {
     }
 }
 
+/// The f16 scales of block `b` of four rows, converted together (lanes 0..4).
+#[inline(always)]
+unsafe fn scales4<W: SignedBlock>(x: [&[W]; 4], b: usize) -> __m128 {
+    let h = |r: usize| u16::from_le_bytes(x[r][b].d()) as u64;
+    _mm_cvtph_ps(_mm_cvtsi64_si128(
+        (h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48) as i64,
+    ))
+}
+
 /// Signed-weight blocks (Q8_0, Q5_0) for four rows by four tokens, each pair in
 /// [`signed_step`]'s operations and order (so the bits of `vec_dot`): the four rows' scales
 /// converted together and multiplied by a token's scale in one 4-lane product, each pair's
@@ -269,10 +278,7 @@ unsafe fn signed_t4x4<const VNNI: bool, W: SignedBlock>(
     let lane: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |r| _mm256_set1_epi32(r as i32));
     for b in 0..nb {
         let qx: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |r| x[r][b].qx::<VNNI>());
-        let h = |r: usize| u16::from_le_bytes(x[r][b].d()) as u64;
-        let dx = _mm_cvtph_ps(_mm_cvtsi64_si128(
-            (h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48) as i64,
-        ));
+        let dx = scales4(x, b);
         for t in 0..4 {
             let e = ext[t].as_ptr().add(per * b);
             let yv = loady(&y[t][b].qs);
@@ -329,10 +335,7 @@ unsafe fn signed_t4x4_zmm<W: SignedBlock>(w: [&[u8]; 4], a: [&[u8]; 4]) -> [[f32
             let q = x[r][b].qx::<true>();
             both(q, q)
         });
-        let h = |r: usize| u16::from_le_bytes(x[r][b].d()) as u64;
-        let dx = _mm_cvtph_ps(_mm_cvtsi64_si128(
-            (h(0) | h(1) << 16 | h(2) << 32 | h(3) << 48) as i64,
-        ));
+        let dx = scales4(x, b);
         for p in 0..2 {
             let e: [*const u8; 2] = build!(2, std::ptr::null(), |i| ext[2 * p + i]
                 .as_ptr()
