@@ -27,7 +27,10 @@
 //! matrix-vector kernel run once per token (the path a batch took before `matmat`).
 //!
 //! `SPARSE_NM_QUICK=1` skips criterion and reports only the interleaved ratios (with the
-//! median round times).
+//! median round times). For quick comparisons while working on a kernel:
+//! `NM_BENCH_SHAPES=ffn_up,ffn_down` measures only the shapes named, `NM_BENCH_FORMATS=nm24_q8`
+//! only the sparse formats named (`nm24_q8`, `nm48_q8`, `nm24_q4`, `nm48_q4`; the dense
+//! entries are always measured), and `NM_BENCH_BATCH=0` skips the batches.
 
 mod common;
 
@@ -94,12 +97,23 @@ fn bench_sparse_nm(c: &mut Criterion) {
     .into_iter()
     .map(|(n, m, v)| NmFormat::new(n, m, v).expect("valid format"))
     .collect();
+    let listed = |var: &str, name: &str| {
+        std::env::var(var).map_or(true, |v| v.split(',').any(|s| s.trim() == name))
+    };
+    let formats: Vec<NmFormat> = formats
+        .into_iter()
+        .filter(|f| listed("NM_BENCH_FORMATS", &format_name(f)))
+        .collect();
     let mut rng = Rng(0x5eed_1234_abcd_9876);
     let mut report = Vec::new();
     for shape in &SHAPES {
         let (rows, cols) = (shape.rows, shape.cols);
         let f = rng.fill(rows * cols);
         let x = rng.fill(cols);
+        let xb = rng.fill(batch * cols);
+        if !listed("NM_BENCH_SHAPES", shape.name) {
+            continue;
+        }
         let id = format!(
             "nm/{} {rows}x{cols}{}",
             shape.name,
@@ -172,10 +186,6 @@ fn bench_sparse_nm(c: &mut Criterion) {
             let mut acts = NmActs::new();
             let mut y = vec![0f32; rows];
             let mut next = 0;
-            let q = match fm.values {
-                NmValues::Q8 => "q8",
-                NmValues::Q4 => "q4",
-            };
             let x = &x;
             let run = move || {
                 let wm = &weights[next];
@@ -184,13 +194,16 @@ fn bench_sparse_nm(c: &mut Criterion) {
                 kern.matvec(wm, &acts, &mut y).expect("matvec");
                 black_box(&mut y);
             };
-            let name = format!("nm{}{}_{q} {}", fm.n, fm.m, kern.name);
+            let name = format!("{} {}", format_name(fm), kern.name);
             entries.push((name, w_bytes, Box::new(run)));
         }
 
         measure(&mut g, &id, &mut entries, quick, bandwidth, &mut report);
         g.finish();
 
+        if batch == 0 {
+            continue;
+        }
         // The batch: dense matmul of n tokens, sparse matmat, sparse matvec per token.
         let id = format!("nm/{} {rows}x{cols} batch {batch}", shape.name);
         let mut g = c.benchmark_group(&id);
@@ -198,7 +211,6 @@ fn bench_sparse_nm(c: &mut Criterion) {
             .sampling_mode(SamplingMode::Flat)
             .warm_up_time(Duration::from_millis(300))
             .measurement_time(Duration::from_secs(1));
-        let xb = rng.fill(batch * cols);
         let mut entries: Vec<(String, usize, Run)> = Vec::new();
         for ty in [GgmlType::Q8_0, GgmlType::Q4_0] {
             let Some(k) = table.dot(ty) else { continue };
@@ -238,10 +250,6 @@ fn bench_sparse_nm(c: &mut Criterion) {
                 encode_row(fm, src, dst).expect("encode");
             }
             let w = std::rc::Rc::new(w);
-            let q = match fm.values {
-                NmValues::Q8 => "q8",
-                NmValues::Q4 => "q4",
-            };
             // 0: matmat, 1: the matrix-vector kernel per token, 2 (NM_BENCH_ALL=1): matmat
             // with one-row calls only (no two-row tile).
             for how in 0..if all { 3 } else { 2 } {
@@ -266,7 +274,7 @@ fn bench_sparse_nm(c: &mut Criterion) {
                     black_box(&mut y);
                 };
                 let how = ["matmat", "matvec per token", "matmat one-row"][how];
-                let name = format!("nm{}{}_{q} {} {how}", fm.n, fm.m, kern.name);
+                let name = format!("{} {} {how}", format_name(fm), kern.name);
                 entries.push((name, w_bytes, Box::new(run)));
             }
         }
@@ -277,6 +285,15 @@ fn bench_sparse_nm(c: &mut Criterion) {
     for l in report {
         eprintln!("{l}");
     }
+}
+
+/// `nm24_q8` for 2:4 with Q8 values.
+fn format_name(f: &NmFormat) -> String {
+    let q = match f.values {
+        NmValues::Q8 => "q8",
+        NmValues::Q4 => "q4",
+    };
+    format!("nm{}{}_{q}", f.n, f.m)
 }
 
 /// A timed entry: name, weight bytes, one product.

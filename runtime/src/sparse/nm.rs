@@ -54,12 +54,12 @@
 //! sum, where the others move the weights' signs onto the activations. Per block, the kept
 //! weights are multiplied by the activations at their positions in exact i32 arithmetic; the
 //! block's sum is scaled by `d_w * d_x` and accumulated in f32. The SIMD kernels gather the
-//! activations a block needs with byte shuffles (`pshufb`, `vpermi2b` on x86, `tbl` on
+//! activations a block needs with byte shuffles (`pshufb`, `vpermb` on x86, `tbl` on
 //! aarch64) driven by the decoded indices, and accumulate in 8 (x86) or 4 (aarch64) f32
 //! lanes: they differ from the portable kernel only in the order of the f32 additions (the
 //! integer parts are exact), which the tests bound, except the `vpdpbusd` ones, which
-//! subtract `d_w * d_x * 128 sum_b` in f32 (16 blocks at a time, off the per-block path): their
-//! rounding is relative to the biased terms, which the tests bound as such.
+//! subtract `d_w * d_x * 128 sum_b` in f32 (8 or 16 blocks at a time, off the per-block
+//! path): their rounding is relative to the biased terms, which the tests bound as such.
 //!
 //! Kernels read rows they did not validate (a memory-mapped model), so no byte pattern makes
 //! them panic or read outside the row; a corrupt row (an index >= M, indices not strictly
@@ -1008,7 +1008,8 @@ fn simd_shape(f: &NmFormat) -> bool {
 mod x86 {
     //! AVX2 (+FMA, F16C) kernels for 2:4 and 4:8, the same bodies with AVX-512 VNNI's
     //! `vpdpbusd` (on 256-bit vectors) at `Level::Avx512`, and there, where the CPU also has
-    //! AVX512-VBMI (checked here, on top of the level), a gather by `vpermi2b`.
+    //! AVX512-VBMI (checked here, on top of the level), 512-bit kernels holding two rows per
+    //! vector with a `vpermb` gather ([`body_pairs`]).
     //!
     //! Per block: the index planes are decoded to one in-group index per byte (see the module
     //! doc). AVX2 and VNNI: the 64 activations are loaded as two vectors and rearranged into
@@ -1016,10 +1017,7 @@ mod x86 {
     //! the rows of a `rows4` call); kept values 0..8 of a 128-bit lane come from P's lane and
     //! 8..16 from Q's, so two `pshufb`s whose controls are the decoded in-chunk positions
     //! (with 0x80, which gives 0, in the other half) and an OR give the 32 activations in the
-    //! kept values' order. VBMI: the positions in the block (`(j / N) * M + index`: one
-    //! `vpmultishiftqb` from a broadcast load puts each digit in its byte, one `vpternlogd`
-    //! masks the digits and ORs the group offsets) drive one `vpermi2b` over the block's two
-    //! activation vectors. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`, `madd` with
+    //! kept values' order. The dot is then Q8_0's: `maddubs(|w|, sign(x, w))`, `madd` with
     //! ones (or `vpdpbusd` from zero), 8 exact i32 lanes, fused-multiply-added with
     //! `d_w * d_x`, which is computed for 8 blocks at a time (AVX2: one `vcvtph2ps` of the row
     //! head's scales, one multiply by the activations' scales) or 16 (AVX-512, in 512-bit
@@ -1028,6 +1026,11 @@ mod x86 {
     //! 8 lanes: per block, a correction added to the dot (a broadcast to its accumulator, or
     //! an add) cost 15% of an in-cache product on Zen 4, whose kernel is bound by the
     //! operations per block.
+    //!
+    //! The VBMI kernels replaced 256-bit ones with a `vpermi2b` gather (two port-5 uops on
+    //! Intel): on an Intel Xeon (Sapphire Rapids class) the 2:4 Q8 product went from 1.0-1.1x
+    //! to about 1.5x of dense Q8_0 in the caches. They are not measured on Zen 4, which
+    //! splits 512-bit operations in two.
     //!
     //! Safety model: every function here is `unsafe` with `#[target_feature]`; [`kernel`]
     //! returns them only for a level that `Level::detected` reported (and the VBMI ones only
@@ -1042,7 +1045,7 @@ mod x86 {
     const AVX2: u8 = 0;
     /// AVX-512 VNNI on 256 bits: `vpdpbusd`, `pshufb` gather.
     const VNNI: u8 = 1;
-    /// VNNI with AVX512-VBMI: `vpdpbusd`, `vpermi2b` gather.
+    /// VNNI with AVX512-VBMI, 512-bit, two rows per vector: `vpdpbusd`, `vpermb` gather.
     const VBMI: u8 = 2;
 
     /// In-chunk position offsets of the kept values of one 128-bit lane, plus 0x80 in the
@@ -1106,20 +1109,6 @@ mod x86 {
         (_mm256_add_epi8(idx, cp), _mm256_add_epi8(idx, cq))
     }
 
-    /// `vpmultishiftqb` controls that put digit j (byte j % 8 of a digit plane, bits
-    /// 2 (j / 8) and 2 (j / 8) + 1) in bits 0 and 1 of byte j, from the plane broadcast to
-    /// every qword.
-    const fn digit_shifts() -> [u8; 32] {
-        let mut out = [0u8; 32];
-        let mut j = 0;
-        while j < 32 {
-            out[j] = (8 * (j % 8) + 2 * (j / 8)) as u8;
-            j += 1;
-        }
-        out
-    }
-    static DIGIT_SHIFTS: [u8; 32] = digit_shifts();
-
     /// `vpmultishiftqb` controls that put bit j / 4 of byte j % 4 of a bit plane (the low
     /// dword of each qword) in bit 2 of byte j; the offsets wrap around the qword.
     const fn top_shifts() -> [u8; 32] {
@@ -1132,32 +1121,6 @@ mod x86 {
         out
     }
     static TOP_SHIFTS: [u8; 32] = top_shifts();
-
-    /// The block positions (0..64) of the 32 kept values of a block whose index planes start
-    /// at `p`, given `goff` = [`GOFF24`] or [`GOFF48`] and the controls
-    /// [`DIGIT_SHIFTS`] and [`TOP_SHIFTS`]; AVX-512 F + VL + VBMI. Each plane is one
-    /// `vpmultishiftqb` from a broadcast load (the bit plane's load takes the 4 bytes after
-    /// it too, which are in the block).
-    #[inline(always)]
-    unsafe fn positions<const M: usize>(
-        p: *const u8,
-        goff: __m256i,
-        dsh: __m256i,
-        tsh: __m256i,
-    ) -> __m256i {
-        let d = _mm256_set1_epi64x((p as *const i64).read_unaligned());
-        let d = _mm256_multishift_epi64_epi8(dsh, d);
-        // (digits & 3) | goff
-        let pos = _mm256_ternarylogic_epi32::<0xEA>(d, _mm256_set1_epi8(3), goff);
-        if M == 8 {
-            let t = _mm256_set1_epi64x((p.add(8) as *const i64).read_unaligned());
-            let t = _mm256_multishift_epi64_epi8(tsh, t);
-            // c ? t : pos, with c = bit 2 of every byte.
-            _mm256_ternarylogic_epi32::<0xD8>(pos, t, _mm256_set1_epi8(4))
-        } else {
-            pos
-        }
-    }
 
     /// Whether the CPU has what [`quantize64`] needs (checked once).
     pub(super) fn has_avx2() -> bool {
@@ -1206,23 +1169,6 @@ mod x86 {
         amax / 127.0
     }
 
-    /// `_mm256_permutex2var_epi8(p, idx, q)` as the 256-bit `vpermi2b` itself: LLVM turns
-    /// the intrinsic into a 512-bit `vpermb` over the concatenated table, which Zen 4 runs
-    /// as two halves.
-    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vbmi")]
-    #[inline]
-    unsafe fn vpermi2b(p: __m256i, idx: __m256i, q: __m256i) -> __m256i {
-        let mut r = idx;
-        std::arch::asm!(
-            "vpermi2b {r}, {p}, {q}",
-            r = inout(ymm_reg) r,
-            p = in(ymm_reg) p,
-            q = in(ymm_reg) q,
-            options(pure, nomem, nostack, preserves_flags)
-        );
-        r
-    }
-
     #[inline(always)]
     unsafe fn hsum(x: __m256) -> f32 {
         let mut r = _mm256_extractf128_ps::<1>(x);
@@ -1261,13 +1207,6 @@ mod x86 {
         const { assert!(R * T <= DBUF) };
         let voff = if M == 8 { 12 } else { 8 };
         let sb = bb - 4;
-        let goff = _mm256_loadu_si256(if M == 8 {
-            GOFF48.as_ptr()
-        } else {
-            GOFF24.as_ptr()
-        } as *const __m256i);
-        let dsh = _mm256_loadu_si256(DIGIT_SHIFTS.as_ptr() as *const __m256i);
-        let tsh = _mm256_loadu_si256(TOP_SHIFTS.as_ptr() as *const __m256i);
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         // At 16 (r T + t), row r's and token t's d_w * d_x of the pass's blocks. Every lane
         // read is written first.
@@ -1329,24 +1268,16 @@ mod x86 {
                 while t < T {
                     let xa = _mm256_loadu_si256(xq[t].add(64 * b) as *const __m256i);
                     let xb = _mm256_loadu_si256(xq[t].add(64 * b + 32) as *const __m256i);
-                    tp[t] = if ISA == VBMI {
-                        (xa, xb)
-                    } else {
-                        (
-                            _mm256_permute2x128_si256::<0x20>(xa, xb),
-                            _mm256_permute2x128_si256::<0x31>(xa, xb),
-                        )
-                    };
+                    tp[t] = (
+                        _mm256_permute2x128_si256::<0x20>(xa, xb),
+                        _mm256_permute2x128_si256::<0x31>(xa, xb),
+                    );
                     t += 1;
                 }
                 let mut r = 0;
                 while r < R {
                     let blk = rows[r].add(4 * nb + b * sb);
-                    let (cp, cq) = if ISA == VBMI {
-                        (positions::<M>(blk, goff, dsh, tsh), _mm256_setzero_si256())
-                    } else {
-                        controls::<M>(blk)
-                    };
+                    let (cp, cq) = controls::<M>(blk);
                     let w = if Q4 {
                         // The 16 bytes in both halves (a broadcast load), the high half
                         // shifted by 4: levels 0..16 low, 16..32 high.
@@ -1363,11 +1294,8 @@ mod x86 {
                     let mut t = 0;
                     while t < T {
                         let (p, q) = tp[t];
-                        let xg = if ISA == VBMI {
-                            vpermi2b(p, cp, q)
-                        } else {
-                            _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq))
-                        };
+                        let xg =
+                            _mm256_or_si256(_mm256_shuffle_epi8(p, cp), _mm256_shuffle_epi8(q, cq));
                         let ip = if ISA == AVX2 {
                             let sy = _mm256_sign_epi8(xg, w);
                             _mm256_madd_epi16(_mm256_set1_epi16(1), _mm256_maddubs_epi16(ax, sy))
@@ -1397,6 +1325,209 @@ mod x86 {
         out
     }
 
+    /// The sums of the four 8-lane halves of `a` and `b` ([a low, a high, b low, b high]),
+    /// each added in [`hsum`]'s order: (x0 + x4) + (x2 + x6), plus (x1 + x5) + (x3 + x7).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn hsum_halves2(a: __m512, b: __m512) -> [f32; 4] {
+        // [a0..4, a8..12, b0..4, b8..12] + [a4..8, a12..16, b4..8, b12..16]
+        let lo = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+        let hi = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+        let r = _mm512_add_ps(hi, lo);
+        let r = _mm512_add_ps(r, _mm512_permute_ps::<0b11_10_11_10>(r));
+        let r = _mm512_add_ps(r, _mm512_permute_ps::<0b01_01_01_01>(r));
+        let mut v = [0f32; 16];
+        _mm512_storeu_ps(v.as_mut_ptr(), r);
+        [v[0], v[4], v[8], v[12]]
+    }
+
+    /// [`body`] for VBMI, in 512-bit vectors holding two rows: rows `2i` and `2i + 1` (row
+    /// `R - 1` twice when R is odd) share every vector, the first in the low 256 bits, the
+    /// second in the high. Per block and pair: one `vpsrlvq` and one `vpternlogd` decode
+    /// both rows' positions (each row's digit plane broadcast to its half's qwords), one
+    /// `vpermb` gathers both rows' activations from the block's 64 bytes (its table is one
+    /// block, so no two-table permute: `vpermi2b` is two port-5 uops on Intel, `vpermb` one),
+    /// and one `vpdpbusd`, conversion and multiply-add serve both rows. The scale products
+    /// are computed 8 blocks at a time (both rows' 8 in one vector) and stay in registers:
+    /// each block's pair is picked by one `vpermps`. Going through a buffer on the stack
+    /// (as [`body`] does) measured 10% slower here on Intel: the loads wait on the stores.
+    /// The bias's correction `128 d_w d_x sum_b` is taken off lane `b % 8` of the row's
+    /// half, before the blocks' products are added.
+    ///
+    /// Each half sees the operations a single row's vector would, so a (row, token) result
+    /// does not depend on the row it was paired with.
+    #[inline(always)]
+    unsafe fn body_pairs<const R: usize, const T: usize, const M: usize, const Q4: bool>(
+        rows: [*const u8; R],
+        nb: usize,
+        bb: usize,
+        xq: [*const i8; T],
+        xd: [*const f32; T],
+    ) -> [[f32; T]; R] {
+        const { assert!(R * T <= DBUF && R <= 4) };
+        let pairs = R.div_ceil(2);
+        let pair = |p: usize| [rows[2 * p], rows[(2 * p + 1).min(R - 1)]];
+        let voff = if M == 8 { 12 } else { 8 };
+        let sb = bb - 4;
+        let twice = |v: *const u8| {
+            let h = _mm256_loadu_si256(v as *const __m256i);
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h), h)
+        };
+        let goff = twice(if M == 8 {
+            GOFF48.as_ptr()
+        } else {
+            GOFF24.as_ptr()
+        });
+        let tsh = twice(TOP_SHIFTS.as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let mut h0 = 0;
+        while h0 < nb {
+            let n8 = (nb - h0).min(8);
+            let k8 = (((1u32 << n8) - 1) * 0x0101) as __mmask16;
+            // Per pair: both rows' 8 scales in one vector (row 2p low, row 2p + 1 high),
+            // d_w * d_x per token, and the bias's correction 128 d_w d_x sum_b subtracted
+            // from block b's lane (b % 8) of each row's accumulator, live blocks only.
+            let mut dpair = [[_mm512_setzero_ps(); T]; R];
+            let mut p = 0;
+            while p < pairs {
+                let [ra, rb] = pair(p);
+                let two = |off: usize| {
+                    _mm256_inserti128_si256::<1>(
+                        _mm256_castsi128_si256(_mm_loadu_si128(ra.add(off) as *const __m128i)),
+                        _mm_loadu_si128(rb.add(off) as *const __m128i),
+                    )
+                };
+                let hw = _mm512_cvtph_ps(two(2 * h0));
+                let c = _mm512_cvtepi32_ps(_mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(two(2
+                    * nb
+                    + 2 * h0))));
+                let mut t = 0;
+                while t < T {
+                    let xdt = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
+                        xd[t].add(h0) as *const f64,
+                    )));
+                    let d = _mm512_mul_ps(hw, xdt);
+                    dpair[p][t] = d;
+                    acc[p][t] = _mm512_mask3_fnmadd_ps(d, c, acc[p][t], k8);
+                    t += 1;
+                }
+                p += 1;
+            }
+            let mut idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 8, 8);
+            for b in h0..h0 + n8 {
+                let mut xz = [_mm512_setzero_si512(); T];
+                let mut t = 0;
+                while t < T {
+                    xz[t] = _mm512_loadu_si512(xq[t].add(64 * b) as *const __m512i);
+                    t += 1;
+                }
+                let mut p = 0;
+                while p < pairs {
+                    let [ra, rb] = pair(p).map(|r| r.add(4 * nb + b * sb));
+                    // Each row's digit plane in its half's four qwords, qword k shifted
+                    // right by 2k: byte j of the block's 32 then holds digit j in bits 0, 1.
+                    let pl = _mm512_mask_set1_epi64(
+                        _mm512_set1_epi64((ra as *const i64).read_unaligned()),
+                        0xF0,
+                        (rb as *const i64).read_unaligned(),
+                    );
+                    let d = _mm512_srlv_epi64(pl, _mm512_setr_epi64(0, 2, 4, 6, 0, 2, 4, 6));
+                    // (digits & 3) | goff
+                    let mut pos = _mm512_ternarylogic_epi32::<0xEA>(d, _mm512_set1_epi8(3), goff);
+                    if M == 8 {
+                        let tp = _mm512_mask_set1_epi64(
+                            _mm512_set1_epi64((ra.add(8) as *const i64).read_unaligned()),
+                            0xF0,
+                            (rb.add(8) as *const i64).read_unaligned(),
+                        );
+                        let tb = _mm512_multishift_epi64_epi8(tsh, tp);
+                        // c ? t : pos, with c = bit 2 of every byte.
+                        pos = _mm512_ternarylogic_epi32::<0xD8>(pos, tb, _mm512_set1_epi8(4));
+                    }
+                    let w = if Q4 {
+                        // Each row's 16 bytes in both quarters of its half, the high quarter
+                        // shifted by 4: levels 0..16 low, 16..32 high.
+                        let a = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                            ra.add(voff) as *const __m128i
+                        ));
+                        let t = _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(a),
+                            _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                rb.add(voff) as *const __m128i
+                            )),
+                        );
+                        let v = _mm512_srlv_epi64(t, _mm512_setr_epi64(0, 0, 4, 4, 0, 0, 4, 4));
+                        let v = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+                        _mm512_sub_epi8(v, _mm512_set1_epi8(8))
+                    } else {
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(
+                                ra.add(voff) as *const __m256i
+                            )),
+                            _mm256_loadu_si256(rb.add(voff) as *const __m256i),
+                        )
+                    };
+                    let mut t = 0;
+                    while t < T {
+                        let xg = _mm512_permutexvar_epi8(pos, xz[t]);
+                        // u8 (x + 128) times i8 w: exact; the bias is taken back above.
+                        let ip = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xg, w);
+                        let d = _mm512_permutexvar_ps(idx, dpair[p][t]);
+                        acc[p][t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(ip), acc[p][t]);
+                        t += 1;
+                    }
+                    p += 1;
+                }
+                idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
+            }
+            h0 += 8;
+        }
+        let mut out = [[0f32; T]; R];
+        let mut sums = [[0f32; 2]; DBUF];
+        let n = pairs * T;
+        let flat = acc.as_ptr() as *const __m512;
+        let mut i = 0;
+        while i < n {
+            let a = *flat.add(i);
+            let b = if i + 1 < n { *flat.add(i + 1) } else { a };
+            let r = hsum_halves2(a, b);
+            sums[i] = [r[0], r[1]];
+            if i + 1 < n {
+                sums[i + 1] = [r[2], r[3]];
+            }
+            i += 2;
+        }
+        let mut p = 0;
+        while p < pairs {
+            let mut t = 0;
+            while t < T {
+                out[2 * p][t] = sums[p * T + t][0];
+                if 2 * p + 1 < R {
+                    out[2 * p + 1][t] = sums[p * T + t][1];
+                }
+                t += 1;
+            }
+            p += 1;
+        }
+        out
+    }
+
+    /// [`body`], or [`body_pairs`] for VBMI.
+    #[inline(always)]
+    unsafe fn run<const R: usize, const T: usize, const M: usize, const Q4: bool, const ISA: u8>(
+        rows: [*const u8; R],
+        nb: usize,
+        bb: usize,
+        xq: [*const i8; T],
+        xd: [*const f32; T],
+    ) -> [[f32; T]; R] {
+        if ISA == VBMI {
+            body_pairs::<R, T, M, Q4>(rows, nb, bb, xq, xd)
+        } else {
+            body::<R, T, M, Q4, ISA>(rows, nb, bb, xq, xd)
+        }
+    }
+
     /// The activation bytes the `ISA` body takes: i8 for AVX2, biased u8 for `vpdpbusd`.
     #[inline(always)]
     fn acts<const ISA: u8>(a: &NmActs) -> *const i8 {
@@ -1415,7 +1546,7 @@ mod x86 {
                 #[target_feature(enable = $feat)]
                 pub(super) unsafe fn dot(f: &NmFormat, row: &[u8], a: &NmActs) -> f32 {
                     let nb = a.q.len() / 64;
-                    body::<1, 1, $m, $q4, $isa>(
+                    run::<1, 1, $m, $q4, $isa>(
                         [row.as_ptr()],
                         nb,
                         crate::sparse::nm::simd_block_bytes(f, $m, $q4),
@@ -1436,7 +1567,7 @@ mod x86 {
                     let nb = a.q.len() / 64;
                     let bb = crate::sparse::nm::simd_block_bytes(f, $m, $q4);
                     let (x, d) = (acts::<$isa>(a), a.d.as_ptr());
-                    quarters!(w, rb, q, y, |p| body::<4, 1, $m, $q4, $isa>(
+                    quarters!(w, rb, q, y, |p| run::<4, 1, $m, $q4, $isa>(
                         p,
                         nb,
                         bb,
@@ -1453,7 +1584,7 @@ mod x86 {
                     a: [&NmActs; 4],
                 ) -> [f32; 4] {
                     let nb = a[0].q.len() / 64;
-                    body::<1, 4, $m, $q4, $isa>(
+                    run::<1, 4, $m, $q4, $isa>(
                         [row.as_ptr()],
                         nb,
                         crate::sparse::nm::simd_block_bytes(f, $m, $q4),
@@ -1469,7 +1600,7 @@ mod x86 {
                     a: [&NmActs; 4],
                 ) -> [[f32; 4]; 2] {
                     let nb = a[0].q.len() / 64;
-                    body::<2, 4, $m, $q4, $isa>(
+                    run::<2, 4, $m, $q4, $isa>(
                         rows.map(|r| r.as_ptr()),
                         nb,
                         crate::sparse::nm::simd_block_bytes(f, $m, $q4),
