@@ -26,6 +26,7 @@
 //! inside the timing on both sides: dense `kernels::matmul` with `n` tokens on a one-thread
 //! pool (its four-token tiles) against `GroupKernel::matmat`, and the matrix-vector kernel
 //! once per token (the path a batch took before `matmat`); ratios as above, interleaved.
+//! `GROUP_BENCH_BATCH=0` skips the batches.
 
 mod common;
 
@@ -210,6 +211,7 @@ fn bench(c: &mut Criterion) {
         let (rows, cols) = (shape.rows, shape.cols);
         let w = rng.fill(rows * cols);
         let x = rng.fill(cols);
+        let xb = rng.fill(batch * cols);
         let id = format!(
             "group/{} {rows}x{cols}{}",
             shape.name,
@@ -329,8 +331,10 @@ fn bench(c: &mut Criterion) {
         report(&id, &entries, dense_count, quick, &secs, &il, bandwidth);
         drop(entries);
 
-        // The batch.
-        let xb = rng.fill(batch * cols);
+        // The batch (none with GROUP_BENCH_BATCH=0).
+        if batch == 0 {
+            continue;
+        }
         let bid = format!("group/{} {rows}x{cols} batch {batch}", shape.name);
         let mut entries: Vec<(Entry, Option<Values>)> = Vec::new();
         for ty in [GgmlType::Q4_0, GgmlType::Q8_0] {
