@@ -15,8 +15,8 @@
 //! table gives the median time, the weight GB/s, the fraction of the measured single-core
 //! read bandwidth, and the ratio dense / sparse (W4 against Q4_0, Q8 against Q8_0): from the
 //! criterion medians, and the median of 31 interleaved rounds (baseline and sparse kernel
-//! alternating, about 2 ms each), which the noise of a shared machine disturbs less, and the
-//! ratio of the two kernels' fastest rounds ("best").
+//! alternating, about 2 ms and at least 8 products each), which the noise of a shared
+//! machine disturbs less, and the ratio of the two kernels' fastest rounds ("best").
 //!
 //! `SPARSE_GROUP_QUICK=1` skips criterion and reports the interleaved ratios, with the
 //! medians of a few bursts as times: a quick A/B while working on a kernel.
@@ -112,12 +112,14 @@ fn burst(e: &mut Entry, n: usize, next: &mut usize) -> f64 {
     t.elapsed().as_secs_f64() / n as f64
 }
 
-/// Median over 31 rounds of (baseline time / entry time), each round about 2 ms of each;
-/// also the medians of the round times and the ratio of their minimums.
+/// Median over 31 rounds of (baseline time / entry time), each round about 2 ms (at least 8
+/// products) of each; also the medians of the round times and the ratio of their minimums.
+/// Single-product rounds of the streamed shape also measured the cost of switching between
+/// the two kernels' copies (see `benches/sparse_nm.rs`).
 fn interleaved(base: &mut Entry, e: &mut Entry) -> (f64, f64, f64, f64) {
     let (mut nb, mut ne) = (0, 0);
     let probe = burst(base, 3, &mut nb).max(burst(e, 3, &mut ne));
-    let n = ((2e-3 / probe) as usize).clamp(1, 2000);
+    let n = ((2e-3 / probe) as usize).clamp(8, 2000);
     let (mut ratios, mut tb, mut te) = (Times::default(), Times::default(), Times::default());
     for _ in 0..31 {
         let b = burst(base, n, &mut nb);

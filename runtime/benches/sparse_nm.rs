@@ -354,7 +354,8 @@ fn measure(
 
     // The noise of a shared machine hits runs minutes apart differently: the ratio to the
     // dense entry of the same precision is also measured interleaved, dense and sparse
-    // alternating in rounds of about 2 ms each, and its median over 31 rounds reported.
+    // alternating in rounds of about 2 ms (at least 8 products) each, and its median over 31
+    // rounds reported.
     let find = |ty: &str| entries.iter().position(|e| e.0.contains(ty));
     let (q8, q4) = (find("q8_0_q8_0"), find("q4_0_q8_0"));
     let mut interleaved = vec![f64::NAN; entries.len()];
@@ -373,7 +374,11 @@ fn measure(
         } else {
             (&mut hi[0].2, &mut lo[i].2)
         };
-        let n = ((2e-3 / results[d].2) as usize).clamp(1, 1000);
+        // At least 8 products a round: with one product of the streamed shape per round
+        // (each from a different copy), the ratio also measured what a switch between the
+        // two kernels' copies costs (2:4 Q8 0.87-1.25x of Q8_0 in single-product rounds,
+        // 1.56x in rounds of five, on the Intel VM).
+        let n = ((2e-3 / results[d].2) as usize).clamp(8, 1000);
         let mut ratios = Times::default();
         for _ in 0..31 {
             let td = burst(dense_run, n);
