@@ -1341,6 +1341,22 @@ mod x86 {
         [v[0], v[4], v[8], v[12]]
     }
 
+    /// The 32 bytes at `v` in both halves.
+    #[inline(always)]
+    unsafe fn twice(v: *const u8) -> __m512i {
+        let h = _mm256_loadu_si256(v as *const __m256i);
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h), h)
+    }
+
+    /// The 16 bytes at `a + off` low, those at `b + off` high.
+    #[inline(always)]
+    unsafe fn two(a: *const u8, b: *const u8, off: usize) -> __m256i {
+        _mm256_inserti128_si256::<1>(
+            _mm256_castsi128_si256(_mm_loadu_si128(a.add(off) as *const __m128i)),
+            _mm_loadu_si128(b.add(off) as *const __m128i),
+        )
+    }
+
     /// [`body`] for VBMI, in 512-bit vectors holding two rows: rows `2i` and `2i + 1` (row
     /// `R - 1` twice when R is odd) share every vector, the first in the low 256 bits, the
     /// second in the high. Per block and pair: one `vpsrlvq` and one `vpternlogd` decode
@@ -1369,10 +1385,6 @@ mod x86 {
         let pair = |p: usize| [rows[2 * p], rows[(2 * p + 1).min(R - 1)]];
         let voff = if M == 8 { 12 } else { 8 };
         let sb = bb - 4;
-        let twice = |v: *const u8| {
-            let h = _mm256_loadu_si256(v as *const __m256i);
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h), h)
-        };
         let goff = twice(if M == 8 {
             GOFF48.as_ptr()
         } else {
@@ -1391,16 +1403,12 @@ mod x86 {
             let mut p = 0;
             while p < pairs {
                 let [ra, rb] = pair(p);
-                let two = |off: usize| {
-                    _mm256_inserti128_si256::<1>(
-                        _mm256_castsi128_si256(_mm_loadu_si128(ra.add(off) as *const __m128i)),
-                        _mm_loadu_si128(rb.add(off) as *const __m128i),
-                    )
-                };
-                let hw = _mm512_cvtph_ps(two(2 * h0));
-                let c = _mm512_cvtepi32_ps(_mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(two(2
-                    * nb
-                    + 2 * h0))));
+                let hw = _mm512_cvtph_ps(two(ra, rb, 2 * h0));
+                let c = _mm512_cvtepi32_ps(_mm512_slli_epi32::<7>(_mm512_cvtepi16_epi32(two(
+                    ra,
+                    rb,
+                    2 * nb + 2 * h0,
+                ))));
                 let mut t = 0;
                 while t < T {
                     let xdt = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
