@@ -1182,7 +1182,7 @@ mod x86 {
     const DBUF: usize = 8;
 
     /// R rows of `nb` blocks of `bb` bytes against T rows of activations `xq[t]` (64 per
-    /// block; AVX2: the i8 values, VNNI and VBMI: biased to u8, `q + 128`) with their scales
+    /// block; AVX2: the i8 values, VNNI: biased to u8, `q + 128`) with their scales
     /// `xd[t]` (a multiple of 8 of them, zeros past `nb`); `out[r][t]`.
     ///
     /// Each (row, token) has its own accumulator and sees the same operations in the same
