@@ -36,21 +36,26 @@ use sparrow::kernels::bandwidth::measure_read_bandwidth;
 use sparrow::kernels::{matmul, DotKernel, KernelTable, MatmulScratch, ThreadPool};
 use sparrow::quant::{self, GgmlType};
 use sparrow::sparse::group::{
-    encode, prune, GroupActs, GroupFormat, GroupKernel, GroupMatrix, Values,
+    encode, prune_tiles, GroupActs, GroupFormat, GroupKernel, GroupMatrix, Values,
 };
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-/// The sparse cases: (label, group size, values, scale groups, sparsity).
-const CASES: [(&str, usize, Values, usize, f64); 7] = [
-    ("w4 g16 50%", 16, Values::Q4, 1, 0.5),
-    ("w4 g16 75%", 16, Values::Q4, 1, 0.75),
-    ("w4 g16 sg2 50%", 16, Values::Q4, 2, 0.5),
-    ("w4 g32 50%", 32, Values::Q4, 1, 0.5),
-    ("w4 g32 75%", 32, Values::Q4, 1, 0.75),
-    ("q8 g16 50%", 16, Values::Q8, 1, 0.5),
-    ("q8 g32 50%", 32, Values::Q8, 1, 0.5),
+/// The sparse cases: (label, group size, values, scale groups, sparsity, rows per tile; 0 for
+/// rows that each keep their own groups).
+const CASES: [(&str, usize, Values, usize, f64, usize); 11] = [
+    ("w4 g16 50%", 16, Values::Q4, 1, 0.5, 0),
+    ("w4 g16 75%", 16, Values::Q4, 1, 0.75, 0),
+    ("w4 g16 sg2 50%", 16, Values::Q4, 2, 0.5, 0),
+    ("w4 g32 50%", 32, Values::Q4, 1, 0.5, 0),
+    ("w4 g32 75%", 32, Values::Q4, 1, 0.75, 0),
+    ("w4 g16 tile8 50%", 16, Values::Q4, 1, 0.5, 8),
+    ("w4 g16 tile8 75%", 16, Values::Q4, 1, 0.75, 8),
+    ("w4 g16 tile4 50%", 16, Values::Q4, 1, 0.5, 4),
+    ("w4 g32 tile8 50%", 32, Values::Q4, 1, 0.5, 8),
+    ("q8 g16 50%", 16, Values::Q8, 1, 0.5, 0),
+    ("q8 g32 50%", 32, Values::Q8, 1, 0.5, 0),
 ];
 
 #[derive(Default)]
@@ -227,16 +232,17 @@ fn bench(c: &mut Criterion) {
         // cases a filter leaves out.
         let acts = GroupActs::new(&x);
         let mut encoded: Vec<(&str, Values, Vec<Vec<u8>>)> = Vec::new();
-        for (label, gs, values, sg, s) in CASES {
+        for (label, gs, values, sg, s, tile) in CASES {
             let full = format!("{id}/{label}");
             if quick && !filter.is_empty() && !filter.iter().any(|f| full.contains(f.as_str())) {
                 continue;
             }
             let fmt = GroupFormat::new(gs, values)
                 .and_then(|f| f.with_scale_groups(sg))
+                .and_then(|f| f.with_tile(tile))
                 .expect("format");
             let mut pw = w.clone();
-            prune(&mut pw, cols, gs, s).expect("prune");
+            prune_tiles(&mut pw, cols, gs, s, tile.max(1)).expect("prune");
             let enc = encode(&pw, rows, cols, fmt).expect("encode");
             drop(pw);
             let copies = shape.stream_bytes().div_ceil(enc.len()).max(1);

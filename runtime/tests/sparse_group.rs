@@ -5,7 +5,8 @@
 use proptest::prelude::*;
 use sparrow::kernels::Level;
 use sparrow::sparse::group::{
-    encode, prune, GroupActs, GroupFormat, GroupKernel, GroupMatrix, Values, CHUNK, HEADER_BYTES,
+    encode, prune, prune_tiles, GroupActs, GroupFormat, GroupKernel, GroupMatrix, Values, CHUNK,
+    HEADER_BYTES,
 };
 
 /// xorshift64*: reproducible values in [-1, 1).
@@ -32,6 +33,8 @@ fn formats() -> Vec<GroupFormat> {
             for sg in [1, 2, 4, 8] {
                 if let Ok(f) = GroupFormat::new(g, values).and_then(|f| f.with_scale_groups(sg)) {
                     v.push(f);
+                    // Tiles of 4 rows (the test matrices end with a shorter tile).
+                    v.push(f.with_tile(4).unwrap());
                 }
             }
         }
@@ -48,7 +51,7 @@ fn pruned(
     seed: u64,
 ) -> (Vec<f32>, Vec<u8>) {
     let mut w = Rng(seed | 1).fill(rows * cols);
-    prune(&mut w, cols, fmt.g, sparsity).unwrap();
+    prune_tiles(&mut w, cols, fmt.g, sparsity, fmt.tile.max(1)).unwrap();
     let bytes = encode(&w, rows, cols, fmt).unwrap();
     (w, bytes)
 }
@@ -221,12 +224,17 @@ fn matmat_model_shapes() {
     .into_iter()
     .enumerate()
     {
-        let fmt = GroupFormat::new(g, values).unwrap();
-        for (cols, rows) in [(576, 40), (1536, 19)] {
-            let (_, bytes) = pruned(rows, cols, fmt, s, 500 + i as u64);
-            let m = GroupMatrix::new(&bytes).unwrap();
-            let xs: Vec<Vec<f32>> = (0..7).map(|t| Rng(60 + t).fill(cols)).collect();
-            check_matmat(&m, &xs);
+        for tile in [0, 8] {
+            let fmt = GroupFormat::new(g, values)
+                .and_then(|f| f.with_tile(tile))
+                .unwrap();
+            for (cols, rows) in [(576, 40), (1536, 19)] {
+                let (_, bytes) = pruned(rows, cols, fmt, s, 500 + i as u64);
+                let m = GroupMatrix::new(&bytes).unwrap();
+                let xs: Vec<Vec<f32>> = (0..7).map(|t| Rng(60 + t).fill(cols)).collect();
+                check_matmat(&m, &xs);
+                check_kernels(&m, &xs[0]);
+            }
         }
     }
 }
@@ -373,6 +381,65 @@ fn wide_rows() {
     }
 }
 
+/// Tiles drop the groups of smallest norm over their rows, the same in every row; a tile
+/// whose rows store other groups than its first is refused.
+#[test]
+fn tiles_share_their_groups() {
+    // Two rows of four groups of 4, tile of 2: group 1 is small in row 0 only, group 2 small
+    // in both; over the tile, groups 2 and then 1 are the smallest.
+    let mut w = vec![1.0f32; 32];
+    w[4..8].fill(0.1);
+    w[8..12].fill(0.05);
+    w[24..28].fill(0.2);
+    let mut per_row = w.clone();
+    prune_tiles(&mut w, 16, 4, 0.5, 2).unwrap();
+    let zero = |w: &[f32]| -> Vec<bool> {
+        w.chunks_exact(4)
+            .map(|g| g.iter().all(|&v| v == 0.0))
+            .collect()
+    };
+    assert_eq!(
+        zero(&w),
+        [false, true, true, false, false, true, true, false]
+    );
+    // Row by row, row 1 drops group 2 and group 0 (of three equal norms, the earliest).
+    prune(&mut per_row, 16, 4, 0.5).unwrap();
+    assert_eq!(zero(&per_row)[4..], [true, false, true, false][..]);
+    assert_eq!(zero(&per_row)[..4], [false, true, true, false][..]);
+    assert!(prune_tiles(&mut w, 16, 4, 0.5, 0).is_err());
+
+    let fmt = GroupFormat::new(16, Values::Q4)
+        .and_then(|f| f.with_tile(2))
+        .unwrap();
+    let (_, good) = pruned(4, 64, fmt, 0.5, 21);
+    let m = GroupMatrix::new(&good).unwrap();
+    assert_eq!(m.format().tile, 2);
+    // A row of the tile that is not all zero in a group the others drop: stored by all.
+    let mut w = Rng(3).fill(4 * 64);
+    for r in 0..4 {
+        w[r * 64 + 16 * r..r * 64 + 16 * r + 16].fill(0.0);
+    }
+    let m2 = encode(&w, 4, 64, fmt).unwrap();
+    assert_eq!(GroupMatrix::new(&m2).unwrap().stored_groups(), 16);
+    // Row 1 (the second of tile 0) with another group number than row 0.
+    let table = HEADER_BYTES + 4 * 5;
+    let r1 = u32::from_le_bytes(good[HEADER_BYTES + 4..HEADER_BYTES + 8].try_into().unwrap());
+    assert_eq!(good[table..table + 4], good[r1 as usize..r1 as usize + 4]);
+    // Another increasing pair of group numbers for row 1.
+    let (i0, i1) = (good[r1 as usize + 2], good[r1 as usize + 3]);
+    let mut bad = good.clone();
+    match (i0 + 1..4).find(|&v| v != i1) {
+        Some(v) => bad[r1 as usize + 3] = v,
+        None => bad[r1 as usize + 2] = (0..i1).find(|&v| v != i0).unwrap(),
+    }
+    let e = err(&bad);
+    assert!(e.contains("row 1") && e.contains("other groups"), "{e}");
+    // The same buffer read as untiled is valid.
+    let mut untiled = good.clone();
+    untiled[15] = 0;
+    GroupMatrix::new(&untiled).unwrap();
+}
+
 #[test]
 fn prune_drops_the_smallest_groups() {
     let mut w: Vec<f32> = (0..32)
@@ -456,7 +523,8 @@ fn hostile_headers_and_offsets_are_rejected() {
     assert!(err(&patch(12, &[12])).contains("group size"));
     assert!(err(&patch(13, &[2])).contains("value type"));
     assert!(err(&patch(14, &[4])).contains("per scale"));
-    assert!(err(&patch(15, &[1])).contains("reserved"));
+    assert!(err(&patch(15, &[1])).contains("tiles of 1 rows"));
+    assert!(err(&patch(15, &[3])).contains("tiles of 3 rows"));
     assert!(err(&patch(HEADER_BYTES, &0u32.to_le_bytes())).contains("row 0 starts"));
     // Row 1 ends before it starts, and past the buffer.
     let r1 = u32::from_le_bytes(good[HEADER_BYTES + 4..HEADER_BYTES + 8].try_into().unwrap());
@@ -590,11 +658,18 @@ fn selected_kernel_is_a_detected_level() {
 }
 
 fn format_strategy() -> impl Strategy<Value = GroupFormat> {
-    (0usize..4, any::<bool>(), 0usize..4).prop_filter_map("scale groups", |(gi, q8, si)| {
-        let g = [4, 8, 16, 32][gi];
-        let v = if q8 { Values::Q8 } else { Values::Q4 };
-        GroupFormat::new(g, v).ok()?.with_scale_groups(1 << si).ok()
-    })
+    (0usize..4, any::<bool>(), 0usize..4, 0usize..3).prop_filter_map(
+        "scale groups",
+        |(gi, q8, si, ti)| {
+            let g = [4, 8, 16, 32][gi];
+            let v = if q8 { Values::Q8 } else { Values::Q4 };
+            let f = GroupFormat::new(g, v)
+                .ok()?
+                .with_scale_groups(1 << si)
+                .ok()?;
+            f.with_tile([0, 2, 4][ti]).ok()
+        },
+    )
 }
 
 proptest! {

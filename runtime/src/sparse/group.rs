@@ -122,6 +122,9 @@ pub struct GroupFormat {
     pub values: Values,
     /// Consecutive stored groups that share one f16 scale (1: a scale per group).
     pub scale_groups: usize,
+    /// Rows per tile whose rows store the same groups (0: every row its own; 2, 4, 8, 16
+    /// or 32): see "Row tiles" in the module doc.
+    pub tile: usize,
 }
 
 fn invalid(msg: impl std::fmt::Display) -> Error {
@@ -135,8 +138,14 @@ impl GroupFormat {
             g,
             values,
             scale_groups: 1,
+            tile: 0,
         }
         .checked()
+    }
+
+    /// The same format with tiles of `tile` rows that store the same groups (0: none).
+    pub fn with_tile(self, tile: usize) -> Result<GroupFormat> {
+        GroupFormat { tile, ..self }.checked()
     }
 
     /// The same format with one scale per `scale_groups` stored groups.
@@ -159,6 +168,12 @@ impl GroupFormat {
             return Err(invalid(format!(
                 "{} groups of {} per scale: want 1, 2, 4 or 8 groups and at most 32 weights",
                 self.scale_groups, self.g
+            )));
+        }
+        if !matches!(self.tile, 0 | 2 | 4 | 8 | 16 | 32) {
+            return Err(invalid(format!(
+                "tiles of {} rows: want 0 (no tiles), 2, 4, 8, 16 or 32",
+                self.tile
             )));
         }
         Ok(self)
@@ -195,7 +210,17 @@ fn check_groups(cols: usize, g: usize) -> Result<()> {
 /// Magnitude pruning: in each row of `cols` weights, zeroes the `round(sparsity * groups)`
 /// groups of `g` with the smallest L2 norm (the earlier group on ties).
 pub fn prune(w: &mut [f32], cols: usize, g: usize, sparsity: f64) -> Result<()> {
+    prune_tiles(w, cols, g, sparsity, 1)
+}
+
+/// [`prune`] for tiles of `tile` consecutive rows (the last tile may be shorter) that drop
+/// the same groups: those with the smallest L2 norm over the tile's rows (a tile of 1 is
+/// [`prune`]).
+pub fn prune_tiles(w: &mut [f32], cols: usize, g: usize, sparsity: f64, tile: usize) -> Result<()> {
     GroupFormat::new(g, Values::Q4)?;
+    if tile == 0 {
+        return Err(invalid("tiles of 0 rows"));
+    }
     if cols == 0 || !cols.is_multiple_of(g) || !w.len().is_multiple_of(cols) {
         return Err(invalid(format!(
             "{} weights are not rows of {cols} columns in groups of {g}",
@@ -208,16 +233,21 @@ pub fn prune(w: &mut [f32], cols: usize, g: usize, sparsity: f64) -> Result<()> 
     let groups = cols / g;
     let drop = ((sparsity * groups as f64).round() as usize).min(groups);
     let mut order: Vec<(f64, usize)> = Vec::with_capacity(groups);
-    for row in w.chunks_exact_mut(cols) {
+    for rows in w.chunks_mut(cols * tile) {
         order.clear();
-        order.extend(
-            row.chunks_exact(g)
-                .enumerate()
-                .map(|(i, v)| (v.iter().map(|&x| x as f64 * x as f64).sum::<f64>(), i)),
-        );
+        order.extend((0..groups).map(|i| {
+            let sq = rows
+                .chunks_exact(cols)
+                .flat_map(|row| &row[i * g..(i + 1) * g])
+                .map(|&x| x as f64 * x as f64)
+                .sum::<f64>();
+            (sq, i)
+        }));
         order.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-        for &(_, i) in &order[..drop] {
-            row[i * g..(i + 1) * g].fill(0.0);
+        for row in rows.chunks_exact_mut(cols) {
+            for &(_, i) in &order[..drop] {
+                row[i * g..(i + 1) * g].fill(0.0);
+            }
         }
     }
     Ok(())
@@ -245,7 +275,12 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&(rows as u32).to_le_bytes());
     out.extend_from_slice(&(cols as u32).to_le_bytes());
-    out.extend_from_slice(&[g as u8, fmt.values.code(), fmt.scale_groups as u8, 0]);
+    out.extend_from_slice(&[
+        g as u8,
+        fmt.values.code(),
+        fmt.scale_groups as u8,
+        fmt.tile as u8,
+    ]);
     out.resize(table, 0);
     let wide = index_bytes(cols / g) == 2;
     let mut index: Vec<u16> = Vec::with_capacity(cols / g);
@@ -258,14 +293,25 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
         }
         out[HEADER_BYTES + 4 * r..HEADER_BYTES + 4 * r + 4]
             .copy_from_slice(&(start as u32).to_le_bytes());
-        // Count, index and the stream of stored weights.
-        index.clear();
+        // Count, index and the stream of stored weights: the groups of the row that are not
+        // all zero, or of its tile (those not all zero in some row of the tile).
+        if fmt.tile == 0 || r % fmt.tile == 0 {
+            let span = if fmt.tile == 0 {
+                row
+            } else {
+                &w[r * cols..(r + fmt.tile).min(rows) * cols]
+            };
+            index.clear();
+            index.extend((0..cols / g).filter_map(|i| {
+                let nonzero = span
+                    .chunks_exact(cols)
+                    .any(|row| row[i * g..(i + 1) * g].iter().any(|&v| v != 0.0));
+                nonzero.then_some(i as u16)
+            }));
+        }
         stream.clear();
-        for (i, grp) in row.chunks_exact(g).enumerate() {
-            if grp.iter().any(|&v| v != 0.0) {
-                index.push(i as u16);
-                stream.extend_from_slice(grp);
-            }
+        for &i in &index {
+            stream.extend_from_slice(&row[i as usize * g..(i as usize + 1) * g]);
         }
         out.extend_from_slice(&(index.len() as u16).to_le_bytes());
         for &i in &index {
@@ -417,13 +463,11 @@ impl<'a> GroupMatrix<'a> {
             1 => Values::Q8,
             v => return Err(invalid(format!("value type {v} is not 0 (Q4) or 1 (Q8)"))),
         };
-        if bytes[15] != 0 {
-            return Err(invalid("reserved header byte is not 0"));
-        }
         let fmt = GroupFormat {
             g: bytes[12] as usize,
             values,
             scale_groups: bytes[14] as usize,
+            tile: bytes[15] as usize,
         }
         .checked()?;
         if cols == 0 || !cols.is_multiple_of(fmt.g) {
@@ -487,6 +531,18 @@ impl<'a> GroupMatrix<'a> {
                     "row {r}: {} bytes, its {n} stored groups take {want}",
                     row.len()
                 )));
+            }
+            if fmt.tile > 0 && r % fmt.tile != 0 {
+                // The tile's rows store the tile's first row's groups: same count and index.
+                let head = u32_at(bytes, HEADER_BYTES + 4 * (r - r % fmt.tile)).unwrap_or(0);
+                let len = 2 + ib * n;
+                if bytes.get(head..head + len) != Some(&row[..len.min(row.len())]) {
+                    return Err(invalid(format!(
+                        "row {r}: stores other groups than row {} of its tile of {}",
+                        r - r % fmt.tile,
+                        fmt.tile
+                    )));
+                }
             }
             let p = Self::parts(row, n, ib == 2, fmt.scale_groups);
             let mut next = 0;
@@ -1758,7 +1814,306 @@ mod x86 {
             let wide = index_bytes(m.cols / G) == 2;
             let lg = m.fmt.scale_groups.trailing_zeros();
             let p = Wide::new(x, wide, lg);
+            if m.fmt.tile > 0 && !Q8 {
+                return tiled::rows::<G>(m, x, first, y, &p, wide, lg);
+            }
             rows::<Wide, G, Q8, true>(m, x, first, y, &p, wide, lg)
+        }
+    }
+
+    /// Row tiles of Q4 values (AVX-512 VNNI): the rows of a tile store the same groups, so
+    /// what a row's chunks need from the activations (each half chunk's 16 activations, the
+    /// `- 8 * sum x` of its lanes, each group's dx) is gathered once per tile into scratch,
+    /// and two rows go through one 512-bit vector per pair of chunks: bytes
+    /// `[a c, a c+1, b c, b c+1]` (16 each, rows a and b, chunks c even and c + 1), whose low
+    /// nibbles are the chunks' first 16 weights and high nibbles their last 16. Accumulator
+    /// `lo` holds lanes 0..4 of (a even, a odd, b even, b odd), `hi` lanes 4..8, so every
+    /// lane of a row gets [`ymm::step`]'s integer, scale and fused multiply-add in the same
+    /// order: the bits of the portable kernel. A missing last odd chunk enters as zero
+    /// weights, activations and scales, a fused multiply-add that adds 0 to an accumulator
+    /// that is never -0.
+    mod tiled {
+        use super::*;
+
+        /// Per call: each chunk pair's activations and corrections for the tile (32 bytes per
+        /// half: chunk c's then chunk c + 1's), and each stored group's dx.
+        struct TileBuf {
+            acts: Vec<[u8; 64]>,
+            corr: Vec<[i32; 16]>,
+            dx: Vec<f32>,
+        }
+
+        /// Lane indexes into `[s_a (16 groups), s_b (16 groups)]` of the scale of each lane,
+        /// for chunk pair `cp` of a block of 16 groups and half `h` (0: weights 0..16 of a
+        /// chunk, 1: 16..32).
+        const fn scale_index<const G: usize>(cp: usize, h: usize) -> [i32; 16] {
+            let mut out = [0i32; 16];
+            let mut i = 0;
+            while i < 16 {
+                let (row, chunk, l) = (i / 8, (i % 8) / 4, i % 4);
+                let pos = (2 * cp + chunk) * CHUNK + 16 * h + 4 * l;
+                out[i] = (pos / G + 16 * row) as i32;
+                i += 1;
+            }
+            out
+        }
+
+        /// Gathers the tile whose group numbers `row` holds (`n` groups) into `b`.
+        #[inline(always)]
+        unsafe fn gather<const G: usize>(
+            row: &Row,
+            wide: bool,
+            x: &GroupActs,
+            p: &Wide,
+            b: &mut TileBuf,
+        ) {
+            let n = row.n;
+            let group = |k: usize| -> usize {
+                if wide {
+                    u16::from_le((row.index.add(2 * k) as *const u16).read_unaligned()) as usize
+                } else {
+                    *row.index.add(k) as usize
+                }
+            };
+            let q = x.q.as_ptr() as *const u8;
+            let pairs = (n * G).div_ceil(2 * CHUNK);
+            let run = G.min(16);
+            // Whole chunk pairs of groups of 16 or 32: four 16-byte runs, put together in a
+            // register.
+            let whole = if G >= 16 { n * G / (2 * CHUNK) } else { 0 };
+            for cp in 0..whole {
+                let at = |c: usize, h: usize| {
+                    let pos = (2 * cp + c) * CHUNK + 16 * h;
+                    _mm_loadu_si128(q.add(group(pos / G) * G + pos % G) as *const __m128i)
+                };
+                let v = _mm512_inserti32x4::<3>(
+                    _mm512_inserti32x4::<2>(
+                        _mm512_inserti32x4::<1>(_mm512_castsi128_si512(at(0, 0)), at(1, 0)),
+                        at(0, 1),
+                    ),
+                    at(1, 1),
+                );
+                _mm512_storeu_si512(b.acts[cp].as_mut_ptr() as *mut __m512i, v);
+                let eight = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), v);
+                let corr = _mm512_sub_epi32(_mm512_setzero_si512(), eight);
+                _mm512_storeu_si512(b.corr[cp].as_mut_ptr() as *mut __m512i, corr);
+            }
+            for cp in whole..pairs {
+                let a = &mut b.acts[cp];
+                // Half h of chunk 2 cp + c lands at bytes 32 h + 16 c.
+                for c in 0..2 {
+                    for h in 0..2 {
+                        let mut j = 0;
+                        while j < 16 {
+                            let pos = (2 * cp + c) * CHUNK + 16 * h + j;
+                            let (k, o) = (pos / G, pos % G);
+                            let dst = &mut a[32 * h + 16 * c + j..32 * h + 16 * c + j + run];
+                            if k < n {
+                                let src = q.add(group(k) * G + o);
+                                std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), run);
+                            } else {
+                                dst.fill(0);
+                            }
+                            j += run;
+                        }
+                    }
+                }
+                let v = _mm512_loadu_si512(a.as_ptr() as *const __m512i);
+                let eight = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), v);
+                let corr = _mm512_sub_epi32(_mm512_setzero_si512(), eight);
+                _mm512_storeu_si512(b.corr[cp].as_mut_ptr() as *mut __m512i, corr);
+            }
+            let to_blk = _mm_cvtsi32_si128(5 - G.trailing_zeros() as i32);
+            let mut j = 0;
+            while j < n {
+                let m = lanes(n - j);
+                let idx = if wide {
+                    let ptr = row.index.add(2 * j) as *const i16;
+                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, ptr))
+                } else {
+                    let ptr = row.index.add(j) as *const i8;
+                    _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, ptr))
+                };
+                let dx = _mm512_maskz_mov_ps(m, p.dx(_mm512_srl_epi32(idx, to_blk), m));
+                _mm512_storeu_ps(b.dx.as_mut_ptr().add(j), dx);
+                j += 16;
+            }
+            _mm512_storeu_ps(b.dx.as_mut_ptr().add(j), _mm512_setzero_ps());
+        }
+
+        /// The combined scales of stored groups `16 j..16 j + 16` of `row` (0 past its
+        /// groups).
+        #[inline(always)]
+        unsafe fn scales16(row: &Row, lg: u32, j: usize, dx: *const f32) -> __m512 {
+            let m = lanes(row.n.saturating_sub(j));
+            let dw = if lg == 0 {
+                let ptr = row.scales.add(2 * j) as *const i16;
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, ptr))
+            } else {
+                let nsc = (row.n + (1 << lg) - 1) >> lg;
+                let f = j >> lg;
+                let ptr = row.scales.add(2 * f) as *const i16;
+                let h = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(nsc - f), ptr));
+                let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                _mm512_permutexvar_ps(_mm512_srl_epi32(iota, _mm_cvtsi32_si128(lg as i32)), h)
+            };
+            _mm512_maskz_mul_ps(m, _mm512_loadu_ps(dx.add(j)), dw)
+        }
+
+        /// `K` pairs of rows of a tile, `(a[i], b[i])` (`pairs` chunk pairs, of which the
+        /// last has one chunk when `odd`): their sums. Several pairs at once, so that their
+        /// chains of fused multiply-adds (one per chunk pair and accumulator) overlap.
+        #[inline(always)]
+        unsafe fn pairs<const G: usize, const K: usize>(
+            a: &[Row; K],
+            b: &[Row; K],
+            lg: u32,
+            buf: &TileBuf,
+            pairs: usize,
+            odd: bool,
+        ) -> [(f32, f32); K] {
+            let per = G / 4; // chunk pairs per 16 groups
+            let nib = _mm512_set1_epi8(0x0F);
+            let z = _mm512_setzero_ps();
+            let (mut lo, mut hi) = ([z; K], [z; K]);
+            let (mut sa, mut sb) = ([z; K], [z; K]);
+            let tab = &SCALE_INDEX[G.trailing_zeros() as usize - 2];
+            for cp in 0..pairs {
+                let cpl = cp % per;
+                if cpl == 0 {
+                    for i in 0..K {
+                        sa[i] = scales16(&a[i], lg, cp / per * 16, buf.dx.as_ptr());
+                        sb[i] = scales16(&b[i], lg, cp / per * 16, buf.dx.as_ptr());
+                    }
+                }
+                let act = buf.acts[cp].as_ptr();
+                let xl = _mm512_broadcast_i64x4(_mm256_loadu_si256(act as *const __m256i));
+                let xh = _mm512_broadcast_i64x4(_mm256_loadu_si256(act.add(32) as *const __m256i));
+                let il = _mm512_loadu_si512(tab[cpl][0].as_ptr() as *const __m512i);
+                let ih = _mm512_loadu_si512(tab[cpl][1].as_ptr() as *const __m512i);
+                let last = odd && cp + 1 == pairs;
+                for i in 0..K {
+                    let (wa, wb) = if last {
+                        (
+                            _mm256_maskz_loadu_epi8(0xFFFF, a[i].values.add(32 * cp) as *const i8),
+                            _mm256_maskz_loadu_epi8(0xFFFF, b[i].values.add(32 * cp) as *const i8),
+                        )
+                    } else {
+                        (
+                            _mm256_loadu_si256(a[i].values.add(32 * cp) as *const __m256i),
+                            _mm256_loadu_si256(b[i].values.add(32 * cp) as *const __m256i),
+                        )
+                    };
+                    let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(wa), wb);
+                    let wl = _mm512_and_si512(w, nib);
+                    let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nib);
+                    let cor = buf.corr[cp].as_ptr();
+                    let cl = _mm512_broadcast_i64x4(_mm256_loadu_si256(cor as *const __m256i));
+                    let ch =
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(cor.add(8) as *const __m256i));
+                    let dl = _mm512_dpbusd_epi32(cl, wl, xl);
+                    let dh = _mm512_dpbusd_epi32(ch, wh, xh);
+                    lo[i] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dl),
+                        _mm512_permutex2var_ps(sa[i], il, sb[i]),
+                        lo[i],
+                    );
+                    hi[i] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dh),
+                        _mm512_permutex2var_ps(sa[i], ih, sb[i]),
+                        hi[i],
+                    );
+                }
+            }
+            // t = even + odd lane by lane, then `fold`'s order: (t[l] + t[l + 4]) over l < 4,
+            // then (r0 + r2) + (r1 + r3); row a in 128-bit lane 0, row b in lane 2.
+            let mut out = [(0.0, 0.0); K];
+            for i in 0..K {
+                let u = _mm512_add_ps(lo[i], _mm512_shuffle_f32x4::<0b10_11_00_01>(lo[i], lo[i]));
+                let v = _mm512_add_ps(hi[i], _mm512_shuffle_f32x4::<0b10_11_00_01>(hi[i], hi[i]));
+                let r = _mm512_add_ps(u, v);
+                out[i] = (
+                    finish(_mm512_castps512_ps128(r)),
+                    finish(_mm512_extractf32x4_ps::<2>(r)),
+                );
+            }
+            out
+        }
+
+        #[inline(always)]
+        unsafe fn finish(r: __m128) -> f32 {
+            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+        }
+
+        /// [`scale_index`] for G = 4, 8, 16, 32 (index log2(G) - 2), chunk pairs 0..G/4 of a
+        /// block of 16 groups, halves 0 and 1.
+        static SCALE_INDEX: [[[[i32; 16]; 2]; 8]; 4] =
+            [table::<4>(), table::<8>(), table::<16>(), table::<32>()];
+
+        const fn table<const G: usize>() -> [[[i32; 16]; 2]; 8] {
+            let mut t = [[[0i32; 16]; 2]; 8];
+            let mut cp = 0;
+            while cp < G / 4 {
+                t[cp][0] = scale_index::<G>(cp, 0);
+                t[cp][1] = scale_index::<G>(cp, 1);
+                cp += 1;
+            }
+            t
+        }
+
+        /// Rows `first..first + y.len()` of a tiled Q4 matrix.
+        #[inline(always)]
+        pub(super) unsafe fn rows<const G: usize>(
+            m: &GroupMatrix,
+            x: &GroupActs,
+            first: usize,
+            y: &mut [f32],
+            p: &Wide,
+            wide: bool,
+            lg: u32,
+        ) {
+            let tile = m.fmt.tile;
+            let groups = m.cols / G;
+            let max_pairs = (groups * G).div_ceil(2 * CHUNK);
+            let mut buf = TileBuf {
+                acts: vec![[0; 64]; max_pairs],
+                corr: vec![[0; 16]; max_pairs],
+                dx: vec![0.0; groups.div_ceil(16) * 16 + 16],
+            };
+            let end = first + y.len();
+            let mut r = first;
+            while r < end {
+                let t_end = ((r / tile + 1) * tile).min(end);
+                let head = row_at(m, r, wide, lg);
+                gather::<G>(&head, wide, x, p, &mut buf);
+                let chunks = (head.n * G).div_ceil(CHUNK);
+                let (n_pairs, odd) = (chunks.div_ceil(2), chunks % 2 == 1);
+                // Four rows at a time, then two, then the last alone (as a pair with itself).
+                while r + 4 <= t_end {
+                    let a = [row_at(m, r, wide, lg), row_at(m, r + 2, wide, lg)];
+                    let b = [row_at(m, r + 1, wide, lg), row_at(m, r + 3, wide, lg)];
+                    let out = pairs::<G, 2>(&a, &b, lg, &buf, n_pairs, odd);
+                    y[r - first..r - first + 4]
+                        .copy_from_slice(&[out[0].0, out[0].1, out[1].0, out[1].1]);
+                    r += 4;
+                }
+                while r < t_end {
+                    let a = row_at(m, r, wide, lg);
+                    let b = if r + 1 < t_end {
+                        row_at(m, r + 1, wide, lg)
+                    } else {
+                        a
+                    };
+                    let [(ya, yb)] = pairs::<G, 1>(&[a], &[b], lg, &buf, n_pairs, odd);
+                    y[r - first] = ya;
+                    if r + 1 < t_end {
+                        y[r + 1 - first] = yb;
+                    }
+                    r += 2;
+                }
+                r = t_end;
+            }
         }
     }
 

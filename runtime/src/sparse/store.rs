@@ -16,7 +16,8 @@
 //! A group-sparse matrix is the I8 tensor `NAME` of shape `[n_bytes]` holding the encoded
 //! buffer of `sparse::group` (header, row offsets, rows), with `.encoding` = `"group"`,
 //! `.g` (u32), `.values` (`"q8"` or `"q4"`), `.scale_groups` (u32), `.rows` and `.cols`
-//! (u64), and `.layout` (u32) = the buffer layout's version, [`group::LAYOUT_VERSION`] (2: a
+//! (u64), `.tile` (u32, only where rows are tiled: rows per tile that store the same
+//! groups), and `.layout` (u32) = the buffer layout's version, [`group::LAYOUT_VERSION`] (2: a
 //! count and index per row; tensors of layout 1, a bitmap per row and no key, are refused
 //! with a message to prune again); the buffer's own header must agree, and the whole buffer
 //! is validated at load.
@@ -157,8 +158,14 @@ pub fn read(md: &Metadata, t: &TensorInfo) -> Result<Option<SparseMatrix>> {
                 "q4" => Values::Q4,
                 v => return Err(bad(format!("unknown group values `{v}` (q8 or q4)"))),
             };
+            // Row tiles: a key only files with tiles carry (0 = none).
+            let tile = match md.get(&key(&t.name, "tile")) {
+                None => 0,
+                Some(_) => small("tile")?,
+            };
             let f = GroupFormat::new(small("g")?, values)
                 .and_then(|f| f.with_scale_groups(small("scale_groups")?))
+                .and_then(|f| f.with_tile(tile))
                 .map_err(|e| bad(e.to_string()))?;
             let dim = |k: &str| -> Result<usize> {
                 usize::try_from(md.u64(&key(&t.name, k))?)
@@ -220,6 +227,9 @@ pub fn declare(w: &mut GgufWriter, name: &str, s: &SparseMatrix, n_bytes: usize)
             let v = values_name(f.values == Values::Q8);
             w.set(key(name, "values"), Value::String(v.into()));
             w.set(key(name, "scale_groups"), Value::U32(f.scale_groups as u32));
+            if f.tile > 0 {
+                w.set(key(name, "tile"), Value::U32(f.tile as u32));
+            }
             w.set(key(name, "rows"), Value::U64(s.rows as u64));
             w.add_tensor(name, &[n_bytes as u64], GgmlType::I8)
         }
