@@ -1971,7 +1971,7 @@ mod x86 {
             buf: &TileBuf,
             pairs: usize,
             odd: bool,
-        ) -> [(f32, f32); K] {
+        ) -> [__m512; K] {
             let per = G / 4; // chunk pairs per 16 groups
             let nib = _mm512_set1_epi8(0x0F);
             let z = _mm512_setzero_ps();
@@ -2025,19 +2025,27 @@ mod x86 {
                     );
                 }
             }
-            // t = even + odd lane by lane, then `fold`'s order: (t[l] + t[l + 4]) over l < 4,
-            // then (r0 + r2) + (r1 + r3); row a in 128-bit lane 0, row b in lane 2.
-            let mut out = [(0.0, 0.0); K];
+            // t = even + odd lane by lane, then (t[l] + t[l + 4]) over l < 4 (`fold`'s order
+            // up to its last two additions, left to the caller): row a in 128-bit lane 0,
+            // row b in lane 2.
+            let mut out = [z; K];
             for i in 0..K {
                 let u = _mm512_add_ps(lo[i], _mm512_shuffle_f32x4::<0b10_11_00_01>(lo[i], lo[i]));
                 let v = _mm512_add_ps(hi[i], _mm512_shuffle_f32x4::<0b10_11_00_01>(hi[i], hi[i]));
-                let r = _mm512_add_ps(u, v);
-                out[i] = (
-                    finish(_mm512_castps512_ps128(r)),
-                    finish(_mm512_extractf32x4_ps::<2>(r)),
-                );
+                out[i] = _mm512_add_ps(u, v);
             }
             out
+        }
+
+        /// The four rows of two pairs' sums ([`pairs`]: rows a0, b0 and a1, b1) in that
+        /// order: `fold`'s last two additions, (r0 + r2) + (r1 + r3), in each 128-bit lane.
+        #[inline(always)]
+        unsafe fn finish4(r: [__m512; 2]) -> __m128 {
+            let q = _mm512_shuffle_f32x4::<0b10_00_10_00>(r[0], r[1]);
+            let h = _mm512_add_ps(q, _mm512_permute_ps::<0b11_10_11_10>(q));
+            let s = _mm512_add_ps(h, _mm512_movehdup_ps(h));
+            let first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+            _mm512_castps512_ps128(_mm512_permutexvar_ps(first, s))
         }
 
         #[inline(always)]
@@ -2093,9 +2101,8 @@ mod x86 {
                 while r + 4 <= t_end {
                     let a = [row_at(m, r, wide, lg), row_at(m, r + 2, wide, lg)];
                     let b = [row_at(m, r + 1, wide, lg), row_at(m, r + 3, wide, lg)];
-                    let out = pairs::<G, 2>(&a, &b, lg, &buf, n_pairs, odd);
-                    y[r - first..r - first + 4]
-                        .copy_from_slice(&[out[0].0, out[0].1, out[1].0, out[1].1]);
+                    let sums = finish4(pairs::<G, 2>(&a, &b, lg, &buf, n_pairs, odd));
+                    _mm_storeu_ps(y.as_mut_ptr().add(r - first), sums);
                     r += 4;
                 }
                 while r < t_end {
@@ -2105,7 +2112,11 @@ mod x86 {
                     } else {
                         a
                     };
-                    let [(ya, yb)] = pairs::<G, 1>(&[a], &[b], lg, &buf, n_pairs, odd);
+                    let [r2] = pairs::<G, 1>(&[a], &[b], lg, &buf, n_pairs, odd);
+                    let (ya, yb) = (
+                        finish(_mm512_castps512_ps128(r2)),
+                        finish(_mm512_extractf32x4_ps::<2>(r2)),
+                    );
                     y[r - first] = ya;
                     if r + 1 < t_end {
                         y[r + 1 - first] = yb;
