@@ -122,8 +122,8 @@ pub struct GroupFormat {
     pub values: Values,
     /// Consecutive stored groups that share one f16 scale (1: a scale per group).
     pub scale_groups: usize,
-    /// Rows per tile whose rows store the same groups (0: every row its own; 2, 4, 8, 16
-    /// or 32): see "Row tiles" in the module doc.
+    /// Rows per tile whose rows store the same groups (0: every row its own; 8, 16 or 32):
+    /// see "Row tiles" in the module doc.
     pub tile: usize,
 }
 
@@ -170,9 +170,9 @@ impl GroupFormat {
                 self.scale_groups, self.g
             )));
         }
-        if !matches!(self.tile, 0 | 2 | 4 | 8 | 16 | 32) {
+        if !matches!(self.tile, 0 | 8 | 16 | 32) {
             return Err(invalid(format!(
-                "tiles of {} rows: want 0 (no tiles), 2, 4, 8, 16 or 32",
+                "tiles of {} rows: want 0 (no tiles), 8, 16 or 32",
                 self.tile
             )));
         }
@@ -736,6 +736,21 @@ type RowsFn = fn(&GroupMatrix, &GroupActs, usize, &mut [f32]);
 /// bits of [`RowsFn`]; arguments checked by [`GroupKernel::matmat_rows`].
 type TokensFn = fn(&GroupMatrix, &[GroupActs], usize, &mut [f32]);
 
+/// The accumulator of stored group `k` (groups of `g`) in the tiled order (module doc):
+/// twice the parity of its chunk, plus its own parity.
+#[inline(always)]
+fn tiled_acc(k: usize, g: usize) -> usize {
+    2 * ((k * g / CHUNK) % 2) + k % 2
+}
+
+/// A [`TokensFn`] from a [`RowsFn`]: each token on its own.
+fn per_token(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32], rows: RowsFn) {
+    let count = y.len() / x.len().max(1);
+    for (a, out) in x.iter().zip(y.chunks_exact_mut(count.max(1))) {
+        rows(m, a, first, out);
+    }
+}
+
 /// Rows per chunk of [`GroupKernel::matmat_rows`]: their weights stay in the caches while
 /// every group of four tokens goes past them.
 const MATMAT_ROWS: usize = 64;
@@ -980,6 +995,9 @@ mod portable {
     use super::*;
 
     pub(super) fn rows(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return rows_tiled(m, x, first, y);
+        }
         let mut sc = Scratch::new(m);
         let (g, sg) = (m.fmt.g, m.fmt.scale_groups);
         let per = CHUNK / g;
@@ -1011,6 +1029,31 @@ mod portable {
         }
     }
 
+    /// [`rows`] for a tiled matrix, in the tiled order (module doc).
+    fn rows_tiled(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
+        let (g, sg) = (m.fmt.g, m.fmt.scale_groups);
+        for (i, out) in y.iter_mut().enumerate() {
+            let p = m.row(first + i);
+            let mut acc = [0.0f32; 4];
+            let mut w = [0i32; CHUNK];
+            for k in 0..p.n {
+                let col = p.group(k) * g;
+                let mut dot = 0i32;
+                for t in 0..g {
+                    let e = k * g + t;
+                    if e % CHUNK == 0 || t == 0 {
+                        w = chunk_weights(m.fmt.values, p.values, e / CHUNK);
+                    }
+                    dot += w[e % CHUNK] * x.q[col + t] as i32;
+                }
+                let s = x.d[col / CHUNK] * p.scale(k, sg);
+                let a = tiled_acc(k, g);
+                acc[a] = fma32(dot as f32, s, acc[a]);
+            }
+            *out = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        }
+    }
+
     /// The weights of chunk `c` of a row.
     #[inline(always)]
     fn chunk_weights(values: Values, v: &[u8], c: usize) -> [i32; CHUNK] {
@@ -1031,6 +1074,9 @@ mod portable {
     /// [`rows`] for tokens four at a time, each chunk's weights decoded once for the four,
     /// over chunks of [`MATMAT_ROWS`] rows.
     pub(super) fn tokens(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return per_token(m, x, first, y, rows);
+        }
         let n = x.len();
         let count = y.len() / n.max(1);
         let mut sc: [Scratch; 4] = std::array::from_fn(|_| Scratch::new(m));
@@ -1088,6 +1134,7 @@ mod x86 {
     //! groups of the row, below `cols`, or 0 for padding; the padded length is a multiple of
     //! 32).
     use super::*;
+    use crate::kernels::x86::build;
     use std::arch::x86_64::*;
 
     /// A row's parts as pointers.
@@ -1814,317 +1861,228 @@ mod x86 {
             let wide = index_bytes(m.cols / G) == 2;
             let lg = m.fmt.scale_groups.trailing_zeros();
             let p = Wide::new(x, wide, lg);
-            if m.fmt.tile > 0 && !Q8 {
-                return tiled::rows::<G>(m, x, first, y, &p, wide, lg);
-            }
             rows::<Wide, G, Q8, true>(m, x, first, y, &p, wide, lg)
         }
     }
 
-    /// Row tiles of Q4 values (AVX-512 VNNI): the rows of a tile store the same groups, so
-    /// what a row's chunks need from the activations (each half chunk's 16 activations, the
-    /// `- 8 * sum x` of its lanes, each group's dx) is gathered once per tile into scratch,
-    /// and two rows go through one 512-bit vector per pair of chunks: bytes
-    /// `[a c, a c+1, b c, b c+1]` (16 each, rows a and b, chunks c even and c + 1), whose low
-    /// nibbles are the chunks' first 16 weights and high nibbles their last 16. Accumulator
-    /// `lo` holds lanes 0..4 of (a even, a odd, b even, b odd), `hi` lanes 4..8, so every
-    /// lane of a row gets [`ymm::step`]'s integer, scale and fused multiply-add in the same
-    /// order: the bits of the portable kernel. A missing last odd chunk enters as zero
-    /// weights, activations and scales, a fused multiply-add that adds 0 to an accumulator
-    /// that is never -0.
-    mod tiled {
+    /// Row tiles of Q4 values (see "Row tiles" in the module doc), eight rows at a time in
+    /// the eight lanes of 256-bit vectors, as the dense Q4_0 decode kernel
+    /// (`kernels::x86::avx2`'s `q4_0_t8`): each chunk's 16 bytes of the eight rows
+    /// transposed into eight vectors of 4-weight words (lane r = row r), so that one
+    /// `vpdpbusd` (or `maddubs`) against an activation word broadcast adds four products
+    /// of all eight rows; a group's `g / 4` words leave its exact integer in each lane,
+    /// starting from `-8 * sum x` of its activations (computed once per call for every
+    /// group column). The rows share the group numbers, so a group's activation words,
+    /// offset and dx are read once for the eight; the eight rows' weight scales come eight
+    /// at a time from one 8x8 transpose of their f16 scale lists.
+    mod t8 {
         use super::*;
+        use crate::kernels::x86::avx2::q4_0_transposed;
 
-        /// Per call: each chunk pair's activations and corrections for the tile (32 bytes per
-        /// half: chunk c's then chunk c + 1's), and each stored group's dx.
-        struct TileBuf {
-            acts: Vec<[u8; 64]>,
-            corr: Vec<[i32; 16]>,
-            dx: Vec<f32>,
+        /// `-8 * sum` of the activations of every group column: Q4's level offset.
+        fn offsets<const G: usize>(x: &GroupActs, groups: usize) -> Vec<i32> {
+            x.q[..groups * G]
+                .chunks_exact(G)
+                .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>())
+                .collect()
         }
 
-        /// Lane indexes into `[s_a (16 groups), s_b (16 groups)]` of the scale of each lane,
-        /// for chunk pair `cp` of a block of 16 groups and half `h` (0: weights 0..16 of a
-        /// chunk, 1: 16..32).
-        const fn scale_index<const G: usize>(cp: usize, h: usize) -> [i32; 16] {
-            let mut out = [0i32; 16];
-            let mut i = 0;
-            while i < 16 {
-                let (row, chunk, l) = (i / 8, (i % 8) / 4, i % 4);
-                let pos = (2 * cp + chunk) * CHUNK + 16 * h + 4 * l;
-                out[i] = (pos / G + 16 * row) as i32;
-                i += 1;
-            }
-            out
-        }
-
-        /// Gathers the tile whose group numbers `row` holds (`n` groups) into `b`.
+        /// The 16 bytes at `p[r] + off` of eight rows, as eight f16 values each, transposed
+        /// and converted: lane r of `out[j]` = value j of row r.
         #[inline(always)]
-        unsafe fn gather<const G: usize>(
-            row: &Row,
-            wide: bool,
-            x: &GroupActs,
-            p: &Wide,
-            b: &mut TileBuf,
-        ) {
-            let n = row.n;
-            let group = |k: usize| -> usize {
-                if wide {
-                    u16::from_le((row.index.add(2 * k) as *const u16).read_unaligned()) as usize
+        unsafe fn scales_t(p: [*const u8; 8], off: usize) -> [__m256; 8] {
+            let v: [__m128i; 8] = build!(8, _mm_setzero_si128(), |r| _mm_loadu_si128(
+                p[r].add(off) as *const __m128i
+            ));
+            let a: [__m128i; 8] = build!(8, _mm_setzero_si128(), |i| {
+                let (x, y) = (v[2 * (i / 2)], v[2 * (i / 2) + 1]);
+                if i % 2 == 0 {
+                    _mm_unpacklo_epi16(x, y)
                 } else {
-                    *row.index.add(k) as usize
+                    _mm_unpackhi_epi16(x, y)
                 }
-            };
-            let q = x.q.as_ptr() as *const u8;
-            let pairs = (n * G).div_ceil(2 * CHUNK);
-            let run = G.min(16);
-            // Whole chunk pairs of groups of 16 or 32: four 16-byte runs, put together in a
-            // register.
-            let whole = if G >= 16 { n * G / (2 * CHUNK) } else { 0 };
-            for cp in 0..whole {
-                let at = |c: usize, h: usize| {
-                    let pos = (2 * cp + c) * CHUNK + 16 * h;
-                    _mm_loadu_si128(q.add(group(pos / G) * G + pos % G) as *const __m128i)
-                };
-                let v = _mm512_inserti32x4::<3>(
-                    _mm512_inserti32x4::<2>(
-                        _mm512_inserti32x4::<1>(_mm512_castsi128_si512(at(0, 0)), at(1, 0)),
-                        at(0, 1),
-                    ),
-                    at(1, 1),
-                );
-                _mm512_storeu_si512(b.acts[cp].as_mut_ptr() as *mut __m512i, v);
-                let eight = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), v);
-                let corr = _mm512_sub_epi32(_mm512_setzero_si512(), eight);
-                _mm512_storeu_si512(b.corr[cp].as_mut_ptr() as *mut __m512i, corr);
-            }
-            for cp in whole..pairs {
-                let a = &mut b.acts[cp];
-                // Half h of chunk 2 cp + c lands at bytes 32 h + 16 c.
-                for c in 0..2 {
-                    for h in 0..2 {
-                        let mut j = 0;
-                        while j < 16 {
-                            let pos = (2 * cp + c) * CHUNK + 16 * h + j;
-                            let (k, o) = (pos / G, pos % G);
-                            let dst = &mut a[32 * h + 16 * c + j..32 * h + 16 * c + j + run];
-                            if k < n {
-                                let src = q.add(group(k) * G + o);
-                                std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), run);
-                            } else {
-                                dst.fill(0);
-                            }
-                            j += run;
-                        }
-                    }
-                }
-                let v = _mm512_loadu_si512(a.as_ptr() as *const __m512i);
-                let eight = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(8), v);
-                let corr = _mm512_sub_epi32(_mm512_setzero_si512(), eight);
-                _mm512_storeu_si512(b.corr[cp].as_mut_ptr() as *mut __m512i, corr);
-            }
-            let to_blk = _mm_cvtsi32_si128(5 - G.trailing_zeros() as i32);
-            let mut j = 0;
-            while j < n {
-                let m = lanes(n - j);
-                let idx = if wide {
-                    let ptr = row.index.add(2 * j) as *const i16;
-                    _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, ptr))
+            });
+            // b[i]: rows 0..4 (i < 4) or 4..8, values 2 (i % 4) and 2 (i % 4) + 1.
+            let b: [__m128i; 8] = build!(8, _mm_setzero_si128(), |i| {
+                let base = 4 * (i / 4);
+                let (x, y) = (a[base + (i % 4) / 2], a[base + 2 + (i % 4) / 2]);
+                if i % 2 == 0 {
+                    _mm_unpacklo_epi32(x, y)
                 } else {
-                    let ptr = row.index.add(j) as *const i8;
-                    _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, ptr))
-                };
-                let dx = _mm512_maskz_mov_ps(m, p.dx(_mm512_srl_epi32(idx, to_blk), m));
-                _mm512_storeu_ps(b.dx.as_mut_ptr().add(j), dx);
-                j += 16;
-            }
-            _mm512_storeu_ps(b.dx.as_mut_ptr().add(j), _mm512_setzero_ps());
+                    _mm_unpackhi_epi32(x, y)
+                }
+            });
+            build!(8, _mm256_setzero_ps(), |j| {
+                let (x, y) = (b[j / 2], b[4 + j / 2]);
+                _mm256_cvtph_ps(if j % 2 == 0 {
+                    _mm_unpacklo_epi64(x, y)
+                } else {
+                    _mm_unpackhi_epi64(x, y)
+                })
+            })
         }
 
-        /// The combined scales of stored groups `16 j..16 j + 16` of `row` (0 past its
-        /// groups).
+        /// The exact integer of group `j` of a pair of chunks (`w[c]`: chunk c's words) for
+        /// the eight rows, starting from `off`: the group's `G / 4` words against its
+        /// activation words `xw`.
         #[inline(always)]
-        unsafe fn scales16(row: &Row, lg: u32, j: usize, dx: *const f32) -> __m512 {
-            let m = lanes(row.n.saturating_sub(j));
-            let dw = if lg == 0 {
-                let ptr = row.scales.add(2 * j) as *const i16;
-                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, ptr))
+        unsafe fn group_dot<const G: usize, const VNNI: bool>(
+            w: &[[__m256i; 8]; 2],
+            j: usize,
+            xw: *const i32,
+            off: __m256i,
+        ) -> __m256i {
+            let per = CHUNK / G;
+            let (c, first) = (j / per, (j % per) * (G / 4));
+            if VNNI {
+                let mut v = off;
+                for t in 0..G / 4 {
+                    let a = _mm256_set1_epi32(xw.add(t).read_unaligned());
+                    v = _mm256_dpbusd_epi32(v, w[c][first + t], a);
+                }
+                v
             } else {
-                let nsc = (row.n + (1 << lg) - 1) >> lg;
-                let f = j >> lg;
-                let ptr = row.scales.add(2 * f) as *const i16;
-                let h = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes(nsc - f), ptr));
-                let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-                _mm512_permutexvar_ps(_mm512_srl_epi32(iota, _mm_cvtsi32_si128(lg as i32)), h)
-            };
-            _mm512_maskz_mul_ps(m, _mm512_loadu_ps(dx.add(j)), dw)
+                // i16 sums of at most 8 pair products of 2 * 15 * 127: exact.
+                let mut s = _mm256_setzero_si256();
+                for t in 0..G / 4 {
+                    let a = _mm256_set1_epi32(xw.add(t).read_unaligned());
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[c][first + t], a));
+                }
+                _mm256_add_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), off)
+            }
         }
 
-        /// `K` pairs of rows of a tile, `(a[i], b[i])` (`pairs` chunk pairs, of which the
-        /// last has one chunk when `odd`): their sums. Several pairs at once, so that their
-        /// chains of fused multiply-adds (one per chunk pair and accumulator) overlap.
+        /// Eight rows of one tile (absent rows given as copies of a present one): their
+        /// sums, in the tiled order. Each step takes an even number of groups (one chunk, or
+        /// two of groups of 32), so that each group's words and accumulator are known at
+        /// compile time and stay in registers.
         #[inline(always)]
-        unsafe fn pairs<const G: usize, const K: usize>(
-            a: &[Row; K],
-            b: &[Row; K],
+        unsafe fn block<const G: usize, const VNNI: bool>(
+            r: &[Row; 8],
+            wide: bool,
             lg: u32,
-            buf: &TileBuf,
-            pairs: usize,
-            odd: bool,
-        ) -> [__m512; K] {
-            let per = G / 4; // chunk pairs per 16 groups
-            let nib = _mm512_set1_epi8(0x0F);
-            let z = _mm512_setzero_ps();
-            let (mut lo, mut hi) = ([z; K], [z; K]);
-            let (mut sa, mut sb) = ([z; K], [z; K]);
-            let tab = &SCALE_INDEX[G.trailing_zeros() as usize - 2];
-            for cp in 0..pairs {
-                let cpl = cp % per;
-                if cpl == 0 {
-                    for i in 0..K {
-                        sa[i] = scales16(&a[i], lg, cp / per * 16, buf.dx.as_ptr());
-                        sb[i] = scales16(&b[i], lg, cp / per * 16, buf.dx.as_ptr());
-                    }
-                }
-                let act = buf.acts[cp].as_ptr();
-                let xl = _mm512_broadcast_i64x4(_mm256_loadu_si256(act as *const __m256i));
-                let xh = _mm512_broadcast_i64x4(_mm256_loadu_si256(act.add(32) as *const __m256i));
-                let il = _mm512_loadu_si512(tab[cpl][0].as_ptr() as *const __m512i);
-                let ih = _mm512_loadu_si512(tab[cpl][1].as_ptr() as *const __m512i);
-                let last = odd && cp + 1 == pairs;
-                for i in 0..K {
-                    let (wa, wb) = if last {
-                        (
-                            _mm256_maskz_loadu_epi8(0xFFFF, a[i].values.add(32 * cp) as *const i8),
-                            _mm256_maskz_loadu_epi8(0xFFFF, b[i].values.add(32 * cp) as *const i8),
-                        )
+            x: &GroupActs,
+            offsets: &[i32],
+        ) -> __m256 {
+            let n = r[0].n;
+            let vp: [*const u8; 8] = build!(8, std::ptr::null(), |i| r[i].values);
+            let sp: [*const u8; 8] = build!(8, std::ptr::null(), |i| r[i].scales);
+            let (q, d) = (x.q.as_ptr(), x.d.as_ptr());
+            // Chunks per step: one (an even number of groups) or, for groups of 32, two.
+            let cps = if G == CHUNK { 2 } else { 1 };
+            let step = cps * CHUNK / G; // groups per step
+            let chunks = (n * G).div_ceil(CHUNK);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut sv = [_mm256_setzero_ps(); 8];
+            let mut unit_block = usize::MAX;
+            let mut base = 0;
+            while base < n {
+                let c = base / (CHUNK / G);
+                let w = [
+                    q4_0_transposed(vp, 16 * c),
+                    if cps == 2 && c + 1 < chunks {
+                        q4_0_transposed(vp, 16 * (c + 1))
                     } else {
-                        (
-                            _mm256_loadu_si256(a[i].values.add(32 * cp) as *const __m256i),
-                            _mm256_loadu_si256(b[i].values.add(32 * cp) as *const __m256i),
-                        )
+                        [_mm256_setzero_si256(); 8]
+                    },
+                ];
+                for j in 0..step {
+                    let k = base + j;
+                    if k >= n {
+                        break;
+                    }
+                    let u = k >> lg;
+                    if u / 8 != unit_block {
+                        unit_block = u / 8;
+                        sv = scales_t(sp, 16 * unit_block);
+                    }
+                    let i = if wide {
+                        u16::from_le((r[0].index.add(2 * k) as *const u16).read_unaligned())
+                            as usize
+                    } else {
+                        *r[0].index.add(k) as usize
                     };
-                    let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(wa), wb);
-                    let wl = _mm512_and_si512(w, nib);
-                    let wh = _mm512_and_si512(_mm512_srli_epi16::<4>(w), nib);
-                    let cor = buf.corr[cp].as_ptr();
-                    let cl = _mm512_broadcast_i64x4(_mm256_loadu_si256(cor as *const __m256i));
-                    let ch =
-                        _mm512_broadcast_i64x4(_mm256_loadu_si256(cor.add(8) as *const __m256i));
-                    let dl = _mm512_dpbusd_epi32(cl, wl, xl);
-                    let dh = _mm512_dpbusd_epi32(ch, wh, xh);
-                    lo[i] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(dl),
-                        _mm512_permutex2var_ps(sa[i], il, sb[i]),
-                        lo[i],
-                    );
-                    hi[i] = _mm512_fmadd_ps(
-                        _mm512_cvtepi32_ps(dh),
-                        _mm512_permutex2var_ps(sa[i], ih, sb[i]),
-                        hi[i],
-                    );
+                    let off = _mm256_set1_epi32(*offsets.get_unchecked(i));
+                    let dot = group_dot::<G, VNNI>(&w, j, q.add(i * G) as *const i32, off);
+                    let s = _mm256_mul_ps(_mm256_set1_ps(*d.add(i * G / CHUNK)), sv[u % 8]);
+                    // tiled_acc(k): the step starts on an even chunk (G = 32) or is one
+                    // chunk, whose parity `c % 2` is the step's.
+                    let a = if cps == 2 {
+                        2 * (j % 2) + j % 2
+                    } else {
+                        2 * (c % 2) + j % 2
+                    };
+                    acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[a]);
                 }
+                base += step;
             }
-            // t = even + odd lane by lane, then (t[l] + t[l + 4]) over l < 4 (`fold`'s order
-            // up to its last two additions, left to the caller): row a in 128-bit lane 0,
-            // row b in lane 2.
-            let mut out = [z; K];
-            for i in 0..K {
-                let u = _mm512_add_ps(lo[i], _mm512_shuffle_f32x4::<0b10_11_00_01>(lo[i], lo[i]));
-                let v = _mm512_add_ps(hi[i], _mm512_shuffle_f32x4::<0b10_11_00_01>(hi[i], hi[i]));
-                out[i] = _mm512_add_ps(u, v);
-            }
-            out
-        }
-
-        /// The four rows of two pairs' sums ([`pairs`]: rows a0, b0 and a1, b1) in that
-        /// order: `fold`'s last two additions, (r0 + r2) + (r1 + r3), in each 128-bit lane.
-        #[inline(always)]
-        unsafe fn finish4(r: [__m512; 2]) -> __m128 {
-            let q = _mm512_shuffle_f32x4::<0b10_00_10_00>(r[0], r[1]);
-            let h = _mm512_add_ps(q, _mm512_permute_ps::<0b11_10_11_10>(q));
-            let s = _mm512_add_ps(h, _mm512_movehdup_ps(h));
-            let first = _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
-            _mm512_castps512_ps128(_mm512_permutexvar_ps(first, s))
-        }
-
-        #[inline(always)]
-        unsafe fn finish(r: __m128) -> f32 {
-            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-            _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
-        }
-
-        /// [`scale_index`] for G = 4, 8, 16, 32 (index log2(G) - 2), chunk pairs 0..G/4 of a
-        /// block of 16 groups, halves 0 and 1.
-        static SCALE_INDEX: [[[[i32; 16]; 2]; 8]; 4] =
-            [table::<4>(), table::<8>(), table::<16>(), table::<32>()];
-
-        const fn table<const G: usize>() -> [[[i32; 16]; 2]; 8] {
-            let mut t = [[[0i32; 16]; 2]; 8];
-            let mut cp = 0;
-            while cp < G / 4 {
-                t[cp][0] = scale_index::<G>(cp, 0);
-                t[cp][1] = scale_index::<G>(cp, 1);
-                cp += 1;
-            }
-            t
+            _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))
         }
 
         /// Rows `first..first + y.len()` of a tiled Q4 matrix.
         #[inline(always)]
-        pub(super) unsafe fn rows<const G: usize>(
+        pub(super) unsafe fn rows<const G: usize, const VNNI: bool>(
             m: &GroupMatrix,
             x: &GroupActs,
             first: usize,
             y: &mut [f32],
-            p: &Wide,
-            wide: bool,
-            lg: u32,
         ) {
-            let tile = m.fmt.tile;
-            let groups = m.cols / G;
-            let max_pairs = (groups * G).div_ceil(2 * CHUNK);
-            let mut buf = TileBuf {
-                acts: vec![[0; 64]; max_pairs],
-                corr: vec![[0; 16]; max_pairs],
-                dx: vec![0.0; groups.div_ceil(16) * 16 + 16],
-            };
-            let end = first + y.len();
+            let wide = index_bytes(m.cols / G) == 2;
+            let lg = m.fmt.scale_groups.trailing_zeros();
+            let offsets = offsets::<G>(x, m.cols / G);
+            let (tile, end) = (m.fmt.tile, first + y.len());
             let mut r = first;
             while r < end {
-                let t_end = ((r / tile + 1) * tile).min(end);
+                let count = 8.min(end - r).min(tile - r % tile);
+                // The rows of a tile have one length (same count) and follow each other.
                 let head = row_at(m, r, wide, lg);
-                gather::<G>(&head, wide, x, p, &mut buf);
-                let chunks = (head.n * G).div_ceil(CHUNK);
-                let (n_pairs, odd) = (chunks.div_ceil(2), chunks % 2 == 1);
-                // Four rows at a time, then two, then the last alone (as a pair with itself).
-                while r + 4 <= t_end {
-                    let a = [row_at(m, r, wide, lg), row_at(m, r + 2, wide, lg)];
-                    let b = [row_at(m, r + 1, wide, lg), row_at(m, r + 3, wide, lg)];
-                    let sums = finish4(pairs::<G, 2>(&a, &b, lg, &buf, n_pairs, odd));
-                    _mm_storeu_ps(y.as_mut_ptr().add(r - first), sums);
-                    r += 4;
-                }
-                while r < t_end {
-                    let a = row_at(m, r, wide, lg);
-                    let b = if r + 1 < t_end {
-                        row_at(m, r + 1, wide, lg)
-                    } else {
-                        a
-                    };
-                    let [r2] = pairs::<G, 1>(&[a], &[b], lg, &buf, n_pairs, odd);
-                    let (ya, yb) = (
-                        finish(_mm512_castps512_ps128(r2)),
-                        finish(_mm512_extractf32x4_ps::<2>(r2)),
-                    );
-                    y[r - first] = ya;
-                    if r + 1 < t_end {
-                        y[r + 1 - first] = yb;
+                let rb = if count > 1 {
+                    row_at(m, r + 1, wide, lg).values as usize - head.values as usize
+                } else {
+                    0
+                };
+                let rows: [Row; 8] = build!(8, head, |i| {
+                    let at = rb * i.min(count - 1);
+                    Row {
+                        scales: head.scales.add(at),
+                        values: head.values.add(at),
+                        ..head
                     }
-                    r += 2;
-                }
-                r = t_end;
+                });
+                let v = block::<G, VNNI>(&rows, wide, lg, x, &offsets);
+                let mut out = [0.0f32; 8];
+                _mm256_storeu_ps(out.as_mut_ptr(), v);
+                y[r - first..r - first + count].copy_from_slice(&out[..count]);
+                r += count;
             }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tiled_avx2<const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: &GroupActs,
+        first: usize,
+        y: &mut [f32],
+    ) {
+        if Q8 {
+            portable::rows(m, x, first, y)
+        } else {
+            t8::rows::<G, false>(m, x, first, y)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tiled_vnni<const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: &GroupActs,
+        first: usize,
+        y: &mut [f32],
+    ) {
+        if Q8 {
+            portable::rows(m, x, first, y)
+        } else {
+            t8::rows::<G, true>(m, x, first, y)
         }
     }
 
@@ -2132,15 +2090,27 @@ mod x86 {
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Avx2` or above, which
         // `Level::detected` reports only when the CPU has AVX2, FMA and F16C; the reads are
         // in bounds (module doc).
-        unsafe { by_group_format!(m, ymm::avx2; m, x, first, y) }
+        unsafe {
+            if m.fmt.tile > 0 {
+                by_group_format!(m, tiled_avx2; m, x, first, y)
+            } else {
+                by_group_format!(m, ymm::avx2; m, x, first, y)
+            }
+        }
     }
 
     pub(super) fn tokens_avx2(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return per_token(m, x, first, y, rows_avx2);
+        }
         // SAFETY: as `rows_avx2`.
         unsafe { by_group_format!(m, ymm::tokens_avx2; m, x, first, y) }
     }
 
     pub(super) fn tokens_vnni(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return per_token(m, x, first, y, rows_vnni);
+        }
         // SAFETY: as `rows_vnni`.
         unsafe { by_group_format!(m, ymm::tokens_vnni; m, x, first, y) }
     }
@@ -2148,7 +2118,13 @@ mod x86 {
     pub(super) fn rows_vnni(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Avx512`, which
         // `Level::detected` reports only with AVX-512 F, BW, VL and VNNI; reads as above.
-        unsafe { by_group_format!(m, ymm::vnni; m, x, first, y) }
+        unsafe {
+            if m.fmt.tile > 0 {
+                by_group_format!(m, tiled_vnni; m, x, first, y)
+            } else {
+                by_group_format!(m, ymm::vnni; m, x, first, y)
+            }
+        }
     }
 }
 
@@ -2368,11 +2344,17 @@ mod arm {
     }
 
     pub(super) fn tokens_neon(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return per_token(m, x, first, y, portable::rows);
+        }
         // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
         unsafe { by_group_format!(m, body4[Neon]; m, x, first, y) }
     }
 
     pub(super) fn tokens_sdot(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return per_token(m, x, first, y, portable::rows);
+        }
         // SAFETY: as `rows_sdot`.
         unsafe { by_group_format!(m, sdot4; m, x, first, y) }
     }
@@ -2388,11 +2370,17 @@ mod arm {
     }
 
     pub(super) fn rows_neon(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return portable::rows(m, x, first, y);
+        }
         // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
         unsafe { by_group_format!(m, body[Neon]; m, x, first, y) }
     }
 
     pub(super) fn rows_sdot(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
+        if m.fmt.tile > 0 {
+            return portable::rows(m, x, first, y);
+        }
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Dotprod` and above,
         // which `Level::detected` reports only with the dot product extension.
         unsafe { by_group_format!(m, sdot; m, x, first, y) }

@@ -625,29 +625,30 @@ unsafe fn fp16x8(p: [*const u8; 8], off: usize) -> __m256 {
 ///
 /// ```text
 /// block (16 bytes qs):  element e < 16 = qs[e] & 15, element 16 + e = qs[e] >> 4
-/// R_j = [qs of row j | qs of row j+4]   L_j = R_j & 15   H_j = (R_j >> 4) & 15
-/// W_k   (k < 4) = [L_0.k, L_1.k, L_2.k, L_3.k | L_0.k', ..]  (word k of each half)
-/// W_4+k (k < 4) = the same from H
+/// R_j = [qs of row j | qs of row j+4]
+/// T_k = [R_0.k, R_1.k, R_2.k, R_3.k | R_0.k', ..]  (word k of each half)
+/// W_k (k < 4) = T_k & 15,  W_4+k = (T_k >> 4) & 15
 /// ```
+///
+/// (The bytes are transposed before the nibbles are split: one transpose instead of two.)
 ///
 /// With these, one `dpbusd` (or `maddubs`) of `W_k` against word k of an activation block,
 /// broadcast, adds four products of all eight rows at once, and eight of them leave the eight
 /// block integers in the eight lanes, with no horizontal sum.
 #[inline(always)]
-unsafe fn q4_0_transposed(xp: [*const u8; 8], off: usize) -> [__m256i; 8] {
+pub(crate) unsafe fn q4_0_transposed(xp: [*const u8; 8], off: usize) -> [__m256i; 8] {
     let m = _mm256_set1_epi8(0x0F);
     let r: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| {
         let lo = _mm_loadu_si128(xp[j].add(off) as *const __m128i);
         let hi = _mm_loadu_si128(xp[j + 4].add(off) as *const __m128i);
         _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
     });
-    let l: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| _mm256_and_si256(r[j], m));
-    let h: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| _mm256_and_si256(
-        _mm256_srli_epi16::<4>(r[j]),
-        m
-    ));
-    let (wl, wh) = (transpose4x4_epi32(l), transpose4x4_epi32(h));
-    [wl[0], wl[1], wl[2], wl[3], wh[0], wh[1], wh[2], wh[3]]
+    let t = transpose4x4_epi32(r);
+    build!(8, _mm256_setzero_si256(), |k| if k < 4 {
+        _mm256_and_si256(t[k], m)
+    } else {
+        _mm256_and_si256(_mm256_srli_epi16::<4>(t[k - 4]), m)
+    })
 }
 
 /// Word k of each 128-bit half of `x[j]` to word j of that half of the result's k.

@@ -22,9 +22,10 @@ macro_rules! build {
         out
     }};
 }
+pub(crate) use build;
 
 pub(crate) mod attn;
-mod avx2;
+pub(crate) mod avx2;
 mod kquant;
 pub(crate) mod math;
 
