@@ -737,10 +737,10 @@ type RowsFn = fn(&GroupMatrix, &GroupActs, usize, &mut [f32]);
 type TokensFn = fn(&GroupMatrix, &[GroupActs], usize, &mut [f32]);
 
 /// The accumulator of stored group `k` (groups of `g`) in the tiled order (module doc):
-/// twice the parity of its chunk, plus its own parity.
+/// twice the parity of its chunk, plus the parity of its place in the chunk.
 #[inline(always)]
 fn tiled_acc(k: usize, g: usize) -> usize {
-    2 * ((k * g / CHUNK) % 2) + k % 2
+    2 * ((k * g / CHUNK) % 2) + (k % (CHUNK / g)) % 2
 }
 
 /// A [`TokensFn`] from a [`RowsFn`]: each token on its own.
@@ -2007,17 +2007,16 @@ mod x86 {
                     let s = _mm256_mul_ps(_mm256_set1_ps(*d.add(i * G / CHUNK)), sv[u % 8]);
                     // tiled_acc(k): the step starts on an even chunk (G = 32) or is one
                     // chunk, whose parity `c % 2` is the step's.
-                    let a = if cps == 2 {
-                        2 * (j % 2) + j % 2
-                    } else {
-                        2 * (c % 2) + j % 2
-                    };
+                    let a = if cps == 2 { 2 * j } else { 2 * (c % 2) + j % 2 };
                     acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[a]);
                 }
                 base += step;
             }
             _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))
         }
+
+        /// Matrices larger than this are prefetched two blocks ahead.
+        const STREAM_BYTES: usize = 1 << 20;
 
         /// Rows `first..first + y.len()` of a tiled Q4 matrix.
         #[inline(always)]
@@ -2031,6 +2030,7 @@ mod x86 {
             let lg = m.fmt.scale_groups.trailing_zeros();
             let offsets = offsets::<G>(x, m.cols / G);
             let (tile, end) = (m.fmt.tile, first + y.len());
+            let stream = m.bytes.len() > STREAM_BYTES;
             let mut r = first;
             while r < end {
                 let count = 8.min(end - r).min(tile - r % tile);
@@ -2049,6 +2049,21 @@ mod x86 {
                         ..head
                     }
                 });
+                // The bytes of the rows two blocks ahead (rows follow each other), into the
+                // caches while these are computed, for matrices that a private cache does not
+                // hold (the prefetches only cost time when the rows are cached already).
+                if stream && r + 24 <= end {
+                    let from = m.bytes.as_ptr().add(u32::from_le(
+                        (m.bytes.as_ptr().add(HEADER_BYTES + 4 * (r + 16)) as *const u32)
+                            .read_unaligned(),
+                    ) as usize);
+                    let len = 8 * rb.max(64);
+                    let mut at = 0;
+                    while at < len {
+                        _mm_prefetch::<_MM_HINT_T0>(from.add(at) as *const i8);
+                        at += 64;
+                    }
+                }
                 let v = block::<G, VNNI>(&rows, wide, lg, x, &offsets);
                 let mut out = [0.0f32; 8];
                 _mm256_storeu_ps(out.as_mut_ptr(), v);
