@@ -97,11 +97,12 @@ fn logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
 fn pruned_models_run_as_their_decoded_dense_twins() {
     let tokens: Vec<u32> = vec![316, 278, 283, 450, 366, 267, 298, 259, 267, 269, 73, 348];
     let dense = logits(&tiny(), &tokens);
-    let group = |g, sparsity, q8| PruneOptions {
-        structure: Structure::Group { g, sparsity },
+    let tiled = |g, sparsity, q8, tile| PruneOptions {
+        structure: Structure::Group { g, sparsity, tile },
         q8: Some(q8),
         ..options(2, 4, NmValues::Q8)
     };
+    let group = |g, sparsity, q8| tiled(g, sparsity, q8, 0);
     for (label, o) in [
         ("2:4 q8", options(2, 4, NmValues::Q8)),
         ("4:8 q8", options(4, 8, NmValues::Q8)),
@@ -109,6 +110,9 @@ fn pruned_models_run_as_their_decoded_dense_twins() {
         ("g16 50% q8", group(16, 0.5, true)),
         ("g16 50% q4", group(16, 0.5, false)),
         ("g8 75% q8", group(8, 0.75, true)),
+        ("g16 50% q4 tiles of 8", tiled(16, 0.5, false, 8)),
+        ("g32 50% q4 tiles of 16", tiled(32, 0.5, false, 16)),
+        ("g16 50% q8 tiles of 8", tiled(16, 0.5, true, 8)),
     ] {
         let file = label.replace([' ', ':', '%'], "_");
         let sparse = tmp(&format!("tiny-{file}.gguf"));
@@ -259,6 +263,7 @@ fn contradictory_group_sparse_tensors_are_refused() {
         structure: Structure::Group {
             g: 16,
             sparsity: 0.5,
+            tile: 0,
         },
         q8: Some(true),
         ..options(2, 4, NmValues::Q8)
@@ -373,11 +378,12 @@ fn dense_delta(t: &sparrow::adapter::Target, scale: f32) -> Vec<f32> {
 /// base's bytes back; and a switch between the two adapters writes what applying does.
 #[test]
 fn adapters_on_sparse_bases_keep_the_pattern_and_drop_pruned_deltas() {
-    let group = |g, sparsity, q8| PruneOptions {
-        structure: Structure::Group { g, sparsity },
+    let tiled = |g, sparsity, q8, tile| PruneOptions {
+        structure: Structure::Group { g, sparsity, tile },
         q8: Some(q8),
         ..options(2, 4, NmValues::Q8)
     };
+    let group = |g, sparsity, q8| tiled(g, sparsity, q8, 0);
     let shira = sparrow::adapter::Adapter::load(fixtures().join("adapters/shira")).unwrap();
     let lora = sparrow::adapter::Adapter::load(fixtures().join("adapters/lora_plain")).unwrap();
     for (label, o, q8) in [
@@ -618,6 +624,7 @@ fn older_byte_layouts_are_refused() {
         structure: Structure::Group {
             g: 16,
             sparsity: 0.5,
+            tile: 0,
         },
         q8: Some(true),
         ..options(2, 4, NmValues::Q8)

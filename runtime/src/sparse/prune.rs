@@ -41,7 +41,13 @@ pub enum Structure {
     /// N kept in every M consecutive inputs.
     Nm { n: usize, m: usize },
     /// Groups of `g` consecutive inputs; a fraction `sparsity` of each row's groups removed.
-    Group { g: usize, sparsity: f64 },
+    /// Groups of `g` inputs; with `tile` > 0 (8, 16 or 32), the rows of each tile of
+    /// `tile` rows drop the same groups (`sparse::group`'s row tiles).
+    Group {
+        g: usize,
+        sparsity: f64,
+        tile: usize,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -153,9 +159,9 @@ pub fn prune_file(
                 let v = if q8 { NmValues::Q8 } else { NmValues::Q4 };
                 Encoding::Nm(NmFormat::new(n, m, v)?)
             }
-            Structure::Group { g, .. } => {
+            Structure::Group { g, tile, .. } => {
                 let v = if q8 { Values::Q8 } else { Values::Q4 };
-                Encoding::Group(GroupFormat::new(g, v)?)
+                Encoding::Group(GroupFormat::new(g, v)?.with_tile(tile)?)
             }
         };
         let s = SparseMatrix {
@@ -231,9 +237,10 @@ fn prune_tensor(
             }
             Ok(out)
         }
-        (Encoding::Group(f), Structure::Group { g, sparsity }) => {
+        (Encoding::Group(f), Structure::Group { g, sparsity, tile }) => {
+            let tile = tile.max(1);
             match &col_norm {
-                None => group::prune(&mut dense, s.cols, g, sparsity)?,
+                None => group::prune_tiles(&mut dense, s.cols, g, sparsity, tile)?,
                 Some(norm) => {
                     // Groups ranked by the L2 norm of their Wanda scores: prune a scaled copy,
                     // then zero the same groups of the weights.
@@ -241,7 +248,7 @@ fn prune_tensor(
                         .chunks_exact(s.cols)
                         .flat_map(|row| row.iter().zip(norm).map(|(w, n)| w * n))
                         .collect();
-                    group::prune(&mut scaled, s.cols, g, sparsity)?;
+                    group::prune_tiles(&mut scaled, s.cols, g, sparsity, tile)?;
                     for (gw, gs) in dense.chunks_mut(g).zip(scaled.chunks(g)) {
                         if gs.iter().all(|&v| v == 0.0) {
                             gw.fill(0.0);
