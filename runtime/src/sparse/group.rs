@@ -87,8 +87,10 @@
 //! F16C), AVX-512 VNNI (`vpdpbusd` on 256-bit vectors, rows prepared 16 groups at a time in
 //! 512-bit registers), NEON, and NEON with `sdot`; [`GroupKernel::get`] the one of
 //! [`Level::selected`] (the CPU's best, capped by `SPARROW_KERNELS`). Tiled Q4 matrices have
-//! eight-rows-per-vector kernels on x86 (AVX2 and AVX-512 VNNI); tiled Q8 matrices, and
-//! tiled matrices on aarch64, take the portable kernel (correct, not fast).
+//! rows-per-lane kernels at every level (x86: eight rows per 256-bit vector, AVX2 and
+//! AVX-512 VNNI; aarch64: four rows per NEON vector, with `sdot` or `smull`); tiled Q8
+//! matrices take the portable kernel (correct, not fast), and a batch of tokens over a tiled
+//! matrix runs the matrix-vector kernel token by token.
 //!
 //! Batches go through [`GroupKernel::matmat_rows`]: four tokens per pass over a row, the
 //! row's offsets and weight scales prepared and each chunk's weights decoded once for the
@@ -2386,7 +2388,7 @@ mod arm {
 
     pub(super) fn tokens_neon(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         if m.fmt.tile > 0 {
-            return per_token(m, x, first, y, portable::rows);
+            return per_token(m, x, first, y, rows_neon);
         }
         // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
         unsafe { by_group_format!(m, body4[Neon]; m, x, first, y) }
@@ -2394,10 +2396,105 @@ mod arm {
 
     pub(super) fn tokens_sdot(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         if m.fmt.tile > 0 {
-            return per_token(m, x, first, y, portable::rows);
+            return per_token(m, x, first, y, rows_sdot);
         }
         // SAFETY: as `rows_sdot`.
         unsafe { by_group_format!(m, sdot4; m, x, first, y) }
+    }
+
+    /// Row tiles of Q4 values: four rows of a tile per step, lane r of every vector = row
+    /// r, as the dense Q4_0 eight-row kernel of `kernels::aarch64`: each chunk's 16 bytes of
+    /// the four rows made signed levels (`q - 8`) and transposed into vectors of 4-weight
+    /// words, so that one `dot4` against an activation word in every lane adds four products
+    /// of the four rows; a group's `g / 4` words leave its exact integer in each lane, then
+    /// one fused multiply-add per group in the tiled order (module doc).
+    #[inline(always)]
+    unsafe fn tiled_block4<I: Isa, const G: usize>(
+        rows: [&RowParts; 4],
+        sg: usize,
+        x: &GroupActs,
+    ) -> float32x4_t {
+        let n = rows[0].n;
+        let vp: [*const u8; 4] = std::array::from_fn(|i| rows[i].values.as_ptr());
+        let (m, eight) = (vdupq_n_u8(0x0F), vdupq_n_s8(8));
+        let per = CHUNK / G;
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        for c in 0..(n * G).div_ceil(CHUNK) {
+            let q: [uint8x16_t; 4] = std::array::from_fn(|i| vld1q_u8(vp[i].add(16 * c)));
+            let lo = transpose4(q.map(|v| vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m)), eight)));
+            let hi =
+                transpose4(q.map(|v| vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight)));
+            let words = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
+            for gi in 0..per {
+                let k = c * per + gi;
+                if k >= n {
+                    break;
+                }
+                let col = rows[0].group(k) * G;
+                let xw = x.q.as_ptr().add(col) as *const i32;
+                let mut v = vdupq_n_s32(0);
+                for t in 0..G / 4 {
+                    let a = vreinterpretq_s8_s32(vdupq_n_s32(xw.add(t).read_unaligned()));
+                    v = I::dot4(v, words[gi * (G / 4) + t], a);
+                }
+                let dw: [f32; 4] = std::array::from_fn(|i| rows[i].scale(k, sg));
+                let s = vmulq_n_f32(vld1q_f32(dw.as_ptr()), x.d[col / CHUNK]);
+                let a = 2 * (c % 2) + gi % 2;
+                acc[a] = vfmaq_f32(acc[a], vcvtq_f32_s32(v), s);
+            }
+        }
+        vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]))
+    }
+
+    /// Word k of each of `a[0..4]` to lane j of result k: a 4x4 transpose of 32-bit words.
+    #[inline(always)]
+    unsafe fn transpose4(a: [int8x16_t; 4]) -> [int8x16_t; 4] {
+        let w = |v: int8x16_t| vreinterpretq_s32_s8(v);
+        let (t0, t1) = (vtrn1q_s32(w(a[0]), w(a[1])), vtrn2q_s32(w(a[0]), w(a[1])));
+        let (t2, t3) = (vtrn1q_s32(w(a[2]), w(a[3])), vtrn2q_s32(w(a[2]), w(a[3])));
+        let d = |v: int32x4_t| vreinterpretq_s64_s32(v);
+        let b = |v: int64x2_t| vreinterpretq_s8_s64(v);
+        [
+            b(vtrn1q_s64(d(t0), d(t2))),
+            b(vtrn1q_s64(d(t1), d(t3))),
+            b(vtrn2q_s64(d(t0), d(t2))),
+            b(vtrn2q_s64(d(t1), d(t3))),
+        ]
+    }
+
+    /// Rows `first..first + y.len()` of a tiled matrix: Q4 four rows at a time (absent rows
+    /// of a last step given as copies of a present one), Q8 by the portable kernel.
+    #[inline(always)]
+    unsafe fn tiled<I: Isa, const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: &GroupActs,
+        first: usize,
+        y: &mut [f32],
+    ) {
+        if Q8 {
+            return portable::rows(m, x, first, y);
+        }
+        let (tile, end, sg) = (m.fmt.tile, first + y.len(), m.fmt.scale_groups);
+        let mut r = first;
+        while r < end {
+            let count = 4.min(end - r).min(tile - r % tile);
+            let parts: [RowParts; 4] = std::array::from_fn(|i| m.row(r + i.min(count - 1)));
+            let v = tiled_block4::<I, G>([&parts[0], &parts[1], &parts[2], &parts[3]], sg, x);
+            let mut out = [0f32; 4];
+            vst1q_f32(out.as_mut_ptr(), v);
+            y[r - first..r - first + count].copy_from_slice(&out[..count]);
+            r += count;
+        }
+    }
+
+    #[target_feature(enable = "dotprod")]
+    unsafe fn tiled_sdot<const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: &GroupActs,
+        first: usize,
+        y: &mut [f32],
+    ) {
+        tiled::<Sdot, G, Q8>(m, x, first, y)
     }
 
     #[target_feature(enable = "dotprod")]
@@ -2412,7 +2509,8 @@ mod arm {
 
     pub(super) fn rows_neon(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
         if m.fmt.tile > 0 {
-            return portable::rows(m, x, first, y);
+            // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
+            return unsafe { by_group_format!(m, tiled[Neon]; m, x, first, y) };
         }
         // SAFETY: NEON is part of the aarch64 baseline; reads in bounds (module doc).
         unsafe { by_group_format!(m, body[Neon]; m, x, first, y) }
@@ -2420,7 +2518,8 @@ mod arm {
 
     pub(super) fn rows_sdot(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
         if m.fmt.tile > 0 {
-            return portable::rows(m, x, first, y);
+            // SAFETY: as below.
+            return unsafe { by_group_format!(m, tiled_sdot; m, x, first, y) };
         }
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Dotprod` and above,
         // which `Level::detected` reports only with the dot product extension.
