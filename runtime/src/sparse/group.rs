@@ -1980,27 +1980,29 @@ mod x86 {
             }
         }
 
-        /// Eight rows of one tile (absent rows given as copies of a present one): their
-        /// sums, in the tiled order. Each step takes an even number of groups (one chunk, or
-        /// two of groups of 32), so that each group's words and accumulator are known at
-        /// compile time and stay in registers.
+        /// Eight rows of one tile (absent rows given as copies of a present one) times `N`
+        /// tokens (activations `x[t]`, offsets `offsets[t]`): their sums, in the tiled order,
+        /// each chunk's weights transposed once for the N. Each step takes an even number of
+        /// groups (one chunk, or two of groups of 32), so that each group's words and
+        /// accumulator are known at compile time and stay in registers.
         #[inline(always)]
-        unsafe fn block<const G: usize, const VNNI: bool>(
+        unsafe fn block<const G: usize, const VNNI: bool, const N: usize>(
             r: &[Row; 8],
             wide: bool,
             lg: u32,
-            x: &GroupActs,
-            offsets: &[i32],
-        ) -> __m256 {
+            x: [&GroupActs; N],
+            offsets: [&[i32]; N],
+        ) -> [__m256; N] {
             let n = r[0].n;
             let vp: [*const u8; 8] = build!(8, std::ptr::null(), |i| r[i].values);
             let sp: [*const u8; 8] = build!(8, std::ptr::null(), |i| r[i].scales);
-            let (q, d) = (x.q.as_ptr(), x.d.as_ptr());
+            let q: [*const i8; N] = build!(N, std::ptr::null(), |t| x[t].q.as_ptr());
+            let d: [*const f32; N] = build!(N, std::ptr::null(), |t| x[t].d.as_ptr());
             // Chunks per step: one (an even number of groups) or, for groups of 32, two.
             let cps = if G == CHUNK { 2 } else { 1 };
             let step = cps * CHUNK / G; // groups per step
             let chunks = (n * G).div_ceil(CHUNK);
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [[_mm256_setzero_ps(); 4]; N];
             let mut sv = [_mm256_setzero_ps(); 8];
             let mut unit_block = usize::MAX;
             let mut base = 0;
@@ -2030,17 +2032,84 @@ mod x86 {
                     } else {
                         *r[0].index.add(k) as usize
                     };
-                    let off = _mm256_set1_epi32(*offsets.get_unchecked(i));
-                    let dot = group_dot::<G, VNNI>(&w, j, q.add(i * G) as *const i32, off);
-                    let s = _mm256_mul_ps(_mm256_set1_ps(*d.add(i * G / CHUNK)), sv[u % 8]);
                     // tiled_acc(k): the step starts on an even chunk (G = 32) or is one
                     // chunk, whose parity `c % 2` is the step's.
                     let a = if cps == 2 { 2 * j } else { 2 * (c % 2) + j % 2 };
-                    acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[a]);
+                    for t in 0..N {
+                        let off = _mm256_set1_epi32(*offsets[t].get_unchecked(i));
+                        let xw = q[t].add(i * G) as *const i32;
+                        let dot = group_dot::<G, VNNI>(&w, j, xw, off);
+                        let dx = _mm256_set1_ps(*d[t].add(i * G / CHUNK));
+                        let s = _mm256_mul_ps(dx, sv[u % 8]);
+                        acc[t][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t][a]);
+                    }
                 }
                 base += step;
             }
-            _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))
+            build!(N, _mm256_setzero_ps(), |t| _mm256_add_ps(
+                _mm256_add_ps(acc[t][0], acc[t][1]),
+                _mm256_add_ps(acc[t][2], acc[t][3])
+            ))
+        }
+
+        /// The rows of eight-row block `r..r + count` (within one tile) as [`block`] wants
+        /// them: the rows of a tile have one length (same count) and follow each other.
+        #[inline(always)]
+        unsafe fn block_rows(
+            m: &GroupMatrix,
+            r: usize,
+            count: usize,
+            wide: bool,
+            lg: u32,
+        ) -> ([Row; 8], usize) {
+            let head = row_at(m, r, wide, lg);
+            let rb = if count > 1 {
+                row_at(m, r + 1, wide, lg).values as usize - head.values as usize
+            } else {
+                0
+            };
+            let rows = build!(8, head, |i| {
+                let at = rb * i.min(count - 1);
+                Row {
+                    scales: head.scales.add(at),
+                    values: head.values.add(at),
+                    ..head
+                }
+            });
+            (rows, rb)
+        }
+
+        /// `y[t * count + i]` for rows `first + i` (`count = y.len() / x.len()`) and tokens
+        /// t of a tiled Q4 matrix, four tokens at a time (`x.len()` a multiple of 4).
+        #[inline(always)]
+        pub(super) unsafe fn tokens<const G: usize, const VNNI: bool>(
+            m: &GroupMatrix,
+            x: &[GroupActs],
+            first: usize,
+            y: &mut [f32],
+        ) {
+            let wide = index_bytes(m.cols / G) == 2;
+            let lg = m.fmt.scale_groups.trailing_zeros();
+            let count = y.len() / x.len();
+            let offsets: Vec<Vec<i32>> = x.iter().map(|a| offsets::<G>(a, m.cols / G)).collect();
+            let (tile, end) = (m.fmt.tile, first + count);
+            for (q, xq) in x.chunks_exact(4).enumerate() {
+                let xs = [&xq[0], &xq[1], &xq[2], &xq[3]];
+                let os = build!(4, &offsets[0][..], |t| &offsets[4 * q + t][..]);
+                let mut r = first;
+                while r < end {
+                    let rows_n = 8.min(end - r).min(tile - r % tile);
+                    let (rows, _) = block_rows(m, r, rows_n, wide, lg);
+                    let v = block::<G, VNNI, 4>(&rows, wide, lg, xs, os);
+                    for (t, v) in v.iter().enumerate() {
+                        let mut out = [0.0f32; 8];
+                        _mm256_storeu_ps(out.as_mut_ptr(), *v);
+                        let at = (4 * q + t) * count + r - first;
+                        y[at..at + rows_n].copy_from_slice(&out[..rows_n]);
+                    }
+                    r += rows_n;
+                }
+            }
         }
 
         /// Matrices larger than this are prefetched two blocks ahead.
@@ -2062,21 +2131,7 @@ mod x86 {
             let mut r = first;
             while r < end {
                 let count = 8.min(end - r).min(tile - r % tile);
-                // The rows of a tile have one length (same count) and follow each other.
-                let head = row_at(m, r, wide, lg);
-                let rb = if count > 1 {
-                    row_at(m, r + 1, wide, lg).values as usize - head.values as usize
-                } else {
-                    0
-                };
-                let rows: [Row; 8] = build!(8, head, |i| {
-                    let at = rb * i.min(count - 1);
-                    Row {
-                        scales: head.scales.add(at),
-                        values: head.values.add(at),
-                        ..head
-                    }
-                });
+                let (rows, rb) = block_rows(m, r, count, wide, lg);
                 // The bytes of the rows two blocks ahead (rows follow each other), into the
                 // caches while these are computed, for matrices that a private cache does not
                 // hold (the prefetches only cost time when the rows are cached already).
@@ -2092,12 +2147,40 @@ mod x86 {
                         at += 64;
                     }
                 }
-                let v = block::<G, VNNI>(&rows, wide, lg, x, &offsets);
+                let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [&offsets]);
                 let mut out = [0.0f32; 8];
                 _mm256_storeu_ps(out.as_mut_ptr(), v);
                 y[r - first..r - first + count].copy_from_slice(&out[..count]);
                 r += count;
             }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tiled_tokens_avx2<const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: &[GroupActs],
+        first: usize,
+        y: &mut [f32],
+    ) {
+        if Q8 {
+            per_token(m, x, first, y, portable::rows)
+        } else {
+            t8::tokens::<G, false>(m, x, first, y)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tiled_tokens_vnni<const G: usize, const Q8: bool>(
+        m: &GroupMatrix,
+        x: &[GroupActs],
+        first: usize,
+        y: &mut [f32],
+    ) {
+        if Q8 {
+            per_token(m, x, first, y, portable::rows)
+        } else {
+            t8::tokens::<G, true>(m, x, first, y)
         }
     }
 
@@ -2144,7 +2227,8 @@ mod x86 {
 
     pub(super) fn tokens_avx2(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         if m.fmt.tile > 0 {
-            return per_token(m, x, first, y, rows_avx2);
+            // SAFETY: as `rows_avx2`.
+            return unsafe { by_group_format!(m, tiled_tokens_avx2; m, x, first, y) };
         }
         // SAFETY: as `rows_avx2`.
         unsafe { by_group_format!(m, ymm::tokens_avx2; m, x, first, y) }
@@ -2152,7 +2236,8 @@ mod x86 {
 
     pub(super) fn tokens_vnni(m: &GroupMatrix, x: &[GroupActs], first: usize, y: &mut [f32]) {
         if m.fmt.tile > 0 {
-            return per_token(m, x, first, y, rows_vnni);
+            // SAFETY: as `rows_vnni`.
+            return unsafe { by_group_format!(m, tiled_tokens_vnni; m, x, first, y) };
         }
         // SAFETY: as `rows_vnni`.
         unsafe { by_group_format!(m, ymm::tokens_vnni; m, x, first, y) }
