@@ -2161,61 +2161,47 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tiled_tokens_avx2<const G: usize, const Q8: bool>(
-        m: &GroupMatrix,
-        x: &[GroupActs],
-        first: usize,
-        y: &mut [f32],
-    ) {
-        if Q8 {
-            per_token(m, x, first, y, portable::rows)
-        } else {
-            t8::tokens::<G, false>(m, x, first, y)
-        }
+    /// The target-feature entry points of the tiled kernels at one level: matrix-vector
+    /// (`$rows`) and four-token (`$tokens`); tiled Q8 matrices take the portable kernel.
+    macro_rules! tiled_entries {
+        ($rows:ident, $tokens:ident, $vnni:literal, $features:literal) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $rows<const G: usize, const Q8: bool>(
+                m: &GroupMatrix,
+                x: &GroupActs,
+                first: usize,
+                y: &mut [f32],
+            ) {
+                if Q8 {
+                    portable::rows(m, x, first, y)
+                } else {
+                    t8::rows::<G, $vnni>(m, x, first, y)
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn $tokens<const G: usize, const Q8: bool>(
+                m: &GroupMatrix,
+                x: &[GroupActs],
+                first: usize,
+                y: &mut [f32],
+            ) {
+                if Q8 {
+                    per_token(m, x, first, y, portable::rows)
+                } else {
+                    t8::tokens::<G, $vnni>(m, x, first, y)
+                }
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tiled_tokens_vnni<const G: usize, const Q8: bool>(
-        m: &GroupMatrix,
-        x: &[GroupActs],
-        first: usize,
-        y: &mut [f32],
-    ) {
-        if Q8 {
-            per_token(m, x, first, y, portable::rows)
-        } else {
-            t8::tokens::<G, true>(m, x, first, y)
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn tiled_avx2<const G: usize, const Q8: bool>(
-        m: &GroupMatrix,
-        x: &GroupActs,
-        first: usize,
-        y: &mut [f32],
-    ) {
-        if Q8 {
-            portable::rows(m, x, first, y)
-        } else {
-            t8::rows::<G, false>(m, x, first, y)
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn tiled_vnni<const G: usize, const Q8: bool>(
-        m: &GroupMatrix,
-        x: &GroupActs,
-        first: usize,
-        y: &mut [f32],
-    ) {
-        if Q8 {
-            portable::rows(m, x, first, y)
-        } else {
-            t8::rows::<G, true>(m, x, first, y)
-        }
-    }
+    tiled_entries!(tiled_avx2, tiled_tokens_avx2, false, "avx2,fma,f16c");
+    tiled_entries!(
+        tiled_vnni,
+        tiled_tokens_vnni,
+        true,
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+    );
 
     pub(super) fn rows_avx2(m: &GroupMatrix, x: &GroupActs, first: usize, y: &mut [f32]) {
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Avx2` or above, which
@@ -2273,6 +2259,7 @@ mod arm {
     use super::*;
     use std::arch::aarch64::*;
 
+    use crate::kernels::aarch64::neon::transpose4;
     use crate::sparse::arm::{Isa, Neon, Sdot};
 
     /// The activations of one chunk's groups, as two 16-byte halves.
@@ -2534,22 +2521,6 @@ mod arm {
             }
         }
         vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]))
-    }
-
-    /// Word k of each of `a[0..4]` to lane j of result k: a 4x4 transpose of 32-bit words.
-    #[inline(always)]
-    unsafe fn transpose4(a: [int8x16_t; 4]) -> [int8x16_t; 4] {
-        let w = |v: int8x16_t| vreinterpretq_s32_s8(v);
-        let (t0, t1) = (vtrn1q_s32(w(a[0]), w(a[1])), vtrn2q_s32(w(a[0]), w(a[1])));
-        let (t2, t3) = (vtrn1q_s32(w(a[2]), w(a[3])), vtrn2q_s32(w(a[2]), w(a[3])));
-        let d = |v: int32x4_t| vreinterpretq_s64_s32(v);
-        let b = |v: int64x2_t| vreinterpretq_s8_s64(v);
-        [
-            b(vtrn1q_s64(d(t0), d(t2))),
-            b(vtrn1q_s64(d(t1), d(t3))),
-            b(vtrn2q_s64(d(t0), d(t2))),
-            b(vtrn2q_s64(d(t1), d(t3))),
-        ]
     }
 
     /// Rows `first..first + y.len()` of a tiled matrix: Q4 four rows at a time (absent rows

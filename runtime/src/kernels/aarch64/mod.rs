@@ -19,7 +19,7 @@
 //! the dotprod entry points only at `Level::Dotprod` and above.
 
 mod kquant;
-mod neon;
+pub(crate) mod neon;
 
 use super::{KernelTable, Level, QuantizeRowFn, RowsFn, Tile2x4Fn, VecDot4Fn, VecDotFn};
 use crate::quant::GgmlType;

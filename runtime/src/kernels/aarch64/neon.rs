@@ -431,7 +431,7 @@ unsafe fn sdot_lane<const K: i32>(mut acc: int32x4_t, w: int8x16_t, y: int8x16_t
 
 /// Word k of each of `a[0..4]` to lane j of result k: a 4x4 transpose of 32-bit words.
 #[inline(always)]
-unsafe fn transpose4(a: [int8x16_t; 4]) -> [int8x16_t; 4] {
+pub(crate) unsafe fn transpose4(a: [int8x16_t; 4]) -> [int8x16_t; 4] {
     let w = |v: int8x16_t| vreinterpretq_s32_s8(v);
     let (t0, t1) = (vtrn1q_s32(w(a[0]), w(a[1])), vtrn2q_s32(w(a[0]), w(a[1])));
     let (t2, t3) = (vtrn1q_s32(w(a[2]), w(a[3])), vtrn2q_s32(w(a[2]), w(a[3])));
