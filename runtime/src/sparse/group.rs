@@ -1160,7 +1160,10 @@ mod x86 {
     //! the row (lengths, counts and group numbers validated by `GroupMatrix::new`; reads of
     //! the index and scales are masked to the row's count) or the activations (offsets are
     //! groups of the row, below `cols`, or 0 for padding; the padded length is a multiple of
-    //! 32).
+    //! 32). The tiled kernels read the rows of an eight-row block at the first row's
+    //! pointers plus multiples of the row length (validated: the rows of a tile have one
+    //! count, so one length, and follow each other), each row's scales 16 bytes at a time
+    //! from a scale that exists (at least one 16-byte chunk of values follows the scales).
     use super::*;
     use crate::kernels::x86::build;
     use std::arch::x86_64::*;
@@ -2130,7 +2133,9 @@ mod x86 {
             let from = b.add(u32::from_le(at) as usize);
             let mut off = 0;
             while off < 8 * rb.max(8) {
-                _mm_prefetch::<_MM_HINT_T0>(from.add(off) as *const i8);
+                // A hint: the address may lie past the buffer (the last rows), hence the
+                // wrapping arithmetic; a prefetch does not fault.
+                _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(off) as *const i8);
                 off += 64;
             }
         }
