@@ -40,9 +40,9 @@ pub const DEFAULT_TENSORS: [&str; 7] = [
 pub enum Structure {
     /// N kept in every M consecutive inputs.
     Nm { n: usize, m: usize },
-    /// Groups of `g` consecutive inputs; a fraction `sparsity` of each row's groups removed.
-    /// Groups of `g` inputs; with `tile` > 0 (8, 16 or 32), the rows of each tile of
-    /// `tile` rows drop the same groups (`sparse::group`'s row tiles).
+    /// Groups of `g` consecutive inputs; a fraction `sparsity` of each row's groups removed,
+    /// or with `tile` > 0 (8, 16 or 32) of each tile's groups, the rows of a tile of `tile`
+    /// rows dropping the same groups (`sparse::group`'s row tiles).
     Group {
         g: usize,
         sparsity: f64,
