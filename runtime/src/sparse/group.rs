@@ -2005,7 +2005,12 @@ mod x86 {
             let cps = if G == CHUNK { 2 } else { 1 };
             let step = cps * CHUNK / G; // groups per step
             let chunks = (n * G).div_ceil(CHUNK);
-            let mut acc = [[_mm256_setzero_ps(); 4]; N];
+            // The tiled order's accumulators A0, A1 (`cur`, while the chunk being stepped is
+            // even) and A2, A3 (`next`); with one chunk per step the two pairs trade places
+            // after every step, so that every index below is known at compile time and the
+            // accumulators stay in registers.
+            let z = _mm256_setzero_ps();
+            let (mut cur, mut next) = ([[z; 2]; N], [[z; 2]; N]);
             let mut sv = [_mm256_setzero_ps(); 8];
             let mut unit_block = usize::MAX;
             let mut base = 0;
@@ -2035,23 +2040,38 @@ mod x86 {
                     } else {
                         *r[0].index.add(k) as usize
                     };
-                    // tiled_acc(k): the step starts on an even chunk (G = 32) or is one
-                    // chunk, whose parity `c % 2` is the step's.
-                    let a = if cps == 2 { 2 * j } else { 2 * (c % 2) + j % 2 };
                     for t in 0..N {
                         let off = _mm256_set1_epi32(*offsets[t].get_unchecked(i));
                         let xw = q[t].add(i * G) as *const i32;
                         let dot = group_dot::<G, VNNI>(&w, j, xw, off);
                         let dx = _mm256_set1_ps(*d[t].add(i * G / CHUNK));
                         let s = _mm256_mul_ps(dx, sv[u % 8]);
-                        acc[t][a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[t][a]);
+                        // tiled_acc(k): with two chunks per step (G = 32, one group each)
+                        // group j is in chunk j of an even pair, A0 or A2; with one, the
+                        // group's place in the chunk picks A0/A1 (or A2/A3) of `cur`.
+                        let a = if cps == 2 {
+                            if j == 0 {
+                                &mut cur[t][0]
+                            } else {
+                                &mut next[t][0]
+                            }
+                        } else {
+                            &mut cur[t][j % 2]
+                        };
+                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, *a);
                     }
+                }
+                if cps == 1 {
+                    std::mem::swap(&mut cur, &mut next);
                 }
                 base += step;
             }
+            if cps == 1 && chunks % 2 == 1 {
+                std::mem::swap(&mut cur, &mut next);
+            }
             build!(N, _mm256_setzero_ps(), |t| _mm256_add_ps(
-                _mm256_add_ps(acc[t][0], acc[t][1]),
-                _mm256_add_ps(acc[t][2], acc[t][3])
+                _mm256_add_ps(cur[t][0], cur[t][1]),
+                _mm256_add_ps(next[t][0], next[t][1])
             ))
         }
 
@@ -2521,7 +2541,7 @@ mod arm {
                 }
                 let dw: [f32; 4] = std::array::from_fn(|i| rows[i].scale(k, sg));
                 let s = vmulq_n_f32(vld1q_f32(dw.as_ptr()), x.d[col / CHUNK]);
-                let a = 2 * (c % 2) + gi % 2;
+                let a = tiled_acc(k, G);
                 acc[a] = vfmaq_f32(acc[a], vcvtq_f32_s32(v), s);
             }
         }
