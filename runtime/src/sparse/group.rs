@@ -69,8 +69,9 @@
 //!
 //! # Kernels
 //!
-//! y[r] = dot(row r, x) (rows of their own; tiles as above). x is quantized once per call ([`GroupActs`]): int8 with an f32 scale
-//! per 32 columns (rounding as `kernels/act.rs`), padded with zeros to whole blocks of 32; a
+//! y[r] = dot(row r, x) (rows of their own; tiles as above). x is quantized once per call
+//! ([`GroupActs`]): int8 with an f32 scale per 32 columns (rounding as `kernels/act.rs`),
+//! padded with zeros to whole blocks of 32; a
 //! stored group (g <= 32, aligned to g) lies inside one activation block. Every kernel walks
 //! a row chunk by chunk, in one order, so all levels give the same bits:
 //!
@@ -89,8 +90,9 @@
 //! [`Level::selected`] (the CPU's best, capped by `SPARROW_KERNELS`). Tiled Q4 matrices have
 //! rows-per-lane kernels at every level (x86: eight rows per 256-bit vector, AVX2 and
 //! AVX-512 VNNI; aarch64: four rows per NEON vector, with `sdot` or `smull`); tiled Q8
-//! matrices take the portable kernel (correct, not fast), and a batch of tokens over a tiled
-//! matrix runs the matrix-vector kernel token by token.
+//! matrices take the portable kernel (correct, not fast); batches over tiled matrices go four
+//! tokens per pass on x86 (each chunk transposed once for the four), token by token on
+//! aarch64.
 //!
 //! Batches go through [`GroupKernel::matmat_rows`]: four tokens per pass over a row, the
 //! row's offsets and weight scales prepared and each chunk's weights decoded once for the
