@@ -321,6 +321,34 @@ fn kernels_agree_every_format_and_sparsity() {
     }
 }
 
+/// Tiles of 16 and 32 rows: the x86 VNNI level takes sixteen rows at a time, and eight
+/// where a share of the rows starts or ends inside a tile (`check_kernels` computes rows
+/// 1.. as a thread would).
+#[test]
+fn kernels_agree_tiles_of_16_and_32() {
+    let mut i = 0;
+    for g in [4, 8, 16, 32] {
+        for values in [Values::Q4, Values::Q8] {
+            // One scale per group, and per 32 weights.
+            for sg in [1, (32 / g).min(8)] {
+                for tile in [16, 32] {
+                    let fmt = GroupFormat::new(g, values)
+                        .and_then(|f| f.with_scale_groups(sg))
+                        .and_then(|f| f.with_tile(tile))
+                        .unwrap();
+                    for s in [0.0, 0.5, 0.75] {
+                        i += 1;
+                        // 77 rows: whole tiles and a last one of 13.
+                        let (_, bytes) = pruned(77, 40 * g, fmt, s, 300 + i);
+                        let m = GroupMatrix::new(&bytes).unwrap();
+                        check_kernels(&m, &Rng(77 + i).fill(40 * g));
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn fully_pruned_rows_are_zero() {
     let fmt = GroupFormat::new(16, Values::Q4).unwrap();
@@ -684,7 +712,7 @@ proptest! {
     #[test]
     fn prop_round_trip_and_kernels(
         fmt in format_strategy(),
-        rows in 1usize..6,
+        rows in 1usize..40,
         groups in 1usize..40,
         si in 0usize..4,
         seed in any::<u64>(),
