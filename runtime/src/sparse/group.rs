@@ -2204,52 +2204,13 @@ mod x86 {
     mod t16 {
         use super::t8::{block, block_rows, offsets, prefetch_ahead};
         use super::*;
-
-        /// The 16 bytes at `p[r] + off` of sixteen rows as four vectors of 32-bit words,
-        /// lane r of `out[k]` = word k of row r: vector j gets rows j, 4 + j, 8 + j and
-        /// 12 + j in its four 128-bit lanes, then a 4x4 transpose of words within each lane
-        /// puts word k of row 4l + j at word j of lane l of `out[k]`, which is lane 4l + j.
-        #[inline(always)]
-        unsafe fn words_t(p: &[*const u8; 16], off: usize) -> [__m512i; 4] {
-            let v: [__m512i; 4] = build!(4, _mm512_setzero_si512(), |j| {
-                let l0 = _mm_loadu_si128(p[j].add(off) as *const __m128i);
-                let l1 = _mm_loadu_si128(p[4 + j].add(off) as *const __m128i);
-                let l2 = _mm_loadu_si128(p[8 + j].add(off) as *const __m128i);
-                let l3 = _mm_loadu_si128(p[12 + j].add(off) as *const __m128i);
-                let a = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(l0), l1);
-                _mm512_inserti32x4::<3>(_mm512_inserti32x4::<2>(a, l2), l3)
-            });
-            let t0 = _mm512_unpacklo_epi32(v[0], v[1]);
-            let t1 = _mm512_unpackhi_epi32(v[0], v[1]);
-            let t2 = _mm512_unpacklo_epi32(v[2], v[3]);
-            let t3 = _mm512_unpackhi_epi32(v[2], v[3]);
-            [
-                _mm512_unpacklo_epi64(t0, t2),
-                _mm512_unpackhi_epi64(t0, t2),
-                _mm512_unpacklo_epi64(t1, t3),
-                _mm512_unpackhi_epi64(t1, t3),
-            ]
-        }
-
-        /// A chunk's Q4 weights of sixteen rows: lane r of `out[k]` (k < 4) = the low
-        /// nibbles of word k of row r's 16 bytes at `off`, of `out[4 + k]` the high ones (the
-        /// layout of `q4_0_transposed`, sixteen lanes).
-        #[inline(always)]
-        unsafe fn weights_t(p: &[*const u8; 16], off: usize) -> [__m512i; 8] {
-            let m = _mm512_set1_epi8(0x0F);
-            let t = words_t(p, off);
-            build!(8, _mm512_setzero_si512(), |k| if k < 4 {
-                _mm512_and_si512(t[k], m)
-            } else {
-                _mm512_and_si512(_mm512_srli_epi16::<4>(t[k - 4]), m)
-            })
-        }
+        use crate::kernels::x86::avx2::{q4_0_transposed16, words_t16};
 
         /// The eight f16 scales at `p[r] + off` of sixteen rows, converted: lane r of
         /// `out[j]` = scale j of row r (word k of a row holds scales 2k and 2k + 1).
         #[inline(always)]
         unsafe fn scales_t(p: &[*const u8; 16], off: usize) -> [__m512; 8] {
-            let t = words_t(p, off);
+            let t = words_t16(p, off);
             build!(8, _mm512_setzero_ps(), |j| {
                 let w = if j % 2 == 0 {
                     t[j / 2]
@@ -2284,9 +2245,9 @@ mod x86 {
             while base < n {
                 let c = base / (CHUNK / G);
                 let w = [
-                    weights_t(&vp, 16 * c),
+                    q4_0_transposed16(&vp, 16 * c),
                     if cps == 2 && c + 1 < chunks {
-                        weights_t(&vp, 16 * (c + 1))
+                        q4_0_transposed16(&vp, 16 * (c + 1))
                     } else {
                         [_mm512_setzero_si512(); 8]
                     },

@@ -41,9 +41,7 @@ thread_local! {
 /// streams outweigh finer balancing); batches four per thread.
 fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
     let tasks = threads.max(1) * if n_tokens == 1 { 1 } else { 4 };
-    rows.div_ceil(tasks)
-        .next_multiple_of(16)
-        .min(rows.max(1))
+    rows.div_ceil(tasks).next_multiple_of(16).min(rows.max(1))
 }
 
 /// A sparse matrix checked against its shape, with its kernel.
