@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 /// The sparse cases: (label, group size, values, scale groups, sparsity, rows per tile; 0 for
 /// rows that each keep their own groups).
-const CASES: [(&str, usize, Values, usize, f64, usize); 17] = [
+const CASES: [(&str, usize, Values, usize, f64, usize); 13] = [
     ("w4 g16 50%", 16, Values::Q4, 1, 0.5, 0),
     ("w4 g16 75%", 16, Values::Q4, 1, 0.75, 0),
     ("w4 g16 sg2 50%", 16, Values::Q4, 2, 0.5, 0),
@@ -53,10 +53,6 @@ const CASES: [(&str, usize, Values, usize, f64, usize); 17] = [
     ("w4 g16 tile8 50%", 16, Values::Q4, 1, 0.5, 8),
     ("w4 g16 tile8 75%", 16, Values::Q4, 1, 0.75, 8),
     ("w4 g16 tile16 50%", 16, Values::Q4, 1, 0.5, 16),
-    ("w4 g16 tile16 75%", 16, Values::Q4, 1, 0.75, 16),
-    ("w4 g16 sg2 tile16 50%", 16, Values::Q4, 2, 0.5, 16),
-    ("w4 g32 tile16 50%", 32, Values::Q4, 1, 0.5, 16),
-    ("w4 g32 tile16 75%", 32, Values::Q4, 1, 0.75, 16),
     ("w4 g16 sg2 tile8 50%", 16, Values::Q4, 2, 0.5, 8),
     ("w4 g32 tile8 50%", 32, Values::Q4, 1, 0.5, 8),
     ("w4 g32 tile8 75%", 32, Values::Q4, 1, 0.75, 8),

@@ -321,9 +321,9 @@ fn kernels_agree_every_format_and_sparsity() {
     }
 }
 
-/// Tiles of 16 and 32 rows: the x86 VNNI level takes sixteen rows at a time, and eight
-/// where a share of the rows starts or ends inside a tile (`check_kernels` computes rows
-/// 1.. as a thread would).
+/// Tiles of 16 and 32 rows, longer than the kernels' blocks (eight rows on x86, four on
+/// aarch64), over 77 rows (whole tiles and a last one of 13); `check_kernels` also computes
+/// rows 1.. as a thread would, starting inside a tile.
 #[test]
 fn kernels_agree_tiles_of_16_and_32() {
     let mut i = 0;
@@ -338,7 +338,6 @@ fn kernels_agree_tiles_of_16_and_32() {
                         .unwrap();
                     for s in [0.0, 0.5, 0.75] {
                         i += 1;
-                        // 77 rows: whole tiles and a last one of 13.
                         let (_, bytes) = pruned(77, 40 * g, fmt, s, 300 + i);
                         let m = GroupMatrix::new(&bytes).unwrap();
                         check_kernels(&m, &Rng(77 + i).fill(40 * g));

@@ -53,9 +53,8 @@
 //! the byte counts are those of any matrix. What tiles buy is speed: eight rows that share
 //! their groups share the activations each group reads, so the kernels take eight rows per
 //! vector, as the dense Q4_0 kernels do, instead of gathering activations row by row (on the
-//! Intel Xeon that measures this, at 50 % sparsity in groups of 16: 1.3x the dense Q4_0
-//! decode product in tiles of 8, 1.5x in tiles of 16, whose sixteen rows fill a 512-bit
-//! vector; 0.5-0.8x without tiles). The price is a coarser pattern.
+//! Intel Xeon that measures this: 1.2-1.5x the dense Q4_0 decode product at 50 % sparsity in
+//! groups of 16 or 32, against 0.6-0.8x without tiles). The price is a coarser pattern.
 //!
 //! Tiled matrices sum in an order of their own (an exact integer per group, then one fused
 //! multiply-add per group), which suits eight rows per vector:
@@ -90,8 +89,7 @@
 //! 512-bit registers), NEON, and NEON with `sdot`; [`GroupKernel::get`] the one of
 //! [`Level::selected`] (the CPU's best, capped by `SPARROW_KERNELS`). Tiled Q4 matrices have
 //! rows-per-lane kernels at every level (x86: eight rows per 256-bit vector, AVX2 and
-//! AVX-512 VNNI, and with AVX-512 VNNI sixteen rows per 512-bit vector for tiles of 16 or
-//! 32 rows; aarch64: four rows per NEON vector, with `sdot` or `smull`); tiled Q8
+//! AVX-512 VNNI; aarch64: four rows per NEON vector, with `sdot` or `smull`); tiled Q8
 //! matrices take the portable kernel (correct, not fast); batches over tiled matrices go four
 //! tokens per pass on x86 (each chunk transposed once for the four), token by token on
 //! aarch64.
@@ -1915,7 +1913,7 @@ mod x86 {
         use crate::kernels::x86::avx2::q4_0_transposed;
 
         /// `-8 * sum` of the activations of every group column: Q4's level offset.
-        pub(super) fn offsets<const G: usize>(x: &GroupActs, groups: usize) -> Vec<i32> {
+        fn offsets<const G: usize>(x: &GroupActs, groups: usize) -> Vec<i32> {
             x.q[..groups * G]
                 .chunks_exact(G)
                 .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>())
@@ -1993,7 +1991,7 @@ mod x86 {
         /// groups (one chunk, or two of groups of 32), so that each group's words and
         /// accumulator are known at compile time and stay in registers.
         #[inline(always)]
-        pub(super) unsafe fn block<const G: usize, const VNNI: bool, const N: usize>(
+        unsafe fn block<const G: usize, const VNNI: bool, const N: usize>(
             r: &[Row; 8],
             wide: bool,
             lg: u32,
@@ -2079,24 +2077,23 @@ mod x86 {
             ))
         }
 
-        /// The rows of `B`-row block `r..r + count` (within one tile) as [`block`] wants
-        /// them, and the bytes from one row to the next: the rows of a tile have one length
-        /// (same count) and follow each other.
+        /// The rows of eight-row block `r..r + count` (within one tile) as [`block`] wants
+        /// them: the rows of a tile have one length (same count) and follow each other.
         #[inline(always)]
-        pub(super) unsafe fn block_rows<const B: usize>(
+        unsafe fn block_rows(
             m: &GroupMatrix,
             r: usize,
             count: usize,
             wide: bool,
             lg: u32,
-        ) -> ([Row; B], usize) {
+        ) -> ([Row; 8], usize) {
             let head = row_at(m, r, wide, lg);
             let rb = if count > 1 {
                 row_at(m, r + 1, wide, lg).values as usize - head.values as usize
             } else {
                 0
             };
-            let rows = build!(B, head, |i| {
+            let rows = build!(8, head, |i| {
                 let at = rb * i.min(count - 1);
                 Row {
                     scales: head.scales.add(at),
@@ -2127,8 +2124,8 @@ mod x86 {
                 let mut r = first;
                 while r < end {
                     let rows_n = 8.min(end - r).min(tile - r % tile);
-                    let (rows, rb) = block_rows::<8>(m, r, rows_n, wide, lg);
-                    prefetch_ahead::<8>(m, r, end, rb);
+                    let (rows, rb) = block_rows(m, r, rows_n, wide, lg);
+                    prefetch_ahead(m, r, end, rb);
                     let v = block::<G, VNNI, 4>(&rows, wide, lg, xs, os);
                     for (t, v) in v.iter().enumerate() {
                         let mut out = [0.0f32; 8];
@@ -2141,28 +2138,23 @@ mod x86 {
             }
         }
 
-        /// Prefetches the bytes of rows `r + 2B..r + 3B` (rows of `rb` bytes that follow each
-        /// other), two `B`-row blocks ahead of the block at `r`, when they are below `end`.
+        /// Prefetches the bytes of rows `r + 16..r + 24` (rows of `rb` bytes that follow each
+        /// other), two eight-row blocks ahead of the block at `r`, when they are below `end`.
         /// A block reads its eight rows chunk by chunk, a pattern the hardware prefetchers
         /// follow poorly: in a SmolLM2 decode step, whose matrices come from the last-level
         /// cache, tiled products without these prefetches measured 0.8x of dense Q4_0's
         /// decode (with them 1.2x); over matrices already in a private cache they cost a
         /// few percent.
         #[inline(always)]
-        pub(super) unsafe fn prefetch_ahead<const B: usize>(
-            m: &GroupMatrix,
-            r: usize,
-            end: usize,
-            rb: usize,
-        ) {
-            if r + 3 * B > end {
+        unsafe fn prefetch_ahead(m: &GroupMatrix, r: usize, end: usize, rb: usize) {
+            if r + 24 > end {
                 return;
             }
             let b = m.bytes.as_ptr();
-            let at = (b.add(HEADER_BYTES + 4 * (r + 2 * B)) as *const u32).read_unaligned();
+            let at = (b.add(HEADER_BYTES + 4 * (r + 16)) as *const u32).read_unaligned();
             let from = b.add(u32::from_le(at) as usize);
             let mut off = 0;
-            while off < B * rb.max(8) {
+            while off < 8 * rb.max(8) {
                 // A hint: the address may lie past the buffer (the last rows), hence the
                 // wrapping arithmetic; a prefetch does not fault.
                 _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(off) as *const i8);
@@ -2185,154 +2177,12 @@ mod x86 {
             let mut r = first;
             while r < end {
                 let count = 8.min(end - r).min(tile - r % tile);
-                let (rows, rb) = block_rows::<8>(m, r, count, wide, lg);
-                prefetch_ahead::<8>(m, r, end, rb);
+                let (rows, rb) = block_rows(m, r, count, wide, lg);
+                prefetch_ahead(m, r, end, rb);
                 let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [&offsets]);
                 let mut out = [0.0f32; 8];
                 _mm256_storeu_ps(out.as_mut_ptr(), v);
                 y[r - first..r - first + count].copy_from_slice(&out[..count]);
-                r += count;
-            }
-        }
-    }
-
-    /// Tiles of 16 or 32 rows with AVX-512 VNNI (matrix-vector): sixteen rows at a time in
-    /// the sixteen lanes of 512-bit vectors, otherwise as [`t8`], lane by lane the same
-    /// operations on the same values (so the same bits): a group's index, activation words,
-    /// offset and dx serve sixteen rows instead of eight. A block of fewer than sixteen rows
-    /// of one tile (where a task starts or ends inside a tile) takes `t8`'s.
-    mod t16 {
-        use super::t8::{block, block_rows, offsets, prefetch_ahead};
-        use super::*;
-        use crate::kernels::x86::avx2::{q4_0_transposed16, words_t16};
-
-        /// The eight f16 scales at `p[r] + off` of sixteen rows, converted: lane r of
-        /// `out[j]` = scale j of row r (word k of a row holds scales 2k and 2k + 1).
-        #[inline(always)]
-        unsafe fn scales_t(p: &[*const u8; 16], off: usize) -> [__m512; 8] {
-            let t = words_t16(p, off);
-            build!(8, _mm512_setzero_ps(), |j| {
-                let w = if j % 2 == 0 {
-                    t[j / 2]
-                } else {
-                    _mm512_srli_epi32::<16>(t[j / 2])
-                };
-                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w))
-            })
-        }
-
-        /// [`t8::block`] for sixteen rows and one token.
-        #[inline(always)]
-        unsafe fn block16<const G: usize>(
-            r: &[Row; 16],
-            wide: bool,
-            lg: u32,
-            x: &GroupActs,
-            offsets: &[i32],
-        ) -> __m512 {
-            let n = r[0].n;
-            let vp: [*const u8; 16] = build!(16, std::ptr::null(), |i| r[i].values);
-            let sp: [*const u8; 16] = build!(16, std::ptr::null(), |i| r[i].scales);
-            let (q, d) = (x.q.as_ptr(), x.d.as_ptr());
-            let cps = if G == CHUNK { 2 } else { 1 };
-            let step = cps * CHUNK / G;
-            let chunks = (n * G).div_ceil(CHUNK);
-            let z = _mm512_setzero_ps();
-            let (mut cur, mut next) = ([z; 2], [z; 2]);
-            let mut sv = [z; 8];
-            let mut unit_block = usize::MAX;
-            let mut base = 0;
-            while base < n {
-                let c = base / (CHUNK / G);
-                let w = [
-                    q4_0_transposed16(&vp, 16 * c),
-                    if cps == 2 && c + 1 < chunks {
-                        q4_0_transposed16(&vp, 16 * (c + 1))
-                    } else {
-                        [_mm512_setzero_si512(); 8]
-                    },
-                ];
-                for j in 0..step {
-                    let k = base + j;
-                    if k >= n {
-                        break;
-                    }
-                    let u = k >> lg;
-                    if u / 8 != unit_block {
-                        unit_block = u / 8;
-                        sv = scales_t(&sp, 16 * unit_block);
-                    }
-                    let i = if wide {
-                        u16::from_le((r[0].index.add(2 * k) as *const u16).read_unaligned())
-                            as usize
-                    } else {
-                        *r[0].index.add(k) as usize
-                    };
-                    let per = CHUNK / G;
-                    let (wc, first) = (&w[j / per], (j % per) * (G / 4));
-                    let xw = q.add(i * G) as *const i32;
-                    let mut dot = _mm512_set1_epi32(*offsets.get_unchecked(i));
-                    for t in 0..G / 4 {
-                        let a = _mm512_set1_epi32(xw.add(t).read_unaligned());
-                        dot = _mm512_dpbusd_epi32(dot, wc[first + t], a);
-                    }
-                    let s = _mm512_mul_ps(_mm512_set1_ps(*d.add(i * G / CHUNK)), sv[u % 8]);
-                    // The accumulator of tiled_acc(k), as in `t8::block`.
-                    let a = if cps == 2 {
-                        if j == 0 {
-                            &mut cur[0]
-                        } else {
-                            &mut next[0]
-                        }
-                    } else {
-                        &mut cur[j % 2]
-                    };
-                    *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *a);
-                }
-                if cps == 1 {
-                    std::mem::swap(&mut cur, &mut next);
-                }
-                base += step;
-            }
-            if cps == 1 && chunks % 2 == 1 {
-                std::mem::swap(&mut cur, &mut next);
-            }
-            _mm512_add_ps(
-                _mm512_add_ps(cur[0], cur[1]),
-                _mm512_add_ps(next[0], next[1]),
-            )
-        }
-
-        /// Rows `first..first + y.len()` of a Q4 matrix in tiles of 16 or 32 rows.
-        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        pub(super) unsafe fn rows<const G: usize>(
-            m: &GroupMatrix,
-            x: &GroupActs,
-            first: usize,
-            y: &mut [f32],
-        ) {
-            let wide = index_bytes(m.cols / G) == 2;
-            let lg = m.fmt.scale_groups.trailing_zeros();
-            let offsets = offsets::<G>(x, m.cols / G);
-            let (tile, end) = (m.fmt.tile, first + y.len());
-            let mut r = first;
-            while r < end {
-                let in_tile = 16.min(end - r).min(tile - r % tile);
-                let count = if in_tile == 16 { 16 } else { in_tile.min(8) };
-                let at = r - first;
-                if count == 16 {
-                    let (rows, rb) = block_rows::<16>(m, r, 16, wide, lg);
-                    prefetch_ahead::<16>(m, r, end, rb);
-                    let v = block16::<G>(&rows, wide, lg, x, &offsets);
-                    _mm512_storeu_ps(y[at..at + 16].as_mut_ptr(), v);
-                } else {
-                    let (rows, rb) = block_rows::<8>(m, r, count, wide, lg);
-                    prefetch_ahead::<8>(m, r, end, rb);
-                    let [v] = block::<G, true, 1>(&rows, wide, lg, [x], [&offsets]);
-                    let mut out = [0.0f32; 8];
-                    _mm256_storeu_ps(out.as_mut_ptr(), v);
-                    y[at..at + count].copy_from_slice(&out[..count]);
-                }
                 r += count;
             }
         }
@@ -2351,9 +2201,6 @@ mod x86 {
             ) {
                 if Q8 {
                     portable::rows(m, x, first, y)
-                } else if $vnni && m.fmt.tile >= 16 {
-                    // Only at the VNNI level, whose CPUs have t16's features.
-                    t16::rows::<G>(m, x, first, y)
                 } else {
                     t8::rows::<G, $vnni>(m, x, first, y)
                 }

@@ -35,13 +35,16 @@ thread_local! {
     static TASK_OUT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Rows per task: four tasks per thread, a multiple of 16 (so that tasks start on the
-/// eight- and sixteen-row blocks of group-sparse row tiles).
+/// Rows per task: four tasks per thread, at least 16 rows, a multiple of 8 (so that tasks
+/// start on the eight-row blocks of group-sparse row tiles).
 /// A decode step (one token) takes one task per thread, as in the dense driver (longer row
 /// streams outweigh finer balancing); batches four per thread.
 fn rows_per_task(rows: usize, n_tokens: usize, threads: usize) -> usize {
     let tasks = threads.max(1) * if n_tokens == 1 { 1 } else { 4 };
-    rows.div_ceil(tasks).next_multiple_of(16).min(rows.max(1))
+    rows.div_ceil(tasks)
+        .max(16)
+        .next_multiple_of(8)
+        .min(rows.max(1))
 }
 
 /// A sparse matrix checked against its shape, with its kernel.

@@ -651,48 +651,6 @@ pub(crate) unsafe fn q4_0_transposed(xp: [*const u8; 8], off: usize) -> [__m256i
     })
 }
 
-/// The 16 bytes at `p[r] + off` of sixteen rows as four vectors of 32-bit words, lane r of
-/// `out[k]` = word k of row r (AVX-512): vector j gets rows j, 4 + j, 8 + j and 12 + j in
-/// its four 128-bit lanes, then a 4x4 transpose of words within each lane puts word k of
-/// row 4l + j at word j of lane l of `out[k]`, which is lane 4l + j.
-#[inline(always)]
-pub(crate) unsafe fn words_t16(p: &[*const u8; 16], off: usize) -> [__m512i; 4] {
-    let v: [__m512i; 4] = build!(4, _mm512_setzero_si512(), |j| {
-        let l0 = _mm_loadu_si128(p[j].add(off) as *const __m128i);
-        let l1 = _mm_loadu_si128(p[4 + j].add(off) as *const __m128i);
-        let l2 = _mm_loadu_si128(p[8 + j].add(off) as *const __m128i);
-        let l3 = _mm_loadu_si128(p[12 + j].add(off) as *const __m128i);
-        let a = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(l0), l1);
-        _mm512_inserti32x4::<3>(_mm512_inserti32x4::<2>(a, l2), l3)
-    });
-    let t0 = _mm512_unpacklo_epi32(v[0], v[1]);
-    let t1 = _mm512_unpackhi_epi32(v[0], v[1]);
-    let t2 = _mm512_unpacklo_epi32(v[2], v[3]);
-    let t3 = _mm512_unpackhi_epi32(v[2], v[3]);
-    [
-        _mm512_unpacklo_epi64(t0, t2),
-        _mm512_unpackhi_epi64(t0, t2),
-        _mm512_unpacklo_epi64(t1, t3),
-        _mm512_unpackhi_epi64(t1, t3),
-    ]
-}
-
-/// [`q4_0_transposed`] for sixteen rows in 512-bit vectors: lane r of `out[k]` (k < 4) =
-/// the low nibbles of word k of row r's 16 bytes at `p[r] + off`, of `out[4 + k]` the high
-/// ones. (A dense Q4_0 decode kernel on it, sixteen rows per vector, measured 8-12% slower
-/// than the eight-row one on the Intel Xeon of the group-sparse figures; the group-sparse
-/// tiles of 16 use it.)
-#[inline(always)]
-pub(crate) unsafe fn q4_0_transposed16(p: &[*const u8; 16], off: usize) -> [__m512i; 8] {
-    let m = _mm512_set1_epi8(0x0F);
-    let t = words_t16(p, off);
-    build!(8, _mm512_setzero_si512(), |k| if k < 4 {
-        _mm512_and_si512(t[k], m)
-    } else {
-        _mm512_and_si512(_mm512_srli_epi16::<4>(t[k - 4]), m)
-    })
-}
-
 /// Word k of each 128-bit half of `x[j]` to word j of that half of the result's k.
 #[inline(always)]
 unsafe fn transpose4x4_epi32(x: [__m256i; 4]) -> [__m256i; 4] {
