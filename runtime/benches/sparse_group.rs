@@ -27,6 +27,10 @@
 //! pool (its four-token tiles) against `GroupKernel::matmat`, and the matrix-vector kernel
 //! once per token (the path a batch took before `matmat`); ratios as above, interleaved.
 //! `GROUP_BENCH_BATCH=0` skips the batches.
+//!
+//! `GROUP_BENCH_CYCLE_MIB=N` cycles the in-cache shapes over copies totalling N MiB as well
+//! (labelled "cycled"): a decode step's regime, where a model's matrices pass through the
+//! last-level cache one after another (64 for SmolLM2-135M's size).
 
 mod common;
 
@@ -144,6 +148,18 @@ fn interleaved(base: &mut Entry, e: &mut Entry) -> (f64, f64, f64, f64) {
     )
 }
 
+/// Bytes of the copies of a shape's matrix to cycle over (0: one copy): the streamed shape's,
+/// or `GROUP_BENCH_CYCLE_MIB` for the others.
+fn cycle_bytes(shape: &Shape) -> usize {
+    if shape.stream {
+        return shape.stream_bytes();
+    }
+    std::env::var("GROUP_BENCH_CYCLE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(0, |mib| mib << 20)
+}
+
 /// Dense matrix-vector with the table's entry: `vec_dot` per row, and `rows8` if present.
 fn dense<'a>(k: &'a DotKernel, shape: &Shape, w: &[f32], x: &[f32]) -> Vec<Entry<'a>> {
     let (rows, cols) = (shape.rows, shape.cols);
@@ -152,7 +168,7 @@ fn dense<'a>(k: &'a DotKernel, shape: &Shape, w: &[f32], x: &[f32]) -> Vec<Entry
     let bytes = rows * row_bytes;
     let mut q = vec![0u8; bytes];
     quant::quantize(k.weight_type, w, &mut q).expect("quantize weights");
-    let copies = shape.stream_bytes().div_ceil(bytes).max(1);
+    let copies = cycle_bytes(shape).div_ceil(bytes).max(1);
     let mats: std::rc::Rc<Vec<Vec<u8>>> =
         std::rc::Rc::new((0..copies).map(|_| q.clone()).collect());
     let mut act = vec![0u8; k.act_row_bytes(cols).expect("whole blocks")];
@@ -224,8 +240,10 @@ fn bench(c: &mut Criterion) {
         let id = format!(
             "group/{} {rows}x{cols}{}",
             shape.name,
-            if shape.stream_bytes() > 0 {
+            if shape.stream {
                 " streamed"
+            } else if cycle_bytes(shape) > 0 {
+                " cycled"
             } else {
                 ""
             }
@@ -247,7 +265,7 @@ fn bench(c: &mut Criterion) {
             prune_tiles(&mut pw, cols, gs, s, tile.max(1)).expect("prune");
             let enc = encode(&pw, rows, cols, fmt).expect("encode");
             drop(pw);
-            let copies = shape.stream_bytes().div_ceil(enc.len()).max(1);
+            let copies = cycle_bytes(shape).div_ceil(enc.len()).max(1);
             encoded.push((label, values, (0..copies).map(|_| enc.clone()).collect()));
         }
         // The entries: dense Q4_0 and Q8_0 (each with rows8 where present), then the cases.

@@ -414,6 +414,43 @@ fn wide_rows() {
     }
 }
 
+/// Tiled rows lie plane by plane (row i of every tile, then row i + 1): eight-row blocks
+/// then read eight sequential streams. A tiled buffer with its rows in row order (as files
+/// tiled before this placement had them) is refused, naming the placement.
+#[test]
+fn tiled_rows_lie_plane_by_plane() {
+    let fmt = GroupFormat::new(16, Values::Q4)
+        .and_then(|f| f.with_tile(8))
+        .unwrap();
+    let rows = 20;
+    let (_, bytes) = pruned(rows, 64, fmt, 0.5, 21);
+    let m = GroupMatrix::new(&bytes).unwrap();
+    let starts: Vec<usize> = (0..rows).map(|r| m.row_range(r).start).collect();
+    let mut order: Vec<usize> = (0..rows).collect();
+    order.sort_by_key(|&r| starts[r]);
+    assert_eq!(
+        order,
+        [0, 8, 16, 1, 9, 17, 2, 10, 18, 3, 11, 19, 4, 12, 5, 13, 6, 14, 7, 15]
+    );
+    for w in order.windows(2) {
+        assert_eq!(m.row_range(w[0]).end, m.row_range(w[1]).start);
+    }
+    // The same rows in row order.
+    let table = HEADER_BYTES + 4 * (rows + 1);
+    let mut row_order = bytes[..table].to_vec();
+    for r in 0..rows {
+        let at = row_order.len() as u32;
+        row_order[HEADER_BYTES + 4 * r..HEADER_BYTES + 4 * r + 4]
+            .copy_from_slice(&at.to_le_bytes());
+        row_order.extend_from_slice(&bytes[m.row_range(r)]);
+    }
+    let e = err(&row_order);
+    assert!(
+        e.contains("plane by plane") && e.contains("pruned again"),
+        "{e}"
+    );
+}
+
 /// Tiles drop the groups of smallest norm over their rows, the same in every row; a tile
 /// whose rows store other groups than its first is refused.
 #[test]
@@ -559,10 +596,17 @@ fn hostile_headers_and_offsets_are_rejected() {
     assert!(err(&patch(15, &[1])).contains("tiles of 1 rows"));
     assert!(err(&patch(15, &[3])).contains("tiles of 3 rows"));
     assert!(err(&patch(HEADER_BYTES, &0u32.to_le_bytes())).contains("row 0 starts"));
-    // Row 1 ends before it starts, and past the buffer.
-    let r1 = u32::from_le_bytes(good[HEADER_BYTES + 4..HEADER_BYTES + 8].try_into().unwrap());
-    assert!(err(&patch(HEADER_BYTES + 8, &(r1 - 1).to_le_bytes())).contains("row 1"));
-    assert!(err(&patch(HEADER_BYTES + 8, &u32::MAX.to_le_bytes())).contains("row 1"));
+    // Row 2 starts inside row 1, and past the buffer.
+    let r2 = u32::from_le_bytes(
+        good[HEADER_BYTES + 8..HEADER_BYTES + 12]
+            .try_into()
+            .unwrap(),
+    );
+    assert!(err(&patch(HEADER_BYTES + 8, &(r2 - 1).to_le_bytes())).contains("row 2 starts"));
+    assert!(err(&patch(HEADER_BYTES + 8, &u32::MAX.to_le_bytes())).contains("row 2 starts"));
+    // The table's end entry disagrees with the rows.
+    let end = (good.len() as u32 - 1).to_le_bytes();
+    assert!(err(&patch(HEADER_BYTES + 12, &end)).contains("offset table says"));
     // Row 0 (4 groups, 2 stored): count, group numbers at +2, +3, scales at +4.
     assert_eq!(good[table..table + 2], [2, 0]);
     let (i0, i1) = (good[table + 2], good[table + 3]);
@@ -570,7 +614,8 @@ fn hostile_headers_and_offsets_are_rejected() {
     // More stored groups than the row has, and a count that disagrees with the row's length.
     assert!(err(&patch(table, &[5, 0])).contains("the row has 4"));
     assert!(err(&patch(table, &[0xFF, 0xFF])).contains("the row has 4"));
-    assert!(err(&patch(table, &[3, 0])).contains("stored groups take"));
+    // (Three stored groups: the third group number read is a scale byte.)
+    assert!(err(&patch(table, &[3, 0])).contains("row 0: stored group 2"));
     assert!(err(&patch(table, &[1, 0])).contains("stored groups take"));
     // Group numbers out of order, repeated, or past the last group.
     assert!(err(&patch(table + 2, &[i1, i0])).contains("increase"));

@@ -65,11 +65,7 @@ pub fn row_ranges(m: &SparseMatrix, bytes: &[u8]) -> Result<Vec<std::ops::Range<
                     m.cols
                 )));
             }
-            let at = |r: usize| {
-                let o = group::HEADER_BYTES + 4 * r;
-                u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) as usize
-            };
-            Ok((0..m.rows).map(|r| at(r)..at(r + 1)).collect())
+            Ok((0..m.rows).map(|r| g.row_range(r)).collect())
         }
     }
 }

@@ -48,13 +48,18 @@
 //! With `tile` = T > 0, rows `T t .. T t + T` (the last tile may be shorter) store the same
 //! groups: every row of a tile has its first row's count and index (the encoder stores the
 //! groups that are not all zero in some row of the tile, [`prune_tiles`] drops the groups of
-//! smallest norm over the tile; [`GroupMatrix::new`] refuses a tile whose rows differ). The
-//! bytes are laid out as above, row by row, so decoding, the row edits of fused adapters and
-//! the byte counts are those of any matrix. What tiles buy is speed: eight rows that share
-//! their groups share the activations each group reads, so the kernels take eight rows per
-//! vector, as the dense Q4_0 kernels do, instead of gathering activations row by row (on the
-//! Intel Xeon that measures this: 1.2-1.5x the dense Q4_0 decode product at 50 % sparsity in
-//! groups of 16 or 32, against 0.6-0.8x without tiles). The price is a coarser pattern.
+//! smallest norm over the tile; [`GroupMatrix::new`] refuses a tile whose rows differ). Each
+//! row's bytes are laid out as above, so decoding, the row edits of fused adapters and the
+//! byte counts are those of any matrix; but the rows lie plane by plane: row i of every
+//! tile (rows i, T + i, 2T + i, ...), then row i + 1 of every tile, and so on (the offset
+//! table says where each row starts; [`GroupMatrix::new`] checks that the rows lie back to
+//! back in that order). What tiles buy is speed: eight rows that share their groups share
+//! the activations each group reads, so the kernels take eight rows per vector, as the dense
+//! Q4_0 kernels do, instead of gathering activations row by row; and the placement makes
+//! those eight rows eight sequential streams through memory, as the dense kernel's eight
+//! rows are (eight neighbouring rows read side by side, as they lay at first, ran at 0.7-1.0x
+//! of dense Q4_0 where the matrix comes from the last-level cache, plane by plane
+//! 1.0-1.3x). The price is a coarser pattern.
 //!
 //! Tiled matrices sum in an order of their own (an exact integer per group, then one fused
 //! multiply-add per group), which suits eight rows per vector:
@@ -316,13 +321,12 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
     let mut index: Vec<u16> = Vec::with_capacity(cols / g);
     let mut stream: Vec<f32> = Vec::with_capacity(cols);
     let mut levels: Vec<u8> = Vec::with_capacity(cols + CHUNK);
+    // The rows in row order (`body`, row r from `starts[r]`), placed afterwards.
+    let mut body: Vec<u8> = Vec::new();
+    let mut starts: Vec<usize> = Vec::with_capacity(rows + 1);
     for (r, row) in w.chunks_exact(cols).enumerate() {
-        let start = out.len();
-        if u32::try_from(start).is_err() {
-            return Err(invalid("encoded matrix over 4 GiB"));
-        }
-        out[HEADER_BYTES + 4 * r..HEADER_BYTES + 4 * r + 4]
-            .copy_from_slice(&(start as u32).to_le_bytes());
+        starts.push(body.len());
+        let out = &mut body;
         // Count, index and the stream of stored weights: the groups of the row that are not
         // all zero, or of its tile (those not all zero in some row of the tile).
         if fmt.tile == 0 || r % fmt.tile == 0 {
@@ -396,12 +400,32 @@ pub fn encode(w: &[f32], rows: usize, cols: usize, fmt: GroupFormat) -> Result<V
             }
         }
     }
-    let end = out.len();
-    if u32::try_from(end).is_err() {
+    starts.push(body.len());
+    if u32::try_from(table + body.len()).is_err() {
         return Err(invalid("encoded matrix over 4 GiB"));
     }
-    out[HEADER_BYTES + 4 * rows..table].copy_from_slice(&(end as u32).to_le_bytes());
+    out.reserve(body.len());
+    for r in placement(rows, fmt.tile) {
+        let at = out.len() as u32;
+        out[HEADER_BYTES + 4 * r..HEADER_BYTES + 4 * r + 4].copy_from_slice(&at.to_le_bytes());
+        out.extend_from_slice(&body[starts[r]..starts[r + 1]]);
+    }
+    let end = out.len() as u32;
+    out[HEADER_BYTES + 4 * rows..table].copy_from_slice(&end.to_le_bytes());
     Ok(out)
+}
+
+/// The order in which the rows lie in the buffer: row order, or with row tiles plane by
+/// plane (module doc, "Row tiles").
+fn placement(rows: usize, tile: usize) -> impl Iterator<Item = usize> {
+    let (planes, tiles) = if tile == 0 {
+        (1, rows)
+    } else {
+        (tile, rows.div_ceil(tile))
+    };
+    (0..planes)
+        .flat_map(move |i| (0..tiles).map(move |t| t * planes + i))
+        .filter(move |&r| r < rows)
 }
 
 /// A checked view of an encoded matrix (see the module doc): every offset, count, group
@@ -527,41 +551,54 @@ impl<'a> GroupMatrix<'a> {
             })?;
         let groups = cols / fmt.g;
         let ib = index_bytes(groups);
+        // The rows lie back to back from the end of the table, in `placement` order.
         let mut prev = table;
-        let first = u32_at(bytes, HEADER_BYTES).unwrap_or(0);
-        if first != table {
-            return Err(invalid(format!(
-                "row 0 starts at {first}, not at the end of the offset table ({table})"
-            )));
-        }
-        for r in 0..rows {
-            let end = u32_at(bytes, HEADER_BYTES + 4 * (r + 1)).unwrap_or(0);
-            if end < prev || end > bytes.len() {
-                return Err(invalid(format!(
-                    "row {r}: bytes {prev}..{end} outside 0..{}",
-                    bytes.len()
-                )));
+        // The row before in the buffer: number, stored groups, bytes.
+        let mut before: Option<(usize, usize, usize)> = None;
+        for r in placement(rows, fmt.tile) {
+            let start = u32_at(bytes, HEADER_BYTES + 4 * r).unwrap_or(0);
+            if start != prev {
+                let order = if fmt.tile > 0 {
+                    " (rows in tiles lie plane by plane: row i of every tile, then row i + 1; \
+                     files tiled before that placement must be pruned again)"
+                } else {
+                    ""
+                };
+                return Err(invalid(match before {
+                    None => format!(
+                        "row {r} starts at {start}, not at the end of the offset table \
+                         ({table}){order}"
+                    ),
+                    Some((b, n, len)) => format!(
+                        "row {r} starts at {start}, not at {prev} where row {b} before it \
+                         ends (its {n} stored groups take {len} bytes){order}"
+                    ),
+                }));
             }
-            let row = &bytes[prev..end];
-            if row.len() < 2 {
-                return Err(invalid(format!(
-                    "row {r}: {} bytes, shorter than its 2-byte group count",
-                    row.len()
-                )));
-            }
-            let n = u16::from_le_bytes([row[0], row[1]]) as usize;
+            let n = match bytes.get(start..start + 2) {
+                Some(c) => u16::from_le_bytes([c[0], c[1]]) as usize,
+                None => {
+                    return Err(invalid(format!(
+                        "row {r}: its 2-byte group count at {start} lies outside 0..{}",
+                        bytes.len()
+                    )))
+                }
+            };
             if n > groups {
                 return Err(invalid(format!(
                     "row {r}: {n} stored groups, the row has {groups}"
                 )));
             }
             let want = fmt.row_bytes(cols, n);
-            if row.len() != want {
+            let end = start + want;
+            if end > bytes.len() {
                 return Err(invalid(format!(
-                    "row {r}: {} bytes, its {n} stored groups take {want}",
-                    row.len()
+                    "row {r}: its {n} stored groups take bytes {start}..{end}, outside 0..{}",
+                    bytes.len()
                 )));
             }
+            let row = &bytes[start..end];
+            before = Some((r, n, want));
             if fmt.tile > 0 && r % fmt.tile != 0 {
                 // The tile's rows store the tile's first row's groups: same count and index.
                 let head = u32_at(bytes, HEADER_BYTES + 4 * (r - r % fmt.tile)).unwrap_or(0);
@@ -594,9 +631,10 @@ impl<'a> GroupMatrix<'a> {
             }
             prev = end;
         }
-        if prev != bytes.len() {
+        let last = u32_at(bytes, HEADER_BYTES + 4 * rows).unwrap_or(0);
+        if prev != bytes.len() || last != prev {
             return Err(invalid(format!(
-                "rows end at {prev}, the buffer at {}",
+                "rows end at {prev}, the offset table says {last}, the buffer at {}",
                 bytes.len()
             )));
         }
@@ -648,8 +686,15 @@ impl<'a> GroupMatrix<'a> {
         }
     }
 
+    /// The bytes of row `r` in the buffer (rows need not follow each other: "Row tiles").
+    pub fn row_range(&self, r: usize) -> std::ops::Range<usize> {
+        let start = self.offset(r);
+        let n = u16::from_le_bytes([self.bytes[start], self.bytes[start + 1]]) as usize;
+        start..start + self.fmt.row_bytes(self.cols, n)
+    }
+
     fn row(&self, r: usize) -> RowParts<'a> {
-        let row = &self.bytes[self.offset(r)..self.offset(r + 1)];
+        let row = &self.bytes[self.row_range(r)];
         let n = u16::from_le_bytes([row[0], row[1]]) as usize;
         let wide = index_bytes(self.cols / self.fmt.g) == 2;
         Self::parts(row, n, wide, self.fmt.scale_groups)
@@ -2078,7 +2123,7 @@ mod x86 {
         }
 
         /// The rows of eight-row block `r..r + count` (within one tile) as [`block`] wants
-        /// them: the rows of a tile have one length (same count) and follow each other.
+        /// them, and their length (the rows of a tile have one length: same count).
         #[inline(always)]
         unsafe fn block_rows(
             m: &GroupMatrix,
@@ -2088,20 +2133,12 @@ mod x86 {
             lg: u32,
         ) -> ([Row; 8], usize) {
             let head = row_at(m, r, wide, lg);
-            let rb = if count > 1 {
-                row_at(m, r + 1, wide, lg).values as usize - head.values as usize
+            let rows = build!(8, head, |i| if i == 0 {
+                head
             } else {
-                0
-            };
-            let rows = build!(8, head, |i| {
-                let at = rb * i.min(count - 1);
-                Row {
-                    scales: head.scales.add(at),
-                    values: head.values.add(at),
-                    ..head
-                }
+                row_at(m, r + i.min(count - 1), wide, lg)
             });
-            (rows, rb)
+            (rows, m.fmt.row_bytes(m.cols, head.n))
         }
 
         /// `y[t * count + i]` for rows `first + i` (`count = y.len() / x.len()`) and tokens
@@ -2138,27 +2175,28 @@ mod x86 {
             }
         }
 
-        /// Prefetches the bytes of rows `r + 16..r + 24` (rows of `rb` bytes that follow each
-        /// other), two eight-row blocks ahead of the block at `r`, when they are below `end`.
-        /// A block reads its eight rows chunk by chunk, a pattern the hardware prefetchers
-        /// follow poorly: in a SmolLM2 decode step, whose matrices come from the last-level
-        /// cache, tiled products without these prefetches measured 0.8x of dense Q4_0's
-        /// decode (with them 1.2x); over matrices already in a private cache they cost a
-        /// few percent.
+        /// Prefetches the `rb` bytes of each of rows `r + 16..r + 24`, two eight-row blocks
+        /// ahead of the block at `r`, when they are below `end`. The rows of a block lie in
+        /// eight planes ("Row tiles"), eight sequential streams that the hardware prefetchers
+        /// follow, but these prefetches still add to them where the matrices come from the
+        /// last-level cache (a decode step's case): ffn_up and ffn_down at 50 % in groups of
+        /// 16 measured 1.17-1.21x of dense Q4_0 with them, 1.01-1.05x without.
         #[inline(always)]
         unsafe fn prefetch_ahead(m: &GroupMatrix, r: usize, end: usize, rb: usize) {
             if r + 24 > end {
                 return;
             }
             let b = m.bytes.as_ptr();
-            let at = (b.add(HEADER_BYTES + 4 * (r + 16)) as *const u32).read_unaligned();
-            let from = b.add(u32::from_le(at) as usize);
-            let mut off = 0;
-            while off < 8 * rb.max(8) {
-                // A hint: the address may lie past the buffer (the last rows), hence the
-                // wrapping arithmetic; a prefetch does not fault.
-                _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(off) as *const i8);
-                off += 64;
+            for i in 0..8 {
+                let at = (b.add(HEADER_BYTES + 4 * (r + 16 + i)) as *const u32).read_unaligned();
+                let from = b.add(u32::from_le(at) as usize);
+                let mut off = 0;
+                while off < rb.max(8) {
+                    // A hint: the address may lie past the buffer (the last rows), hence the
+                    // wrapping arithmetic; a prefetch does not fault.
+                    _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(off) as *const i8);
+                    off += 64;
+                }
             }
         }
 
