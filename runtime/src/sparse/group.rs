@@ -1207,10 +1207,10 @@ mod x86 {
     //! the row (lengths, counts and group numbers validated by `GroupMatrix::new`; reads of
     //! the index and scales are masked to the row's count) or the activations (offsets are
     //! groups of the row, below `cols`, or 0 for padding; the padded length is a multiple of
-    //! 32). The tiled kernels read the rows of an eight-row block at the first row's
-    //! pointers plus multiples of the row length (validated: the rows of a tile have one
-    //! count, so one length, and follow each other), each row's scales 16 bytes at a time
-    //! from a scale that exists (at least one 16-byte chunk of values follows the scales).
+    //! 32). The tiled kernels read each row of an eight-row block through the offset table
+    //! (validated: the rows of a tile have one count and index, so one length), each row's
+    //! scales 16 bytes at a time from a scale that exists (at least one 16-byte chunk of
+    //! values follows the scales).
     use super::*;
     use crate::kernels::x86::build;
     use std::arch::x86_64::*;
