@@ -2000,23 +2000,22 @@ mod x86 {
             })
         }
 
-        /// The exact integer of group `j` of a pair of chunks (`w[c]`: chunk c's words) for
-        /// the eight rows, starting from `off`: the group's `G / 4` words against its
-        /// activation words `xw`.
+        /// The exact integer of group `j` (< `CHUNK / G`) of a chunk (`w`: its words) for the
+        /// eight rows, starting from `off`: the group's `G / 4` words against its activation
+        /// words `xw`.
         #[inline(always)]
         unsafe fn group_dot<const G: usize, const VNNI: bool>(
-            w: &[[__m256i; 8]; 2],
+            w: &[__m256i; 8],
             j: usize,
             xw: *const i32,
             off: __m256i,
         ) -> __m256i {
-            let per = CHUNK / G;
-            let (c, first) = (j / per, (j % per) * (G / 4));
+            let first = j * (G / 4);
             if VNNI {
                 let mut v = off;
                 for t in 0..G / 4 {
                     let a = _mm256_set1_epi32(xw.add(t).read_unaligned());
-                    v = _mm256_dpbusd_epi32(v, w[c][first + t], a);
+                    v = _mm256_dpbusd_epi32(v, w[first + t], a);
                 }
                 v
             } else {
@@ -2024,17 +2023,32 @@ mod x86 {
                 let mut s = _mm256_setzero_si256();
                 for t in 0..G / 4 {
                     let a = _mm256_set1_epi32(xw.add(t).read_unaligned());
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[c][first + t], a));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(w[first + t], a));
                 }
                 _mm256_add_epi32(_mm256_madd_epi16(s, _mm256_set1_epi16(1)), off)
             }
         }
 
+        /// The weight scales of eight rows (`sp[r]`: row r's scales), transposed and
+        /// converted into `sv`: lane r of `sv[u]` = scale u of row r, for the `units` scales
+        /// rounded up to 8 (`sv` holds them; the reads past the last scale stay in the row,
+        /// module doc).
+        #[inline(always)]
+        unsafe fn transposed_scales(sp: [*const u8; 8], units: usize, sv: &mut [__m256]) {
+            for ub in 0..units.div_ceil(8) {
+                let t = scales_t(sp, 16 * ub);
+                sv[8 * ub..8 * ub + 8].copy_from_slice(&t);
+            }
+        }
+
         /// Eight rows of one tile (absent rows given as copies of a present one) times `N`
         /// tokens (activations `x[t]`, offsets `offsets[t]`): their sums, in the tiled order,
-        /// each chunk's weights transposed once for the N. Each step takes an even number of
-        /// groups (one chunk, or two of groups of 32), so that each group's words and
-        /// accumulator are known at compile time and stay in registers.
+        /// each chunk's weights transposed once for the N. The chunks go two at a time, even
+        /// then odd, and a chunk's groups one by one, all unrolled, so that every group's
+        /// words and accumulator (A[2 * (chunk mod 2) + group mod 2]) are known at compile
+        /// time and the accumulators stay in registers; the groups past the row's count (in
+        /// its last chunk or pair) are skipped. `sv` is scratch for the transposed scales
+        /// (`cols / G` rounded up to 8 vectors).
         #[inline(always)]
         unsafe fn block<const G: usize, const VNNI: bool, const N: usize>(
             r: &[Row; 8],
@@ -2042,83 +2056,66 @@ mod x86 {
             lg: u32,
             x: [&GroupActs; N],
             offsets: [&[i32]; N],
+            sv: &mut [__m256],
         ) -> [__m256; N] {
             let n = r[0].n;
             let vp: [*const u8; 8] = build!(8, std::ptr::null(), |i| r[i].values);
             let sp: [*const u8; 8] = build!(8, std::ptr::null(), |i| r[i].scales);
             let q: [*const i8; N] = build!(N, std::ptr::null(), |t| x[t].q.as_ptr());
             let d: [*const f32; N] = build!(N, std::ptr::null(), |t| x[t].d.as_ptr());
-            // Chunks per step: one (an even number of groups) or, for groups of 32, two.
-            let cps = if G == CHUNK { 2 } else { 1 };
-            let step = cps * CHUNK / G; // groups per step
+            transposed_scales(sp, (n + (1 << lg) - 1) >> lg, sv);
+            let per = CHUNK / G; // groups per chunk
             let chunks = (n * G).div_ceil(CHUNK);
-            // The tiled order's accumulators A0, A1 (`cur`, while the chunk being stepped is
-            // even) and A2, A3 (`next`); with one chunk per step the two pairs trade places
-            // after every step, so that every index below is known at compile time and the
-            // accumulators stay in registers.
-            let z = _mm256_setzero_ps();
-            let (mut cur, mut next) = ([[z; 2]; N], [[z; 2]; N]);
-            let mut sv = [_mm256_setzero_ps(); 8];
-            let mut unit_block = usize::MAX;
-            let mut base = 0;
-            while base < n {
-                let c = base / (CHUNK / G);
-                let w = [
-                    q4_0_transposed(vp, 16 * c),
-                    if cps == 2 && c + 1 < chunks {
-                        q4_0_transposed(vp, 16 * (c + 1))
-                    } else {
-                        [_mm256_setzero_si256(); 8]
-                    },
-                ];
-                for j in 0..step {
-                    let k = base + j;
-                    if k >= n {
-                        break;
-                    }
-                    let u = k >> lg;
-                    if u / 8 != unit_block {
-                        unit_block = u / 8;
-                        sv = scales_t(sp, 16 * unit_block);
-                    }
-                    let i = if wide {
-                        u16::from_le((r[0].index.add(2 * k) as *const u16).read_unaligned())
-                            as usize
-                    } else {
-                        *r[0].index.add(k) as usize
-                    };
-                    for t in 0..N {
-                        let off = _mm256_set1_epi32(*offsets[t].get_unchecked(i));
-                        let xw = q[t].add(i * G) as *const i32;
-                        let dot = group_dot::<G, VNNI>(&w, j, xw, off);
-                        let dx = _mm256_set1_ps(*d[t].add(i * G / CHUNK));
-                        let s = _mm256_mul_ps(dx, sv[u % 8]);
-                        // tiled_acc(k): with two chunks per step (G = 32, one group each)
-                        // group j is in chunk j of an even pair, A0 or A2; with one, the
-                        // group's place in the chunk picks A0/A1 (or A2/A3) of `cur`.
-                        let a = if cps == 2 {
-                            if j == 0 {
-                                &mut cur[t][0]
-                            } else {
-                                &mut next[t][0]
-                            }
+            let mut acc = [[_mm256_setzero_ps(); 4]; N];
+            // Group `$j` of chunk `c + $cc` (literals: LLVM does not unroll these loops for four
+            // tokens, and a loop index would put the accumulators in memory).
+            macro_rules! group {
+                ($c:ident, $w:ident, $cc:literal, $j:literal) => {
+                    let k = ($c + $cc) * per + $j;
+                    if $j < per && k < n {
+                        let i = if wide {
+                            u16::from_le((r[0].index.add(2 * k) as *const u16).read_unaligned())
+                                as usize
                         } else {
-                            &mut cur[t][j % 2]
+                            *r[0].index.add(k) as usize
                         };
-                        *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, *a);
+                        let sw = *sv.get_unchecked(k >> lg);
+                        for t in 0..N {
+                            let off = _mm256_set1_epi32(*offsets[t].get_unchecked(i));
+                            let xw = q[t].add(i * G) as *const i32;
+                            let dot = group_dot::<G, VNNI>(&$w, $j, xw, off);
+                            let dx = _mm256_set1_ps(*d[t].add(i * G / CHUNK));
+                            let a = &mut acc[t][2 * $cc + $j % 2];
+                            *a =
+                                _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dx, sw), *a);
+                        }
                     }
-                }
-                if cps == 1 {
-                    std::mem::swap(&mut cur, &mut next);
-                }
-                base += step;
+                };
             }
-            if cps == 1 && chunks % 2 == 1 {
-                std::mem::swap(&mut cur, &mut next);
+            macro_rules! chunk {
+                ($c:ident, $cc:literal) => {
+                    if $c + $cc < chunks {
+                        let w = q4_0_transposed(vp, 16 * ($c + $cc));
+                        group!($c, w, $cc, 0);
+                        group!($c, w, $cc, 1);
+                        group!($c, w, $cc, 2);
+                        group!($c, w, $cc, 3);
+                        group!($c, w, $cc, 4);
+                        group!($c, w, $cc, 5);
+                        group!($c, w, $cc, 6);
+                        group!($c, w, $cc, 7);
+                    }
+                };
+            }
+            let mut c = 0;
+            while c < chunks {
+                chunk!(c, 0);
+                chunk!(c, 1);
+                c += 2;
             }
             build!(N, _mm256_setzero_ps(), |t| _mm256_add_ps(
-                _mm256_add_ps(cur[t][0], cur[t][1]),
-                _mm256_add_ps(next[t][0], next[t][1])
+                _mm256_add_ps(acc[t][0], acc[t][1]),
+                _mm256_add_ps(acc[t][2], acc[t][3])
             ))
         }
 
@@ -2154,6 +2151,7 @@ mod x86 {
             let lg = m.fmt.scale_groups.trailing_zeros();
             let count = y.len() / x.len();
             let offsets: Vec<Vec<i32>> = x.iter().map(|a| offsets::<G>(a, m.cols / G)).collect();
+            let mut sv = vec![_mm256_setzero_ps(); (m.cols / G).div_ceil(8) * 8];
             let (tile, end) = (m.fmt.tile, first + count);
             for (q, xq) in x.chunks_exact(4).enumerate() {
                 let xs = [&xq[0], &xq[1], &xq[2], &xq[3]];
@@ -2163,7 +2161,7 @@ mod x86 {
                     let rows_n = 8.min(end - r).min(tile - r % tile);
                     let (rows, rb) = block_rows(m, r, rows_n, wide, lg);
                     prefetch_ahead(m, r, end, rb);
-                    let v = block::<G, VNNI, 4>(&rows, wide, lg, xs, os);
+                    let v = block::<G, VNNI, 4>(&rows, wide, lg, xs, os, &mut sv);
                     for (t, v) in v.iter().enumerate() {
                         let mut out = [0.0f32; 8];
                         _mm256_storeu_ps(out.as_mut_ptr(), *v);
@@ -2211,13 +2209,14 @@ mod x86 {
             let wide = index_bytes(m.cols / G) == 2;
             let lg = m.fmt.scale_groups.trailing_zeros();
             let offsets = offsets::<G>(x, m.cols / G);
+            let mut sv = vec![_mm256_setzero_ps(); (m.cols / G).div_ceil(8) * 8];
             let (tile, end) = (m.fmt.tile, first + y.len());
             let mut r = first;
             while r < end {
                 let count = 8.min(end - r).min(tile - r % tile);
                 let (rows, rb) = block_rows(m, r, count, wide, lg);
                 prefetch_ahead(m, r, end, rb);
-                let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [&offsets]);
+                let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [&offsets], &mut sv);
                 let mut out = [0.0f32; 8];
                 _mm256_storeu_ps(out.as_mut_ptr(), v);
                 y[r - first..r - first + count].copy_from_slice(&out[..count]);
