@@ -736,6 +736,19 @@ fn round_ties_even(v: f32) -> f32 {
     (v + SHIFT) - SHIFT
 }
 
+/// Quantizes `x` into `q` (its length rounded up to whole blocks of 32, zero-padded) and one
+/// scale per block into `d`: inverse scale 127 / amax, ties to even.
+fn quantize_blocks(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    for ((xb, qb), db) in x.chunks(CHUNK).zip(q.chunks_exact_mut(CHUNK)).zip(d) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        *db = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for (o, &v) in qb.iter_mut().zip(xb) {
+            *o = round_ties_even(v * id) as i8;
+        }
+    }
+}
+
 /// Activations quantized once per call: int8 with an f32 scale per 32 columns, zero-padded to
 /// whole blocks (rounding as `kernels/act.rs`: inverse scale 127 / amax, ties to even).
 #[derive(Clone, Debug)]
@@ -745,6 +758,10 @@ pub struct GroupActs {
     /// The same values biased to unsigned (`q + 128`), for the x86 four-token kernels.
     u: Vec<u8>,
     d: Vec<f32>,
+    /// `offsets[l]`: -8 times the sum of each run of `4 << l` values (l = 0..4, groups of
+    /// 4, 8, 16, 32), the Q4 level offset of a group in the tiled kernels, computed once
+    /// per quantization rather than once per matrix and row task.
+    offsets: [Vec<i32>; 4],
 }
 
 impl Default for GroupActs {
@@ -760,6 +777,7 @@ impl GroupActs {
             q: Vec::new(),
             u: Vec::new(),
             d: Vec::new(),
+            offsets: Default::default(),
         };
         a.quantize(x);
         a
@@ -773,17 +791,31 @@ impl GroupActs {
         self.q.resize(nb * CHUNK, 0);
         self.d.clear();
         self.d.resize(nb, 0.0);
-        for ((xb, qb), db) in x
-            .chunks(CHUNK)
-            .zip(self.q.chunks_exact_mut(CHUNK))
-            .zip(&mut self.d)
+        // The AVX2 quantizer gives the portable one's values for finite x, so it is taken
+        // wherever the CPU has it, whatever level `SPARROW_KERNELS` picks for the kernels.
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
         {
-            let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            *db = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            for (o, &v) in qb.iter_mut().zip(xb) {
-                *o = round_ties_even(v * id) as i8;
-            }
+            // SAFETY: the CPU has the features `x86::quantize` is compiled for.
+            unsafe { x86::quantize(x, &mut self.q, &mut self.d) };
+        } else {
+            quantize_blocks(x, &mut self.q, &mut self.d);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        quantize_blocks(x, &mut self.q, &mut self.d);
+        let o = &mut self.offsets;
+        o[0].clear();
+        o[0].extend(
+            self.q
+                .chunks_exact(4)
+                .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>()),
+        );
+        for l in 1..4 {
+            let (lo, hi) = o.split_at_mut(l);
+            hi[0].clear();
+            hi[0].extend(lo[l - 1].chunks_exact(2).map(|p| p[0] + p[1]));
         }
         self.u.clear();
         self.u.extend(self.q.iter().map(|&q| q as u8 ^ 0x80));
@@ -1212,8 +1244,27 @@ mod x86 {
     //! scales 16 bytes at a time from a scale that exists (at least one 16-byte chunk of
     //! values follows the scales).
     use super::*;
+    use crate::kernels::x86::avx2::quantize_block;
     use crate::kernels::x86::build;
     use std::arch::x86_64::*;
+
+    /// [`quantize_blocks`] with AVX2: whole blocks by the dense activation quantizer's
+    /// block (the same amax, scale and rounding, so the same values for finite `x`), a last
+    /// partial block by the portable code.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+        let whole = x.len() / CHUNK;
+        for ((xb, qb), db) in x
+            .chunks_exact(CHUNK)
+            .zip(q.chunks_exact_mut(CHUNK))
+            .zip(&mut d[..whole])
+        {
+            let qb: &mut [i8; CHUNK] = qb.try_into().expect("chunks of 32");
+            *db = quantize_block(xb, qb).0;
+        }
+        let at = whole * CHUNK;
+        quantize_blocks(&x[at..], &mut q[at..], &mut d[whole..]);
+    }
 
     /// A row's parts as pointers.
     #[derive(Clone, Copy)]
@@ -1957,12 +2008,9 @@ mod x86 {
         use super::*;
         use crate::kernels::x86::avx2::q4_0_transposed;
 
-        /// `-8 * sum` of the activations of every group column: Q4's level offset.
-        fn offsets<const G: usize>(x: &GroupActs, groups: usize) -> Vec<i32> {
-            x.q[..groups * G]
-                .chunks_exact(G)
-                .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>())
-                .collect()
+        /// `-8 * sum` of the activations of every group of G: Q4's level offset.
+        fn offsets<const G: usize>(x: &GroupActs) -> &[i32] {
+            &x.offsets[G.trailing_zeros() as usize - 2]
         }
 
         /// The 16 bytes at `p[r] + off` of eight rows, as eight f16 values each, transposed
@@ -2150,12 +2198,12 @@ mod x86 {
             let wide = index_bytes(m.cols / G) == 2;
             let lg = m.fmt.scale_groups.trailing_zeros();
             let count = y.len() / x.len();
-            let offsets: Vec<Vec<i32>> = x.iter().map(|a| offsets::<G>(a, m.cols / G)).collect();
+            let offsets: Vec<&[i32]> = x.iter().map(offsets::<G>).collect();
             let mut sv = vec![_mm256_setzero_ps(); (m.cols / G).div_ceil(8) * 8];
             let (tile, end) = (m.fmt.tile, first + count);
             for (q, xq) in x.chunks_exact(4).enumerate() {
                 let xs = [&xq[0], &xq[1], &xq[2], &xq[3]];
-                let os = build!(4, &offsets[0][..], |t| &offsets[4 * q + t][..]);
+                let os = build!(4, offsets[0], |t| offsets[4 * q + t]);
                 let mut r = first;
                 while r < end {
                     let rows_n = 8.min(end - r).min(tile - r % tile);
@@ -2208,7 +2256,7 @@ mod x86 {
         ) {
             let wide = index_bytes(m.cols / G) == 2;
             let lg = m.fmt.scale_groups.trailing_zeros();
-            let offsets = offsets::<G>(x, m.cols / G);
+            let offsets = offsets::<G>(x);
             let mut sv = vec![_mm256_setzero_ps(); (m.cols / G).div_ceil(8) * 8];
             let (tile, end) = (m.fmt.tile, first + y.len());
             let mut r = first;
@@ -2216,7 +2264,7 @@ mod x86 {
                 let count = 8.min(end - r).min(tile - r % tile);
                 let (rows, rb) = block_rows(m, r, count, wide, lg);
                 prefetch_ahead(m, r, end, rb);
-                let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [&offsets], &mut sv);
+                let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [offsets], &mut sv);
                 let mut out = [0.0f32; 8];
                 _mm256_storeu_ps(out.as_mut_ptr(), v);
                 y[r - first..r - first + count].copy_from_slice(&out[..count]);
@@ -2649,5 +2697,71 @@ mod arm {
         // SAFETY: handed out by `GroupKernel::for_level` only at `Level::Dotprod` and above,
         // which `Level::detected` reports only with the dot product extension.
         unsafe { by_group_format!(m, sdot; m, x, first, y) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Activations with whole and partial blocks, an all-zero block, large and tiny values
+    /// and exact ties (0.5 * an odd number after scaling).
+    fn activations(len: usize) -> Vec<f32> {
+        let mut s = 0x1234_5678u32;
+        (0..len)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                match i % 64 {
+                    32..=63 if len > 64 && i / 64 == 1 => 0.0,
+                    0 => 127.0,
+                    1 => 2.5,
+                    2 => -0.5,
+                    _ => (s as f32 / u32::MAX as f32 - 0.5) * if i % 7 == 0 { 1e3 } else { 1.0 },
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn group_offsets_are_the_sums_of_every_group() {
+        for len in [0, 5, 32, 70, 576] {
+            let a = GroupActs::new(&activations(len));
+            for (l, o) in a.offsets.iter().enumerate() {
+                let g = 4 << l;
+                let want: Vec<i32> =
+                    a.q.chunks_exact(g)
+                        .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>())
+                        .collect();
+                assert_eq!(o, &want, "groups of {g}, {len} columns");
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_quantizer_agrees_with_the_portable_one() {
+        assert!(
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c"),
+            "this test needs AVX2, FMA and F16C"
+        );
+        for len in [1, 31, 32, 33, 200, 576, 1536] {
+            let x = activations(len);
+            let nb = len.div_ceil(CHUNK);
+            let (mut q0, mut d0) = (vec![0i8; nb * CHUNK], vec![0f32; nb]);
+            let (mut q1, mut d1) = (vec![0i8; nb * CHUNK], vec![0f32; nb]);
+            quantize_blocks(&x, &mut q0, &mut d0);
+            // SAFETY: the features were checked above.
+            unsafe { x86::quantize(&x, &mut q1, &mut d1) };
+            assert_eq!(q0, q1, "{len} columns");
+            assert_eq!(
+                d0.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                d1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{len} columns"
+            );
+        }
     }
 }

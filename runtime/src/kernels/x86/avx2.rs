@@ -916,7 +916,7 @@ pub(super) fn f16_f16(w: &[u8], a: &[u8]) -> f32 {
 /// One block of 32: returns d and writes the quants; `sum` gets the exact sum of the quants.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
+pub(crate) unsafe fn quantize_block(x: &[f32], q: &mut [i8; 32]) -> (f32, i32) {
     let p = x.as_ptr();
     let v: [__m256; 4] = build!(4, _mm256_setzero_ps(), |k| _mm256_loadu_ps(p.add(8 * k)));
     let sign = _mm256_set1_ps(-0.0);
