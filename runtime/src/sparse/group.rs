@@ -1275,12 +1275,18 @@ mod x86 {
         values: *const u8,
     }
 
+    /// Where row `r` of `m` starts (validated offsets).
+    #[inline(always)]
+    unsafe fn row_start(m: &GroupMatrix, r: usize) -> *const u8 {
+        let b = m.bytes.as_ptr();
+        let start = u32::from_le((b.add(HEADER_BYTES + 4 * r) as *const u32).read_unaligned());
+        b.add(start as usize)
+    }
+
     /// Row `r` of `m` (validated: the offsets and the count agree with the row's length).
     #[inline(always)]
     unsafe fn row_at(m: &GroupMatrix, r: usize, wide: bool, lg: u32) -> Row {
-        let b = m.bytes.as_ptr();
-        let start = u32::from_le((b.add(HEADER_BYTES + 4 * r) as *const u32).read_unaligned());
-        let p = b.add(start as usize);
+        let p = row_start(m, r);
         let n = u16::from_le((p as *const u16).read_unaligned()) as usize;
         let index = p.add(2);
         let scales = index.add(if wide { 2 * n } else { n });
@@ -2185,7 +2191,9 @@ mod x86 {
         }
 
         /// The rows of eight-row block `r..r + count` (within one tile) as [`block`] wants
-        /// them, and their length (the rows of a tile have one length: same count).
+        /// them. The rows of a tile have one count, so their parts lie at the same distances
+        /// from their starts: only the first row is parsed, the others found from the offset
+        /// table.
         #[inline(always)]
         unsafe fn block_rows(
             m: &GroupMatrix,
@@ -2193,14 +2201,23 @@ mod x86 {
             count: usize,
             wide: bool,
             lg: u32,
-        ) -> ([Row; 8], usize) {
+        ) -> [Row; 8] {
             let head = row_at(m, r, wide, lg);
-            let rows = build!(8, head, |i| if i == 0 {
+            let h = row_start(m, r);
+            let (ds, dv) = (
+                head.scales.offset_from(h) as usize,
+                head.values.offset_from(h) as usize,
+            );
+            build!(8, head, |i| if i == 0 {
                 head
             } else {
-                row_at(m, r + i.min(count - 1), wide, lg)
-            });
-            (rows, m.fmt.row_bytes(m.cols, head.n))
+                let p = row_start(m, r + i.min(count - 1));
+                Row {
+                    scales: p.add(ds),
+                    values: p.add(dv),
+                    ..head
+                }
+            })
         }
 
         /// `y[t * count + i]` for rows `first + i` (`count = y.len() / x.len()`) and tokens
@@ -2224,39 +2241,13 @@ mod x86 {
                 let mut r = first;
                 while r < end {
                     let rows_n = 8.min(end - r).min(tile - r % tile);
-                    let (rows, rb) = block_rows(m, r, rows_n, wide, lg);
-                    prefetch_ahead(m, r, end, rb);
+                    let rows = block_rows(m, r, rows_n, wide, lg);
                     let v = block::<G, VNNI, 4>(&rows, wide, lg, xs, os, &mut sv);
                     for (t, v) in v.iter().enumerate() {
                         let at = (4 * q + t) * count + r - first;
                         store_lanes(&mut y[at..at + rows_n], *v);
                     }
                     r += rows_n;
-                }
-            }
-        }
-
-        /// Prefetches the `rb` bytes of each of rows `r + 16..r + 24`, two eight-row blocks
-        /// ahead of the block at `r`, when they are below `end`. The rows of a block lie in
-        /// eight planes ("Row tiles"), eight sequential streams that the hardware prefetchers
-        /// follow, but these prefetches still add to them where the matrices come from the
-        /// last-level cache (a decode step's case): ffn_up and ffn_down at 50 % in groups of
-        /// 16 measured 1.17-1.21x of dense Q4_0 with them, 1.01-1.05x without.
-        #[inline(always)]
-        unsafe fn prefetch_ahead(m: &GroupMatrix, r: usize, end: usize, rb: usize) {
-            if r + 24 > end {
-                return;
-            }
-            let b = m.bytes.as_ptr();
-            for i in 0..8 {
-                let at = (b.add(HEADER_BYTES + 4 * (r + 16 + i)) as *const u32).read_unaligned();
-                let from = b.add(u32::from_le(at) as usize);
-                let mut off = 0;
-                while off < rb.max(8) {
-                    // A hint: the address may lie past the buffer (the last rows), hence the
-                    // wrapping arithmetic; a prefetch does not fault.
-                    _mm_prefetch::<_MM_HINT_T0>(from.wrapping_add(off) as *const i8);
-                    off += 64;
                 }
             }
         }
@@ -2277,8 +2268,7 @@ mod x86 {
             let mut r = first;
             while r < end {
                 let count = 8.min(end - r).min(tile - r % tile);
-                let (rows, rb) = block_rows(m, r, count, wide, lg);
-                prefetch_ahead(m, r, end, rb);
+                let rows = block_rows(m, r, count, wide, lg);
                 let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [offsets], &mut sv);
                 store_lanes(&mut y[r - first..r - first + count], v);
                 r += count;
