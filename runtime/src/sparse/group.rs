@@ -2019,17 +2019,29 @@ mod x86 {
             &x.offsets[G.trailing_zeros() as usize - 2]
         }
 
-        /// The 16 bytes at `p[r] + off` of eight rows, as eight f16 values each, transposed
-        /// and converted into `out[0..8]`: lane r of `out[j]` = value j of row r. Rows r and
+        /// `UNITS` (8 or 4) f16 values at `q`, in the low bytes of a vector.
+        #[inline(always)]
+        unsafe fn load_units<const UNITS: usize>(q: *const u8) -> __m128i {
+            if UNITS == 8 {
+                _mm_loadu_si128(q as *const __m128i)
+            } else {
+                _mm_loadl_epi64(q as *const __m128i)
+            }
+        }
+
+        /// The `UNITS` (8 or 4) f16 values at `p[r] + off` of eight rows, transposed and
+        /// converted into `out[0..UNITS]`: lane r of `out[j]` = value j of row r. Rows r and
         /// r + 4 share a vector (one per 128-bit half), so each unpack serves both halves.
         /// (Converting two values per 512-bit `vcvtph2ps` made the whole kernel slower, 0.94x
         /// of dense Q4_0 instead of 1.19x on ffn_up at 50 % in groups of 16: 512-bit
         /// operations take a vector port from the 256-bit ones around them.)
         #[inline(always)]
-        unsafe fn scales_t(p: [*const u8; 8], off: usize, out: *mut __m256) {
+        unsafe fn scales_t<const UNITS: usize>(p: [*const u8; 8], off: usize, out: *mut __m256) {
             let r: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| {
-                let lo = _mm_loadu_si128(p[j].add(off) as *const __m128i);
-                let hi = _mm_loadu_si128(p[j + 4].add(off) as *const __m128i);
+                let (lo, hi) = (
+                    load_units::<UNITS>(p[j].add(off)),
+                    load_units::<UNITS>(p[j + 4].add(off)),
+                );
                 _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
             });
             // a[0], a[1]: rows 0, 1 (4, 5 in the upper half), values 0..4 and 4..8 paired;
@@ -2048,7 +2060,7 @@ mod x86 {
                 _mm256_unpacklo_epi32(a[1], a[3]),
                 _mm256_unpackhi_epi32(a[1], a[3]),
             ];
-            for (i, v) in b.iter().enumerate() {
+            for (i, v) in b.iter().enumerate().take(UNITS / 2) {
                 let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(*v);
                 let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
                 let hi = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(v));
@@ -2088,14 +2100,20 @@ mod x86 {
 
         /// The weight scales of eight rows (`sp[r]`: row r's scales), transposed and
         /// converted into `sv`: lane r of `sv[u]` = scale u of row r, for the `units` scales
-        /// rounded up to 8 (`sv` holds them; the reads past the last scale stay in the row,
-        /// module doc).
+        /// rounded up to 8, or to 4 where that covers them (`sv` holds them; the reads past
+        /// the last scale stay in the row, module doc).
         #[inline(always)]
         unsafe fn transposed_scales(sp: [*const u8; 8], units: usize, sv: &mut [__m256]) {
             let blocks = units.div_ceil(8);
             assert!(sv.len() >= 8 * blocks, "scale scratch too short");
-            for ub in 0..blocks {
-                scales_t(sp, 16 * ub, sv.as_mut_ptr().add(8 * ub));
+            for ub in 0..units / 8 {
+                scales_t::<8>(sp, 16 * ub, sv.as_mut_ptr().add(8 * ub));
+            }
+            let (ub, rest) = (units / 8, units % 8);
+            if rest > 4 {
+                scales_t::<8>(sp, 16 * ub, sv.as_mut_ptr().add(8 * ub));
+            } else if rest > 0 {
+                scales_t::<4>(sp, 16 * ub, sv.as_mut_ptr().add(8 * ub));
             }
         }
 
