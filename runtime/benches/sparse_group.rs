@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 /// The sparse cases: (label, group size, values, scale groups, sparsity, rows per tile; 0 for
 /// rows that each keep their own groups).
-const CASES: [(&str, usize, Values, usize, f64, usize); 13] = [
+const CASES: [(&str, usize, Values, usize, f64, usize); 15] = [
     ("w4 g16 50%", 16, Values::Q4, 1, 0.5, 0),
     ("w4 g16 75%", 16, Values::Q4, 1, 0.75, 0),
     ("w4 g16 sg2 50%", 16, Values::Q4, 2, 0.5, 0),
@@ -62,6 +62,8 @@ const CASES: [(&str, usize, Values, usize, f64, usize); 13] = [
     ("w4 g32 tile8 75%", 32, Values::Q4, 1, 0.75, 8),
     ("q8 g16 50%", 16, Values::Q8, 1, 0.5, 0),
     ("q8 g32 50%", 32, Values::Q8, 1, 0.5, 0),
+    ("q8 g16 tile8 50%", 16, Values::Q8, 1, 0.5, 8),
+    ("q8 g16 tile8 75%", 16, Values::Q8, 1, 0.75, 8),
 ];
 
 #[derive(Default)]

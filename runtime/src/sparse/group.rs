@@ -95,9 +95,9 @@
 //! [`Level::selected`] (the CPU's best, capped by `SPARROW_KERNELS`). Tiled Q4 matrices have
 //! rows-per-lane kernels at every level (x86: eight rows per 256-bit vector, AVX2 and
 //! AVX-512 VNNI; aarch64: four rows per NEON vector, with `sdot` or `smull`); tiled Q8
-//! matrices take the portable kernel (correct, not fast); batches over tiled matrices go four
-//! tokens per pass on x86 (each chunk transposed once for the four), token by token on
-//! aarch64.
+//! matrices have them on x86 (|w| against x with w's sign) and take the portable kernel on
+//! aarch64 (correct, not fast); batches over tiled matrices go four tokens per pass on x86
+//! (each chunk transposed once for the four), token by token on aarch64.
 //!
 //! Batches go through [`GroupKernel::matmat_rows`]: four tokens per pass over a row, the
 //! row's offsets and weight scales prepared and each chunk's weights decoded once for the
@@ -2012,7 +2012,7 @@ mod x86 {
     /// at a time from one 8x8 transpose of their f16 scale lists.
     mod t8 {
         use super::*;
-        use crate::kernels::x86::avx2::q4_0_transposed;
+        use crate::kernels::x86::avx2::{q4_0_transposed, transpose4x4_epi32};
 
         /// `-8 * sum` of the activations of every group of G: Q4's level offset.
         fn offsets<const G: usize>(x: &GroupActs) -> &[i32] {
@@ -2098,6 +2098,53 @@ mod x86 {
             }
         }
 
+        /// Eight Q8 chunks (rows r = 0..8, 32 signed bytes at `xp[r] + off`) as eight vectors
+        /// `W_k` whose lane r holds row r's weights 4k..4k+3: per 16-byte half, rows r and
+        /// r + 4 share a vector and a 4x4 transpose of 32-bit words, as [`q4_0_transposed`].
+        #[inline(always)]
+        unsafe fn q8_transposed(xp: [*const u8; 8], off: usize) -> [__m256i; 8] {
+            let (a, b) = (q8_half(xp, off), q8_half(xp, off + 16));
+            [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+        }
+
+        /// Words 0..4 of the 16 bytes at `xp[r] + off`, transposed: lane r of `out[k]` = word
+        /// k of row r.
+        #[inline(always)]
+        unsafe fn q8_half(xp: [*const u8; 8], off: usize) -> [__m256i; 4] {
+            let r: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| {
+                let lo = _mm_loadu_si128(xp[j].add(off) as *const __m128i);
+                let hi = _mm_loadu_si128(xp[j + 4].add(off) as *const __m128i);
+                _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+            });
+            transpose4x4_epi32(r)
+        }
+
+        /// The exact integer of group `j` (< `CHUNK / G`) of a Q8 chunk (`w`: its words,
+        /// `wa`: their magnitudes) for the eight rows: |w| times x with w's sign, as the
+        /// untiled Q8 kernels (`vpdpbusd`, or `maddubs` + `madd` per word: two words'
+        /// products could exceed i16).
+        #[inline(always)]
+        unsafe fn group_dot_q8<const G: usize, const VNNI: bool>(
+            w: &[__m256i; 8],
+            wa: &[__m256i; 8],
+            j: usize,
+            xw: *const i32,
+        ) -> __m256i {
+            let first = j * (G / 4);
+            let mut v = _mm256_setzero_si256();
+            for t in 0..G / 4 {
+                let a = _mm256_set1_epi32(xw.add(t).read_unaligned());
+                let sx = _mm256_sign_epi8(a, w[first + t]);
+                v = if VNNI {
+                    _mm256_dpbusd_epi32(v, wa[first + t], sx)
+                } else {
+                    let p = _mm256_maddubs_epi16(wa[first + t], sx);
+                    _mm256_add_epi32(v, _mm256_madd_epi16(p, _mm256_set1_epi16(1)))
+                };
+            }
+            v
+        }
+
         /// The weight scales of eight rows (`sp[r]`: row r's scales), transposed and
         /// converted into `sv`: lane r of `sv[u]` = scale u of row r, for the `units` scales
         /// rounded up to 8, or to 4 where that covers them (`sv` holds them; the reads past
@@ -2118,15 +2165,16 @@ mod x86 {
         }
 
         /// Eight rows of one tile (absent rows given as copies of a present one) times `N`
-        /// tokens (activations `x[t]`, offsets `offsets[t]`): their sums, in the tiled order,
-        /// each chunk's weights transposed once for the N. The chunks go two at a time, even
+        /// tokens (activations `x[t]`, Q4 offsets `offsets[t]`): their sums, in the tiled
+        /// order, each chunk's weights (Q4 levels, or Q8 values and their magnitudes)
+        /// transposed once for the N. The chunks go two at a time, even
         /// then odd, and a chunk's groups one by one, all unrolled, so that every group's
         /// words and accumulator (A[2 * (chunk mod 2) + group mod 2]) are known at compile
         /// time and the accumulators stay in registers; the groups past the row's count (in
         /// its last chunk or pair) are skipped. `sv` is scratch for the transposed scales
         /// (`cols / G` rounded up to 8 vectors).
         #[inline(always)]
-        unsafe fn block<const G: usize, const VNNI: bool, const N: usize>(
+        unsafe fn block<const G: usize, const VNNI: bool, const Q8: bool, const N: usize>(
             r: &[Row; 8],
             wide: bool,
             lg: u32,
@@ -2146,7 +2194,7 @@ mod x86 {
             // Group `$j` of chunk `c + $cc` (literals: LLVM does not unroll these loops for four
             // tokens, and a loop index would put the accumulators in memory).
             macro_rules! group {
-                ($c:ident, $w:ident, $cc:literal, $j:literal) => {
+                ($c:ident, $w:ident, $wa:ident, $cc:literal, $j:literal) => {
                     let k = ($c + $cc) * per + $j;
                     if $j < per && k < n {
                         let i = if wide {
@@ -2157,9 +2205,13 @@ mod x86 {
                         };
                         let sw = *sv.get_unchecked(k >> lg);
                         for t in 0..N {
-                            let off = _mm256_set1_epi32(*offsets[t].get_unchecked(i));
                             let xw = q[t].add(i * G) as *const i32;
-                            let dot = group_dot::<G, VNNI>(&$w, $j, xw, off);
+                            let dot = if Q8 {
+                                group_dot_q8::<G, VNNI>(&$w, &$wa, $j, xw)
+                            } else {
+                                let off = _mm256_set1_epi32(*offsets[t].get_unchecked(i));
+                                group_dot::<G, VNNI>(&$w, $j, xw, off)
+                            };
                             let dx = _mm256_set1_ps(*d[t].add(i * G / CHUNK));
                             let a = &mut acc[t][2 * $cc + $j % 2];
                             *a =
@@ -2171,15 +2223,24 @@ mod x86 {
             macro_rules! chunk {
                 ($c:ident, $cc:literal) => {
                     if $c + $cc < chunks {
-                        let w = q4_0_transposed(vp, 16 * ($c + $cc));
-                        group!($c, w, $cc, 0);
-                        group!($c, w, $cc, 1);
-                        group!($c, w, $cc, 2);
-                        group!($c, w, $cc, 3);
-                        group!($c, w, $cc, 4);
-                        group!($c, w, $cc, 5);
-                        group!($c, w, $cc, 6);
-                        group!($c, w, $cc, 7);
+                        let (w, wa) = if Q8 {
+                            let w = q8_transposed(vp, CHUNK * ($c + $cc));
+                            (
+                                w,
+                                build!(8, _mm256_setzero_si256(), |k| _mm256_abs_epi8(w[k])),
+                            )
+                        } else {
+                            let w = q4_0_transposed(vp, 16 * ($c + $cc));
+                            (w, w)
+                        };
+                        group!($c, w, wa, $cc, 0);
+                        group!($c, w, wa, $cc, 1);
+                        group!($c, w, wa, $cc, 2);
+                        group!($c, w, wa, $cc, 3);
+                        group!($c, w, wa, $cc, 4);
+                        group!($c, w, wa, $cc, 5);
+                        group!($c, w, wa, $cc, 6);
+                        group!($c, w, wa, $cc, 7);
                     }
                 };
             }
@@ -2239,9 +2300,9 @@ mod x86 {
         }
 
         /// `y[t * count + i]` for rows `first + i` (`count = y.len() / x.len()`) and tokens
-        /// t of a tiled Q4 matrix, four tokens at a time (`x.len()` a multiple of 4).
+        /// t of a tiled matrix, four tokens at a time (`x.len()` a multiple of 4).
         #[inline(always)]
-        pub(super) unsafe fn tokens<const G: usize, const VNNI: bool>(
+        pub(super) unsafe fn tokens<const G: usize, const VNNI: bool, const Q8: bool>(
             m: &GroupMatrix,
             x: &[GroupActs],
             first: usize,
@@ -2260,7 +2321,7 @@ mod x86 {
                 while r < end {
                     let rows_n = 8.min(end - r).min(tile - r % tile);
                     let rows = block_rows(m, r, rows_n, wide, lg);
-                    let v = block::<G, VNNI, 4>(&rows, wide, lg, xs, os, &mut sv);
+                    let v = block::<G, VNNI, Q8, 4>(&rows, wide, lg, xs, os, &mut sv);
                     for (t, v) in v.iter().enumerate() {
                         let at = (4 * q + t) * count + r - first;
                         store_lanes(&mut y[at..at + rows_n], *v);
@@ -2270,9 +2331,9 @@ mod x86 {
             }
         }
 
-        /// Rows `first..first + y.len()` of a tiled Q4 matrix.
+        /// Rows `first..first + y.len()` of a tiled matrix.
         #[inline(always)]
-        pub(super) unsafe fn rows<const G: usize, const VNNI: bool>(
+        pub(super) unsafe fn rows<const G: usize, const VNNI: bool, const Q8: bool>(
             m: &GroupMatrix,
             x: &GroupActs,
             first: usize,
@@ -2287,7 +2348,7 @@ mod x86 {
             while r < end {
                 let count = 8.min(end - r).min(tile - r % tile);
                 let rows = block_rows(m, r, count, wide, lg);
-                let [v] = block::<G, VNNI, 1>(&rows, wide, lg, [x], [offsets], &mut sv);
+                let [v] = block::<G, VNNI, Q8, 1>(&rows, wide, lg, [x], [offsets], &mut sv);
                 store_lanes(&mut y[r - first..r - first + count], v);
                 r += count;
             }
@@ -2295,7 +2356,7 @@ mod x86 {
     }
 
     /// The target-feature entry points of the tiled kernels at one level: matrix-vector
-    /// (`$rows`) and four-token (`$tokens`); tiled Q8 matrices take the portable kernel.
+    /// (`$rows`) and four-token (`$tokens`), Q4 and Q8.
     macro_rules! tiled_entries {
         ($rows:ident, $tokens:ident, $vnni:literal, $features:literal) => {
             #[target_feature(enable = $features)]
@@ -2305,11 +2366,7 @@ mod x86 {
                 first: usize,
                 y: &mut [f32],
             ) {
-                if Q8 {
-                    portable::rows(m, x, first, y)
-                } else {
-                    t8::rows::<G, $vnni>(m, x, first, y)
-                }
+                t8::rows::<G, $vnni, Q8>(m, x, first, y)
             }
 
             #[target_feature(enable = $features)]
@@ -2319,11 +2376,7 @@ mod x86 {
                 first: usize,
                 y: &mut [f32],
             ) {
-                if Q8 {
-                    per_token(m, x, first, y, portable::rows)
-                } else {
-                    t8::tokens::<G, $vnni>(m, x, first, y)
-                }
+                t8::tokens::<G, $vnni, Q8>(m, x, first, y)
             }
         };
     }

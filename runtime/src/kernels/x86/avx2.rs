@@ -653,7 +653,7 @@ pub(crate) unsafe fn q4_0_transposed(xp: [*const u8; 8], off: usize) -> [__m256i
 
 /// Word k of each 128-bit half of `x[j]` to word j of that half of the result's k.
 #[inline(always)]
-unsafe fn transpose4x4_epi32(x: [__m256i; 4]) -> [__m256i; 4] {
+pub(crate) unsafe fn transpose4x4_epi32(x: [__m256i; 4]) -> [__m256i; 4] {
     let t0 = _mm256_unpacklo_epi32(x[0], x[1]);
     let t1 = _mm256_unpackhi_epi32(x[0], x[1]);
     let t2 = _mm256_unpacklo_epi32(x[2], x[3]);
