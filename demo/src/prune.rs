@@ -38,9 +38,7 @@ pub struct PruneArgs {
     #[arg(long)]
     sparsity: Option<f32>,
     /// Row tiles (with --group): every R consecutive rows drop the same groups (8, 16 or
-    /// 32), which the kernels turn into speed as the dense ones do (eight rows per vector;
-    /// on aarch64 only for 4-bit values, --values q4: tiled 8-bit values run the portable
-    /// kernel there).
+    /// 32), which the kernels turn into speed as the dense ones do (eight rows per vector).
     #[arg(long, value_name = "R")]
     tile: Option<usize>,
     #[arg(long, value_enum, default_value = "magnitude")]
@@ -122,13 +120,6 @@ pub fn run(a: PruneArgs) -> AnyResult {
     };
     if a.tile.is_some() && a.group.is_none() {
         return Err("--tile goes with --group".into());
-    }
-    if a.tile.is_some_and(|t| t > 0) && !matches!(a.values, Some(ValuesArg::Q4)) {
-        eprintln!(
-            "note: on aarch64 tiles are fast with 4-bit values only (--values q4); matrices \
-             that get 8-bit values (the default for sources of 6 bits or more) run the \
-             portable kernel there"
-        );
     }
     let method = match a.method {
         MethodArg::Magnitude => Method::Magnitude,

@@ -94,10 +94,10 @@
 //! 512-bit registers), NEON, and NEON with `sdot`; [`GroupKernel::get`] the one of
 //! [`Level::selected`] (the CPU's best, capped by `SPARROW_KERNELS`). Tiled Q4 matrices have
 //! rows-per-lane kernels at every level (x86: eight rows per 256-bit vector, AVX2 and
-//! AVX-512 VNNI; aarch64: four rows per NEON vector, with `sdot` or `smull`); tiled Q8
-//! matrices have them on x86 (|w| against x with w's sign) and take the portable kernel on
-//! aarch64 (correct, not fast); batches over tiled matrices go four tokens per pass on x86
-//! (each chunk transposed once for the four), token by token on aarch64.
+//! AVX-512 VNNI; aarch64: four rows per NEON vector, with `sdot` or `smull`), and so have
+//! tiled Q8 matrices (x86: |w| against x with w's sign); batches over tiled matrices go four
+//! tokens per pass on x86 (each chunk transposed once for the four), token by token on
+//! aarch64.
 //!
 //! Batches go through [`GroupKernel::matmat_rows`]: four tokens per pass over a row, the
 //! row's offsets and weight scales prepared and each chunk's weights decoded once for the
@@ -2665,14 +2665,15 @@ mod arm {
         unsafe { by_group_format!(m, sdot4; m, x, first, y) }
     }
 
-    /// Row tiles of Q4 values: four rows of a tile per step, lane r of every vector = row
-    /// r, as the dense Q4_0 eight-row kernel of `kernels::aarch64`: each chunk's 16 bytes of
-    /// the four rows made signed levels (`q - 8`) and transposed into vectors of 4-weight
-    /// words, so that one `dot4` against an activation word in every lane adds four products
-    /// of the four rows; a group's `g / 4` words leave its exact integer in each lane, then
-    /// one fused multiply-add per group in the tiled order (module doc).
+    /// Row tiles: four rows of a tile per step, lane r of every vector = row r, as the dense
+    /// Q4_0 eight-row kernel of `kernels::aarch64`: each chunk's 16 bytes of the four rows
+    /// made signed levels (`q - 8`; Q8: its two 16-byte halves as they are) and transposed
+    /// into vectors of 4-weight words, so that one `dot4` against an activation word in
+    /// every lane adds four products of the four rows; a group's `g / 4` words leave its
+    /// exact integer in each lane, then one fused multiply-add per group in the tiled order
+    /// (module doc).
     #[inline(always)]
-    unsafe fn tiled_block4<I: Isa, const G: usize>(
+    unsafe fn tiled_block4<I: Isa, const G: usize, const Q8: bool>(
         rows: [&RowParts; 4],
         sg: usize,
         x: &GroupActs,
@@ -2683,10 +2684,19 @@ mod arm {
         let per = CHUNK / G;
         let mut acc = [vdupq_n_f32(0.0); 4];
         for c in 0..(n * G).div_ceil(CHUNK) {
-            let q: [uint8x16_t; 4] = std::array::from_fn(|i| vld1q_u8(vp[i].add(16 * c)));
-            let lo = transpose4(q.map(|v| vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m)), eight)));
-            let hi =
-                transpose4(q.map(|v| vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight)));
+            let (lo, hi) = if Q8 {
+                // Weights 0..16 and 16..32: the two 16-byte halves of the chunk.
+                let half = |h: usize| -> [int8x16_t; 4] {
+                    std::array::from_fn(|i| vld1q_s8(vp[i].add(CHUNK * c + 16 * h) as *const i8))
+                };
+                (transpose4(half(0)), transpose4(half(1)))
+            } else {
+                let q: [uint8x16_t; 4] = std::array::from_fn(|i| vld1q_u8(vp[i].add(16 * c)));
+                (
+                    transpose4(q.map(|v| vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m)), eight))),
+                    transpose4(q.map(|v| vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8::<4>(v)), eight))),
+                )
+            };
             let words = [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]];
             for gi in 0..per {
                 let k = c * per + gi;
@@ -2709,8 +2719,8 @@ mod arm {
         vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3]))
     }
 
-    /// Rows `first..first + y.len()` of a tiled matrix: Q4 four rows at a time (absent rows
-    /// of a last step given as copies of a present one), Q8 by the portable kernel.
+    /// Rows `first..first + y.len()` of a tiled matrix, four rows at a time (absent rows of a
+    /// last step given as copies of a present one).
     #[inline(always)]
     unsafe fn tiled<I: Isa, const G: usize, const Q8: bool>(
         m: &GroupMatrix,
@@ -2718,15 +2728,12 @@ mod arm {
         first: usize,
         y: &mut [f32],
     ) {
-        if Q8 {
-            return portable::rows(m, x, first, y);
-        }
         let (tile, end, sg) = (m.fmt.tile, first + y.len(), m.fmt.scale_groups);
         let mut r = first;
         while r < end {
             let count = 4.min(end - r).min(tile - r % tile);
             let parts: [RowParts; 4] = std::array::from_fn(|i| m.row(r + i.min(count - 1)));
-            let v = tiled_block4::<I, G>([&parts[0], &parts[1], &parts[2], &parts[3]], sg, x);
+            let v = tiled_block4::<I, G, Q8>([&parts[0], &parts[1], &parts[2], &parts[3]], sg, x);
             let mut out = [0f32; 4];
             vst1q_f32(out.as_mut_ptr(), v);
             y[r - first..r - first + count].copy_from_slice(&out[..count]);
