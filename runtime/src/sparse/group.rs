@@ -1240,9 +1240,10 @@ mod x86 {
     //! the index and scales are masked to the row's count) or the activations (offsets are
     //! groups of the row, below `cols`, or 0 for padding; the padded length is a multiple of
     //! 32). The tiled kernels read each row of an eight-row block through the offset table
-    //! (validated: the rows of a tile have one count and index, so one length), each row's
-    //! scales 16 bytes at a time from a scale that exists (at least one 16-byte chunk of
-    //! values follows the scales).
+    //! (validated: the rows of a tile have one count and index, so one length, and the same
+    //! distances from a row's start to its scales and values), each row's scales 16 or 8
+    //! bytes at a time from a scale that exists (at least one 16-byte chunk of values follows
+    //! the scales), and Q8 chunks 32 bytes at a time.
     use super::*;
     use crate::kernels::x86::avx2::quantize_block;
     use crate::kernels::x86::build;
