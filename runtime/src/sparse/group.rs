@@ -759,8 +759,9 @@ pub struct GroupActs {
     u: Vec<u8>,
     d: Vec<f32>,
     /// `offsets[l]`: -8 times the sum of each run of `4 << l` values (l = 0..4, groups of
-    /// 4, 8, 16, 32), the Q4 level offset of a group in the tiled kernels, computed once
+    /// 4, 8, 16, 32), the Q4 level offset of a group in the x86 tiled kernels, computed once
     /// per quantization rather than once per matrix and row task.
+    #[cfg(target_arch = "x86_64")]
     offsets: [Vec<i32>; 4],
 }
 
@@ -777,6 +778,7 @@ impl GroupActs {
             q: Vec::new(),
             u: Vec::new(),
             d: Vec::new(),
+            #[cfg(target_arch = "x86_64")]
             offsets: Default::default(),
         };
         a.quantize(x);
@@ -805,17 +807,20 @@ impl GroupActs {
         }
         #[cfg(not(target_arch = "x86_64"))]
         quantize_blocks(x, &mut self.q, &mut self.d);
-        let o = &mut self.offsets;
-        o[0].clear();
-        o[0].extend(
-            self.q
-                .chunks_exact(4)
-                .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>()),
-        );
-        for l in 1..4 {
-            let (lo, hi) = o.split_at_mut(l);
-            hi[0].clear();
-            hi[0].extend(lo[l - 1].chunks_exact(2).map(|p| p[0] + p[1]));
+        #[cfg(target_arch = "x86_64")]
+        {
+            let o = &mut self.offsets;
+            o[0].clear();
+            o[0].extend(
+                self.q
+                    .chunks_exact(4)
+                    .map(|c| -8 * c.iter().map(|&v| v as i32).sum::<i32>()),
+            );
+            for l in 1..4 {
+                let (lo, hi) = o.split_at_mut(l);
+                hi[0].clear();
+                hi[0].extend(lo[l - 1].chunks_exact(2).map(|p| p[0] + p[1]));
+            }
         }
         self.u.clear();
         self.u.extend(self.q.iter().map(|&q| q as u8 ^ 0x80));
@@ -2013,7 +2018,7 @@ mod x86 {
     /// at a time from one 8x8 transpose of their f16 scale lists.
     mod t8 {
         use super::*;
-        use crate::kernels::x86::avx2::{q4_0_transposed, transpose4x4_epi32};
+        use crate::kernels::x86::avx2::{q4_0_transposed, words_transposed};
 
         /// `-8 * sum` of the activations of every group of G: Q4's level offset.
         fn offsets<const G: usize>(x: &GroupActs) -> &[i32] {
@@ -2101,23 +2106,11 @@ mod x86 {
 
         /// Eight Q8 chunks (rows r = 0..8, 32 signed bytes at `xp[r] + off`) as eight vectors
         /// `W_k` whose lane r holds row r's weights 4k..4k+3: per 16-byte half, rows r and
-        /// r + 4 share a vector and a 4x4 transpose of 32-bit words, as [`q4_0_transposed`].
+        /// r + 4 share a vector and a 4x4 transpose of 32-bit words ([`words_transposed`]).
         #[inline(always)]
         unsafe fn q8_transposed(xp: [*const u8; 8], off: usize) -> [__m256i; 8] {
-            let (a, b) = (q8_half(xp, off), q8_half(xp, off + 16));
+            let (a, b) = (words_transposed(xp, off), words_transposed(xp, off + 16));
             [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
-        }
-
-        /// Words 0..4 of the 16 bytes at `xp[r] + off`, transposed: lane r of `out[k]` = word
-        /// k of row r.
-        #[inline(always)]
-        unsafe fn q8_half(xp: [*const u8; 8], off: usize) -> [__m256i; 4] {
-            let r: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| {
-                let lo = _mm_loadu_si128(xp[j].add(off) as *const __m128i);
-                let hi = _mm_loadu_si128(xp[j + 4].add(off) as *const __m128i);
-                _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
-            });
-            transpose4x4_epi32(r)
         }
 
         /// The exact integer of group `j` (< `CHUNK / G`) of a Q8 chunk (`w`: its words,
@@ -2782,7 +2775,8 @@ mod arm {
     }
 }
 
-#[cfg(test)]
+/// The x86 activation preparation (offsets, AVX2 quantizer) against plain code.
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 
@@ -2821,7 +2815,6 @@ mod tests {
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx2_quantizer_agrees_with_the_portable_one() {
         assert!(

@@ -638,12 +638,7 @@ unsafe fn fp16x8(p: [*const u8; 8], off: usize) -> __m256 {
 #[inline(always)]
 pub(crate) unsafe fn q4_0_transposed(xp: [*const u8; 8], off: usize) -> [__m256i; 8] {
     let m = _mm256_set1_epi8(0x0F);
-    let r: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| {
-        let lo = _mm_loadu_si128(xp[j].add(off) as *const __m128i);
-        let hi = _mm_loadu_si128(xp[j + 4].add(off) as *const __m128i);
-        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
-    });
-    let t = transpose4x4_epi32(r);
+    let t = words_transposed(xp, off);
     build!(8, _mm256_setzero_si256(), |k| if k < 4 {
         _mm256_and_si256(t[k], m)
     } else {
@@ -651,9 +646,22 @@ pub(crate) unsafe fn q4_0_transposed(xp: [*const u8; 8], off: usize) -> [__m256i
     })
 }
 
+/// The 16 bytes at `xp[r] + off` of eight rows as four vectors of 32-bit words: lane r of
+/// `out[k]` = word k of row r (rows r and r + 4 share a vector, one per 128-bit half, for
+/// one 4x4 transpose).
+#[inline(always)]
+pub(crate) unsafe fn words_transposed(xp: [*const u8; 8], off: usize) -> [__m256i; 4] {
+    let r: [__m256i; 4] = build!(4, _mm256_setzero_si256(), |j| {
+        let lo = _mm_loadu_si128(xp[j].add(off) as *const __m128i);
+        let hi = _mm_loadu_si128(xp[j + 4].add(off) as *const __m128i);
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi)
+    });
+    transpose4x4_epi32(r)
+}
+
 /// Word k of each 128-bit half of `x[j]` to word j of that half of the result's k.
 #[inline(always)]
-pub(crate) unsafe fn transpose4x4_epi32(x: [__m256i; 4]) -> [__m256i; 4] {
+unsafe fn transpose4x4_epi32(x: [__m256i; 4]) -> [__m256i; 4] {
     let t0 = _mm256_unpacklo_epi32(x[0], x[1]);
     let t1 = _mm256_unpackhi_epi32(x[0], x[1]);
     let t2 = _mm256_unpacklo_epi32(x[2], x[3]);
